@@ -1,0 +1,270 @@
+"""The toy comparison behind `proreflow demo`: every method at equal budget on a 2-D teacher.
+
+Default teacher: an exact Gaussian mixture (closed-form velocity). With a dataset (built-in
+name or a user .npy), the teacher is an MLP trained here by flow matching on that data.
+All methods start from one shared network (DESIGN §2), get the same optimizer steps, batch
+size and teacher evaluations per pair, and are sampled and scored by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from proreflow.config import from_dict, load_yaml
+from proreflow.data.toy import PointData, builtin_points, load_points, split_points
+from proreflow.errors import ProReflowError
+from proreflow.methods import MethodSpec
+from proreflow.metrics import energy_distance, fidelity_rmse, sliced_wasserstein, straightness
+from proreflow.models.mlp import VelocityMLP
+from proreflow.pairs import TeacherSolver
+from proreflow.sampling import sample
+from proreflow.solvers import VelocityField
+from proreflow.teachers.flow import NetworkTeacher
+from proreflow.teachers.gmm import GaussianMixture
+from proreflow.training import TrainConfig, fit, flow_matching_batches, make_accelerator, train_plan
+from proreflow.windows import WindowSchedule
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "toy.yaml"
+MAX_STEPS = 64
+
+
+@dataclass(frozen=True)
+class GMMConfig:
+    n_modes: int = 8
+    radius: float = 3.0
+    std: float = 0.3
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: int = 256
+    depth: int = 4
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Flow matching (1-rectified flow) that gives the shared starting network / learned teacher."""
+
+    steps: int = 2000
+    lr: float = 2e-3
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    samples: int = 2000
+    reference_solver: str = "rk4"
+    reference_steps: int = 64
+    straightness_substeps: int = 16
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    method: str = "rk4"
+    steps: int = 4
+    mode: str = "per_window"
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    gmm: GMMConfig = field(default_factory=GMMConfig)
+    train_points: int = 20000
+    test_points: int = 2000
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    budget_steps: int = 1500
+    teacher_solver: SolverConfig = field(default_factory=SolverConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    methods: list[MethodSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ProReflowError("the config lists no methods")
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ProReflowError(f"method names must be unique, got {names}")
+        for what, v in (("train_points", self.train_points), ("test_points", self.test_points),
+                        ("budget_steps", self.budget_steps), ("eval.samples", self.eval.samples)):
+            if v < 2:
+                raise ProReflowError(f"{what} must be >= 2, got {v}")
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ToyConfig:
+    data = load_yaml(path or DEFAULT_CONFIG)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(ToyConfig, data, where=str(path or "toy config"))
+
+
+def parse_steps(text: str) -> list[int]:
+    """'2,4' -> [2, 4]; each a positive integer <= MAX_STEPS, no duplicates."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not parts or any(not p.isdigit() for p in parts):
+        raise ProReflowError(f"--steps must be a comma-separated list of positive integers, got {text!r}")
+    steps = [int(p) for p in parts]
+    if any(s < 1 or s > MAX_STEPS for s in steps):
+        raise ProReflowError(f"--steps values must be between 1 and {MAX_STEPS}, got {steps}")
+    if len(set(steps)) != len(steps):
+        raise ProReflowError(f"--steps has duplicates: {steps}")
+    return steps
+
+
+@dataclass
+class Setup:
+    """Data, teacher and the shared starting network of one demo run."""
+
+    data: PointData
+    teacher: VelocityField
+    base: torch.nn.Module
+    teacher_name: str
+
+
+def prepare(cfg: ToyConfig, dataset: str | None, data_file: str | None, seed: int) -> Setup:
+    """Build the data split, the teacher and the shared initial network (1-rectified flow)."""
+    if dataset and data_file:
+        raise ProReflowError("give either --dataset or --data, not both")
+    torch.manual_seed(seed)
+    base_cfg = TrainConfig(**{**asdict(cfg.train), "lr": cfg.base.lr, "seed": seed})
+    acc = make_accelerator(base_cfg)
+    if dataset in (None, "gmm") and not data_file:
+        gmm = GaussianMixture.ring(cfg.gmm.n_modes, cfg.gmm.radius, cfg.gmm.std)
+        gen = torch.Generator().manual_seed(seed)
+        pts = gmm.sample(cfg.train_points + cfg.test_points, gen).float()
+        data = PointData("gmm", pts[cfg.test_points:], pts[: cfg.test_points], torch.zeros(2), 1.0)
+        teacher: VelocityField = lambda x, t, cond=None: gmm.velocity(x.double(), t.double()).to(x.dtype)
+        exact, name = teacher, f"exact GMM ({cfg.gmm.n_modes} modes)"
+    else:
+        pts = load_points(data_file) if data_file else builtin_points(dataset, cfg.train_points + cfg.test_points, seed)
+        data = split_points(Path(data_file).name if data_file else dataset, pts, seed,
+                            test_fraction=cfg.test_points / (cfg.train_points + cfg.test_points))
+        exact, name = None, f"flow-matching MLP on {data.name}"
+    net = VelocityMLP(data.dim, cfg.model.hidden, cfg.model.depth)
+    res = fit(net, flow_matching_batches(_data_fn(data.train), cfg.train.batch_size, exact), cfg.base.steps,
+              base_cfg, accelerator=acc, desc="1-rectified flow (shared init)")
+    base = res.model
+    if exact is None:
+        teacher = NetworkTeacher(base)
+    return Setup(data, teacher, base, name)
+
+
+def _data_fn(train: Tensor):
+    def draw(n: int, gen: torch.Generator) -> tuple[Tensor, None]:
+        return train[torch.randint(0, train.shape[0], (n,), generator=gen)], None
+
+    return draw
+
+
+def _as_field(model: torch.nn.Module) -> VelocityField:
+    model.eval()
+    return lambda x, t, cond=None: model(x, t, cond)
+
+
+def run_demo(cfg: ToyConfig, steps: list[int], out: Path, seed: int = 0, dataset: str | None = None,
+             data_file: str | None = None, progress: bool = True) -> list[dict]:
+    """Train and score every method for every step count; write results.json/.md and plots to `out`."""
+    cfg = ToyConfig(**{**cfg.__dict__, "train": TrainConfig(**{**asdict(cfg.train), "seed": seed, "progress": progress})})
+    solver = TeacherSolver(cfg.teacher_solver.method, cfg.teacher_solver.steps, cfg.teacher_solver.mode)
+    for k in steps:  # validate every plan before any training
+        for m in cfg.methods:
+            if m.train:
+                m.plan(k, cfg.budget_steps)
+    setup = prepare(cfg, dataset, data_file, seed)
+    gen = torch.Generator().manual_seed(seed + 12345)
+    noise = torch.randn(cfg.eval.samples, setup.data.dim, generator=gen)
+    reference = sample(setup.teacher, noise, WindowSchedule.uniform(1), cfg.eval.reference_steps, method=cfg.eval.reference_solver)
+    acc = make_accelerator(cfg.train)
+    trained: dict[tuple, tuple[torch.nn.Module, Any, float]] = {}
+    rows, outputs, fields = [], {}, {}
+    jobs = [(k, m) for k in steps for m in cfg.methods]
+    for k, m in tqdm(jobs, desc="methods", disable=not progress, dynamic_ncols=True):
+        sched_k = WindowSchedule.uniform(k)
+        started = time.perf_counter()
+        if not m.train:
+            field_, nfe, opt_steps, sched = setup.teacher, 0.0, 0, sched_k
+        else:
+            key = m.plan_key(k)
+            plan = m.plan(k, cfg.budget_steps)
+            if key not in trained:
+                res = train_plan(setup.base, setup.teacher, _data_fn(setup.data.train), plan, solver, cfg.train,
+                                 m.lam, accelerator=acc, desc=f"{m.name} k={k}")
+                trained[key] = (res.student, res, time.perf_counter() - started)
+            student, res, _ = trained[key]
+            field_, nfe, opt_steps, sched = _as_field(student), res.nfe_per_pair, res.optimizer_steps, plan.final
+        per_window = k // sched.num_windows
+        x = sample(field_, noise, sched, per_window)
+        outputs[(m.name, k)] = x
+        fields[(m.name, k)] = (field_, sched, per_window)
+        rows.append({
+            "method": m.name,
+            "steps": k,
+            "fidelity_rmse": fidelity_rmse(x, reference),
+            "distance_swd": sliced_wasserstein(x, setup.data.test, seed=seed),
+            "distance_energy": energy_distance(x, setup.data.test),
+            "straightness": straightness(field_, noise, sched_k, cfg.eval.straightness_substeps),
+            "teacher_nfe_per_pair": nfe,
+            "optimizer_steps": opt_steps,
+            "windows": m.window_counts(k) if m.train else None,
+            "lam": m.lam if m.train else None,
+            "train_seconds": round(trained[m.plan_key(k)][2], 2) if m.train else 0.0,
+            "seed": seed,
+        })
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(rows, out, setup.teacher_name, cfg)
+    from proreflow.plotting import plot_samples, plot_trajectories
+
+    names = [m.name for m in cfg.methods]
+    plot_samples(outputs, setup.data.test, steps, names, out / "samples.png")
+    plot_trajectories(setup.teacher, fields, noise[:48], steps, names, out / "trajectories.png",
+                      reference_steps=cfg.eval.reference_steps)
+    return rows
+
+
+COLUMNS = ["method", "steps", "fidelity_rmse", "distance_swd", "distance_energy", "straightness",
+           "teacher_nfe_per_pair", "optimizer_steps", "seed"]
+
+
+def results_markdown(rows: list[dict], teacher_name: str, cfg: ToyConfig) -> str:
+    """The results as a markdown table, best fidelity per step count in bold."""
+    lines = [
+        f"Teacher: {teacher_name}. Budget per trained method: {cfg.budget_steps} optimizer steps x batch "
+        f"{cfg.train.batch_size}; teacher pairs by {cfg.teacher_solver.method} x {cfg.teacher_solver.steps} "
+        f"steps ({cfg.teacher_solver.mode}). Fidelity: RMSE to the teacher's {cfg.eval.reference_solver} x "
+        f"{cfg.eval.reference_steps} ODE solution from the same {cfg.eval.samples} noises.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    best = {}
+    for r in rows:
+        if r["method"] != "teacher-euler":
+            best[r["steps"]] = min(best.get(r["steps"], math.inf), r["fidelity_rmse"])
+    for r in rows:
+        cells = []
+        for c in COLUMNS:
+            v = r[c]
+            text = f"{v:.4f}" if isinstance(v, float) else str(v)
+            if c == "fidelity_rmse" and v == best.get(r["steps"]):
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[dict], out: Path, teacher_name: str, cfg: ToyConfig) -> None:
+    """results.json (list of rows) and results.md (the same as a table), each written atomically."""
+    _atomic_write(out / "results.json", json.dumps(rows, indent=2) + "\n")
+    _atomic_write(out / "results.md", results_markdown(rows, teacher_name, cfg))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
