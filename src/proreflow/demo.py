@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +67,6 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class SolverConfig:
-    method: str = "rk4"
-    steps: int = 4
-    mode: str = "per_window"
-
-
-@dataclass(frozen=True)
 class ToyConfig:
     gmm: GMMConfig = field(default_factory=GMMConfig)
     train_points: int = 20000
@@ -82,7 +75,8 @@ class ToyConfig:
     base: BaseConfig = field(default_factory=BaseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     budget_steps: int = 1500
-    teacher_solver: SolverConfig = field(default_factory=SolverConfig)
+    window_margin: float = 0.1
+    teacher_solver: TeacherSolver = field(default_factory=TeacherSolver)
     eval: EvalConfig = field(default_factory=EvalConfig)
     methods: list[MethodSpec] = field(default_factory=list)
 
@@ -132,7 +126,7 @@ def prepare(cfg: ToyConfig, dataset: str | None, data_file: str | None, seed: in
     if dataset and data_file:
         raise ProReflowError("give either --dataset or --data, not both")
     torch.manual_seed(seed)
-    base_cfg = TrainConfig(**{**asdict(cfg.train), "lr": cfg.base.lr, "seed": seed})
+    base_cfg = replace(cfg.train, lr=cfg.base.lr, seed=seed)
     acc = make_accelerator(base_cfg)
     if dataset in (None, "gmm") and not data_file:
         gmm = GaussianMixture.ring(cfg.gmm.n_modes, cfg.gmm.radius, cfg.gmm.std)
@@ -167,62 +161,92 @@ def _as_field(model: torch.nn.Module) -> VelocityField:
     return lambda x, t, cond=None: model(x, t, cond)
 
 
-def run_demo(cfg: ToyConfig, steps: list[int], out: Path, seed: int = 0, dataset: str | None = None,
-             data_file: str | None = None, progress: bool = True) -> list[dict]:
-    """Train and score every method for every step count; write results.json/.md and plots to `out`."""
-    cfg = ToyConfig(**{**cfg.__dict__, "train": TrainConfig(**{**asdict(cfg.train), "seed": seed, "progress": progress})})
-    solver = TeacherSolver(cfg.teacher_solver.method, cfg.teacher_solver.steps, cfg.teacher_solver.mode)
-    for k in steps:  # validate every plan before any training
+class Comparison:
+    """Trains and scores methods on one setup with shared evaluation noise and teacher reference.
+
+    Students are cached by their training plan, so methods or step counts that resolve to the
+    same training (2-rectified flow at 2 and 4 steps) are trained once.
+    """
+
+    def __init__(self, cfg: ToyConfig, setup: Setup, seed: int) -> None:
+        self.cfg, self.setup, self.seed = cfg, setup, seed
+        self.solver = cfg.teacher_solver
+        gen = torch.Generator().manual_seed(seed + 12345)
+        self.noise = torch.randn(cfg.eval.samples, setup.data.dim, generator=gen)
+        self.reference = sample(setup.teacher, self.noise, WindowSchedule.uniform(1), cfg.eval.reference_steps,
+                                method=cfg.eval.reference_solver)
+        self.acc = make_accelerator(cfg.train)
+        self._trained: dict[tuple, tuple[torch.nn.Module, Any, float]] = {}
+
+    def field_for(self, m: MethodSpec, k: int) -> tuple[VelocityField, WindowSchedule, dict]:
+        """The velocity field a method samples with at k steps, its windows, and its training cost."""
+        if not m.train:
+            return self.setup.teacher, WindowSchedule.uniform(k), {"teacher_nfe_per_pair": 0.0, "optimizer_steps": 0,
+                                                                    "train_seconds": 0.0}
+        plan = m.plan(k, self.cfg.budget_steps)
+        key = m.plan_key(k)
+        if key not in self._trained:
+            started = time.perf_counter()
+            res = train_plan(self.setup.base, self.setup.teacher, _data_fn(self.setup.data.train), plan, self.solver,
+                             self.cfg.train, m.lam, accelerator=self.acc, desc=f"{m.name} k={k}",
+                             margin=self.cfg.window_margin)
+            self._trained[key] = (res.student, res, time.perf_counter() - started)
+        student, res, seconds = self._trained[key]
+        cost = {"teacher_nfe_per_pair": res.nfe_per_pair, "optimizer_steps": res.optimizer_steps,
+                "train_seconds": round(seconds, 2)}
+        return _as_field(student), plan.final, cost
+
+    def score(self, m: MethodSpec, k: int) -> tuple[dict, Tensor, tuple]:
+        """One results row for method m at k steps, its samples, and (field, schedule, steps per window)."""
+        field_, sched, cost = self.field_for(m, k)
+        per_window = k // sched.num_windows
+        x = sample(field_, self.noise, sched, per_window)
+        row = {
+            "method": m.name,
+            "steps": k,
+            "fidelity_rmse": fidelity_rmse(x, self.reference),
+            "distance_swd": sliced_wasserstein(x, self.setup.data.test, seed=self.seed),
+            "distance_energy": energy_distance(x, self.setup.data.test),
+            "straightness": straightness(field_, self.noise, WindowSchedule.uniform(k), self.cfg.eval.straightness_substeps),
+            **cost,
+            "windows": m.window_counts(k) if m.train else None,
+            "lam": m.lam if m.train else None,
+            "seed": self.seed,
+        }
+        return row, x, (field_, sched, per_window)
+
+
+def with_run_settings(cfg: ToyConfig, seed: int, progress: bool) -> ToyConfig:
+    return replace(cfg, train=replace(cfg.train, seed=seed, progress=progress))
+
+
+def validate_plans(cfg: ToyConfig, steps: list[int]) -> None:
+    """Resolve every method's plan for every step count before any training starts."""
+    for k in steps:
         for m in cfg.methods:
             if m.train:
                 m.plan(k, cfg.budget_steps)
+
+
+def run_demo(cfg: ToyConfig, steps: list[int], out: Path, seed: int = 0, dataset: str | None = None,
+             data_file: str | None = None, progress: bool = True) -> list[dict]:
+    """Train and score every method for every step count; write results.json/.md and plots to `out`."""
+    cfg = with_run_settings(cfg, seed, progress)
+    validate_plans(cfg, steps)
     setup = prepare(cfg, dataset, data_file, seed)
-    gen = torch.Generator().manual_seed(seed + 12345)
-    noise = torch.randn(cfg.eval.samples, setup.data.dim, generator=gen)
-    reference = sample(setup.teacher, noise, WindowSchedule.uniform(1), cfg.eval.reference_steps, method=cfg.eval.reference_solver)
-    acc = make_accelerator(cfg.train)
-    trained: dict[tuple, tuple[torch.nn.Module, Any, float]] = {}
+    cmp = Comparison(cfg, setup, seed)
     rows, outputs, fields = [], {}, {}
     jobs = [(k, m) for k in steps for m in cfg.methods]
     for k, m in tqdm(jobs, desc="methods", disable=not progress, dynamic_ncols=True):
-        sched_k = WindowSchedule.uniform(k)
-        started = time.perf_counter()
-        if not m.train:
-            field_, nfe, opt_steps, sched = setup.teacher, 0.0, 0, sched_k
-        else:
-            key = m.plan_key(k)
-            plan = m.plan(k, cfg.budget_steps)
-            if key not in trained:
-                res = train_plan(setup.base, setup.teacher, _data_fn(setup.data.train), plan, solver, cfg.train,
-                                 m.lam, accelerator=acc, desc=f"{m.name} k={k}")
-                trained[key] = (res.student, res, time.perf_counter() - started)
-            student, res, _ = trained[key]
-            field_, nfe, opt_steps, sched = _as_field(student), res.nfe_per_pair, res.optimizer_steps, plan.final
-        per_window = k // sched.num_windows
-        x = sample(field_, noise, sched, per_window)
-        outputs[(m.name, k)] = x
-        fields[(m.name, k)] = (field_, sched, per_window)
-        rows.append({
-            "method": m.name,
-            "steps": k,
-            "fidelity_rmse": fidelity_rmse(x, reference),
-            "distance_swd": sliced_wasserstein(x, setup.data.test, seed=seed),
-            "distance_energy": energy_distance(x, setup.data.test),
-            "straightness": straightness(field_, noise, sched_k, cfg.eval.straightness_substeps),
-            "teacher_nfe_per_pair": nfe,
-            "optimizer_steps": opt_steps,
-            "windows": m.window_counts(k) if m.train else None,
-            "lam": m.lam if m.train else None,
-            "train_seconds": round(trained[m.plan_key(k)][2], 2) if m.train else 0.0,
-            "seed": seed,
-        })
+        row, outputs[(m.name, k)], fields[(m.name, k)] = cmp.score(m, k)
+        rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     write_results(rows, out, setup.teacher_name, cfg)
     from proreflow.plotting import plot_samples, plot_trajectories
 
     names = [m.name for m in cfg.methods]
     plot_samples(outputs, setup.data.test, steps, names, out / "samples.png")
-    plot_trajectories(setup.teacher, fields, noise[:48], steps, names, out / "trajectories.png",
+    plot_trajectories(setup.teacher, fields, cmp.noise[:48], steps, names, out / "trajectories.png",
                       reference_steps=cfg.eval.reference_steps)
     return rows
 

@@ -187,13 +187,21 @@ def flow_matching_batches(data_fn: DataFn, batch_size: int, exact_velocity: Velo
 
 
 def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule, solver: TeacherSolver,
-                   batch_size: int) -> BatchFn:
-    """Windowed reflow: fresh teacher pairs for `schedule` each micro-step, a random point on each chord."""
+                   batch_size: int, margin: float = 0.0) -> BatchFn:
+    """Windowed reflow: fresh teacher pairs for `schedule` each micro-step, a random point on each chord.
+
+    Points are drawn at t = t_a - u (t_a - t_b) with u ~ U[0, 1 - margin). The one-step sampler
+    queries each window at its start t_a, where the previous window ends; a network that is
+    smooth in t cannot jump between the two chords at a single instant, so leaving the last
+    `margin` of every window untrained gives it room to switch before the next window starts.
+    """
+    if not 0.0 <= margin < 1.0:
+        raise ProReflowError(f"window margin must be in [0, 1), got {margin}")
 
     def batch(_: int, gen: torch.Generator) -> TrainBatch:
         x0, cond = data_fn(batch_size, gen)
         pairs = make_window_pairs(teacher, x0, schedule, solver, generator=gen, cond=cond)
-        u = torch.rand(x0.shape[0], generator=gen, dtype=x0.dtype)
+        u = torch.rand(x0.shape[0], generator=gen, dtype=x0.dtype) * (1.0 - margin)
         x_t, t = pairs.point(u)
         return TrainBatch(x_t, t, pairs.target(), cond, pairs.teacher_nfe)
 
@@ -221,7 +229,7 @@ class PlanResult:
 
 def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: ProgressivePlan,
                solver: TeacherSolver, cfg: TrainConfig, lam: float, accelerator: Accelerator | None = None,
-               desc: str = "reflow") -> PlanResult:
+               desc: str = "reflow", margin: float = 0.0) -> PlanResult:
     """Run a progressive plan: stage k+1 starts from stage k's (EMA) student, the first from `init`.
 
     The teacher stays fixed across stages: each stage's pairs come from the teacher's ODE over
@@ -230,7 +238,7 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: P
     acc = accelerator or make_accelerator(cfg)
     student, stages = init, []
     for k, stage in enumerate(plan.stages):
-        batches = reflow_batches(teacher, data_fn, stage.schedule, solver, cfg.batch_size)
+        batches = reflow_batches(teacher, data_fn, stage.schedule, solver, cfg.batch_size, margin)
         res = fit(student, batches, stage.steps, cfg, lam=lam, accelerator=acc,
                   desc=f"{desc} stage {k + 1}/{len(plan.stages)} (K={stage.schedule.num_windows})", seed_offset=k + 1)
         stages.append(res)

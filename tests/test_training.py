@@ -1,0 +1,145 @@
+"""The stage loop: determinism, accumulation, mixed precision, EMA, stage chaining, data sources."""
+
+import numpy as np
+import pytest
+import torch
+
+import proreflow.training as training
+from proreflow.data.toy import BUILTIN, builtin_points, load_points, split_points
+from proreflow.errors import ProReflowError
+from proreflow.models.mlp import VelocityMLP
+from proreflow.pairs import TeacherSolver
+from proreflow.teachers.gmm import GaussianMixture
+from proreflow.training import TrainConfig, fit, flow_matching_batches, reflow_batches, train_plan
+from proreflow.windows import ProgressivePlan
+
+GMM = GaussianMixture.ring(4, 2.0, 0.3)
+
+
+def _data_fn(n, gen):
+    return GMM.sample(n, gen).float(), None
+
+
+def _teacher(x, t, cond=None):
+    return GMM.velocity(x.double(), t.double()).float()
+
+
+def _cfg(**kw):
+    base = dict(lr=2e-3, batch_size=64, ema_decay=0.9, progress=False, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _params(m):
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+def test_fit_is_deterministic_and_leaves_the_init_untouched():
+    torch.manual_seed(0)
+    net = VelocityMLP(2, 32, 2)
+    before = _params(net).clone()
+    batches = flow_matching_batches(_data_fn, 64, _teacher)
+    a = fit(net, batches, 30, _cfg())
+    b = fit(net, batches, 30, _cfg())
+    assert torch.equal(_params(net), before)
+    assert torch.equal(_params(a.model), _params(b.model))
+    assert len(a.losses) == 30 and a.losses == b.losses
+    c = fit(net, batches, 30, _cfg(seed=4))
+    assert not torch.equal(_params(a.model), _params(c.model))
+
+
+def test_flow_matching_on_exact_velocity_lowers_the_loss():
+    torch.manual_seed(0)
+    res = fit(VelocityMLP(2, 64, 3), flow_matching_batches(_data_fn, 256, _teacher), 300, _cfg(lr=3e-3))
+    assert np.mean(res.losses[-30:]) < 0.5 * np.mean(res.losses[:30])
+
+
+def test_gradient_accumulation_counts_optimizer_steps_and_pairs():
+    torch.manual_seed(0)
+    calls = []
+    inner = reflow_batches(_teacher, _data_fn, ProgressivePlan.from_window_counts([2], 10).final,
+                           TeacherSolver("euler", 3), 16)
+
+    def counting(i, gen):
+        calls.append(i)
+        return inner(i, gen)
+
+    res = fit(VelocityMLP(2, 16, 2), counting, 5, _cfg(grad_accum=2, batch_size=16))
+    assert len(res.losses) == 5 and len(calls) == 10  # 2 micro-batches per optimizer step
+    assert res.pairs == 160 and res.nfe_per_pair == 3
+
+
+def test_bf16_autocast_runs_on_cpu():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps one precision per process
+    try:
+        torch.manual_seed(0)
+        res = fit(VelocityMLP(2, 16, 2), flow_matching_batches(_data_fn, 32), 3, _cfg(mixed_precision="bf16"))
+        assert all(np.isfinite(res.losses))
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_non_finite_loss_stops_with_a_clear_message():
+    def bad(i, gen):
+        x = torch.full((4, 2), float("nan"))
+        return training.TrainBatch(x, torch.rand(4), torch.zeros(4, 2))
+
+    with pytest.raises(ProReflowError, match="non-finite loss at step 0"):
+        fit(VelocityMLP(2, 8, 1), bad, 2, _cfg())
+
+
+def test_each_stage_starts_from_the_previous_student(monkeypatch):
+    seen = []
+    real_fit = training.fit
+
+    def spy(model, *a, **kw):
+        seen.append(model)
+        return real_fit(model, *a, **kw)
+
+    monkeypatch.setattr(training, "fit", spy)
+    torch.manual_seed(0)
+    init = VelocityMLP(2, 16, 2)
+    plan = ProgressivePlan.from_window_counts([4, 2, 1], 6)
+    res = train_plan(init, _teacher, _data_fn, plan, TeacherSolver("euler", 2), _cfg(), lam=1.0)
+    assert seen[0] is init
+    assert seen[1] is res.stages[0].model and seen[2] is res.stages[1].model
+    assert res.student is res.stages[2].model and res.optimizer_steps == 6
+    assert res.nfe_per_pair == 2
+
+
+def test_window_margin_keeps_training_times_away_from_window_ends():
+    batches = reflow_batches(_teacher, _data_fn, ProgressivePlan.from_window_counts([4], 1).final,
+                             TeacherSolver("euler", 1), 4000, margin=0.2)
+    b = batches(0, torch.Generator().manual_seed(0))
+    frac = (b.t * 4) % 1.0  # position inside a quarter window, measured from its end
+    frac = torch.where(frac == 0, torch.ones_like(frac), frac)
+    assert float(frac.min()) > 0.2 - 1e-6 and float(frac.max()) <= 1.0
+    with pytest.raises(ProReflowError):
+        reflow_batches(_teacher, _data_fn, None, TeacherSolver(), 4, margin=1.0)
+
+
+@pytest.mark.parametrize("bad", [dict(lr=0.0), dict(batch_size=0), dict(ema_decay=1.0), dict(grad_accum=0),
+                                 dict(mixed_precision="fp8"), dict(grad_clip=-1.0)])
+def test_bad_train_config(bad):
+    with pytest.raises(ProReflowError):
+        TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_builtin_point_clouds_are_seeded_and_standardised(name):
+    a, b = builtin_points(name, 500, 1), builtin_points(name, 500, 1)
+    assert np.array_equal(a, b) and a.shape == (500, 2) and np.all(np.isfinite(a))
+    d = split_points(name, a, seed=0)
+    assert d.train.shape[0] + d.test.shape[0] == 500
+    z = torch.cat([d.train, d.test])
+    assert torch.allclose(z.mean(0), torch.zeros(2), atol=1e-5)
+    assert abs(float((z**2).mean().sqrt()) - 1.0) < 1e-5
+
+
+def test_user_points_any_dimension(tmp_path):
+    p = tmp_path / "pts.npy"
+    np.save(p, np.random.default_rng(0).normal(size=(100, 5)).astype(np.float32))
+    arr = load_points(p)
+    assert arr.shape == (100, 5) and arr.dtype == np.float64
