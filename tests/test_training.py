@@ -60,9 +60,9 @@ def test_gradient_accumulation_counts_optimizer_steps_and_pairs():
     inner = reflow_batches(_teacher, _data_fn, ProgressivePlan.from_window_counts([2], 10).final,
                            TeacherSolver("euler", 3), 16)
 
-    def counting(i, gen):
+    def counting(i, gen, rows):
         calls.append(i)
-        return inner(i, gen)
+        return inner(i, gen, rows)
 
     res = fit(VelocityMLP(2, 16, 2), counting, 5, _cfg(grad_accum=2, batch_size=16))
     assert len(res.losses) == 5 and len(calls) == 10  # 2 micro-batches per optimizer step
@@ -81,13 +81,31 @@ def test_bf16_autocast_runs_on_cpu():
         AcceleratorState._reset_state(True)
 
 
-def test_non_finite_loss_stops_with_a_clear_message():
-    def bad(i, gen):
-        x = torch.full((4, 2), float("nan"))
-        return training.TrainBatch(x, torch.rand(4), torch.zeros(4, 2))
+def _poisoned(bad_steps):
+    """Flow-matching batches whose inputs are NaN at the given micro-steps."""
+    inner = flow_matching_batches(_data_fn, 16, _teacher)
 
-    with pytest.raises(ProReflowError, match="non-finite loss at step 0"):
-        fit(VelocityMLP(2, 8, 1), bad, 2, _cfg())
+    def batch(i, gen, rows):
+        b = inner(i, gen, rows)
+        if i in bad_steps:
+            b.x = torch.full_like(b.x, float("nan"))
+        return b
+
+    return batch
+
+
+def test_non_finite_loss_stops_with_a_clear_message():
+    with pytest.raises(ProReflowError, match=r"non-finite loss or gradient at step 2 .*last good checkpoint: none"):
+        fit(VelocityMLP(2, 8, 1), _poisoned({2}), 5, _cfg())
+
+
+def test_non_finite_steps_can_be_skipped_and_counted():
+    torch.manual_seed(0)
+    res = fit(VelocityMLP(2, 8, 1), _poisoned({1, 3}), 5, _cfg(on_nonfinite="skip", max_skips=2))
+    assert res.skipped == 2 and len(res.losses) == 5
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+    with pytest.raises(ProReflowError, match="1 non-finite steps already skipped"):
+        fit(VelocityMLP(2, 8, 1), _poisoned({1, 3}), 5, _cfg(on_nonfinite="skip", max_skips=1))
 
 
 def test_each_stage_starts_from_the_previous_student(monkeypatch):
@@ -112,7 +130,7 @@ def test_each_stage_starts_from_the_previous_student(monkeypatch):
 def test_window_margin_keeps_training_times_away_from_window_ends():
     batches = reflow_batches(_teacher, _data_fn, ProgressivePlan.from_window_counts([4], 1).final,
                              TeacherSolver("euler", 1), 4000, margin=0.2)
-    b = batches(0, torch.Generator().manual_seed(0))
+    b = batches(0, torch.Generator().manual_seed(0), slice(None))
     frac = (b.t * 4) % 1.0  # position inside a quarter window, measured from its end
     frac = torch.where(frac == 0, torch.ones_like(frac), frac)
     assert float(frac.min()) > 0.2 - 1e-6 and float(frac.max()) <= 1.0

@@ -38,17 +38,11 @@ def demo(
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Compare teacher Euler, 2-rectified flow, PeRFlow, the two ablations and ProReflow at equal budget."""
-    from proreflow.demo import load_config, parse_steps, run_demo
+    from proreflow.demo import parse_steps, run_demo
 
     try:
         ks = parse_steps(steps)
-        cfg = load_config(config, budget_steps=budget)
-        if base_steps is not None:
-            from dataclasses import replace
-
-            from proreflow.demo import BaseConfig
-
-            cfg = replace(cfg, base=BaseConfig(steps=base_steps, lr=cfg.base.lr))
+        cfg = _load(config, budget, base_steps)
         if out.exists() and not out.is_dir():
             raise ProReflowError(f"--out {str(out)!r} exists and is not a folder")
         rows = run_demo(cfg, ks, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
@@ -58,6 +52,55 @@ def demo(
     typer.echo((out / "results.md").read_text())
     typer.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'samples.png'}, {out / 'trajectories.png'}")
     del rows
+
+
+@app.command()
+def train(
+    method: str = typer.Option("proreflow", help="A method name from the preset (e.g. proreflow, perflow)."),
+    steps: int = typer.Option(4, help="Sampling steps of the student (resolves 'k' in the preset's windows)."),
+    out: Path = typer.Option(..., help="Run folder: checkpoints/, student.safetensors, metrics.json, run.json."),
+    dataset: Optional[str] = typer.Option(None, help="Built-in 2-D set (default: the exact GMM teacher)."),
+    data: Optional[Path] = typer.Option(None, help="Your own points: a .npy array of shape N x D, D >= 2."),
+    seed: int = typer.Option(0, help="Seed for data, initialisation and training."),
+    config: Optional[Path] = typer.Option(None, help="A toy preset YAML (default: the packaged configs/toy.yaml)."),
+    budget: Optional[int] = typer.Option(None, help="Override optimizer steps (all stages)."),
+    base_steps: Optional[int] = typer.Option(None, help="Override flow-matching steps of the shared init."),
+    checkpoint_every: int = typer.Option(200, help="Checkpoint every N optimizer steps."),
+    keep: int = typer.Option(2, help="Keep the last N checkpoints of each stage."),
+    resume: Optional[str] = typer.Option(None, help="'latest': continue the run in --out from its last checkpoint."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Train one method's student with crash-safe checkpoints (SIGTERM saves one; --resume latest continues)."""
+    from proreflow.demo import train_single
+    from proreflow.training import TrainingInterrupted
+
+    try:
+        if resume not in (None, "latest"):
+            raise ProReflowError(f"--resume takes 'latest', got {resume!r}")
+        if dataset and data:
+            raise ProReflowError("give either --dataset or --data, not both")
+        cfg = _load(config, budget, base_steps)
+        row = train_single(cfg, method, steps, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
+                           every=checkpoint_every, keep=keep, resume=resume == "latest", progress=not quiet)
+    except ProReflowError as exc:
+        _fail(exc)
+    except TrainingInterrupted as exc:
+        typer.echo(f"interrupted: {exc}; continue with --resume latest", err=True)
+        raise typer.Exit(143)
+    from proreflow.training import process_state
+
+    if process_state().is_main_process:
+        typer.echo(f"{row['method']} at {row['steps']} steps: fidelity RMSE {row['fidelity_rmse']:.4f}, "
+                   f"SW2 {row['distance_swd']:.4f}; wrote {out / 'student.safetensors'} and {out / 'metrics.json'}")
+
+
+def _load(config: Optional[Path], budget: Optional[int], base_steps: Optional[int]):
+    from dataclasses import replace
+
+    from proreflow.demo import load_config
+
+    cfg = load_config(config, budget_steps=budget)
+    return replace(cfg, base=replace(cfg.base, steps=base_steps)) if base_steps is not None else cfg
 
 
 def main() -> None:

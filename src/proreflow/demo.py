@@ -8,10 +8,11 @@ size and teacher evaluations per pair, and are sampled and scored by the same co
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from proreflow.checkpoint import CheckpointConfig, atomic_save_tensors, atomic_write_text
 from proreflow.config import from_dict, load_yaml
 from proreflow.data.toy import PointData, builtin_points, load_points, split_points
 from proreflow.errors import ProReflowError
@@ -30,7 +32,7 @@ from proreflow.sampling import sample
 from proreflow.solvers import VelocityField
 from proreflow.teachers.flow import NetworkTeacher
 from proreflow.teachers.gmm import GaussianMixture
-from proreflow.training import TrainConfig, fit, flow_matching_batches, make_accelerator, train_plan
+from proreflow.training import PlanResult, TrainConfig, fit, flow_matching_batches, process_state, stop_on_sigterm, train_plan
 from proreflow.windows import WindowSchedule
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "toy.yaml"
@@ -121,13 +123,13 @@ class Setup:
     teacher_name: str
 
 
-def prepare(cfg: ToyConfig, dataset: str | None, data_file: str | None, seed: int) -> Setup:
+def prepare(cfg: ToyConfig, dataset: str | None, data_file: str | None, seed: int,
+            checkpoints: CheckpointConfig | None = None) -> Setup:
     """Build the data split, the teacher and the shared initial network (1-rectified flow)."""
     if dataset and data_file:
         raise ProReflowError("give either --dataset or --data, not both")
     torch.manual_seed(seed)
     base_cfg = replace(cfg.train, lr=cfg.base.lr, seed=seed)
-    acc = make_accelerator(base_cfg)
     if dataset in (None, "gmm") and not data_file:
         gmm = GaussianMixture.ring(cfg.gmm.n_modes, cfg.gmm.radius, cfg.gmm.std)
         gen = torch.Generator().manual_seed(seed)
@@ -142,7 +144,8 @@ def prepare(cfg: ToyConfig, dataset: str | None, data_file: str | None, seed: in
         exact, name = None, f"flow-matching MLP on {data.name}"
     net = VelocityMLP(data.dim, cfg.model.hidden, cfg.model.depth)
     res = fit(net, flow_matching_batches(_data_fn(data.train), cfg.train.batch_size, exact), cfg.base.steps,
-              base_cfg, accelerator=acc, desc="1-rectified flow (shared init)")
+              base_cfg, desc="1-rectified flow (shared init)",
+              checkpoints=checkpoints.for_fit("base") if checkpoints else None)
     base = res.model
     if exact is None:
         teacher = NetworkTeacher(base)
@@ -175,7 +178,6 @@ class Comparison:
         self.noise = torch.randn(cfg.eval.samples, setup.data.dim, generator=gen)
         self.reference = sample(setup.teacher, self.noise, WindowSchedule.uniform(1), cfg.eval.reference_steps,
                                 method=cfg.eval.reference_solver)
-        self.acc = make_accelerator(cfg.train)
         self._trained: dict[tuple, tuple[torch.nn.Module, Any, float]] = {}
 
     def field_for(self, m: MethodSpec, k: int) -> tuple[VelocityField, WindowSchedule, dict]:
@@ -188,13 +190,17 @@ class Comparison:
         if key not in self._trained:
             started = time.perf_counter()
             res = train_plan(self.setup.base, self.setup.teacher, _data_fn(self.setup.data.train), plan, self.solver,
-                             self.cfg.train, m.lam, accelerator=self.acc, desc=f"{m.name} k={k}",
+                             self.cfg.train, m.lam, desc=f"{m.name} k={k}",
                              margin=self.cfg.window_margin)
             self._trained[key] = (res.student, res, time.perf_counter() - started)
         student, res, seconds = self._trained[key]
         cost = {"teacher_nfe_per_pair": res.nfe_per_pair, "optimizer_steps": res.optimizer_steps,
                 "train_seconds": round(seconds, 2)}
         return _as_field(student), plan.final, cost
+
+    def add_trained(self, m: MethodSpec, k: int, res: PlanResult, seconds: float) -> None:
+        """Score a student trained elsewhere (e.g. a checkpointed `proreflow train` run)."""
+        self._trained[m.plan_key(k)] = (res.student, res, seconds)
 
     def score(self, m: MethodSpec, k: int) -> tuple[dict, Tensor, tuple]:
         """One results row for method m at k steps, its samples, and (field, schedule, steps per window)."""
@@ -284,11 +290,65 @@ def results_markdown(rows: list[dict], teacher_name: str, cfg: ToyConfig) -> str
 
 def write_results(rows: list[dict], out: Path, teacher_name: str, cfg: ToyConfig) -> None:
     """results.json (list of rows) and results.md (the same as a table), each written atomically."""
-    _atomic_write(out / "results.json", json.dumps(rows, indent=2) + "\n")
-    _atomic_write(out / "results.md", results_markdown(rows, teacher_name, cfg))
+    atomic_write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(rows, teacher_name, cfg))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def find_method(cfg: ToyConfig, name: str) -> MethodSpec:
+    names = [m.name for m in cfg.methods]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ProReflowError(f"unknown method {name!r}{hint} (the config has {names})")
+    return next(m for m in cfg.methods if m.name == name)
+
+
+def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, dataset: str | None = None,
+                 data_file: str | None = None, every: int = 200, keep: int = 2, resume: bool = False,
+                 progress: bool = True) -> dict:
+    """Train one method's k-step student with checkpoints; save it and its scores to `out`.
+
+    A killed run continues with resume=True (`--resume latest`) from its last checkpoint and
+    ends with bitwise the same weights as an uninterrupted run.
+    """
+    spec = find_method(cfg, method)
+    if not spec.train:
+        raise ProReflowError(f"method {method!r} is the teacher itself; there is nothing to train")
+    plan = spec.plan(k, cfg.budget_steps)
+    run_args = {"method": method, "steps": k, "seed": seed, "dataset": dataset,
+                "data": str(Path(data_file).resolve()) if data_file else None, "config": config_to_dict(cfg)}
+    ck_dir = out / "checkpoints"
+    if resume:
+        if not (out / "run.json").is_file():
+            raise ProReflowError(f"--resume latest: {str(out)!r} holds no run to resume (no run.json)")
+        previous = json.loads((out / "run.json").read_text())
+        if previous != run_args:
+            changed = sorted(key for key in run_args if previous.get(key) != run_args[key])
+            raise ProReflowError(f"--resume latest: the run in {str(out)!r} was started with different "
+                                 f"settings ({', '.join(changed)}); resume with the same ones")
+    elif ck_dir.exists() or (out / "student.safetensors").exists():
+        raise ProReflowError(f"{str(out)!r} already holds a run; pass --resume latest to continue it "
+                             f"or choose another --out")
+    elif process_state().is_main_process:
+        atomic_write_text(out / "run.json", json.dumps(run_args, indent=2) + "\n")
+    ckpt = CheckpointConfig(ck_dir, every, keep, resume)
+    cfg = with_run_settings(cfg, seed, progress)
+    with stop_on_sigterm():
+        setup = prepare(cfg, dataset, data_file, seed, ckpt)
+        started = time.perf_counter()
+        res = train_plan(setup.base, setup.teacher, _data_fn(setup.data.train), plan, cfg.teacher_solver, cfg.train,
+                         spec.lam, desc=f"{spec.name} k={k}", margin=cfg.window_margin, checkpoints=ckpt)
+    cmp = Comparison(cfg, setup, seed)
+    cmp.add_trained(spec, k, res, time.perf_counter() - started)
+    row, _, _ = cmp.score(spec, k)
+    state = process_state()
+    if state.is_main_process:  # every process holds the same student; one writes it
+        atomic_save_tensors(res.student.state_dict(), out / "student.safetensors",
+                            metadata={"method": spec.name, "steps": str(k), "windows": json.dumps(plan.final.boundaries)})
+        atomic_write_text(out / "metrics.json", json.dumps(row, indent=2) + "\n")
+    state.wait_for_everyone()
+    return row
+
+
+def config_to_dict(cfg: ToyConfig) -> dict:
+    return json.loads(json.dumps(asdict(replace(cfg, train=replace(cfg.train, progress=True))), default=str))

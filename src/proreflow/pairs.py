@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -97,17 +97,16 @@ def make_window_pairs(teacher: VelocityField, x0: Tensor, schedule: WindowSchedu
         for w in torch.unique(windows).tolist():
             m = windows == w
             steps = solver.steps_for(lengths[w])
-            x_b[m] = solve(teacher, x_a[m], t_a[m], t_b[m], steps, solver.method, _select(cond, m))
+            x_b[m] = solve(teacher, x_a[m], t_a[m], t_b[m], steps, solver.method, map_cond(cond, lambda c: c[m]))
             nfe += int(m.sum()) * steps * per
     return WindowPairs(x_a=x_a, x_b=x_b, t_a=t_a, t_b=t_b, cond=cond, teacher_nfe=nfe)
 
 
-def _select(cond: Any, mask: Tensor) -> Any:
-    """Rows of the conditioning for a subset of samples (tensors, dicts of tensors, or None)."""
-    if cond is None:
-        return None
+def map_cond(cond: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply `fn` to every tensor of a conditioning (None, a tensor, or a dict of them), e.g. to
+    select rows or move devices, so conditioning travels with its pairs whatever its shape."""
     if isinstance(cond, Tensor):
-        return cond[mask]
+        return fn(cond)
     if isinstance(cond, dict):
-        return {k: _select(v, mask) for k, v in cond.items()}
+        return {k: map_cond(v, fn) for k, v in cond.items()}
     return cond

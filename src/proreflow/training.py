@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
+from proreflow.checkpoint import CheckpointConfig, FitCheckpoints, optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
 from proreflow.errors import ProReflowError
 from proreflow.losses import aligned_loss
-from proreflow.pairs import TeacherSolver, make_window_pairs
+from proreflow.conventions import interpolate, path_velocity
+from proreflow.pairs import TeacherSolver, make_window_pairs, map_cond
 from proreflow.solvers import VelocityField
-from proreflow.windows import ProgressivePlan
+from proreflow.windows import ProgressivePlan, WindowSchedule
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (accelerate)
     seed: int = 0
     progress: bool = True
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # skip: drop the step and count it, up to max_skips
+    max_skips: int = 10
 
     def __post_init__(self) -> None:
         checks = [
@@ -49,6 +57,8 @@ class TrainConfig:
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be positive or null, got {self.grad_clip}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision must be no/fp16/bf16, got {self.mixed_precision!r}"),
+            (self.on_nonfinite in ("stop", "skip"), f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}"),
+            (self.max_skips >= 0, f"max_skips must be >= 0, got {self.max_skips}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -66,8 +76,10 @@ class TrainBatch:
     teacher_nfe: int = 0
 
 
-#: (micro-step index, generator) -> batch
-BatchFn = Callable[[int, torch.Generator], TrainBatch]
+#: (micro-step index, generator, this process's rows of the global batch) -> batch.
+#: The generator is identical on every process; each process keeps only its rows, so a run
+#: on N processes sees exactly the global batch that one process would.
+BatchFn = Callable[[int, torch.Generator, slice], TrainBatch]
 
 
 @dataclass
@@ -77,10 +89,39 @@ class FitResult:
     directions: list[float] = field(default_factory=list)
     teacher_nfe: int = 0
     pairs: int = 0
+    skipped: int = 0
 
     @property
     def nfe_per_pair(self) -> float:
         return self.teacher_nfe / self.pairs if self.pairs else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"losses": self.losses, "directions": self.directions, "teacher_nfe": self.teacher_nfe,
+                "pairs": self.pairs, "skipped": self.skipped}
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM arrived; the run saved a checkpoint (when checkpointing) and stopped cleanly."""
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into a request to checkpoint and stop after the current optimizer step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _StopFlag.requested = False
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(_StopFlag, "requested", True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _StopFlag.requested = False
 
 
 def ema_with_warmup(decay: float) -> Callable:
@@ -96,6 +137,16 @@ def ema_with_warmup(decay: float) -> Callable:
     return update
 
 
+def process_state() -> PartialState:
+    """accelerate's process state, initialised the way `make_accelerator` needs it.
+
+    The first PartialState of a process fixes its distributed type for good; on a machine
+    without CUDA it must be created with cpu=True, or `accelerate launch` with 2 processes
+    gives two independent single-process runs instead of MULTI_CPU (gloo).
+    """
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def make_accelerator(cfg: TrainConfig, cpu: bool | None = None) -> Accelerator:
     """An Accelerator for `cfg`; on a machine without CUDA it runs on CPU."""
     if cpu is None:
@@ -104,44 +155,79 @@ def make_accelerator(cfg: TrainConfig, cpu: bool | None = None) -> Accelerator:
 
 
 def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: float = 0.0,
-        accelerator: Accelerator | None = None, desc: str = "train", seed_offset: int = 0) -> FitResult:
+        accelerator: Accelerator | None = None, desc: str = "train", seed_offset: int = 0,
+        checkpoints: FitCheckpoints | None = None) -> FitResult:
     """Train `model` for `steps` optimizer steps on batches from `batch_fn`; returns EMA weights.
 
     `model` itself is not modified: training runs on a copy, so a stage can start from a
-    shared initial network without disturbing it.
+    shared initial network without disturbing it. With `checkpoints`, the full training state
+    is saved every `checkpoints.cfg.every` steps (and on SIGTERM inside `stop_on_sigterm`), and
+    a resumed fit continues bit for bit where the last checkpoint left off.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ProReflowError(f"training steps must be a positive integer, got {steps!r}")
     acc = accelerator or make_accelerator(cfg)
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.batch_size % world:
+        raise ProReflowError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    per = cfg.batch_size // world
+    rows = slice(rank * per, (rank + 1) * per)
+    if checkpoints is not None and checkpoints.cfg.resume:
+        done_fit = checkpoints.load_final()
+        if done_fit is not None:  # this stage finished before the interruption
+            weights, meta = done_fit
+            net = copy.deepcopy(model)
+            net.load_state_dict(weights)
+            return FitResult(model=net.eval(), **meta)
     net = copy.deepcopy(model).train().requires_grad_(True)
     ema = AveragedModel(net, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cfg.warmup_steps))
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + seed_offset * 7919)
+    result = FitResult(model=model)
+    done, micro, last_ckpt = 0, 0, None
+    if checkpoints is not None and checkpoints.cfg.resume and checkpoints.latest() is not None:
+        last_ckpt = checkpoints.latest()
+        done, micro = _restore(last_ckpt, checkpoints, rank, net, ema, opt, sched, gen, result)
     net, opt, sched = acc.prepare(net, opt, sched)
     ema.to(acc.device)
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + seed_offset * 7919 + acc.process_index)
-    result = FitResult(model=model)
-    bar = tqdm(total=steps, desc=desc, disable=not (cfg.progress and acc.is_main_process), leave=False, dynamic_ncols=True)
-    done, micro = 0, 0
+    bar = tqdm(total=steps, initial=done, desc=desc, disable=not (cfg.progress and acc.is_main_process),
+               leave=False, dynamic_ncols=True)
+
+    def save() -> Path:
+        assert checkpoints is not None
+        return _checkpoint(checkpoints, acc, done, micro, net, ema, opt, sched, gen, result)
+
     while done < steps:
-        batch = batch_fn(micro, gen)
+        batch = batch_fn(micro, gen, rows)
         micro += 1
         with acc.accumulate(net):
             with acc.autocast():
-                pred = net(batch.x.to(acc.device), batch.t.to(acc.device), _to(batch.cond, acc.device))
+                pred = net(batch.x.to(acc.device), batch.t.to(acc.device), map_cond(batch.cond, lambda c: c.to(acc.device)))
             terms = aligned_loss(pred, batch.target.to(acc.device), lam)
-            if not torch.isfinite(terms.total):
-                raise ProReflowError(
-                    f"{desc}: non-finite loss at step {done} (lr={cfg.lr}); lower the learning rate or check the data"
-                )
-            acc.backward(terms.total)
-            if acc.sync_gradients and cfg.grad_clip:
-                acc.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        result.teacher_nfe += batch.teacher_nfe
-        result.pairs += batch.x.shape[0] if batch.teacher_nfe else 0
+            finite = bool(torch.isfinite(terms.total))
+            if finite:
+                acc.backward(terms.total)
+            if acc.sync_gradients and finite:
+                norm = acc.clip_grad_norm_(net.parameters(), cfg.grad_clip or float("inf"))
+                finite = bool(torch.isfinite(norm))
+            finite = _all_ranks(acc, finite)
+            if not finite:
+                result.skipped += 1
+                if cfg.on_nonfinite == "stop" or result.skipped > cfg.max_skips:
+                    where = str(last_ckpt) if last_ckpt else "none (no checkpoint yet)"
+                    raise ProReflowError(
+                        f"{desc}: non-finite loss or gradient at step {done} (lr={cfg.lr}); "
+                        f"last good checkpoint: {where}. Lower the learning rate or check the data"
+                        + (f" ({result.skipped - 1} non-finite steps already skipped)" if result.skipped > 1 else "")
+                    )
+                opt.zero_grad(set_to_none=True)  # skip-and-count: drop this step's gradients
+            else:
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+        result.teacher_nfe += batch.teacher_nfe * world
+        result.pairs += batch.x.shape[0] * world if batch.teacher_nfe else 0
         if acc.sync_gradients:
             ema.update_parameters(acc.unwrap_model(net))
             done += 1
@@ -150,17 +236,69 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
             bar.update(1)
             if done % 50 == 0 or done == steps:
                 bar.set_postfix(loss=f"{result.losses[-1]:.4f}", cos=f"{1 - result.directions[-1]:.4f}")
+            if checkpoints is not None and done < steps and (done % checkpoints.cfg.every == 0 or _StopFlag.requested):
+                last_ckpt = save()
+            if _StopFlag.requested:
+                bar.close()
+                raise TrainingInterrupted(f"{desc}: stopped by SIGTERM at step {done}; "
+                                          f"checkpoint: {last_ckpt or 'none (checkpointing is off)'}")
     bar.close()
     result.model = ema.module.eval()
+    if checkpoints is not None:
+        if acc.is_main_process:
+            checkpoints.save_final(result.model.state_dict(), result.summary())
+        acc.wait_for_everyone()
+    acc.free_memory()
     return result
 
 
-def _to(cond: Any, device: torch.device) -> Any:
-    if isinstance(cond, Tensor):
-        return cond.to(device)
-    if isinstance(cond, dict):
-        return {k: _to(v, device) for k, v in cond.items()}
-    return cond
+def _warmup(warmup_steps: int) -> Callable[[int], float]:
+    return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def _all_ranks(acc: Accelerator, ok: bool) -> bool:
+    """True only if every process saw finite numbers (so all ranks skip or stop together)."""
+    if acc.num_processes == 1:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=acc.device)
+    return float(acc.reduce(flag, reduction="sum")) == 0.0
+
+
+def _checkpoint(ck: FitCheckpoints, acc: Accelerator, done: int, micro: int, net, ema, opt, sched,
+                gen: torch.Generator, result: FitResult) -> Path:
+    tensors = {f"net.{k}": v for k, v in acc.unwrap_model(net).state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    opt_tensors, opt_meta = optimizer_to_flat(getattr(opt, "optimizer", opt))  # unwrap AcceleratedOptimizer
+    tensors.update(opt_tensors)
+    tensors["rng.generator"] = gen.get_state()
+    meta = {"done": done, "micro": micro, "optimizer": opt_meta, "scheduler": _sched_state(sched),
+            "result": result.summary(), "world": acc.num_processes}
+    rank_state = {**rng_state(), "torch": torch.get_rng_state().tolist()}
+    return ck.save(done, tensors, meta, acc.is_main_process, acc.process_index, rank_state, acc.wait_for_everyone)
+
+
+def _sched_state(sched) -> dict[str, Any]:
+    inner = getattr(sched, "scheduler", sched)
+    return {k: v for k, v in inner.state_dict().items() if k != "lr_lambdas"}
+
+
+def _restore(path: Path, ck: FitCheckpoints, rank: int, net, ema, opt, sched, gen: torch.Generator,
+             result: FitResult) -> tuple[int, int]:
+    tensors, meta, rank_state = ck.load(path, rank)
+    try:
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        optimizer_from_flat(opt, tensors, meta["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise ProReflowError(f"checkpoint {str(path)!r} does not match this model/config ({exc}); "
+                             f"resume with the config that wrote it or start a new run") from None
+    sched.load_state_dict({**sched.state_dict(), **meta["scheduler"]})
+    gen.set_state(tensors["rng.generator"])
+    set_rng_state(rank_state)
+    torch.set_rng_state(torch.tensor(rank_state["torch"], dtype=torch.uint8))
+    for k, v in meta["result"].items():
+        setattr(result, k, v)
+    return int(meta["done"]), int(meta["micro"])
 
 
 #: (n, generator) -> (real data x0, conditioning or None)
@@ -173,12 +311,12 @@ def flow_matching_batches(data_fn: DataFn, batch_size: int, exact_velocity: Velo
     With `exact_velocity` (an analytic teacher), the target is the exact marginal velocity at
     x_t instead, which has no sampling variance.
     """
-    from proreflow.conventions import interpolate, path_velocity
 
-    def batch(_: int, gen: torch.Generator) -> TrainBatch:
+    def batch(_: int, gen: torch.Generator, rows: slice = slice(None)) -> TrainBatch:
         x0, cond = data_fn(batch_size, gen)
         eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
         t = torch.rand(x0.shape[0], generator=gen, dtype=x0.dtype)
+        x0, cond, eps, t = x0[rows], map_cond(cond, lambda c: c[rows]), eps[rows], t[rows]
         x_t = interpolate(x0, eps, t)
         target = exact_velocity(x_t, t, cond) if exact_velocity is not None else path_velocity(x0, eps)
         return TrainBatch(x_t, t, target.to(x0.dtype), cond)
@@ -186,7 +324,7 @@ def flow_matching_batches(data_fn: DataFn, batch_size: int, exact_velocity: Velo
     return batch
 
 
-def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule, solver: TeacherSolver,
+def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule: WindowSchedule, solver: TeacherSolver,
                    batch_size: int, margin: float = 0.0) -> BatchFn:
     """Windowed reflow: fresh teacher pairs for `schedule` each micro-step, a random point on each chord.
 
@@ -194,14 +332,18 @@ def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule, solver: Te
     queries each window at its start t_a, where the previous window ends; a network that is
     smooth in t cannot jump between the two chords at a single instant, so leaving the last
     `margin` of every window untrained gives it room to switch before the next window starts.
+    All randomness is drawn for the global batch; the teacher only solves this process's rows.
     """
     if not 0.0 <= margin < 1.0:
         raise ProReflowError(f"window margin must be in [0, 1), got {margin}")
 
-    def batch(_: int, gen: torch.Generator) -> TrainBatch:
+    def batch(_: int, gen: torch.Generator, rows: slice = slice(None)) -> TrainBatch:
         x0, cond = data_fn(batch_size, gen)
-        pairs = make_window_pairs(teacher, x0, schedule, solver, generator=gen, cond=cond)
+        noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+        windows = schedule.sample_windows(x0.shape[0], gen)
         u = torch.rand(x0.shape[0], generator=gen, dtype=x0.dtype) * (1.0 - margin)
+        x0, cond, noise, windows, u = x0[rows], map_cond(cond, lambda c: c[rows]), noise[rows], windows[rows], u[rows]
+        pairs = make_window_pairs(teacher, x0, schedule, solver, cond=cond, windows=windows, noise=noise)
         x_t, t = pairs.point(u)
         return TrainBatch(x_t, t, pairs.target(), cond, pairs.teacher_nfe)
 
@@ -229,18 +371,19 @@ class PlanResult:
 
 def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: ProgressivePlan,
                solver: TeacherSolver, cfg: TrainConfig, lam: float, accelerator: Accelerator | None = None,
-               desc: str = "reflow", margin: float = 0.0) -> PlanResult:
+               desc: str = "reflow", margin: float = 0.0,
+               checkpoints: CheckpointConfig | None = None) -> PlanResult:
     """Run a progressive plan: stage k+1 starts from stage k's (EMA) student, the first from `init`.
 
     The teacher stays fixed across stages: each stage's pairs come from the teacher's ODE over
     that stage's (wider) windows, as in the paper.
     """
-    acc = accelerator or make_accelerator(cfg)
     student, stages = init, []
     for k, stage in enumerate(plan.stages):
         batches = reflow_batches(teacher, data_fn, stage.schedule, solver, cfg.batch_size, margin)
-        res = fit(student, batches, stage.steps, cfg, lam=lam, accelerator=acc,
-                  desc=f"{desc} stage {k + 1}/{len(plan.stages)} (K={stage.schedule.num_windows})", seed_offset=k + 1)
+        res = fit(student, batches, stage.steps, cfg, lam=lam, accelerator=accelerator,
+                  desc=f"{desc} stage {k + 1}/{len(plan.stages)} (K={stage.schedule.num_windows})", seed_offset=k + 1,
+                  checkpoints=checkpoints.for_fit(f"stage-{k + 1}") if checkpoints else None)
         stages.append(res)
         student = res.model
     return PlanResult(student=student, stages=stages)

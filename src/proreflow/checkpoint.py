@@ -1,0 +1,196 @@
+"""Crash-safe training checkpoints: safetensors tensors + JSON metadata, written atomically.
+
+Layout of a run directory:
+
+    <run>/<fit-id>/step-00000200/state.safetensors   model, EMA, optimizer tensors, generator state
+    <run>/<fit-id>/step-00000200/meta.json           counters, losses, optimizer/scheduler scalars, RNG
+    <run>/<fit-id>/final.safetensors (+ final.json)  the finished fit's EMA weights
+
+A checkpoint directory is first written as `.tmp-step-…` and renamed into place, so a
+kill at any instant leaves either the previous complete checkpoint or the new one, never
+a half-written one. Nothing here unpickles: tensors come from safetensors, the rest is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from proreflow.errors import ProReflowError
+
+STEP_PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often a run checkpoints; `resume` picks up the latest complete checkpoint."""
+
+    dir: Path
+    every: int = 200
+    keep: int = 2
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ProReflowError(f"checkpoint interval must be >= 1 optimizer step, got {self.every}")
+        if self.keep < 1:
+            raise ProReflowError(f"must keep at least 1 checkpoint, got {self.keep}")
+
+    def for_fit(self, fit_id: str) -> "FitCheckpoints":
+        return FitCheckpoints(self, fit_id)
+
+
+def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written to a temp name, fsynced and renamed over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> dict[str, Tensor]:
+    """Load a safetensors file, turning any corruption into one clear error."""
+    if not path.is_file():
+        raise ProReflowError(f"checkpoint file {str(path)!r} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ProReflowError(f"checkpoint file {str(path)!r} is corrupt or not safetensors ({exc}); "
+                             f"delete it to fall back to an earlier checkpoint") from None
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict[str, Any]:
+    """Python and numpy global RNG states as JSON (torch's goes in the tensor file)."""
+    v, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [v, list(state), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    v, st, gauss = state["python"]
+    random.setstate((v, tuple(st), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+class FitCheckpoints:
+    """Checkpoints of one fit (one training stage) inside a run directory."""
+
+    def __init__(self, cfg: CheckpointConfig, fit_id: str) -> None:
+        self.cfg, self.root = cfg, Path(cfg.dir) / fit_id
+
+    # -- finished fits -------------------------------------------------------------------
+    @property
+    def final_path(self) -> Path:
+        return self.root / "final.safetensors"
+
+    def save_final(self, weights: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        atomic_write_text(self.root / "final.json", json.dumps(meta))
+        atomic_save_tensors(weights, self.final_path)  # written last: its presence marks the fit done
+
+    def load_final(self) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        if not self.final_path.is_file():
+            return None
+        return load_tensors(self.final_path), _read_json(self.root / "final.json")
+
+    # -- in-progress checkpoints ---------------------------------------------------------
+    def steps(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
+
+    def latest(self) -> Path | None:
+        s = self.steps()
+        return s[-1] if s else None
+
+    def save(self, step: int, tensors: dict[str, Tensor], meta: dict[str, Any], is_main: bool,
+             rank: int, rank_state: dict[str, Any], barrier) -> Path:
+        """Every rank writes its RNG file into a temp dir; the main rank writes the rest and renames it."""
+        final = self.root / f"{STEP_PREFIX}{step:08d}"
+        tmp = self.root / f".tmp-{STEP_PREFIX}{step:08d}"
+        if is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        barrier()
+        atomic_write_text(tmp / f"rng-rank{rank}.json", json.dumps(rank_state))
+        if is_main:
+            atomic_save_tensors(tensors, tmp / "state.safetensors")
+            atomic_write_text(tmp / "meta.json", json.dumps(meta))
+        barrier()
+        if is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in self.steps()[: -self.cfg.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def load(self, path: Path, rank: int) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+        tensors = load_tensors(path / "state.safetensors")
+        meta = _read_json(path / "meta.json")
+        rank_file = path / f"rng-rank{rank}.json"
+        if not rank_file.is_file():
+            raise ProReflowError(f"checkpoint {str(path)!r} has no RNG state for rank {rank}: it was written by a "
+                                 f"run with fewer processes; resume with the same number of processes")
+        return tensors, meta, _read_json(rank_file)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ProReflowError(f"checkpoint metadata {str(path)!r} is missing") from None
+    except json.JSONDecodeError as exc:
+        raise ProReflowError(f"checkpoint metadata {str(path)!r} is corrupt ({exc})") from None
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON scalars."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"optim.{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for key, v in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
