@@ -68,6 +68,7 @@ def train(
     checkpoint_every: int = typer.Option(200, help="Checkpoint every N optimizer steps."),
     keep: int = typer.Option(2, help="Keep the last N checkpoints of each stage."),
     resume: Optional[str] = typer.Option(None, help="'latest': continue the run in --out from its last checkpoint."),
+    cached_pairs: int = typer.Option(0, help="Cache N teacher pairs per stage in --out/pairs (0: on the fly)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Train one method's student with crash-safe checkpoints (SIGTERM saves one; --resume latest continues)."""
@@ -79,9 +80,12 @@ def train(
             raise ProReflowError(f"--resume takes 'latest', got {resume!r}")
         if dataset and data:
             raise ProReflowError("give either --dataset or --data, not both")
+        if cached_pairs < 0:
+            raise ProReflowError(f"--cached-pairs must be >= 0, got {cached_pairs}")
         cfg = _load(config, budget, base_steps)
         row = train_single(cfg, method, steps, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
-                           every=checkpoint_every, keep=keep, resume=resume == "latest", progress=not quiet)
+                           every=checkpoint_every, keep=keep, resume=resume == "latest", progress=not quiet,
+                           cached_pairs=cached_pairs)
     except ProReflowError as exc:
         _fail(exc)
     except TrainingInterrupted as exc:

@@ -32,7 +32,7 @@ from proreflow.sampling import sample
 from proreflow.solvers import VelocityField
 from proreflow.teachers.flow import NetworkTeacher
 from proreflow.teachers.gmm import GaussianMixture
-from proreflow.training import PlanResult, TrainConfig, fit, flow_matching_batches, process_state, stop_on_sigterm, train_plan
+from proreflow.training import PlanResult, TrainConfig, fit, flow_matching_batches, PairCacheConfig, process_state, stop_on_sigterm, train_plan
 from proreflow.windows import WindowSchedule
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "toy.yaml"
@@ -305,7 +305,7 @@ def find_method(cfg: ToyConfig, name: str) -> MethodSpec:
 
 def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, dataset: str | None = None,
                  data_file: str | None = None, every: int = 200, keep: int = 2, resume: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, cached_pairs: int = 0) -> dict:
     """Train one method's k-step student with checkpoints; save it and its scores to `out`.
 
     A killed run continues with resume=True (`--resume latest`) from its last checkpoint and
@@ -315,7 +315,7 @@ def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, 
     if not spec.train:
         raise ProReflowError(f"method {method!r} is the teacher itself; there is nothing to train")
     plan = spec.plan(k, cfg.budget_steps)
-    run_args = {"method": method, "steps": k, "seed": seed, "dataset": dataset,
+    run_args = {"method": method, "steps": k, "seed": seed, "dataset": dataset, "cached_pairs": cached_pairs,
                 "data": str(Path(data_file).resolve()) if data_file else None, "config": config_to_dict(cfg)}
     ck_dir = out / "checkpoints"
     if resume:
@@ -337,7 +337,8 @@ def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, 
         setup = prepare(cfg, dataset, data_file, seed, ckpt)
         started = time.perf_counter()
         res = train_plan(setup.base, setup.teacher, _data_fn(setup.data.train), plan, cfg.teacher_solver, cfg.train,
-                         spec.lam, desc=f"{spec.name} k={k}", margin=cfg.window_margin, checkpoints=ckpt)
+                         spec.lam, desc=f"{spec.name} k={k}", margin=cfg.window_margin, checkpoints=ckpt,
+                         pair_cache=PairCacheConfig(out / "pairs", cached_pairs) if cached_pairs else None)
     cmp = Comparison(cfg, setup, seed)
     cmp.add_trained(spec, k, res, time.perf_counter() - started)
     row, _, _ = cmp.score(spec, k)

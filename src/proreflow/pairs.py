@@ -7,11 +7,16 @@ is the chord velocity (x_a - x_b) / (t_a - t_b), constant inside the window.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from proreflow.conventions import chord_velocity, expand_time, interpolate
@@ -110,3 +115,119 @@ def map_cond(cond: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(cond, dict):
         return {k: map_cond(v, fn) for k, v in cond.items()}
     return cond
+
+
+class PairCache:
+    """Window pairs cached to disk in safetensors shards with a checksummed manifest.
+
+    Each shard is generated from its own seed (base seed, shard index), so a shard that is
+    missing, truncated or corrupted is regenerated bit for bit, and an interrupted build
+    resumes at the first shard it lacks. Shards and the manifest are written atomically
+    (temp file + rename); a shard whose checksum does not match is never used.
+    """
+
+    MANIFEST = "manifest.json"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _spec(self, schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int,
+              seed: int) -> dict:
+        return {"boundaries": list(schedule.boundaries), "solver": [solver.method, solver.steps, solver.mode],
+                "n_pairs": n_pairs, "shard_size": shard_size, "seed": seed}
+
+    def _manifest(self) -> dict | None:
+        try:
+            return json.loads((self.root / self.MANIFEST).read_text())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:
+            return None  # a manifest is only ever replaced atomically; unreadable means start over
+
+    def _write_manifest(self, manifest: dict) -> None:
+        tmp = self.root / f".{self.MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, self.root / self.MANIFEST)
+
+    def valid_shards(self, spec: dict) -> set[int]:
+        """Indices of shards present on disk whose bytes match the manifest's checksum."""
+        manifest = self._manifest()
+        if manifest is None or manifest.get("spec") != spec:
+            return set()
+        ok = set()
+        for idx, entry in manifest["shards"].items():
+            path = self.root / entry["file"]
+            if path.is_file() and _sha256(path) == entry["sha256"]:
+                ok.add(int(idx))
+        return ok
+
+    def ensure(self, teacher: VelocityField, data_fn: Callable[[int, torch.Generator], tuple[Tensor, Any]],
+               schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int = 10_000,
+               seed: int = 0, progress: bool = False) -> "CachedPairs":
+        """Build the missing or damaged shards, then load and return every pair."""
+        if n_pairs < 1 or shard_size < 1:
+            raise ProReflowError(f"pair cache needs n_pairs >= 1 and shard_size >= 1, got {n_pairs}, {shard_size}")
+        from tqdm.auto import tqdm
+
+        spec = self._spec(schedule, solver, n_pairs, shard_size, seed)
+        self.root.mkdir(parents=True, exist_ok=True)
+        manifest = self._manifest()
+        if manifest is None or manifest.get("spec") != spec:
+            manifest = {"spec": spec, "shards": {}}
+        good = self.valid_shards(spec)
+        n_shards = -(-n_pairs // shard_size)
+        todo = [i for i in range(n_shards) if i not in good]
+        for i in tqdm(todo, desc="teacher pairs", disable=not progress, leave=False):
+            n = min(shard_size, n_pairs - i * shard_size)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            x0, cond = data_fn(n, gen)
+            pairs = make_window_pairs(teacher, x0, schedule, solver, generator=gen, cond=cond)
+            tensors = {"x_a": pairs.x_a, "x_b": pairs.x_b, "t_a": pairs.t_a, "t_b": pairs.t_b}
+            if isinstance(cond, Tensor):
+                tensors["cond"] = cond
+            elif cond is not None:
+                tensors.update({f"cond.{k}": v for k, v in cond.items()})
+            name = f"shard-{i:05d}.safetensors"
+            tmp = self.root / f".{name}.tmp"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            os.replace(tmp, self.root / name)
+            manifest["shards"][str(i)] = {"file": name, "sha256": _sha256(self.root / name), "pairs": n,
+                                          "teacher_nfe": pairs.teacher_nfe}
+            self._write_manifest(manifest)  # after every shard: a crash loses at most the shard in flight
+        return self.load(spec)
+
+    def load(self, spec: dict) -> "CachedPairs":
+        manifest = self._manifest()
+        good = self.valid_shards(spec)
+        n_shards = -(-spec["n_pairs"] // spec["shard_size"])
+        if manifest is None or len(good) != n_shards:
+            raise ProReflowError(f"pair cache {str(self.root)!r} is incomplete or damaged; rebuild it with ensure()")
+        parts = [load_file(str(self.root / manifest["shards"][str(i)]["file"])) for i in range(n_shards)]
+        cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        cond: Any = cat.get("cond")
+        if cond is None and any(k.startswith("cond.") for k in cat):
+            cond = {k[5:]: v for k, v in cat.items() if k.startswith("cond.")}
+        nfe = sum(manifest["shards"][str(i)]["teacher_nfe"] for i in range(n_shards))
+        return CachedPairs(WindowPairs(cat["x_a"], cat["x_b"], cat["t_a"], cat["t_b"], cond, nfe))
+
+
+@dataclass
+class CachedPairs:
+    """All cached pairs in memory; `batch` draws a random subset with its conditioning."""
+
+    pairs: WindowPairs
+
+    def __len__(self) -> int:
+        return self.pairs.x_a.shape[0]
+
+    def batch(self, idx: Tensor) -> WindowPairs:
+        p = self.pairs
+        return WindowPairs(p.x_a[idx], p.x_b[idx], p.t_a[idx], p.t_b[idx], map_cond(p.cond, lambda c: c[idx]), 0)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -26,7 +26,7 @@ from proreflow.checkpoint import CheckpointConfig, FitCheckpoints, optimizer_fro
 from proreflow.errors import ProReflowError
 from proreflow.losses import aligned_loss
 from proreflow.conventions import interpolate, path_velocity
-from proreflow.pairs import TeacherSolver, make_window_pairs, map_cond
+from proreflow.pairs import CachedPairs, PairCache, TeacherSolver, make_window_pairs, map_cond
 from proreflow.solvers import VelocityField
 from proreflow.windows import ProgressivePlan, WindowSchedule
 
@@ -350,6 +350,30 @@ def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule: WindowSche
     return batch
 
 
+def cached_reflow_batches(cache: CachedPairs, batch_size: int, margin: float = 0.0) -> BatchFn:
+    """Like `reflow_batches`, but drawing pairs from a disk cache (teacher cost paid up front)."""
+    if not 0.0 <= margin < 1.0:
+        raise ProReflowError(f"window margin must be in [0, 1), got {margin}")
+
+    def batch(_: int, gen: torch.Generator, rows: slice = slice(None)) -> TrainBatch:
+        idx = torch.randint(0, len(cache), (batch_size,), generator=gen)
+        u = torch.rand(batch_size, generator=gen, dtype=cache.pairs.x_a.dtype) * (1.0 - margin)
+        pairs = cache.batch(idx[rows])
+        x_t, t = pairs.point(u[rows])
+        return TrainBatch(x_t, t, pairs.target(), pairs.cond, 0)
+
+    return batch
+
+
+@dataclass(frozen=True)
+class PairCacheConfig:
+    """Cache `pairs` teacher pairs per stage under `dir` instead of generating them on the fly."""
+
+    dir: Path
+    pairs: int
+    shard_size: int = 10_000
+
+
 @dataclass
 class PlanResult:
     student: nn.Module
@@ -372,7 +396,7 @@ class PlanResult:
 def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: ProgressivePlan,
                solver: TeacherSolver, cfg: TrainConfig, lam: float, accelerator: Accelerator | None = None,
                desc: str = "reflow", margin: float = 0.0,
-               checkpoints: CheckpointConfig | None = None) -> PlanResult:
+               checkpoints: CheckpointConfig | None = None, pair_cache: PairCacheConfig | None = None) -> PlanResult:
     """Run a progressive plan: stage k+1 starts from stage k's (EMA) student, the first from `init`.
 
     The teacher stays fixed across stages: each stage's pairs come from the teacher's ODE over
@@ -380,10 +404,29 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: P
     """
     student, stages = init, []
     for k, stage in enumerate(plan.stages):
-        batches = reflow_batches(teacher, data_fn, stage.schedule, solver, cfg.batch_size, margin)
+        cached = None
+        if pair_cache is not None:
+            cached = _stage_cache(pair_cache, k + 1, teacher, data_fn, stage.schedule, solver, cfg.seed + k + 1,
+                                  cfg.progress)
+            batches = cached_reflow_batches(cached, cfg.batch_size, margin)
+        else:
+            batches = reflow_batches(teacher, data_fn, stage.schedule, solver, cfg.batch_size, margin)
         res = fit(student, batches, stage.steps, cfg, lam=lam, accelerator=accelerator,
                   desc=f"{desc} stage {k + 1}/{len(plan.stages)} (K={stage.schedule.num_windows})", seed_offset=k + 1,
                   checkpoints=checkpoints.for_fit(f"stage-{k + 1}") if checkpoints else None)
+        if cached is not None:  # report the teacher cost of the cache, not of the (free) batches drawn from it
+            res.teacher_nfe, res.pairs = cached.pairs.teacher_nfe, len(cached)
         stages.append(res)
         student = res.model
     return PlanResult(student=student, stages=stages)
+
+
+def _stage_cache(cfg: PairCacheConfig, stage: int, teacher: VelocityField, data_fn: DataFn, schedule: WindowSchedule,
+                 solver: TeacherSolver, seed: int, progress: bool) -> CachedPairs:
+    """The main process builds (or repairs) the stage's cache; then every process loads it."""
+    cache = PairCache(Path(cfg.dir) / f"stage-{stage}")
+    state = process_state()
+    if state.is_main_process:
+        cache.ensure(teacher, data_fn, schedule, solver, cfg.pairs, cfg.shard_size, seed, progress)
+    state.wait_for_everyone()
+    return cache.ensure(teacher, data_fn, schedule, solver, cfg.pairs, cfg.shard_size, seed)

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from proreflow.errors import ProReflowError
+from proreflow.pairs import PairCache, TeacherSolver
+from proreflow.teachers.gmm import GaussianMixture
+from proreflow.training import cached_reflow_batches
+from proreflow.windows import WindowSchedule
+
+GMM = GaussianMixture.ring(4, 2.0, 0.3)
+SCHED = WindowSchedule.uniform(4)
+SOLVER = TeacherSolver("rk4", 2)
+
+
+def teacher(x, t, cond=None):
+    return GMM.velocity(x, t)
+
+
+class Data:
+    """Data source that counts its calls and can crash on a given call (a killed build)."""
+
+    def __init__(self, crash_on: int | None = None):
+        self.calls, self.crash_on = 0, crash_on
+
+    def __call__(self, n, gen):
+        self.calls += 1
+        if self.calls == self.crash_on:
+            raise KeyboardInterrupt("simulated kill")
+        labels = torch.randint(0, 4, (n,), generator=gen)
+        return GMM.sample(n, gen), labels
+
+
+def _build(root, data):
+    return PairCache(root).ensure(teacher, data, SCHED, SOLVER, n_pairs=250, shard_size=100, seed=7)
+
+
+def _equal(a, b):
+    return all(torch.equal(getattr(a.pairs, k), getattr(b.pairs, k)) for k in ("x_a", "x_b", "t_a", "t_b", "cond"))
+
+
+def test_cache_round_trip_and_costs(tmp_path):
+    cached = _build(tmp_path / "c", Data())
+    assert len(cached) == 250 and cached.pairs.teacher_nfe == 250 * 2 * 4
+    assert torch.allclose(cached.pairs.target(), (cached.pairs.x_a - cached.pairs.x_b)
+                          / (cached.pairs.t_a - cached.pairs.t_b)[:, None])
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    again = Data()
+    assert _equal(_build(tmp_path / "c", again), cached) and again.calls == 0  # nothing regenerated
+
+
+def test_corrupted_or_truncated_shard_is_detected_and_regenerated(tmp_path):
+    cached = _build(tmp_path / "c", Data())
+    shard = tmp_path / "c" / "shard-00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF  # flip bits inside a tensor: still a loadable file, wrong numbers
+    shard.write_bytes(bytes(raw))
+    (tmp_path / "c" / "shard-00002.safetensors").write_bytes(b"trunc")
+    assert PairCache(tmp_path / "c").valid_shards(PairCache(tmp_path / "c")._spec(SCHED, SOLVER, 250, 100, 7)) == {0}
+    repair = Data()
+    repaired = _build(tmp_path / "c", repair)
+    assert repair.calls == 2 and _equal(repaired, cached)
+
+
+def test_killed_build_resumes_where_it_stopped(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _build(tmp_path / "c", Data(crash_on=3))  # dies while making the third shard
+    resume = Data()
+    resumed = _build(tmp_path / "c", resume)
+    assert resume.calls == 1  # only the missing shard
+    assert _equal(resumed, _build(tmp_path / "fresh", Data()))
+
+
+def test_changed_settings_rebuild_the_cache(tmp_path):
+    _build(tmp_path / "c", Data())
+    other = Data()
+    PairCache(tmp_path / "c").ensure(teacher, other, SCHED, TeacherSolver("euler", 2), 250, 100, seed=7)
+    assert other.calls == 3
+    with pytest.raises(ProReflowError):
+        PairCache(tmp_path / "d").ensure(teacher, Data(), SCHED, SOLVER, n_pairs=0)
+
+
+def test_batches_from_the_cache_follow_the_chords(tmp_path):
+    cached = _build(tmp_path / "c", Data())
+    batches = cached_reflow_batches(cached, 64, margin=0.1)
+    b = batches(0, torch.Generator().manual_seed(0), slice(None))
+    assert b.x.shape == (64, 2) and b.cond.shape == (64,) and b.teacher_nfe == 0
+    half = batches(0, torch.Generator().manual_seed(0), slice(32, 64))
+    assert torch.equal(half.x, b.x[32:]) and torch.equal(half.target, b.target[32:])
