@@ -22,28 +22,44 @@ def _bad_npy(tmp_path, name, arr=None, raw=None):
     return p
 
 
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        (["--dataset", "nosuch"], "unknown dataset"),
-        (["--data", "{tmp}/missing.npy"], "does not exist"),
-        (["--data", "{garbage}"], "not a readable .npy"),
-        (["--data", "{nan}"], "NaN or infinite"),
-        (["--data", "{oned}"], "N x D"),
-        (["--data", "{narrow}"], "at least 2 dimensions"),
-        (["--data", "{strings}"], "numeric"),
-        (["--data", "{few}"], "at least"),
-        (["--data", "{nan}", "--dataset", "moons"], "not both"),
-        (["--steps", "0"], "between 1 and"),
-        (["--steps", "two"], "comma-separated"),
-        (["--steps", "2,2"], "duplicates"),
-        (["--steps", "3"], "does not reach 3 windows"),
-        (["--budget", "0"], "budget_steps must be"),
-        (["--config", "{tmp}/nope.yaml"], "does not exist"),
-        (["--config", "{badkey}"], "did you mean 'budget_steps'"),
-    ],
-)
-def test_bad_input_exits_2_with_one_clear_line(tmp_path, args, needle):
+TRAIN = ["train", "--budget", "4", "--base-steps", "4"]
+
+BAD_INPUTS = [
+    (["demo", "--dataset", "nosuch"], "unknown dataset"),
+    (["demo", "--data", "{tmp}/missing.npy"], "does not exist"),
+    (["demo", "--data", "{garbage}"], "not a readable .npy"),
+    (["demo", "--data", "{nan}"], "NaN or infinite"),
+    (["demo", "--data", "{oned}"], "N x D"),
+    (["demo", "--data", "{narrow}"], "at least 2 dimensions"),
+    (["demo", "--data", "{strings}"], "numeric"),
+    (["demo", "--data", "{pickled}"], "not a readable .npy"),
+    (["demo", "--data", "{few}"], "at least"),
+    (["demo", "--data", "{nan}", "--dataset", "moons"], "not both"),
+    (["demo", "--steps", "0"], "between 1 and"),
+    (["demo", "--steps", "two"], "comma-separated"),
+    (["demo", "--steps", "2,2"], "duplicates"),
+    (["demo", "--steps", "3"], "does not reach 3 windows"),
+    (["demo", "--budget", "0"], "budget_steps must be"),
+    (["demo", "--config", "{tmp}/nope.yaml"], "does not exist"),
+    (["demo", "--config", "{badkey}"], "did you mean 'budget_steps'"),
+    (["demo", "--config", "{badtype}"], "train.lr must be a number"),
+    (["demo", "--config", "{badyaml}"], "not valid YAML"),
+    (["demo", "--config", "{badmargin}"], "window_margin must be in [0, 1)"),
+    (["demo", "--config", "{badsolver}"], "solver steps must be a positive integer"),
+    ([*TRAIN, "--method", "proreflw"], "did you mean 'proreflow'"),
+    ([*TRAIN, "--method", "teacher-euler"], "nothing to train"),
+    ([*TRAIN, "--steps", "3"], "does not reach 3 windows"),
+    ([*TRAIN, "--resume", "first"], "--resume takes 'latest'"),
+    ([*TRAIN, "--resume", "latest"], "no run to resume"),
+    ([*TRAIN, "--cached-pairs", "-1"], "--cached-pairs must be >= 0"),
+    ([*TRAIN, "--checkpoint-every", "0"], "checkpoint interval"),
+    ([*TRAIN, "--keep", "0"], "at least 1 checkpoint"),
+    ([*TRAIN, "--data", "{nan}"], "NaN or infinite"),
+]
+
+
+@pytest.mark.parametrize("args, needle", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_clear_line_and_touches_nothing(tmp_path, args, needle):
     rng = np.random.default_rng(0)
     files = {
         "tmp": str(tmp_path),
@@ -52,19 +68,24 @@ def test_bad_input_exits_2_with_one_clear_line(tmp_path, args, needle):
         "oned": _bad_npy(tmp_path, "oned.npy", rng.normal(size=100)),
         "narrow": _bad_npy(tmp_path, "narrow.npy", rng.normal(size=(100, 1))),
         "strings": _bad_npy(tmp_path, "strings.npy", np.array([["a", "b"]] * 50)),
+        "pickled": _bad_npy(tmp_path, "pickled.npy", np.array([{"a": 1}] * 30, dtype=object)),
         "few": _bad_npy(tmp_path, "few.npy", rng.normal(size=(5, 2))),
     }
-    bad_cfg = tmp_path / "bad.yaml"
-    bad_cfg.write_text("budget_step: 10\nmethods: [{name: a}]\n")
-    files["badkey"] = bad_cfg
+    for key, text in {"badkey": "budget_step: 10\n", "badtype": "train: {lr: fast}\n", "badyaml": "train: [\n",
+                      "badmargin": "window_margin: 1.5\n", "badsolver": "teacher_solver: {steps: 0}\n"}.items():
+        (tmp_path / f"{key}.yaml").write_text(text)
+        files[key] = str(tmp_path / f"{key}.yaml")
     args = [a.format(**files) for a in args]
     out = tmp_path / "out"
-    result = runner.invoke(app, ["demo", "--out", str(out), "--quiet", *args])
+    out.mkdir()
+    (out / "results.json").write_text("earlier results")
+    result = runner.invoke(app, [*args, "--out", str(out), "--quiet"])
     assert result.exit_code == 2, result.output
-    text = result.stderr if result.stderr else result.output
-    assert needle in text
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert needle in result.stderr
     assert "Traceback" not in result.output
-    assert not out.exists()  # nothing written on bad input
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # nothing written, nothing removed
+    assert (out / "results.json").read_text() == "earlier results"
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):

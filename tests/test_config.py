@@ -70,3 +70,13 @@ def test_toy_config_rejects_duplicates_and_empty_methods():
         from_dict(ToyConfig, {"methods": []})
     with pytest.raises(ProReflowError, match="teacher_solver.method must be one of"):
         from_dict(ToyConfig, {"methods": [{"name": "a"}], "teacher_solver": {"method": "midpoint"}})
+
+
+def test_user_config_overrides_only_what_it_names(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("train: {lr: 0.01}\nbudget_steps: 77\n")
+    cfg = load_config(p)
+    default = load_config()
+    assert cfg.train.lr == 0.01 and cfg.budget_steps == 77
+    assert cfg.train.batch_size == default.train.batch_size and cfg.methods == default.methods
+    assert load_config(p, budget_steps=5).budget_steps == 5

@@ -87,7 +87,18 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ProReflowError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ProReflowError(f"config file {str(p)!r} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ProReflowError(f"config file {str(p)!r} must hold a mapping at the top level")
     return data
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`override` on top of `base`: nested mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -21,8 +21,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from proreflow.checkpoint import CheckpointConfig, atomic_save_tensors, atomic_write_text
-from proreflow.config import from_dict, load_yaml
-from proreflow.data.toy import PointData, builtin_points, load_points, split_points
+from proreflow.config import from_dict, load_yaml, merge
+from proreflow.data.toy import MIN_POINTS, PointData, builtin_points, load_points, split_points
 from proreflow.errors import ProReflowError
 from proreflow.methods import MethodSpec
 from proreflow.metrics import energy_distance, fidelity_rmse, sliced_wasserstein, straightness
@@ -85,6 +85,8 @@ class ToyConfig:
     def __post_init__(self) -> None:
         if not self.methods:
             raise ProReflowError("the config lists no methods")
+        if not 0.0 <= self.window_margin < 1.0:
+            raise ProReflowError(f"window_margin must be in [0, 1), got {self.window_margin}")
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ProReflowError(f"method names must be unique, got {names}")
@@ -95,7 +97,10 @@ class ToyConfig:
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ToyConfig:
-    data = load_yaml(path or DEFAULT_CONFIG)
+    """The packaged preset, with a user YAML (only the keys it changes) and CLI overrides on top."""
+    data = load_yaml(DEFAULT_CONFIG)
+    if path is not None:
+        data = merge(data, load_yaml(path))
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(ToyConfig, data, where=str(path or "toy config"))
 
@@ -123,11 +128,20 @@ class Setup:
     teacher_name: str
 
 
+def validate_source(dataset: str | None, data_file: str | None) -> None:
+    """Fail on a bad data source before anything is trained or written."""
+    if dataset and data_file:
+        raise ProReflowError("give either --dataset or --data, not both")
+    if data_file:
+        load_points(data_file)
+    elif dataset not in (None, "gmm"):
+        builtin_points(dataset, MIN_POINTS, 0)
+
+
 def prepare(cfg: ToyConfig, dataset: str | None, data_file: str | None, seed: int,
             checkpoints: CheckpointConfig | None = None) -> Setup:
     """Build the data split, the teacher and the shared initial network (1-rectified flow)."""
-    if dataset and data_file:
-        raise ProReflowError("give either --dataset or --data, not both")
+    validate_source(dataset, data_file)
     torch.manual_seed(seed)
     base_cfg = replace(cfg.train, lr=cfg.base.lr, seed=seed)
     if dataset in (None, "gmm") and not data_file:
@@ -239,6 +253,7 @@ def run_demo(cfg: ToyConfig, steps: list[int], out: Path, seed: int = 0, dataset
     """Train and score every method for every step count; write results.json/.md and plots to `out`."""
     cfg = with_run_settings(cfg, seed, progress)
     validate_plans(cfg, steps)
+    validate_source(dataset, data_file)
     setup = prepare(cfg, dataset, data_file, seed)
     cmp = Comparison(cfg, setup, seed)
     rows, outputs, fields = [], {}, {}
@@ -315,9 +330,10 @@ def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, 
     if not spec.train:
         raise ProReflowError(f"method {method!r} is the teacher itself; there is nothing to train")
     plan = spec.plan(k, cfg.budget_steps)
+    validate_source(dataset, data_file)
+    ckpt = CheckpointConfig(out / "checkpoints", every, keep, resume)
     run_args = {"method": method, "steps": k, "seed": seed, "dataset": dataset, "cached_pairs": cached_pairs,
                 "data": str(Path(data_file).resolve()) if data_file else None, "config": config_to_dict(cfg)}
-    ck_dir = out / "checkpoints"
     if resume:
         if not (out / "run.json").is_file():
             raise ProReflowError(f"--resume latest: {str(out)!r} holds no run to resume (no run.json)")
@@ -326,12 +342,11 @@ def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, 
             changed = sorted(key for key in run_args if previous.get(key) != run_args[key])
             raise ProReflowError(f"--resume latest: the run in {str(out)!r} was started with different "
                                  f"settings ({', '.join(changed)}); resume with the same ones")
-    elif ck_dir.exists() or (out / "student.safetensors").exists():
+    elif ckpt.dir.exists() or (out / "student.safetensors").exists():
         raise ProReflowError(f"{str(out)!r} already holds a run; pass --resume latest to continue it "
                              f"or choose another --out")
     elif process_state().is_main_process:
         atomic_write_text(out / "run.json", json.dumps(run_args, indent=2) + "\n")
-    ckpt = CheckpointConfig(ck_dir, every, keep, resume)
     cfg = with_run_settings(cfg, seed, progress)
     with stop_on_sigterm():
         setup = prepare(cfg, dataset, data_file, seed, ckpt)
