@@ -8,5 +8,15 @@ The algorithm modules (`conventions`, `windows`, `losses`, `solvers`, `pairs`,
 from proreflow.errors import ProReflowError
 from proreflow.windows import ProgressivePlan, Stage, WindowSchedule
 
-__all__ = ["ProReflowError", "ProgressivePlan", "Stage", "WindowSchedule"]
+__all__ = ["ProReflowError", "ProReflowScheduler", "ProgressivePlan", "Stage", "WindowSchedule"]
+
+
+def __getattr__(name: str):
+    # Lazy, so the core never imports diffusers; diffusers' loaders find the scheduler of a saved
+    # pipeline as `proreflow.ProReflowScheduler` (model_index.json names this package).
+    if name == "ProReflowScheduler":
+        from proreflow.diffusers_export import ProReflowScheduler
+
+        return ProReflowScheduler
+    raise AttributeError(f"module 'proreflow' has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -236,9 +236,10 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
             bar.update(1)
             if done % 50 == 0 or done == steps:
                 bar.set_postfix(loss=f"{result.losses[-1]:.4f}", cos=f"{1 - result.directions[-1]:.4f}")
-            if checkpoints is not None and done < steps and (done % checkpoints.cfg.every == 0 or _StopFlag.requested):
+            stop = not _all_ranks(acc, not _StopFlag.requested)  # every process stops at the same step
+            if checkpoints is not None and done < steps and (done % checkpoints.cfg.every == 0 or stop):
                 last_ckpt = save()
-            if _StopFlag.requested:
+            if stop and done < steps:
                 bar.close()
                 raise TrainingInterrupted(f"{desc}: stopped by SIGTERM at step {done}; "
                                           f"checkpoint: {last_ckpt or 'none (checkpointing is off)'}")
@@ -249,6 +250,8 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
             checkpoints.save_final(result.model.state_dict(), result.summary())
         acc.wait_for_everyone()
     acc.free_memory()
+    if _StopFlag.requested and checkpoints is not None:  # SIGTERM during the last step: this stage is saved whole
+        raise TrainingInterrupted(f"{desc}: stopped by SIGTERM after its last step; checkpoint: {checkpoints.final_path}")
     return result
 
 

@@ -1,0 +1,163 @@
+"""Gaussian diffusion (VP) teachers in our flow convention (DESIGN §1).
+
+A model trained on x_tau = alpha_tau x0 + sigma_tau eps (SD1.5/SDXL: eps-prediction; SD2.x:
+v-prediction) is our straight flow after y = x_tau / (alpha + sigma), t = sigma / (alpha + sigma).
+`VPSchedule` owns the continuous map t <-> timestep built from the scheduler's `alphas_cumprod`
+(log alpha_bar interpolated linearly between integer timesteps), and `output_to_velocity` is the one
+place where a model output becomes a velocity eps_hat - x0_hat. One Euler step of that velocity
+between two timesteps is exactly one DDIM (eta = 0) step.
+
+Times beyond the noisiest timestep (t > t_max, e.g. t_max = 0.936 for SD1.5) are evaluated at that
+timestep, as every SD sampler does when it starts from pure noise at timestep 999.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from proreflow.conventions import expand_time
+from proreflow.errors import ProReflowError
+
+PredictionType = Literal["epsilon", "v_prediction", "flow"]
+
+
+class VPSchedule:
+    """Continuous timestep <-> flow time map of a discrete VP schedule."""
+
+    def __init__(self, alphas_cumprod: Tensor) -> None:
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        if ac.ndim != 1 or ac.numel() < 2 or not torch.all((ac > 0) & (ac < 1)):
+            raise ProReflowError("alphas_cumprod must be a 1-D tensor of values in (0, 1)")
+        if not torch.all(ac[1:] < ac[:-1]):
+            raise ProReflowError("alphas_cumprod must decrease with the timestep")
+        self.log_ac = torch.log(ac)
+        alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
+        self.t_table = sigma / (alpha + sigma)  # increasing in the timestep
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any) -> "VPSchedule":
+        """From any diffusers scheduler that has `alphas_cumprod` (DDPM, DDIM, Euler, DPM-Solver, ...)."""
+        ac = getattr(scheduler, "alphas_cumprod", None)
+        if ac is None:
+            raise ProReflowError(f"{type(scheduler).__name__} has no alphas_cumprod; it is not a VP scheduler")
+        return cls(ac)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.log_ac.numel()
+
+    @property
+    def t_min(self) -> float:
+        return float(self.t_table[0])
+
+    @property
+    def t_max(self) -> float:
+        return float(self.t_table[-1])
+
+    def alpha_sigma(self, timestep: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha, sigma at continuous timesteps (clamped to the trained range)."""
+        tau = timestep.double().clamp(0, self.num_train_timesteps - 1)
+        lo = tau.floor().long().clamp(max=self.num_train_timesteps - 2)
+        frac = tau - lo
+        lac = self.log_ac.to(tau.device)
+        log_ac = lac[lo] * (1 - frac) + lac[lo + 1] * frac
+        ac = log_ac.exp()
+        return ac.sqrt(), (1 - ac).sqrt()
+
+    def t_of_timestep(self, timestep: Tensor) -> Tensor:
+        alpha, sigma = self.alpha_sigma(timestep)
+        return sigma / (alpha + sigma)
+
+    def timestep_of_t(self, t: Tensor) -> Tensor:
+        """Continuous timestep whose flow time is t (clamped to [t_min, t_max]), by bisection on the
+        monotone interpolated map so that t_of_timestep(timestep_of_t(t)) == t inside the range."""
+        tt = t.double().clamp(self.t_min, self.t_max)
+        lo = torch.zeros_like(tt)
+        hi = torch.full_like(tt, float(self.num_train_timesteps - 1))
+        for _ in range(60):  # 999 / 2^60: exact to float64
+            mid = 0.5 * (lo + hi)
+            below = self.t_of_timestep(mid) < tt
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return 0.5 * (lo + hi)
+
+    def scale(self, timestep: Tensor) -> Tensor:
+        """alpha + sigma: x_tau = scale * y."""
+        alpha, sigma = self.alpha_sigma(timestep)
+        return alpha + sigma
+
+
+def output_to_x0_eps(output: Tensor, x_tau: Tensor, alpha: Tensor, sigma: Tensor,
+                     prediction_type: PredictionType) -> tuple[Tensor, Tensor]:
+    """(x0_hat, eps_hat) from a model output in the diffusion's own coordinates x_tau."""
+    a, s = expand_time(alpha, x_tau), expand_time(sigma, x_tau)
+    if prediction_type == "epsilon":
+        eps = output
+        return (x_tau - s * eps) / a, eps
+    if prediction_type == "v_prediction":
+        return a * x_tau - s * output, s * x_tau + a * output
+    if prediction_type == "flow":  # output is already our velocity in y = x_tau / (a + s) coordinates
+        y = x_tau / (a + s)
+        t = s / (a + s)
+        return y - t * output, y + (1 - t) * output
+    raise ProReflowError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or flow")
+
+
+def output_to_velocity(output: Tensor, x_tau: Tensor, alpha: Tensor, sigma: Tensor,
+                       prediction_type: PredictionType) -> Tensor:
+    """The one conversion of a model output to our velocity: eps_hat - x0_hat."""
+    x0, eps = output_to_x0_eps(output, x_tau, alpha, sigma, prediction_type)
+    return eps - x0
+
+
+def velocity_to_output(v: Tensor, x_tau: Tensor, alpha: Tensor, sigma: Tensor,
+                       prediction_type: PredictionType) -> Tensor:
+    """Inverse of `output_to_velocity` at a point: the output a model must give to have velocity v."""
+    a, s = expand_time(alpha, x_tau), expand_time(sigma, x_tau)
+    y, t = x_tau / (a + s), s / (a + s)
+    x0, eps = y - t * v, y + (1 - t) * v
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return a * eps - s * x0
+    if prediction_type == "flow":
+        return v
+    raise ProReflowError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or flow")
+
+
+class VPVelocity(nn.Module):
+    """A VP-parametrised diffusers network (teacher or student) seen as a velocity field v(y, t, cond).
+
+    `cond` is a dict of keyword arguments for the network (`encoder_hidden_states`,
+    `added_cond_kwargs` for SDXL, `class_labels`, ...). With guidance_scale != 1 and an `uncond`
+    entry holding the unconditional keyword arguments, classifier-free guidance is applied to the
+    raw outputs (the paper trains students at scale 1 and guides only when sampling). The student
+    keeps the teacher's output parametrisation, so its `unet` stays loadable by diffusers.
+    """
+
+    def __init__(self, unet: nn.Module, schedule: VPSchedule, prediction_type: PredictionType = "epsilon",
+                 guidance_scale: float = 1.0) -> None:
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction", "flow"):
+            raise ProReflowError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or flow")
+        self.unet, self.schedule, self.prediction_type = unet, schedule, prediction_type
+        self.guidance_scale = guidance_scale
+
+    def _call(self, x_tau: Tensor, timestep: Tensor, cond: Any) -> Tensor:
+        kwargs = {k: v for k, v in (cond or {}).items() if k != "uncond"}
+        out = self.unet(x_tau, timestep, **kwargs)
+        return out.sample if hasattr(out, "sample") else out
+
+    def forward(self, y: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        timestep = self.schedule.timestep_of_t(t)
+        alpha, sigma = (v.to(y.device, y.dtype) for v in self.schedule.alpha_sigma(timestep))
+        x_tau = y * expand_time(alpha + sigma, y)
+        ts = timestep.to(y.device, torch.float32)
+        out = self._call(x_tau, ts, cond)
+        g = self.guidance_scale
+        if g != 1.0 and isinstance(cond, dict) and cond.get("uncond") is not None:
+            out_u = self._call(x_tau, ts, cond["uncond"])
+            out = out_u + g * (out - out_u)
+        return output_to_velocity(out.to(y.dtype), x_tau, alpha, sigma, self.prediction_type)

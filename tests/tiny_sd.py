@@ -1,0 +1,54 @@
+"""Tiny random-weight Stable Diffusion parts built from configs, offline (no hub)."""
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+WORDS = ["a", "cat", "dog", "photo", "of", "the", "red", "blue"]
+
+
+def tiny_tokenizer(tmp: Path) -> CLIPTokenizer:
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["<|startoftext|>", "<|endoftext|>", "!"] + letters + [c + "</w>" for c in letters] + [w + "</w>" for w in WORDS]
+    merges = ["#version: 0.2"]
+    for w in WORDS:  # merge each word's letters left to right so the whole word is one token
+        if len(w) > 1:
+            acc = w[0]
+            for i, c in enumerate(w[1:], start=1):
+                last = i == len(w) - 1
+                merges.append(f"{acc} {c}{'</w>' if last else ''}")
+                acc = acc + c
+                vocab.append(acc + ("</w>" if last else ""))
+    vocab = list(dict.fromkeys(vocab))
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (tmp / "merges.txt").write_text("\n".join(merges) + "\n")
+    return CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=16)
+
+
+def tiny_unet(seed: int = 0, prediction_channels: int = 4) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=prediction_channels, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
+        norm_num_groups=8)
+
+
+def tiny_pipeline(tmp: Path, prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionPipeline:
+    tok = tiny_tokenizer(tmp / "tokenizer")
+    torch.manual_seed(seed)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                        num_attention_heads=2, num_hidden_layers=1, max_position_embeddings=16,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False,
+                          steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=tiny_unet(seed), scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
