@@ -98,6 +98,83 @@ def train(
                    f"SW2 {row['distance_swd']:.4f}; wrote {out / 'student.safetensors'} and {out / 'metrics.json'}")
 
 
+@app.command()
+def distill(
+    data: Path = typer.Option(..., help="Folder of images, each with a same-named .txt caption."),
+    out: Path = typer.Option(..., help="Output folder: a diffusers pipeline with the student and a ProReflowScheduler."),
+    preset: Optional[str] = typer.Option("sd15-proreflow-I", help="Preset name in configs/ or a YAML path."),
+    model: Optional[str] = typer.Option(None, help="Teacher: a diffusers folder or hub id (overrides the preset)."),
+    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (0: full fine-tuning)."),
+    budget: Optional[int] = typer.Option(None, help="Optimizer steps over all stages."),
+    resolution: Optional[int] = typer.Option(None, help="Training resolution in pixels."),
+    seed: int = typer.Option(0, help="Seed for data order, caption dropout and training."),
+    checkpoint_every: int = typer.Option(500, help="Checkpoint every N optimizer steps (in OUT/checkpoints)."),
+    resume: Optional[str] = typer.Option(None, help="'latest': continue from the last checkpoint in OUT."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Distill a Stable Diffusion teacher into a few-step student (run under `accelerate launch` for GPUs)."""
+    from dataclasses import replace
+
+    from proreflow.checkpoint import CheckpointConfig
+    from proreflow.distill import distill as run_distill
+    from proreflow.distill import encode_folder, load_distill_config, load_pipeline
+    from proreflow.training import TrainingInterrupted
+
+    try:
+        if resume not in (None, "latest"):
+            raise ProReflowError(f"--resume takes 'latest', got {resume!r}")
+        cfg = load_distill_config(preset, model=model, lora_rank=lora_rank, budget_steps=budget, resolution=resolution)
+        cfg = replace(cfg, train=replace(cfg.train, seed=seed, progress=not quiet))
+        ckpt = CheckpointConfig(out / "checkpoints", checkpoint_every, 2, resume == "latest")
+        if not ckpt.resume and (out / "model_index.json").exists():
+            raise ProReflowError(f"{str(out)!r} already holds a pipeline; choose another --out")
+        pipe = load_pipeline(cfg.model, cfg.weights_dtype)
+        data_ = encode_folder(pipe, data, cfg.resolution, seed)
+        summary = run_distill(cfg, pipe, data_, out, ckpt)
+    except ProReflowError as exc:
+        _fail(exc)
+    except TrainingInterrupted as exc:
+        typer.echo(f"interrupted: {exc}; continue with --resume latest", err=True)
+        raise typer.Exit(143)
+    typer.echo(f"{summary['method']}: {summary['steps']}-step student written to {out} "
+               f"(load with StableDiffusionPipeline.from_pretrained)")
+
+
+@app.command()
+def sample(
+    model: str = typer.Option(..., help="A diffusers pipeline folder or hub id (e.g. a `proreflow distill` output)."),
+    prompt: list[str] = typer.Option(..., help="Prompt (repeat for several)."),
+    out: Path = typer.Option(Path("samples"), help="Folder for the PNGs."),
+    steps: int = typer.Option(4, help="Sampling steps (a multiple of the student's windows)."),
+    guidance: float = typer.Option(4.0, help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, help="Seed of the initial noise."),
+    height: Optional[int] = typer.Option(None, help="Image height (default: the pipeline's)."),
+    width: Optional[int] = typer.Option(None, help="Image width (default: the pipeline's)."),
+) -> None:
+    """Generate images with a (student) pipeline and write them as PNGs."""
+    import torch
+
+    try:
+        if steps < 1:
+            raise ProReflowError(f"--steps must be >= 1, got {steps}")
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+        except (OSError, ValueError) as exc:
+            raise ProReflowError(f"cannot load {model!r}: {str(exc).splitlines()[0][:200]}") from None
+        pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+        images = pipe(list(prompt), num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                      generator=torch.Generator().manual_seed(seed)).images
+    except ProReflowError as exc:
+        _fail(exc)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (img, text) in enumerate(zip(images, prompt)):
+        img.save(out / f"{i:03d}.png")
+    (out / "prompts.txt").write_text("\n".join(prompt) + "\n")
+    typer.echo(f"wrote {len(images)} image(s) to {out}")
+
+
 def _load(config: Optional[Path], budget: Optional[int], base_steps: Optional[int]):
     from dataclasses import replace
 

@@ -34,12 +34,22 @@ class LossTerms:
     direction: Tensor  # mean of (1 - cos), reported even when lambda = 0
 
 
-def aligned_loss(pred: Tensor, target: Tensor, lam: float) -> LossTerms:
-    """MSE(pred, target) + lam * mean(1 - cos(pred, target)) (aligned v-prediction)."""
+def aligned_loss(pred: Tensor, target: Tensor, lam: float, weight: Tensor | None = None) -> LossTerms:
+    """MSE(pred, target) + lam * mean(1 - cos(pred, target)) (aligned v-prediction).
+
+    `weight` (B,) optionally weights each sample's squared error (normalised by its mean), e.g. to
+    measure a VP student's error in its own output space; the direction term is scale-free and
+    stays unweighted.
+    """
     if pred.shape != target.shape:
         raise ProReflowError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     if lam < 0:
         raise ProReflowError(f"direction weight lambda must be >= 0, got {lam}")
-    m = mse(pred, target)
+    if weight is None:
+        m = mse(pred, target)
+    else:
+        per = ((pred.float() - target.float()) ** 2).reshape(pred.shape[0], -1).mean(1)
+        w = weight.float().to(per.device)
+        m = (w * per).sum() / w.sum().clamp_min(1e-12)
     d = torch.mean(1.0 - cosine_per_sample(pred, target))
     return LossTerms(total=m + lam * d if lam else m, mse=m, direction=d)

@@ -156,11 +156,13 @@ def make_accelerator(cfg: TrainConfig, cpu: bool | None = None) -> Accelerator:
 
 def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: float = 0.0,
         accelerator: Accelerator | None = None, desc: str = "train", seed_offset: int = 0,
-        checkpoints: FitCheckpoints | None = None) -> FitResult:
+        checkpoints: FitCheckpoints | None = None, copy_model: bool = True) -> FitResult:
     """Train `model` for `steps` optimizer steps on batches from `batch_fn`; returns EMA weights.
 
-    `model` itself is not modified: training runs on a copy, so a stage can start from a
-    shared initial network without disturbing it. With `checkpoints`, the full training state
+    By default `model` itself is not modified: training runs on a copy, so a stage can start from
+    a shared initial network without disturbing it; copy_model=False trains it in place (large
+    UNets, LoRA on a UNet shared with the teacher). Parameters that require grad are trained; if
+    none do (a frozen teacher's copy), all are. With `checkpoints`, the full training state
     is saved every `checkpoints.cfg.every` steps (and on SIGTERM inside `stop_on_sigterm`), and
     a resumed fit continues bit for bit where the last checkpoint left off.
     """
@@ -176,12 +178,14 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
         done_fit = checkpoints.load_final()
         if done_fit is not None:  # this stage finished before the interruption
             weights, meta = done_fit
-            net = copy.deepcopy(model)
+            net = copy.deepcopy(model) if copy_model else model
             net.load_state_dict(weights)
             return FitResult(model=net.eval(), **meta)
-    net = copy.deepcopy(model).train().requires_grad_(True)
+    net = (copy.deepcopy(model) if copy_model else model).train()
+    if not any(p.requires_grad for p in net.parameters()):
+        net.requires_grad_(True)
     ema = AveragedModel(net, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cfg.warmup_steps))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + seed_offset * 7919)
     result = FitResult(model=model)
@@ -189,6 +193,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
     if checkpoints is not None and checkpoints.cfg.resume and checkpoints.latest() is not None:
         last_ckpt = checkpoints.latest()
         done, micro = _restore(last_ckpt, checkpoints, rank, net, ema, opt, sched, gen, result)
+    loss_weight = getattr(net, "loss_weight", None)  # students that define how their output errors count
     net, opt, sched = acc.prepare(net, opt, sched)
     ema.to(acc.device)
     bar = tqdm(total=steps, initial=done, desc=desc, disable=not (cfg.progress and acc.is_main_process),
@@ -204,7 +209,8 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
         with acc.accumulate(net):
             with acc.autocast():
                 pred = net(batch.x.to(acc.device), batch.t.to(acc.device), map_cond(batch.cond, lambda c: c.to(acc.device)))
-            terms = aligned_loss(pred, batch.target.to(acc.device), lam)
+            weight = loss_weight(batch.t.to(acc.device)) if loss_weight is not None else None
+            terms = aligned_loss(pred, batch.target.to(acc.device), lam, weight)
             finite = bool(torch.isfinite(terms.total))
             if finite:
                 acc.backward(terms.total)
@@ -399,7 +405,8 @@ class PlanResult:
 def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: ProgressivePlan,
                solver: TeacherSolver, cfg: TrainConfig, lam: float, accelerator: Accelerator | None = None,
                desc: str = "reflow", margin: float = 0.0,
-               checkpoints: CheckpointConfig | None = None, pair_cache: PairCacheConfig | None = None) -> PlanResult:
+               checkpoints: CheckpointConfig | None = None, pair_cache: PairCacheConfig | None = None,
+               copy_model: bool = True) -> PlanResult:
     """Run a progressive plan: stage k+1 starts from stage k's (EMA) student, the first from `init`.
 
     The teacher stays fixed across stages: each stage's pairs come from the teacher's ODE over
@@ -416,7 +423,7 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: P
             batches = reflow_batches(teacher, data_fn, stage.schedule, solver, cfg.batch_size, margin)
         res = fit(student, batches, stage.steps, cfg, lam=lam, accelerator=accelerator,
                   desc=f"{desc} stage {k + 1}/{len(plan.stages)} (K={stage.schedule.num_windows})", seed_offset=k + 1,
-                  checkpoints=checkpoints.for_fit(f"stage-{k + 1}") if checkpoints else None)
+                  checkpoints=checkpoints.for_fit(f"stage-{k + 1}") if checkpoints else None, copy_model=copy_model)
         if cached is not None:  # report the teacher cost of the cache, not of the (free) batches drawn from it
             res.teacher_nfe, res.pairs = cached.pairs.teacher_nfe, len(cached)
         stages.append(res)

@@ -150,6 +150,19 @@ class VPVelocity(nn.Module):
         out = self.unet(x_tau, timestep, **kwargs)
         return out.sample if hasattr(out, "sample") else out
 
+    def loss_weight(self, t: Tensor) -> Tensor:
+        """1 / A(t)^2 where v = A(t) * output + B(t) * x: weights a velocity MSE so that it equals the MSE
+        of the network's own output (eps: (1 - t)^2). Without it, the 1 / alpha amplification of an
+        eps error near pure noise (15x at SD's noisiest timestep) dominates and destabilises training."""
+        alpha, sigma = self.schedule.alpha_sigma(self.schedule.timestep_of_t(t))
+        if self.prediction_type == "epsilon":
+            a = (alpha + sigma) / alpha
+        elif self.prediction_type == "v_prediction":
+            a = alpha + sigma
+        else:
+            a = torch.ones_like(alpha)
+        return (1.0 / a**2).to(t.device, torch.float32)
+
     def forward(self, y: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         timestep = self.schedule.timestep_of_t(t)
         alpha, sigma = (v.to(y.device, y.dtype) for v in self.schedule.alpha_sigma(timestep))

@@ -1,0 +1,146 @@
+"""SD distillation end to end on a tiny random-weight pipeline: full and LoRA, export, sample, CLI."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from typer.testing import CliRunner
+
+from proreflow.cli import app
+from proreflow.distill import DistillConfig, build_teacher_student, distill, encode_folder, load_pipeline
+from proreflow.losses import aligned_loss
+from proreflow.methods import MethodSpec
+from proreflow.pairs import TeacherSolver, make_window_pairs
+from proreflow.training import TrainConfig
+from tiny_sd import tiny_pipeline
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    tiny_pipeline(root / "parts").save_pretrained(root / "teacher")
+    return root / "teacher"
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(["a red cat", "a blue dog", "a photo of a cat", "the dog", "a cat", "a red dog"]):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(caption)
+    return root
+
+
+def _cfg(teacher_dir, **kw):
+    base = dict(model=str(teacher_dir), resolution=16, steps=2, method=MethodSpec("proreflow", windows="4->k", lam=1.0),
+                budget_steps=40, teacher_solver=TeacherSolver("euler", 2), caption_dropout=0.2,
+                train=TrainConfig(lr=1e-3, batch_size=6, ema_decay=0.9, progress=False, seed=0))
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _pair_loss(student, teacher, data, cfg):
+    """The training loss (output-space MSE + direction term) on fixed teacher pairs of the final windows."""
+    gen = torch.Generator().manual_seed(123)
+    x0, cond = data.data_fn(0.0, False)(12, gen)
+    plan = cfg.method.plan(cfg.steps, cfg.budget_steps)
+    pairs = make_window_pairs(teacher, x0, plan.final, cfg.teacher_solver, generator=gen, cond=cond)
+    x, t = pairs.point(torch.rand(12, generator=gen) * 0.9)
+    with torch.no_grad():
+        return float(aligned_loss(student(x, t, cond), pairs.target(), 1.0, student.loss_weight(t)).total)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_distill_lowers_the_loss_and_exports_a_loadable_student(tmp_path, teacher_dir, image_folder, lora_rank):
+    cfg = _cfg(teacher_dir, lora_rank=lora_rank)
+    pipe = load_pipeline(cfg.model)
+    data = encode_folder(pipe, image_folder, cfg.resolution)
+    assert data.latents.shape == (6, 4, 16, 16) and data.text.shape[0] == 6
+    probe_teacher, probe_student = build_teacher_student(load_pipeline(cfg.model), replace_lora(cfg, 0))
+    before = _pair_loss(probe_student, probe_teacher, data, cfg)
+    teacher_unet = {k: v.clone() for k, v in load_pipeline(cfg.model).unet.state_dict().items()}
+    summary = distill(cfg, pipe, data, tmp_path / "student")
+    assert summary["optimizer_steps"] == 40 and summary["stage_windows"] == [4, 2]
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "student")
+    assert type(loaded.scheduler).__name__ == "ProReflowScheduler"
+    student_unet = loaded.unet.state_dict()
+    assert set(student_unet) == set(teacher_unet)  # a plain UNet, LoRA fused in
+    assert any(not torch.equal(student_unet[k], teacher_unet[k]) for k in teacher_unet)
+    if lora_rank:
+        assert (tmp_path / "student" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+        frozen = [k for k in teacher_unet if not any(t in k for t in ("to_k", "to_q", "to_v", "to_out"))]
+        assert all(torch.equal(student_unet[k], teacher_unet[k]) for k in frozen)  # only adapted layers moved
+    _, fresh_teacher = build_teacher_student(load_pipeline(cfg.model), replace_lora(cfg, 0))
+    from proreflow.teachers.vp import VPVelocity
+
+    trained = VPVelocity(loaded.unet, fresh_teacher.schedule)
+    after = _pair_loss(trained, probe_teacher, data, cfg)
+    if not lora_rank:  # full fine-tuning; tiny LoRA moves too little in 40 steps to test a loss drop
+        assert after < 0.6 * before, (before, after)
+    images = loaded(["a red cat"], num_inference_steps=2, guidance_scale=3.0, height=16, width=16,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+
+def replace_lora(cfg, rank):
+    from dataclasses import replace
+
+    return replace(cfg, lora_rank=rank)
+
+
+def test_lora_teacher_is_the_unet_with_adapters_off(teacher_dir):
+    cfg = _cfg(teacher_dir, lora_rank=4)
+    teacher, student = build_teacher_student(load_pipeline(cfg.model), cfg)
+    assert teacher.unet is student.unet  # one UNet in memory
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    y, t = torch.randn(2, 4, 8, 8), torch.tensor([0.7, 0.3])
+    cond = {"encoder_hidden_states": torch.randn(2, 16, 16)}
+    with torch.no_grad():
+        before = teacher(y, t, cond)
+        for n, p in student.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+        assert torch.equal(teacher(y, t, cond), before)
+        assert not torch.allclose(student(y, t, cond), before)
+
+
+def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder):
+    out = tmp_path / "student"
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(f"model: {teacher_dir}\nresolution: 16\nsteps: 2\nmethod: {{name: proreflow, windows: '4->k'}}\n"
+                      "budget_steps: 4\nteacher_solver: {method: euler, steps: 2}\n"
+                      "train: {batch_size: 2, lr: 1.0e-3}\n")
+    r = runner.invoke(app, ["distill", "--data", str(image_folder), "--out", str(out), "--preset", str(preset), "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--prompt", "a dog", "--steps", "2",
+                            "--height", "16", "--width", "16", "--out", str(tmp_path / "png")])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["000.png", "001.png", "prompts.txt"]
+    r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--steps", "3", "--height", "16",
+                            "--width", "16", "--out", str(tmp_path / "png3")])
+    assert r.exit_code == 2 and "multiple of the student's 2 windows" in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--data", "{tmp}/none"], "does not exist"),
+    (["--data", "{nocap}"], "have no .txt caption"),
+    (["--data", "{empty}"], "no images"),
+    (["--preset", "{tmp}/missing.yaml"], "does not exist"),
+    (["--model", "{tmp}/no-such-model"], "cannot load the teacher"),
+    (["--lora-rank", "-1"], "lora_rank must be >= 0"),
+    (["--resolution", "12"], "multiple of 8"),
+])
+def test_cli_distill_bad_input(tmp_path, image_folder, teacher_dir, args, needle):
+    (tmp_path / "nocap").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "nocap" / "a.png")
+    (tmp_path / "empty").mkdir()
+    args = [a.format(tmp=tmp_path, nocap=tmp_path / "nocap", empty=tmp_path / "empty") for a in args]
+    base = ["distill", "--data", str(image_folder), "--out", str(tmp_path / "out"), "--model", str(teacher_dir), "--quiet"]
+    r = runner.invoke(app, base + args)
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr and "Traceback" not in r.output
