@@ -28,7 +28,7 @@ class GaussianMixture:
         stds = torch.as_tensor(stds, dtype=torch.float64)
         stds = stds.expand(k, d) if stds.ndim == 0 else (stds[:, None].expand(k, d) if stds.ndim == 1 else stds)
         if stds.shape != (k, d) or not torch.all(stds > 0):
-            raise ProReflowError(f"GMM stds must be positive, shape (components,), (components, dim) or scalar")
+            raise ProReflowError("GMM stds must be positive, shape (components,), (components, dim) or scalar")
         w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         if w.shape != (k,) or not torch.all(w > 0):
             raise ProReflowError(f"GMM weights must be {k} positive numbers, got {w.tolist()}")
