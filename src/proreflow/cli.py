@@ -78,8 +78,6 @@ def train(
     try:
         if resume not in (None, "latest"):
             raise ProReflowError(f"--resume takes 'latest', got {resume!r}")
-        if dataset and data:
-            raise ProReflowError("give either --dataset or --data, not both")
         if cached_pairs < 0:
             raise ProReflowError(f"--cached-pairs must be >= 0, got {cached_pairs}")
         cfg = _load(config, budget, base_steps)

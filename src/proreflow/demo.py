@@ -253,7 +253,6 @@ def run_demo(cfg: ToyConfig, steps: list[int], out: Path, seed: int = 0, dataset
     """Train and score every method for every step count; write results.json/.md and plots to `out`."""
     cfg = with_run_settings(cfg, seed, progress)
     validate_plans(cfg, steps)
-    validate_source(dataset, data_file)
     setup = prepare(cfg, dataset, data_file, seed)
     cmp = Comparison(cfg, setup, seed)
     rows, outputs, fields = [], {}, {}

@@ -67,8 +67,8 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
         b = self.windows.boundaries
         times = [t_a + (t_b - t_a) * j / per for t_a, t_b in zip(b[:-1], b[1:]) for j in range(per)] + [0.0]
         self.flow_times = torch.tensor(times, dtype=torch.float64)
-        self.timesteps = self.vp.timestep_of_t(self.flow_times[:-1]).to(device=device, dtype=torch.float32)
         self._timesteps64 = self.vp.timestep_of_t(self.flow_times[:-1])
+        self.timesteps = self._timesteps64.to(device=device, dtype=torch.float32)
         self.num_inference_steps = num_inference_steps
         self.init_noise_sigma = float(self.vp.scale(self._timesteps64[:1]))  # pipelines scale N(0, I) by this
         self._step_index = 0
