@@ -173,6 +173,49 @@ def sample(
     typer.echo(f"wrote {len(images)} image(s) to {out}")
 
 
+@app.command()
+def run(
+    config: str = typer.Argument(..., help="A benchmark preset: configs/digits.yaml, a preset name (digits, "
+                                           "digits-smoke) or your YAML overriding some of its keys."),
+    out: Path = typer.Option(Path("results/digits"), help="Output folder (results.json/.md, figures, cache/)."),
+    analyses: bool = typer.Option(True, help="Also run the teacher analyses (figs. 1a, 1b)."),
+    quiet: bool = typer.Option(False, help="No progress bars or log lines."),
+) -> None:
+    """Run the digits benchmark: teachers, solver baselines, every method over seeds, table 4, figs. 1a/1b/3."""
+    from proreflow.digits import load_digits_config, run_digits
+    from proreflow.training import TrainingInterrupted, stop_on_sigterm
+
+    try:
+        cfg = load_digits_config(config)
+        if out.exists() and not out.is_dir():
+            raise ProReflowError(f"--out {str(out)!r} exists and is not a folder")
+        with stop_on_sigterm():
+            run_digits(cfg, out, progress=not quiet, analyses=analyses)
+    except ProReflowError as exc:
+        _fail(exc)
+    except TrainingInterrupted as exc:
+        typer.echo(f"interrupted: {exc}; rerun the same command to continue from the cache", err=True)
+        raise typer.Exit(143)
+    typer.echo((out / "results.md").read_text())
+
+
+@app.command()
+def analyze(
+    config: str = typer.Argument(..., help="The benchmark preset (as for `proreflow run`)."),
+    out: Path = typer.Option(Path("results/digits"), help="Output folder; reuses the teacher cached by `run` there."),
+    quiet: bool = typer.Option(False, help="No progress bars or log lines."),
+) -> None:
+    """The teacher analyses only: velocity discrepancy across timesteps (fig. 1a), direction vs magnitude (fig. 1b)."""
+    from proreflow.digits import analysis_markdown, analyze_digits, load_digits_config
+
+    try:
+        cfg = load_digits_config(config)
+        res = analyze_digits(cfg, out, progress=not quiet)
+    except ProReflowError as exc:
+        _fail(exc)
+    typer.echo(analysis_markdown(res))
+
+
 def _load(config: Optional[Path], budget: Optional[int], base_steps: Optional[int]):
     from dataclasses import replace
 

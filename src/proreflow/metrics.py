@@ -71,3 +71,34 @@ def straightness(field: VelocityField, noise: Tensor, schedule: WindowSchedule, 
         total += (t_a - t_b) * dev / substeps
         x = traj[-1]
     return total
+
+
+class FrechetDistance:
+    """Fréchet distance to a fixed real set in the feature space of `feature` (an nn.Module with a
+    `num_features` attribute), computed by torchmetrics' FID with that custom feature extractor.
+
+    The real features are computed once; each call compares one generated set against them.
+    """
+
+    def __init__(self, feature: torch.nn.Module, real: Tensor, batch_size: int = 500) -> None:
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+        except ImportError:
+            raise ProReflowError("Fréchet distances need torchmetrics: pip install 'proreflow[metrics]'") from None
+        if real.shape[0] < 2:
+            raise ProReflowError(f"the real set needs at least 2 images, got {real.shape[0]}")
+        self.batch_size = batch_size
+        self.metric = FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=False)
+        self.shape = tuple(real.shape[1:])
+        with torch.no_grad():
+            for i in range(0, real.shape[0], batch_size):
+                self.metric.update(real[i:i + batch_size].float(), real=True)
+
+    @torch.no_grad()
+    def __call__(self, fake: Tensor) -> float:
+        if tuple(fake.shape[1:]) != self.shape or fake.shape[0] < 2:
+            raise ProReflowError(f"generated images must be N >= 2 of shape {self.shape}, got {tuple(fake.shape)}")
+        self.metric.reset()
+        for i in range(0, fake.shape[0], self.batch_size):
+            self.metric.update(fake[i:i + self.batch_size].float(), real=False)
+        return float(self.metric.compute())

@@ -117,6 +117,38 @@ def map_cond(cond: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return cond
 
 
+def flatten_cond(cond: Any, prefix: str = "cond") -> dict[str, Tensor]:
+    """A conditioning (tensor or nested dict of tensors) as flat `cond.a.b` keys for safetensors."""
+    if isinstance(cond, Tensor):
+        return {prefix: cond}
+    if isinstance(cond, dict):
+        out: dict[str, Tensor] = {}
+        for k, v in cond.items():
+            if "." in k:
+                raise ProReflowError(f"conditioning keys may not contain '.', got {k!r}")
+            out.update(flatten_cond(v, f"{prefix}.{k}"))
+        return out
+    if cond is None:
+        return {}
+    raise ProReflowError(f"cannot cache conditioning of type {type(cond).__name__}; use tensors or dicts of them")
+
+
+def unflatten_cond(flat: dict[str, Tensor], prefix: str = "cond") -> Any:
+    """Inverse of `flatten_cond` over the `prefix` keys of `flat` (other keys are ignored)."""
+    if prefix in flat:
+        return flat[prefix]
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        if not key.startswith(prefix + "."):
+            continue
+        *path, last = key[len(prefix) + 1:].split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = v
+    return out or None
+
+
 class PairCache:
     """Window pairs cached to disk in safetensors shards with a checksummed manifest.
 
@@ -183,10 +215,7 @@ class PairCache:
             x0, cond = data_fn(n, gen)
             pairs = make_window_pairs(teacher, x0, schedule, solver, generator=gen, cond=cond)
             tensors = {"x_a": pairs.x_a, "x_b": pairs.x_b, "t_a": pairs.t_a, "t_b": pairs.t_b}
-            if isinstance(cond, Tensor):
-                tensors["cond"] = cond
-            elif cond is not None:
-                tensors.update({f"cond.{k}": v for k, v in cond.items()})
+            tensors.update(flatten_cond(cond))
             name = f"shard-{i:05d}.safetensors"
             tmp = self.root / f".{name}.tmp"
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
@@ -204,9 +233,7 @@ class PairCache:
             raise ProReflowError(f"pair cache {str(self.root)!r} is incomplete or damaged; rebuild it with ensure()")
         parts = [load_file(str(self.root / manifest["shards"][str(i)]["file"])) for i in range(n_shards)]
         cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        cond: Any = cat.get("cond")
-        if cond is None and any(k.startswith("cond.") for k in cat):
-            cond = {k[5:]: v for k, v in cat.items() if k.startswith("cond.")}
+        cond = unflatten_cond(cat)
         nfe = sum(manifest["shards"][str(i)]["teacher_nfe"] for i in range(n_shards))
         return CachedPairs(WindowPairs(cat["x_a"], cat["x_b"], cat["t_a"], cat["t_b"], cond, nfe))
 

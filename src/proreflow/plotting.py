@@ -1,4 +1,4 @@
-"""Figures for the demo: samples per method against held-out data, and trajectories."""
+"""Figures: the toy demo (samples, trajectories) and the digits benchmark (image grids, figs. 1a, 1b, 3)."""
 
 from __future__ import annotations
 
@@ -57,5 +57,63 @@ def plot_trajectories(teacher: Any, fields: dict[tuple[str, int], tuple[Any, Win
             ax.plot(traj[:, :, 0], traj[:, :, 1], color="C3", lw=0.7, marker=".", ms=2)
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_title(f"{name}\n{k} steps", fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_image_grid(panels: dict[str, Tensor], path: Path, cols: int = 10) -> None:
+    """One row per panel (name -> images in [-1, 1], N x 1 x H x W), `cols` images each."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(cols * 0.55, len(panels) * 0.75), squeeze=False)
+    for ax, (name, imgs) in zip(axes[:, 0], panels.items()):
+        imgs = imgs[:cols].clamp(-1, 1)
+        strip = torch.cat(list(imgs[:, 0]), dim=1)
+        ax.imshow(strip.numpy(), cmap="gray_r", vmin=-1, vmax=1)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_discrepancy(times: Tensor, l2: Tensor, cos: Tensor, path: Path) -> None:
+    """Fig. 1a: heat maps of RMS L2 distance and cosine similarity between velocities at two timesteps."""
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.6))
+    ticks = [f"{float(t):.2f}" for t in times]
+    for ax, mat, title, cmap in ((axes[0], l2, "RMS L2 distance", "magma"), (axes[1], cos, "cosine similarity", "viridis")):
+        im = ax.imshow(mat.numpy(), cmap=cmap)
+        step = max(1, len(ticks) // 8)
+        ax.set_xticks(range(0, len(ticks), step), ticks[::step], rotation=90, fontsize=7)
+        ax.set_yticks(range(0, len(ticks), step), ticks[::step], fontsize=7)
+        ax.set_xlabel("t (1 = noise)"), ax.set_ylabel("t")
+        ax.set_title(f"teacher velocity: {title}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_perturbation(rows: list[dict], fd_clean: float, path: Path) -> None:
+    """Fig. 1b: FD of perturbed teacher sampling vs relative perturbation norm, direction vs magnitude."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    for kind, marker in (("direction", "o"), ("magnitude", "s")):
+        sel = sorted((r for r in rows if r["perturbation"] == kind), key=lambda r: r["eps"])
+        ax.plot([0.0] + [r["eps"] for r in sel], [fd_clean] + [r["fd"] for r in sel], marker=marker, label=f"{kind} only")
+    ax.set_xlabel("relative perturbation ‖v'−v‖ / ‖v‖"), ax.set_ylabel("FD (classifier features)")
+    ax.set_title("perturbing the teacher's velocity", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_cfg_sweep(rows: list[dict], path: Path) -> None:
+    """Fig. 3: FD and class accuracy of the few-step students across guidance scales."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for k in sorted({r["steps"] for r in rows}):
+        sel = sorted((r for r in rows if r["steps"] == k), key=lambda r: r["guidance"])
+        g = [r["guidance"] for r in sel]
+        axes[0].plot(g, [r["fd"] for r in sel], marker="o", label=f"{sel[0]['method']}, {k} steps")
+        axes[1].plot(g, [r["class_accuracy"] for r in sel], marker="o", label=f"{sel[0]['method']}, {k} steps")
+    axes[0].set_ylabel("FD (classifier features)"), axes[1].set_ylabel("class accuracy")
+    for ax in axes:
+        ax.set_xlabel("CFG scale")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)

@@ -376,10 +376,14 @@ def cached_reflow_batches(cache: CachedPairs, batch_size: int, margin: float = 0
 
 @dataclass(frozen=True)
 class PairCacheConfig:
-    """Cache `pairs` teacher pairs per stage under `dir` instead of generating them on the fly."""
+    """Cache teacher pairs per stage under `dir` instead of generating them on the fly.
+
+    `pairs` per stage; None: one pair per training sample of the stage (steps x global batch). Runs
+    whose plans share a stage schedule and seed share its cache (e.g. PeRFlow and its aligned variant).
+    """
 
     dir: Path
-    pairs: int
+    pairs: int | None
     shard_size: int = 10_000
 
 
@@ -416,8 +420,9 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: P
     for k, stage in enumerate(plan.stages):
         cached = None
         if pair_cache is not None:
-            cached = _stage_cache(pair_cache, k + 1, teacher, data_fn, stage.schedule, solver, cfg.seed + k + 1,
-                                  cfg.progress)
+            n_pairs = pair_cache.pairs or stage.steps * cfg.batch_size * cfg.grad_accum
+            cached = _stage_cache(pair_cache, k + 1, n_pairs, teacher, data_fn, stage.schedule, solver,
+                                  cfg.seed + k + 1, cfg.progress)
             batches = cached_reflow_batches(cached, cfg.batch_size, margin)
         else:
             batches = reflow_batches(teacher, data_fn, stage.schedule, solver, cfg.batch_size, margin)
@@ -431,12 +436,12 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: P
     return PlanResult(student=student, stages=stages)
 
 
-def _stage_cache(cfg: PairCacheConfig, stage: int, teacher: VelocityField, data_fn: DataFn, schedule: WindowSchedule,
-                 solver: TeacherSolver, seed: int, progress: bool) -> CachedPairs:
+def _stage_cache(cfg: PairCacheConfig, stage: int, n_pairs: int, teacher: VelocityField, data_fn: DataFn,
+                 schedule: WindowSchedule, solver: TeacherSolver, seed: int, progress: bool) -> CachedPairs:
     """The main process builds (or repairs) the stage's cache; then every process loads it."""
     cache = PairCache(Path(cfg.dir) / f"stage-{stage}")
     state = process_state()
     if state.is_main_process:
-        cache.ensure(teacher, data_fn, schedule, solver, cfg.pairs, cfg.shard_size, seed, progress)
+        cache.ensure(teacher, data_fn, schedule, solver, n_pairs, cfg.shard_size, seed, progress)
     state.wait_for_everyone()
-    return cache.ensure(teacher, data_fn, schedule, solver, cfg.pairs, cfg.shard_size, seed)
+    return cache.ensure(teacher, data_fn, schedule, solver, n_pairs, cfg.shard_size, seed)

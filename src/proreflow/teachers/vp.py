@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from proreflow.conventions import expand_time
 from proreflow.errors import ProReflowError
+from proreflow.teachers.flow import call_network, guided_call
 
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
 
@@ -146,9 +147,7 @@ class VPVelocity(nn.Module):
         self.guidance_scale = guidance_scale
 
     def _call(self, x_tau: Tensor, timestep: Tensor, cond: Any) -> Tensor:
-        kwargs = {k: v for k, v in (cond or {}).items() if k != "uncond"}
-        out = self.unet(x_tau, timestep, **kwargs)
-        return out.sample if hasattr(out, "sample") else out
+        return call_network(self.unet, x_tau, timestep, cond)
 
     def loss_weight(self, t: Tensor) -> Tensor:
         """1 / A(t)^2 where v = A(t) * output + B(t) * x: weights a velocity MSE so that it equals the MSE
@@ -168,9 +167,5 @@ class VPVelocity(nn.Module):
         alpha, sigma = (v.to(y.device, y.dtype) for v in self.schedule.alpha_sigma(timestep))
         x_tau = y * expand_time(alpha + sigma, y)
         ts = timestep.to(y.device, torch.float32)
-        out = self._call(x_tau, ts, cond)
-        g = self.guidance_scale
-        if g != 1.0 and isinstance(cond, dict) and cond.get("uncond") is not None:
-            out_u = self._call(x_tau, ts, cond["uncond"])
-            out = out_u + g * (out - out_u)
+        out = guided_call(lambda c: self._call(x_tau, ts, c), cond, self.guidance_scale)
         return output_to_velocity(out.to(y.dtype), x_tau, alpha, sigma, self.prediction_type)
