@@ -204,6 +204,7 @@ def evaluate(
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Compute CLIP score (default on)."),
     warmup_batches: Optional[int] = typer.Option(None, help="Untimed batches before timing (default 2)."),
     timing_batches: Optional[int] = typer.Option(None, help="Timed batches (default 5; 0: no timing)."),
+    timing_batch_size: Optional[int] = typer.Option(None, help="Images per timed batch (default: --batch-size)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Generate images (resumable), time them, and compute FID and CLIP score: one paper table per suite."""
@@ -215,7 +216,8 @@ def evaluate(
                      resolution=resolution, seed=seed, batch_size=batch_size, dtype=dtype, reference=reference,
                      ref_stats=ref_stats, save_ref_stats=save_ref_stats, ref_resize=ref_resize, inception=inception,
                      clip_model=clip_model, fid=fid, clip=clip, warmup_batches=warmup_batches,
-                     timing_batches=timing_batches, progress=False if quiet else None)
+                     timing_batches=timing_batches, timing_batch_size=timing_batch_size,
+                     progress=False if quiet else None)
     try:
         if suite is not None:
             if model is not None:

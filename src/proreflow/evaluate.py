@@ -98,6 +98,7 @@ class EvalConfig:
     clip: bool = True
     warmup_batches: int = 2
     timing_batches: int = 5
+    timing_batch_size: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -107,6 +108,8 @@ class EvalConfig:
              f"resolution must be a multiple of 8, got {self.resolution}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.warmup_batches >= 0 and self.timing_batches >= 0, "warmup_batches and timing_batches must be >= 0"),
+            (self.timing_batch_size is None or self.timing_batch_size >= 1,
+             f"timing_batch_size must be >= 1, got {self.timing_batch_size}"),
             (self.dtype in ("auto", "float32", "float16", "bfloat16"),
              f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"),
             (not (self.fid and self.reference is None and self.ref_stats is None),
@@ -406,8 +409,8 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
             load_eval_pipeline(spec, cfg.dtype, device), spec, cfg.resolution)
         made = generate_images(generate, captions.captions, folder, cfg.resolution, cfg.seed, cfg.batch_size,
                                cfg.progress, desc=spec.slug)
-        timing = time_per_image(generate, captions.captions, cfg.batch_size, cfg.warmup_batches, cfg.timing_batches,
-                                device)
+        timing = time_per_image(generate, captions.captions, cfg.timing_batch_size or cfg.batch_size,
+                                cfg.warmup_batches, cfg.timing_batches, device)
         scores = score_folder(folder, captions.captions, metrics, cfg, device)
         row = {"method": spec.name, "model": spec.model, "scheduler": spec.scheduler or "own", "steps": spec.steps,
                "guidance": spec.guidance, "images": len(captions.captions), "generated_now": made,
@@ -422,7 +425,7 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
                "reference": cfg.ref_stats or cfg.reference, "rows": rows}
     atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "results.md", markdown_table(rows, summary))
-    if any(sum(r["method"] == m for r in rows) > 1 for m in {r["method"] for r in rows}):
+    if any(len(v) > 1 for v in _sweeps(rows).values()):
         plot_cfg_sweep(rows, out / "cfg_sweep.png")
     return rows
 
@@ -450,6 +453,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> s
     return head + "\n".join(lines) + "\n"
 
 
+def _sweeps(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows grouped by method, scheduler and steps: the rows of one group differ in guidance only."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['method']} ({r['scheduler']}, {r['steps']} steps)", []).append(r)
+    return groups
+
+
 def plot_cfg_sweep(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """FID and CLIP score against the guidance scale, one line per method (the paper's fig. 3)."""
     import matplotlib
@@ -458,12 +469,12 @@ def plot_cfg_sweep(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["guidance"])
+    for label, group in _sweeps(rows).items():
+        rs = sorted(group, key=lambda r: r["guidance"])
         for ax, key in zip(axes, ("fid", "clip")):
             pts = [(r["guidance"], r[key]) for r in rs if r[key] is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
+                ax.plot(*zip(*pts), marker="o", label=label)
     for ax, label in zip(axes, ("FID (lower is better)", "CLIP score (higher is better)")):
         ax.set_xlabel("guidance scale")
         ax.set_ylabel(label)
