@@ -349,3 +349,21 @@ def test_packaged_suites_parse():
         assert runs and title and cfg.captions.startswith("coco")
         assert {r.scheduler for r in runs} <= {None, "ddim", "euler", "dpmsolver", "dpmsolver++", "unipc", "lcm",
                                                "proreflow"}
+
+
+def test_suite_and_stats_mistakes_are_named(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("runs:\n  - {name: a, model: m, stepz: 4}\n")
+    with pytest.raises(ProReflowError, match="unknown key 'stepz'.*did you mean 'steps'"):
+        load_suite(bad, {"reference": "x"})
+    bad.write_text("runs: []\n")
+    with pytest.raises(ProReflowError, match="lists no runs"):
+        load_suite(bad)
+    bad.write_text("runs:\n  - {name: a, model: m}\neval: {captions: coco2017-5k}\n")
+    with pytest.raises(ProReflowError, match="FID needs a reference"):
+        load_suite(bad)
+    a = mi.FIDStats(np.zeros(3), np.eye(3), 10)
+    with pytest.raises(ProReflowError, match="made with a different network"):
+        mi.frechet_distance(a, mi.FIDStats(np.zeros(4), np.eye(4), 10))
+    with pytest.raises(ProReflowError, match="must end in .npz or .safetensors"):
+        a.save(tmp_path / "stats.pkl")
