@@ -178,7 +178,7 @@ def evaluate(
     out: Path = typer.Option(..., help="Output folder: runs/<row>/ images, results.json, results.md, cfg_sweep.png."),
     suite: Optional[str] = typer.Option(None, help="A suite YAML or preset name (eval-table1, eval-table2, eval-table3)."),
     model: Optional[str] = typer.Option(None, help="A diffusers pipeline folder or hub id (without --suite)."),
-    name: Optional[str] = typer.Option(None, help="Method name in the table (default: the model)."),
+    name: Optional[str] = typer.Option(None, help="Method name in the table (default: the model's last path part)."),
     scheduler: Optional[str] = typer.Option(None, help="ddim, euler, dpmsolver, dpmsolver++, unipc, lcm or proreflow "
                                                        "(default: the pipeline's own)."),
     steps: int = typer.Option(4, help="Sampling steps (NFE per image without CFG)."),
@@ -230,7 +230,7 @@ def evaluate(
                 scales = [float(g) for g in guidance.split(",") if g.strip()]
             except ValueError:
                 raise ProReflowError(f"--guidance takes comma-separated numbers, got {guidance!r}") from None
-            runs = [RunSpec(name=name or model, model=model, steps=steps, guidance=scales, scheduler=scheduler,
+            runs = [RunSpec(name=name or model.rstrip("/").split("/")[-1], model=model, steps=steps, guidance=scales, scheduler=scheduler,
                             lora=lora, variant=variant)]
             cfg = from_dict(EvalConfig, {k: v for k, v in overrides.items() if v is not None}, where="evaluate")
             title = ""

@@ -270,9 +270,11 @@ def image_batches(files: Sequence[Path], batch_size: int, resize_to: int | None 
     bar = tqdm(total=len(files), desc=desc, disable=not progress, unit="img")
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
-        yield torch.stack([read_image_uint8(f, resize_to) for f in chunk])
-        bar.update(len(chunk))
-    bar.close()
+        batch = torch.stack([read_image_uint8(f, resize_to) for f in chunk])
+        bar.update(len(chunk))  # before the yield: a consumer that stops at the last batch still sees it counted
+        if i + batch_size >= len(files):
+            bar.close()
+        yield batch
 
 
 def load_clip(name_or_path: str = DEFAULT_CLIP) -> tuple[Any, Any]:
