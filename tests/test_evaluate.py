@@ -279,6 +279,14 @@ def test_evaluate_end_to_end_student_baselines_and_sweep(assets, tmp_path):
                      out)
     assert again[0]["generated_now"] == 0 and again[0]["seconds_per_image"] is None
     assert abs(again[0]["fid"] - rows[0]["fid"]) < 1e-6 and abs(again[0]["clip"] - rows[0]["clip"]) < 1e-6
+    # networks and captions handed in as objects (a plain module, not the TorchScript file) give the same numbers
+    from proreflow.data.coco import CaptionSet
+
+    injected = evaluate(runs[:1], _cfg(assets, inception=None, clip_model="unused", timing_batches=0), out,
+                        inception=TinyFeatures().eval(), clip=mi.load_clip(str(assets / "clip")),
+                        captions=CaptionSet("prompts", PROMPTS, [None] * len(PROMPTS)))
+    assert injected[0]["generated_now"] == 0
+    assert abs(injected[0]["fid"] - rows[0]["fid"]) < 1e-6 and abs(injected[0]["clip"] - rows[0]["clip"]) < 1e-6
     with pytest.raises(ProReflowError, match="holds images made with other settings"):
         evaluate(runs[:1], _cfg(assets, seed=1, timing_batches=0), out)
 

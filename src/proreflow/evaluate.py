@@ -380,7 +380,7 @@ def _check_run_folder(folder: Path, meta: dict[str, Any]) -> None:
 
 def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, inception: torch.nn.Module | None = None,
              clip: tuple[Any, Any] | None = None, captions: CaptionSet | None = None,
-             load: Callable[[RunSpec], GenerateFn] | None = None, title: str = "") -> list[dict[str, Any]]:
+             title: str = "") -> list[dict[str, Any]]:
     """Run every spec (each guidance scale of a sweep is its own row) and write results.json / results.md."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -405,8 +405,7 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
         _check_run_folder(folder, {"spec": asdict(spec), "resolution": cfg.resolution, "seed": cfg.seed,
                                    "captions": captions.name, "num_captions": len(captions.captions),
                                    "captions_hash": _hash(captions.captions), "dtype": cfg.dtype})
-        generate = load(spec) if load is not None else pipeline_generate_fn(
-            load_eval_pipeline(spec, cfg.dtype, device), spec, cfg.resolution)
+        generate = pipeline_generate_fn(load_eval_pipeline(spec, cfg.dtype, device), spec, cfg.resolution)
         made = generate_images(generate, captions.captions, folder, cfg.resolution, cfg.seed, cfg.batch_size,
                                cfg.progress, desc=spec.slug)
         timing = time_per_image(generate, captions.captions, cfg.timing_batch_size or cfg.batch_size,
