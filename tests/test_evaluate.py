@@ -375,3 +375,25 @@ def test_suite_and_stats_mistakes_are_named(tmp_path):
         mi.frechet_distance(a, mi.FIDStats(np.zeros(4), np.eye(4), 10))
     with pytest.raises(ProReflowError, match="must end in .npz or .safetensors"):
         a.save(tmp_path / "stats.pkl")
+
+
+def test_coco_reference_restricted_to_the_chosen_images_and_resized(assets, tmp_path):
+    ann = _annotations(tmp_path / "captions_val2017.json")
+    ref = tmp_path / "val2017"
+    ref.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(10):  # COCO-like names and sizes (not square, not the evaluation resolution)
+        Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(ref / f"{100 + i:012d}.jpg")
+    cfg = _cfg(assets, captions="coco2017-5k", annotations=str(ann), prompts=None, num_images=4, reference=str(ref),
+               ref_resize=True, ref_same_images=True, clip=False, timing_batches=0,
+               save_ref_stats=str(tmp_path / "ref.safetensors"))
+    rows = evaluate([RunSpec("teacher", str(assets / "teacher"), steps=2, scheduler="ddim")], cfg, tmp_path / "out")
+    ids = json.loads((tmp_path / "out" / "captions.json").read_text())["image_ids"]
+    assert len(ids) == 4 and rows[0]["images"] == 4 and rows[0]["clip"] is None
+    net = _inception(assets)
+    direct = mi.image_stats(net, [torch.stack([mi.read_image_uint8(ref / f"{i:012d}.jpg", RES) for i in ids])])
+    saved = mi.FIDStats.load(tmp_path / "ref.safetensors")
+    assert saved.n == 4 and np.allclose(saved.mu, direct.mu) and np.allclose(saved.sigma, direct.sigma)
+    (ref / f"{ids[0]:012d}.jpg").unlink()
+    with pytest.raises(ProReflowError, match="1 of the 4 chosen COCO images are not in"):
+        evaluate([RunSpec("teacher", str(assets / "teacher"), steps=2, scheduler="ddim")], cfg, tmp_path / "out2")

@@ -198,6 +198,8 @@ def evaluate(
     save_ref_stats: Optional[str] = typer.Option(None, help="Save the reference statistics here (.npz or .safetensors)."),
     ref_resize: Optional[bool] = typer.Option(None, "--ref-resize/--no-ref-resize",
                                               help="Centre-crop and resize reference images to the resolution."),
+    ref_same_images: Optional[bool] = typer.Option(None, "--ref-same-images/--all-ref-images",
+                                                   help="Use only the reference images of the chosen COCO ids."),
     inception: Optional[str] = typer.Option(None, help="Path of inception-2015-12-05.pt (or set $PROREFLOW_INCEPTION)."),
     clip_model: Optional[str] = typer.Option(None, help="CLIP model id or folder (default openai/clip-vit-large-patch14)."),
     fid: Optional[bool] = typer.Option(None, "--fid/--no-fid", help="Compute FID (default on)."),
@@ -214,7 +216,8 @@ def evaluate(
 
     overrides = dict(captions=captions, annotations=annotations, prompts=prompts, num_images=num_images,
                      resolution=resolution, seed=seed, batch_size=batch_size, dtype=dtype, reference=reference,
-                     ref_stats=ref_stats, save_ref_stats=save_ref_stats, ref_resize=ref_resize, inception=inception,
+                     ref_stats=ref_stats, save_ref_stats=save_ref_stats, ref_resize=ref_resize,
+                     ref_same_images=ref_same_images, inception=inception,
                      clip_model=clip_model, fid=fid, clip=clip, warmup_batches=warmup_batches,
                      timing_batches=timing_batches, timing_batch_size=timing_batch_size,
                      progress=False if quiet else None)

@@ -92,6 +92,7 @@ class EvalConfig:
     ref_stats: str | None = None
     save_ref_stats: str | None = None
     ref_resize: bool = False
+    ref_same_images: bool = False
     inception: str | None = None
     clip_model: str = "openai/clip-vit-large-patch14"
     fid: bool = True
@@ -116,6 +117,8 @@ class EvalConfig:
              "FID needs a reference: a folder of real images (--reference DIR) or statistics (--ref-stats FILE); "
              "or turn FID off (--no-fid)"),
             (not (self.reference and self.ref_stats), "give either --reference or --ref-stats, not both"),
+            (not (self.ref_same_images and self.captions == "prompts"),
+             "--ref-same-images needs a COCO caption set (its image ids pick the reference images)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -316,8 +319,14 @@ class Metrics:
     reference: Any = None  # FIDStats
 
 
+def coco_id_of(path: Path) -> int | None:
+    """COCO image id from a file name: COCO_val2014_000000000042.jpg or 000000000042.jpg -> 42."""
+    tail = path.stem.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
 def prepare_metrics(cfg: EvalConfig, device: torch.device, inception: torch.nn.Module | None = None,
-                    clip: tuple[Any, Any] | None = None) -> Metrics:
+                    clip: tuple[Any, Any] | None = None, image_ids: Sequence[int | None] = ()) -> Metrics:
     """Load (or take the given) networks and the reference statistics once for all runs."""
     from proreflow import metrics_images as mi
 
@@ -327,6 +336,15 @@ def prepare_metrics(cfg: EvalConfig, device: torch.device, inception: torch.nn.M
             m.reference = mi.FIDStats.load(cfg.ref_stats)  # checked before the network loads: cheap errors first
         else:
             files = mi.image_files(cfg.reference)
+            if cfg.ref_same_images:
+                wanted = {i for i in image_ids if i is not None}
+                files = [f for f in files if coco_id_of(f) in wanted]
+                found = {coco_id_of(f) for f in files}
+                if len(found) < len(wanted):
+                    missing = sorted(wanted - found)
+                    raise ProReflowError(f"--ref-same-images: {len(missing)} of the {len(wanted)} chosen COCO images are "
+                                         f"not in {cfg.reference!r} (e.g. id {missing[0]}); pass the folder of the "
+                                         f"matching COCO split")
             if not cfg.ref_resize:
                 mi.check_sizes(files, cfg.resolution)
         m.inception = inception if inception is not None else mi.load_inception(cfg.inception)
@@ -394,7 +412,7 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
     if not captions.captions:
         raise ProReflowError("the caption set is empty")
     device = pick_device()
-    metrics = prepare_metrics(cfg, device, inception, clip)
+    metrics = prepare_metrics(cfg, device, inception, clip, captions.image_ids)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "captions.json", json.dumps({"name": captions.name, "captions": captions.captions,
                                                          "image_ids": captions.image_ids}, indent=0))
