@@ -215,6 +215,75 @@ def analyze(
         _fail(exc)
     typer.echo(analysis_markdown(res))
 
+def evaluate(
+    out: Path = typer.Option(..., help="Output folder: runs/<row>/ images, results.json, results.md, cfg_sweep.png."),
+    suite: Optional[str] = typer.Option(None, help="A suite YAML or preset name (eval-table1, eval-table2, eval-table3)."),
+    model: Optional[str] = typer.Option(None, help="A diffusers pipeline folder or hub id (without --suite)."),
+    name: Optional[str] = typer.Option(None, help="Method name in the table (default: the model's last path part)."),
+    scheduler: Optional[str] = typer.Option(None, help="ddim, euler, dpmsolver, dpmsolver++, unipc, lcm or proreflow "
+                                                       "(default: the pipeline's own)."),
+    steps: int = typer.Option(4, help="Sampling steps (NFE per image without CFG)."),
+    guidance: str = typer.Option("4.0", help="Guidance scale; comma-separated scales make a CFG sweep and its plot."),
+    lora: Optional[str] = typer.Option(None, help="LoRA weights (folder or hub id) fused into the model, e.g. LCM-LoRA."),
+    variant: Optional[str] = typer.Option(None, help="Weights variant to load, e.g. fp16."),
+    captions: Optional[str] = typer.Option(None, help="coco2017-5k (default), coco2014-30k, coco2014-10k or prompts."),
+    annotations: Optional[str] = typer.Option(None, help="COCO captions_val2017.json / captions_val2014.json."),
+    prompts: Optional[str] = typer.Option(None, help="Prompt file, one prompt per line (with --captions prompts)."),
+    num_images: Optional[int] = typer.Option(None, help="Number of captions (default: the caption set's size)."),
+    resolution: Optional[int] = typer.Option(None, help="Image size in pixels (default 512)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the caption subset and of each image's noise."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per pipeline call (default 8)."),
+    dtype: Optional[str] = typer.Option(None, help="auto (fp16 on CUDA), float32, float16 or bfloat16."),
+    reference: Optional[str] = typer.Option(None, help="Folder of real images for FID."),
+    ref_stats: Optional[str] = typer.Option(None, help="Precomputed FID statistics (.npz or .safetensors: mu, sigma)."),
+    save_ref_stats: Optional[str] = typer.Option(None, help="Save the reference statistics here (.npz or .safetensors)."),
+    ref_resize: Optional[bool] = typer.Option(None, "--ref-resize/--no-ref-resize",
+                                              help="Centre-crop and resize reference images to the resolution."),
+    ref_same_images: Optional[bool] = typer.Option(None, "--ref-same-images/--all-ref-images",
+                                                   help="Use only the reference images of the chosen COCO ids."),
+    inception: Optional[str] = typer.Option(None, help="Path of inception-2015-12-05.pt (or set $PROREFLOW_INCEPTION)."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIP model id or folder (default openai/clip-vit-large-patch14)."),
+    fid: Optional[bool] = typer.Option(None, "--fid/--no-fid", help="Compute FID (default on)."),
+    clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Compute CLIP score (default on)."),
+    warmup_batches: Optional[int] = typer.Option(None, help="Untimed batches before timing (default 2)."),
+    timing_batches: Optional[int] = typer.Option(None, help="Timed batches (default 5; 0: no timing)."),
+    timing_batch_size: Optional[int] = typer.Option(None, help="Images per timed batch (default: --batch-size)."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Generate images (resumable), time them, and compute FID and CLIP score: one paper table per suite."""
+    from proreflow.config import from_dict
+    from proreflow.evaluate import EvalConfig, RunSpec, load_suite
+    from proreflow.evaluate import evaluate as run_evaluate
+
+    overrides = dict(captions=captions, annotations=annotations, prompts=prompts, num_images=num_images,
+                     resolution=resolution, seed=seed, batch_size=batch_size, dtype=dtype, reference=reference,
+                     ref_stats=ref_stats, save_ref_stats=save_ref_stats, ref_resize=ref_resize,
+                     ref_same_images=ref_same_images, inception=inception,
+                     clip_model=clip_model, fid=fid, clip=clip, warmup_batches=warmup_batches,
+                     timing_batches=timing_batches, timing_batch_size=timing_batch_size,
+                     progress=False if quiet else None)
+    try:
+        if suite is not None:
+            if model is not None:
+                raise ProReflowError("give either --suite or --model, not both")
+            runs, cfg, title = load_suite(suite, overrides)
+        else:
+            if model is None:
+                raise ProReflowError("give --model (a diffusers pipeline) or --suite (a suite YAML)")
+            try:
+                scales = [float(g) for g in guidance.split(",") if g.strip()]
+            except ValueError:
+                raise ProReflowError(f"--guidance takes comma-separated numbers, got {guidance!r}") from None
+            runs = [RunSpec(name=name or model.rstrip("/").split("/")[-1], model=model, steps=steps, guidance=scales, scheduler=scheduler,
+                            lora=lora, variant=variant)]
+            cfg = from_dict(EvalConfig, {k: v for k, v in overrides.items() if v is not None}, where="evaluate")
+            title = ""
+        rows = run_evaluate(runs, cfg, out, title=title)
+    except ProReflowError as exc:
+        _fail(exc)
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"wrote {out / 'results.json'} and {out / 'results.md'} ({len(rows)} row(s))")
+
 
 def _load(config: Optional[Path], budget: Optional[int], base_steps: Optional[int]):
     from dataclasses import replace

@@ -1,0 +1,399 @@
+"""The evaluation harness offline: tiny random-weight SD pipeline, a tiny TorchScript 'Inception' found by
+file name in a cache dir, and a tiny CLIP saved to disk and loaded by path through `load_clip` (the code
+path that loads openai/clip-vit-large-patch14). The numbers are computed by the real code."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+from typer.testing import CliRunner
+
+from proreflow import metrics_images as mi
+from proreflow.cli import app
+from proreflow.data.coco import load_caption_set, load_coco_captions
+from proreflow.diffusers_export import export_pipeline
+from proreflow.errors import ProReflowError
+from proreflow.evaluate import (EvalConfig, RunSpec, evaluate, generate_images, image_name, load_eval_pipeline,
+                                load_suite, make_scheduler, pipeline_generate_fn)
+from proreflow.windows import WindowSchedule
+from tiny_sd import tiny_pipeline, tiny_tokenizer
+
+runner = CliRunner()
+RES = 16
+PROMPTS = ["a red cat", "a blue dog", "a photo of a cat", "the dog", "a cat", "a red dog"]
+
+
+class TinyFeatures(torch.nn.Module):
+    """Stands in for Inception: same call signature as the TorchScript file (images, return_features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.conv2 = torch.nn.Conv2d(8, 12, 3)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        h = torch.relu(self.conv1(x.float() / 127.5 - 1.0))
+        h = torch.relu(self.conv2(h))
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    inc_dir = root / "cache"
+    inc_dir.mkdir()
+    torch.jit.save(torch.jit.script(TinyFeatures().eval()), str(inc_dir / mi.INCEPTION_FILE))
+    tok = tiny_tokenizer(root / "cliptok")
+    torch.manual_seed(0)  # with this seed the test images' mean cosine is positive (not floored at 0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                      num_hidden_layers=1, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                                      pad_token_id=1),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                        image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(root / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(root / "clip")
+    tiny_pipeline(root / "parts").save_pretrained(root / "teacher")
+    pipe = tiny_pipeline(root / "parts2")
+    export_pipeline(pipe, pipe.unet, WindowSchedule.uniform(2), root / "student")
+    ref = root / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(ref / f"r{i}.png")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return root
+
+
+def _inception(assets):
+    return mi.load_inception(search_dirs=[assets / "cache"], allow_torch_fidelity=False)
+
+
+def _rand_images(seed, n=10, lo=0, hi=255):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi, (n, 3, RES, RES), generator=g, dtype=torch.uint8)
+
+
+# ------------------------------------------------------------------------------------------ captions
+
+
+def _annotations(path: Path, n_images=10, shuffle_seed=None):
+    anns = [{"image_id": 100 + i, "id": 1000 + 10 * i + j, "caption": f"image {i} caption {j}"}
+            for i in range(n_images) for j in range(3 + i % 3)]
+    if shuffle_seed is not None:
+        np.random.default_rng(shuffle_seed).shuffle(anns)
+    path.write_text(json.dumps({"images": [{"id": 100 + i} for i in range(n_images)], "annotations": anns}))
+    return path
+
+
+def test_coco_subset_is_seeded_one_caption_per_image_and_order_free(tmp_path):
+    a = load_coco_captions(_annotations(tmp_path / "a.json"), 4, seed=0)
+    b = load_coco_captions(_annotations(tmp_path / "b.json", shuffle_seed=3), 4, seed=0)
+    c = load_coco_captions(_annotations(tmp_path / "c.json"), 4, seed=1)
+    assert a == b  # annotation order in the file does not matter
+    assert a.image_ids != c.image_ids or a.captions != c.captions
+    assert len(set(a.image_ids)) == 4 and a.image_ids == sorted(a.image_ids)
+    for image_id, cap in zip(a.image_ids, a.captions):
+        assert cap.startswith(f"image {image_id - 100} caption ")
+    full = load_caption_set("coco2017-5k", tmp_path / "a.json", num_images=10)
+    assert full.image_ids == list(range(100, 110))
+    (tmp_path / "p.txt").write_text("x\n\ny\n")
+    p = load_caption_set("prompts", prompts=tmp_path / "p.txt")
+    assert p.captions == ["x", "y"] and p.image_ids == [None, None]
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "does not exist"),
+    ("{not json", "is not valid JSON"),
+    (json.dumps({"images": []}), "has no 'annotations' list"),
+    (json.dumps({"annotations": [{"image_id": 1}]}), "lacks an integer 'image_id' or a string 'caption'"),
+    (json.dumps({"annotations": [{"image_id": 1, "caption": "x"}]}), "fewer than the 2 asked for"),
+])
+def test_coco_bad_annotations(tmp_path, content, needle):
+    p = tmp_path / "captions_val2017.json"
+    if content is not None:
+        p.write_text(content)
+    with pytest.raises(ProReflowError, match=needle):
+        load_caption_set("coco2017-5k", p, num_images=2)
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def test_fid_self_zero_other_positive_and_stats_roundtrip(assets, tmp_path):
+    net = _inception(assets)
+    assert isinstance(net, mi.TorchScriptInception) and net.num_features == 24
+    a, b = _rand_images(0, 40), _rand_images(1, 40, lo=60, hi=200)
+    sa = mi.image_stats(net, [a[:15], a[15:]])
+    sa2 = mi.image_stats(net, [a])
+    sb = mi.image_stats(net, [b])
+    assert np.allclose(sa.mu, sa2.mu) and np.allclose(sa.sigma, sa2.sigma)  # batching does not matter
+    assert abs(mi.frechet_distance(sa, sa2)) < 1e-6
+    d_ab = mi.frechet_distance(sa, sb)
+    assert d_ab > 1e-3
+    # torchmetrics fed with the same images directly gives the same number
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    direct = FrechetInceptionDistance(feature=net)
+    direct.update(a, real=True)
+    direct.update(b, real=False)
+    assert abs(float(direct.compute()) - d_ab) < 1e-4 * max(1.0, d_ab)
+    for suffix in (".npz", ".safetensors"):
+        p = sa.save(tmp_path / f"ref{suffix}")
+        back = mi.FIDStats.load(p)
+        assert back.n == 40 and abs(mi.frechet_distance(back, sb) - d_ab) < 1e-9 * max(1.0, d_ab)
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(3))
+    with pytest.raises(ProReflowError, match="need arrays 'mu' and 'sigma'"):
+        mi.FIDStats.load(tmp_path / "bad.npz")
+
+
+def test_missing_or_wrong_inception_weights(tmp_path, monkeypatch):
+    monkeypatch.delenv(mi.INCEPTION_ENV, raising=False)
+    with pytest.raises(ProReflowError, match="Inception weights for FID are missing.*--inception PATH"):
+        mi.load_inception(search_dirs=[tmp_path], allow_torch_fidelity=False)
+    with pytest.raises(ProReflowError, match="do not exist; download"):
+        mi.load_inception(tmp_path / "nope.pt")
+    monkeypatch.setenv(mi.INCEPTION_ENV, str(tmp_path / "env.pt"))
+    with pytest.raises(ProReflowError, match="env.pt' do not exist"):
+        mi.load_inception(search_dirs=[tmp_path], allow_torch_fidelity=False)
+    (tmp_path / "junk.pt").write_bytes(b"not a torchscript file")
+    with pytest.raises(ProReflowError, match="cannot load the TorchScript Inception"):
+        mi.load_inception(tmp_path / "junk.pt")
+
+
+def test_clip_score_matches_direct_computation(assets):
+    model, processor = mi.load_clip(str(assets / "clip"))
+    images, caps = _rand_images(5, 4), ["a red cat", "a blue dog", "the dog", "a photo of a cat"]
+    score = mi.clip_score(mi.clip_metric(model, processor), [(images[:3], caps[:3]), (images[3:], caps[3:])])
+    with torch.no_grad():
+        x = processor(text=caps, images=list(images), return_tensors="pt", padding=True)
+        out = model(**x)  # CLIPModel.forward returns L2-normalised embeddings
+    cos = (out.image_embeds * out.text_embeds).sum(-1)
+    expected = max(100 * float(cos.mean()), 0.0)
+    assert abs(score - expected) < 1e-4, (score, expected)
+    assert score > 1.0  # not floored at 0: the comparison checks the value itself
+    with pytest.raises(ProReflowError, match="CLIP model .* is not available.*--clip-model PATH"):
+        mi.load_clip(str(assets / "no-clip"))
+
+
+def test_reference_folder_sizes_are_checked(tmp_path):
+    (tmp_path / "mixed").mkdir()
+    Image.new("RGB", (RES, RES)).save(tmp_path / "mixed" / "a.png")
+    Image.new("RGB", (24, RES)).save(tmp_path / "mixed" / "b.png")
+    with pytest.raises(ProReflowError, match="mixed sizes: 24x16"):
+        mi.check_sizes(mi.image_files(tmp_path / "mixed"), RES)
+    with pytest.raises(ProReflowError, match="the wrong size: 16x16.*--ref-resize"):
+        mi.check_sizes(mi.image_files(tmp_path / "mixed")[:1], 32)
+    x = mi.read_image_uint8(tmp_path / "mixed" / "b.png", resize_to=8)
+    assert x.shape == (3, 8, 8) and x.dtype == torch.uint8
+
+
+# ---------------------------------------------------------------------------------------- generation
+
+
+def test_schedulers_by_name(assets):
+    pipe = load_eval_pipeline(RunSpec("t", str(assets / "teacher"), steps=2, scheduler="dpmsolver++"))
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"  # built from the pipeline's own config
+    for name, cls in [("ddim", "DDIMScheduler"), ("unipc", "UniPCMultistepScheduler"),
+                      ("euler", "EulerDiscreteScheduler"), ("proreflow", "ProReflowScheduler")]:
+        assert type(make_scheduler(name, pipe.scheduler, 2)).__name__ == cls
+    with pytest.raises(ProReflowError, match="unknown scheduler 'heun'"):
+        RunSpec("t", "m", scheduler="heun")
+
+
+def test_generation_resumes_and_regenerates_half_written_images(assets, tmp_path):
+    spec = RunSpec("teacher", str(assets / "teacher"), steps=2, guidance=3.0, scheduler="ddim")
+    call = pipeline_generate_fn(load_eval_pipeline(spec), spec, RES)
+    seen: list[int] = []
+
+    def counting(prompts, gens):
+        seen.append(len(prompts))
+        return call(prompts, gens)
+
+    folder = tmp_path / "imgs"
+    assert generate_images(counting, PROMPTS, folder, RES, seed=0, batch_size=4, progress=False) == 6
+    assert seen == [4, 2]
+    first = {i: np.asarray(Image.open(folder / image_name(i))) for i in range(6)}
+    mtimes = {i: (folder / image_name(i)).stat().st_mtime_ns for i in range(6)}
+    seen.clear()
+    assert generate_images(counting, PROMPTS, folder, RES, seed=0, batch_size=4, progress=False) == 0
+    assert seen == []
+    data = (folder / image_name(4)).read_bytes()
+    (folder / image_name(4)).write_bytes(data[: len(data) // 2])  # half-written
+    (folder / image_name(1)).unlink()
+    (folder / ".000002.png.tmp").write_bytes(b"junk")  # a crash left a temp file
+    assert generate_images(counting, PROMPTS, folder, RES, seed=0, batch_size=4, progress=False) == 2
+    assert seen == [2]
+    for i in range(6):  # each image depends on (seed, index) only: regenerated ones are identical
+        assert np.array_equal(np.asarray(Image.open(folder / image_name(i))), first[i])
+    assert all((folder / image_name(i)).stat().st_mtime_ns == mtimes[i] for i in (0, 2, 3, 5))
+    assert not list(folder.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------ harness
+
+
+def _cfg(assets, **kw):
+    base = dict(captions="prompts", prompts=str(assets / "prompts.txt"), resolution=RES, batch_size=3,
+                reference=str(assets / "ref"), clip_model=str(assets / "clip"),
+                inception=str(assets / "cache" / mi.INCEPTION_FILE), warmup_batches=1, timing_batches=2,
+                progress=False)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_evaluate_end_to_end_student_baselines_and_sweep(assets, tmp_path):
+    runs = [RunSpec("ProReflow (tiny)", str(assets / "student"), steps=2, guidance=3.0),
+            RunSpec("teacher", str(assets / "teacher"), steps=2, guidance=[1.5, 3.0], scheduler="dpmsolver++")]
+    out = tmp_path / "out"
+    rows = evaluate(runs, _cfg(assets, save_ref_stats=str(tmp_path / "ref.npz"), timing_batch_size=2), out, title="tiny")
+    assert [(r["method"], r["scheduler"], r["guidance"]) for r in rows] == [
+        ("ProReflow (tiny)", "own", 3.0), ("teacher", "dpmsolver++", 1.5), ("teacher", "dpmsolver++", 3.0)]
+    for r in rows:
+        assert r["generated_now"] == 6 and r["images"] == 6
+        assert np.isfinite(r["fid"]) and r["fid"] > 0 and np.isfinite(r["clip"]) and r["clip"] >= 0
+        assert r["seconds_per_image"] > 0 and r["device"].startswith("CPU")
+        assert r["timing"]["timed_batches"] == 2 and r["timing"]["batch_size"] == 2
+        assert len(list(Path(r["folder"]).glob("*.png"))) == 6
+    # FID recomputed by hand from the images on disk and the saved reference statistics
+    net = _inception(assets)
+    files = [Path(rows[0]["folder"]) / image_name(i) for i in range(6)]
+    fake = mi.image_stats(net, [torch.stack([mi.read_image_uint8(f) for f in files])])
+    assert abs(mi.frechet_distance(mi.FIDStats.load(tmp_path / "ref.npz"), fake) - rows[0]["fid"]) < 1e-6
+    assert rows[1]["fid"] != rows[2]["fid"]  # the guidance scale changes the images
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["rows"][0]["fid"] == rows[0]["fid"]
+    md = (out / "results.md").read_text()
+    assert "| method | scheduler | steps | guidance | time (s/img) | FID | CLIP |" in md
+    assert f"| ProReflow (tiny) | own | 2 | 3 | {rows[0]['seconds_per_image']:.3f} | {rows[0]['fid']:.2f} |" in md
+    assert (out / "cfg_sweep.png").stat().st_size > 1000
+    # a rerun generates nothing and, with the saved statistics, gives the same numbers
+    again = evaluate(runs[:1], _cfg(assets, reference=None, ref_stats=str(tmp_path / "ref.npz"), timing_batches=0),
+                     out)
+    assert again[0]["generated_now"] == 0 and again[0]["seconds_per_image"] is None
+    assert abs(again[0]["fid"] - rows[0]["fid"]) < 1e-6 and abs(again[0]["clip"] - rows[0]["clip"]) < 1e-6
+    # networks and captions handed in as objects (a plain module, not the TorchScript file) give the same numbers
+    from proreflow.data.coco import CaptionSet
+
+    injected = evaluate(runs[:1], _cfg(assets, inception=None, clip_model="unused", timing_batches=0), out,
+                        inception=TinyFeatures().eval(), clip=mi.load_clip(str(assets / "clip")),
+                        captions=CaptionSet("prompts", PROMPTS, [None] * len(PROMPTS)))
+    assert injected[0]["generated_now"] == 0
+    assert abs(injected[0]["fid"] - rows[0]["fid"]) < 1e-6 and abs(injected[0]["clip"] - rows[0]["clip"]) < 1e-6
+    with pytest.raises(ProReflowError, match="holds images made with other settings"):
+        evaluate(runs[:1], _cfg(assets, seed=1, timing_batches=0), out)
+
+
+def test_cli_evaluate_suite(assets, tmp_path):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"title: tiny table\neval: {{captions: prompts, prompts: {assets / 'prompts.txt'}, resolution: {RES}, "
+                     f"batch_size: 6, reference: {assets / 'ref'}, clip_model: {assets / 'clip'}, "
+                     f"inception: {assets / 'cache'}, timing_batches: 1, warmup_batches: 0}}\n"
+                     f"runs:\n  - {{name: student, model: {assets / 'student'}, steps: 2, guidance: 2.0}}\n"
+                     f"  - {{name: teacher-unipc, model: {assets / 'teacher'}, scheduler: unipc, steps: 2}}\n")
+    r = runner.invoke(app, ["evaluate", "--suite", str(suite), "--out", str(tmp_path / "o"), "--num-images", "4",
+                            "--quiet"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["title"] == "tiny table" and res["num_images"] == 4 and len(res["rows"]) == 2
+    assert all(row["fid"] > 0 and row["clip"] >= 0 for row in res["rows"])
+    assert "| student | own | 2 | 2 |" in r.stdout
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--scheduler", "heun"], "unknown scheduler 'heun'"),
+    (["--captions", "coco2017-5k", "--annotations", "{tmp}/none.json"], "does not exist"),
+    (["--captions", "coco2017-5k", "--annotations", "{bad}"], "is not valid JSON"),
+    (["--captions", "coco2017-5k"], "needs the COCO annotations file captions_val2017.json"),
+    (["--prompts", "{empty}"], "holds no prompts"),
+    (["--reference", "{mixed}"], "mixed sizes"),
+    (["--reference", "{big}"], "the wrong size"),
+    (["--inception", "{tmp}/none.pt"], "Inception weights"),
+    (["--ref-stats", "{tmp}/none.npz", "--reference", None], "reference statistics"),
+    (["--no-fid", "--clip-model", "{tmp}/noclip"], "is not available"),
+    (["--guidance", "a,b"], "comma-separated numbers"),
+    (["--model", "{tmp}/no-model"], "cannot load the model"),
+])
+def test_cli_evaluate_bad_input(assets, tmp_path, extra, needle):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "bad.json").write_text("{")
+    for name, sizes in (("mixed", [(RES, RES), (RES, 24)]), ("big", [(32, 32), (32, 32)])):
+        (tmp_path / name).mkdir()
+        for i, s in enumerate(sizes):
+            Image.new("RGB", s).save(tmp_path / name / f"{i}.png")
+    fmt = dict(tmp=tmp_path, empty=tmp_path / "empty.txt", bad=tmp_path / "bad.json", mixed=tmp_path / "mixed",
+               big=tmp_path / "big")
+    args = {"--model": str(assets / "student"), "--steps": "2", "--captions": "prompts",
+            "--prompts": str(assets / "prompts.txt"), "--resolution": str(RES), "--reference": str(assets / "ref"),
+            "--clip-model": str(assets / "clip"), "--inception": str(assets / "cache")}
+    flags = []
+    it = iter(extra)
+    for a in it:
+        if a.startswith("--no-"):
+            flags.append(a)
+            continue
+        v = next(it)
+        if v is None:
+            args.pop(a)
+        else:
+            args[a] = v.format(**fmt)
+    cmd = ["evaluate", "--out", str(tmp_path / "out"), "--quiet", *flags] + [x for kv in args.items() for x in kv]
+    r = runner.invoke(app, cmd)
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr and "Traceback" not in r.output
+    assert not list((tmp_path / "out").rglob("*.png")) if (tmp_path / "out").exists() else True
+
+
+def test_packaged_suites_parse():
+    for name in ("eval-table1", "eval-table2", "eval-table3"):
+        runs, cfg, title = load_suite(name, {"reference": "x"})
+        assert runs and title and cfg.captions.startswith("coco")
+        assert {r.scheduler for r in runs} <= {None, "ddim", "euler", "dpmsolver", "dpmsolver++", "unipc", "lcm",
+                                               "proreflow"}
+
+
+def test_suite_and_stats_mistakes_are_named(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("runs:\n  - {name: a, model: m, stepz: 4}\n")
+    with pytest.raises(ProReflowError, match="unknown key 'stepz'.*did you mean 'steps'"):
+        load_suite(bad, {"reference": "x"})
+    bad.write_text("runs: []\n")
+    with pytest.raises(ProReflowError, match="lists no runs"):
+        load_suite(bad)
+    bad.write_text("runs:\n  - {name: a, model: m}\neval: {captions: coco2017-5k}\n")
+    with pytest.raises(ProReflowError, match="FID needs a reference"):
+        load_suite(bad)
+    a = mi.FIDStats(np.zeros(3), np.eye(3), 10)
+    with pytest.raises(ProReflowError, match="made with a different network"):
+        mi.frechet_distance(a, mi.FIDStats(np.zeros(4), np.eye(4), 10))
+    with pytest.raises(ProReflowError, match="must end in .npz or .safetensors"):
+        a.save(tmp_path / "stats.pkl")
+
+
+def test_coco_reference_restricted_to_the_chosen_images_and_resized(assets, tmp_path):
+    ann = _annotations(tmp_path / "captions_val2017.json")
+    ref = tmp_path / "val2017"
+    ref.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(10):  # COCO-like names and sizes (not square, not the evaluation resolution)
+        Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(ref / f"{100 + i:012d}.jpg")
+    cfg = _cfg(assets, captions="coco2017-5k", annotations=str(ann), prompts=None, num_images=4, reference=str(ref),
+               ref_resize=True, ref_same_images=True, clip=False, timing_batches=0,
+               save_ref_stats=str(tmp_path / "ref.safetensors"))
+    rows = evaluate([RunSpec("teacher", str(assets / "teacher"), steps=2, scheduler="ddim")], cfg, tmp_path / "out")
+    ids = json.loads((tmp_path / "out" / "captions.json").read_text())["image_ids"]
+    assert len(ids) == 4 and rows[0]["images"] == 4 and rows[0]["clip"] is None
+    net = _inception(assets)
+    direct = mi.image_stats(net, [torch.stack([mi.read_image_uint8(ref / f"{i:012d}.jpg", RES) for i in ids])])
+    saved = mi.FIDStats.load(tmp_path / "ref.safetensors")
+    assert saved.n == 4 and np.allclose(saved.mu, direct.mu) and np.allclose(saved.sigma, direct.sigma)
+    (ref / f"{ids[0]:012d}.jpg").unlink()
+    with pytest.raises(ProReflowError, match="1 of the 4 chosen COCO images are not in"):
+        evaluate([RunSpec("teacher", str(assets / "teacher"), steps=2, scheduler="ddim")], cfg, tmp_path / "out2")
