@@ -215,6 +215,8 @@ def analyze(
         _fail(exc)
     typer.echo(analysis_markdown(res))
 
+
+@app.command()
 def evaluate(
     out: Path = typer.Option(..., help="Output folder: runs/<row>/ images, results.json, results.md, cfg_sweep.png."),
     suite: Optional[str] = typer.Option(None, help="A suite YAML or preset name (eval-table1, eval-table2, eval-table3)."),
