@@ -100,6 +100,10 @@ class FitResult:
                 "pairs": self.pairs, "skipped": self.skipped}
 
 
+#: (optimizer steps done in this fit, the EMA model, the fit's running result) -> None
+StepCallback = Callable[[int, nn.Module, "FitResult"], None]
+
+
 class TrainingInterrupted(Exception):
     """SIGTERM arrived; the run saved a checkpoint (when checkpointing) and stopped cleanly."""
 
@@ -156,7 +160,8 @@ def make_accelerator(cfg: TrainConfig, cpu: bool | None = None) -> Accelerator:
 
 def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: float = 0.0,
         accelerator: Accelerator | None = None, desc: str = "train", seed_offset: int = 0,
-        checkpoints: FitCheckpoints | None = None, copy_model: bool = True) -> FitResult:
+        checkpoints: FitCheckpoints | None = None, copy_model: bool = True,
+        on_step: StepCallback | None = None) -> FitResult:
     """Train `model` for `steps` optimizer steps on batches from `batch_fn`; returns EMA weights.
 
     By default `model` itself is not modified: training runs on a copy, so a stage can start from
@@ -164,7 +169,8 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
     UNets, LoRA on a UNet shared with the teacher). Parameters that require grad are trained; if
     none do (a frozen teacher's copy), all are. With `checkpoints`, the full training state
     is saved every `checkpoints.cfg.every` steps (and on SIGTERM inside `stop_on_sigterm`), and
-    a resumed fit continues bit for bit where the last checkpoint left off.
+    a resumed fit continues bit for bit where the last checkpoint left off. `on_step(done, ema_model,
+    result)` runs after every optimizer step (time-to-quality curves); it must not change the model.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ProReflowError(f"training steps must be a positive integer, got {steps!r}")
@@ -242,6 +248,8 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
             bar.update(1)
             if done % 50 == 0 or done == steps:
                 bar.set_postfix(loss=f"{result.losses[-1]:.4f}", cos=f"{1 - result.directions[-1]:.4f}")
+            if on_step is not None:
+                on_step(done, ema.module, result)
             stop = not _all_ranks(acc, not _StopFlag.requested)  # every process stops at the same step
             if checkpoints is not None and done < steps and (done % checkpoints.cfg.every == 0 or stop):
                 last_ckpt = save()
@@ -410,11 +418,13 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: P
                solver: TeacherSolver, cfg: TrainConfig, lam: float, accelerator: Accelerator | None = None,
                desc: str = "reflow", margin: float = 0.0,
                checkpoints: CheckpointConfig | None = None, pair_cache: PairCacheConfig | None = None,
-               copy_model: bool = True) -> PlanResult:
+               copy_model: bool = True, on_step: Callable[[int, int, nn.Module, FitResult], None] | None = None
+               ) -> PlanResult:
     """Run a progressive plan: stage k+1 starts from stage k's (EMA) student, the first from `init`.
 
     The teacher stays fixed across stages: each stage's pairs come from the teacher's ODE over
-    that stage's (wider) windows, as in the paper.
+    that stage's (wider) windows, as in the paper. `on_step(stage, done, ema_model, result)` is
+    `fit`'s callback with the 0-based stage index in front.
     """
     student, stages = init, []
     for k, stage in enumerate(plan.stages):
@@ -428,7 +438,8 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: P
             batches = reflow_batches(teacher, data_fn, stage.schedule, solver, cfg.batch_size, margin)
         res = fit(student, batches, stage.steps, cfg, lam=lam, accelerator=accelerator,
                   desc=f"{desc} stage {k + 1}/{len(plan.stages)} (K={stage.schedule.num_windows})", seed_offset=k + 1,
-                  checkpoints=checkpoints.for_fit(f"stage-{k + 1}") if checkpoints else None, copy_model=copy_model)
+                  checkpoints=checkpoints.for_fit(f"stage-{k + 1}") if checkpoints else None, copy_model=copy_model,
+                  on_step=(lambda d, m, r, k=k: on_step(k, d, m, r)) if on_step else None)
         if cached is not None:  # report the teacher cost of the cache, not of the (free) batches drawn from it
             res.teacher_nfe, res.pairs = cached.pairs.teacher_nfe, len(cached)
         stages.append(res)

@@ -1,0 +1,224 @@
+"""Time to quality: teacher evaluations and wall time until a student reaches a quality target,
+for 2-rectified flow, PeRFlow and ProReflow, side by side in one run.
+
+Every method trains at the preset's equal budget with pairs made on the fly (so the teacher's cost
+is inside the wall time), and its EMA student is scored every `--eval-every` optimizer steps at k
+sampling steps (evaluation time is excluded from the wall time). Two targets per setup:
+- "all reach": the worst final score among the methods (every method reaches it);
+- "PeRFlow final": PeRFlow's final score (the strongest baseline; "not reached" is reported).
+Per seed, the first evaluation at or below the target counts; the table quotes medians over seeds.
+
+    python benchmarks/time_to_quality.py --setup toy      # exact GMM teacher, fidelity RMSE, 3 seeds
+    python benchmarks/time_to_quality.py --setup digits   # digits VP teacher, FD, 1 seed; reuses the
+                                                          # teacher cached by `proreflow run configs/digits.yaml`
+Writes benchmarks/results/time_to_quality_<setup>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from proreflow.methods import MethodSpec
+from proreflow.windows import ProgressivePlan
+
+HERE = Path(__file__).parent
+METHODS = ["2-rectified-flow", "perflow", "proreflow"]
+#: train(plan, lam, on_step, seed) -> None ; score(model) -> float (lower is better)
+Trainer = Callable[[ProgressivePlan, float, Callable[..., None], int], Any]
+
+
+def curve(spec: MethodSpec, k: int, budget: int, every: int, seed: int, train: Trainer,
+          score: Callable[[torch.nn.Module], float]) -> list[dict]:
+    """Scores of one training run at every `every` optimizer steps, with the teacher NFE and the
+    training seconds (evaluation excluded) spent up to that point."""
+    plan = spec.plan(k, budget)
+    offsets = [sum(s.steps for s in plan.stages[:i]) for i in range(len(plan.stages))]
+    stage_nfe: dict[int, int] = {}
+    points: list[dict] = []
+    clock = {"start": time.perf_counter(), "eval": 0.0}
+
+    def on_step(stage: int, done: int, model: torch.nn.Module, result: Any) -> None:
+        stage_nfe[stage] = result.teacher_nfe
+        step = offsets[stage] + done
+        if step % every and step != plan.total_steps:
+            return
+        t0 = time.perf_counter()
+        value = score(model)
+        points.append({"step": step, "teacher_nfe": sum(stage_nfe.values()),
+                       "seconds": t0 - clock["start"] - clock["eval"], "score": value})
+        clock["eval"] += time.perf_counter() - t0
+
+    train(plan, spec.lam, on_step, seed)
+    return points
+
+
+def first_reach(points: list[dict], target: float) -> dict | None:
+    return next((p for p in points if p["score"] <= target), None)
+
+
+def summarize(curves: dict[str, list[list[dict]]]) -> dict:
+    finals = {m: statistics.median(c[-1]["score"] for c in runs) for m, runs in curves.items()}
+    targets = {"all reach": max(finals.values())}
+    if "perflow" in finals:
+        targets["PeRFlow final"] = finals["perflow"]
+    table = {}
+    for tname, target in targets.items():
+        rows = {}
+        for m, runs in curves.items():
+            hits = [first_reach(c, target) for c in runs]
+            reached = [h for h in hits if h is not None]
+            if len(reached) * 2 <= len(hits):  # the median run did not reach it
+                rows[m] = {"reached": f"{len(reached)}/{len(hits)}"}
+                continue
+            rows[m] = {"reached": f"{len(reached)}/{len(hits)}",
+                       **{key: statistics.median(h[key] if h else float("inf") for h in hits)
+                          for key in ("step", "teacher_nfe", "seconds")}}
+        table[tname] = {"target": target, "methods": rows}
+    return {"final_median": finals, "targets": table}
+
+
+def ratio(a: dict, b: dict, key: str) -> str:
+    if key not in a or key not in b or not b[key]:
+        return "–"
+    return f"{a[key] / b[key]:.2f}"
+
+
+def markdown(setup: str, metric: str, k: int, seeds: list[int], res: dict) -> str:
+    lines = [f"# Time to quality: {setup}", "",
+             f"{metric} of the EMA student at {k} steps; medians over seeds {seeds}; wall time excludes evaluation.",
+             "", "| method | final " + metric + " |", "|---|---|"]
+    lines += [f"| {m} | {v:.4f} |" for m, v in res["final_median"].items()]
+    for tname, t in res["targets"].items():
+        lines += ["", f"## Target \"{tname}\": {metric} ≤ {t['target']:.4f}", "",
+                  "| method | runs reaching | optimizer steps | teacher NFE | seconds | NFE vs PeRFlow | NFE vs 2-RF | "
+                  "time vs PeRFlow | time vs 2-RF |", "|---|---|---|---|---|---|---|---|---|"]
+        rows = t["methods"]
+        for m, r in rows.items():
+            if "step" not in r:
+                lines.append(f"| {m} | {r['reached']} | not reached | | | | | | |")
+                continue
+            pf, rf = rows.get("perflow", {}), rows.get("2-rectified-flow", {})
+            lines.append(f"| {m} | {r['reached']} | {r['step']:.0f} | {r['teacher_nfe']:.3g} | {r['seconds']:.1f} | "
+                         f"{ratio(r, pf, 'teacher_nfe')} | {ratio(r, rf, 'teacher_nfe')} | {ratio(r, pf, 'seconds')} | "
+                         f"{ratio(r, rf, 'seconds')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: dict[str, list[list[dict]]], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for i, (m, runs) in enumerate(curves.items()):
+        for j, c in enumerate(runs):
+            kw = {"color": f"C{i}", "alpha": 0.8, "label": m if j == 0 else None}
+            axes[0].plot([p["teacher_nfe"] for p in c], [p["score"] for p in c], **kw)
+            axes[1].plot([p["seconds"] for p in c], [p["score"] for p in c], **kw)
+    axes[0].set_xlabel("teacher evaluations (per-sample NFE, cumulative)"), axes[1].set_xlabel("training seconds")
+    for ax in axes:
+        ax.set_ylabel(metric), ax.set_yscale("log"), ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def toy(seeds: list[int], k: int, every: int) -> tuple[dict, str]:
+    from proreflow.demo import Comparison, _data_fn, find_method, load_config, prepare, with_run_settings
+    from proreflow.metrics import fidelity_rmse
+    from proreflow.sampling import sample
+    from proreflow.training import train_plan
+
+    curves: dict[str, list[list[dict]]] = {m: [] for m in METHODS}
+    for seed in seeds:
+        cfg = with_run_settings(load_config(), seed, False)
+        setup = prepare(cfg, None, None, seed)
+        cmp = Comparison(cfg, setup, seed)
+        for name in METHODS:
+            spec = find_method(cfg, name)
+            final = spec.plan(k, cfg.budget_steps).final
+
+            def score(model: torch.nn.Module, final=final) -> float:
+                with torch.no_grad():
+                    x = sample(lambda x, t, c=None: model(x, t, c), cmp.noise, final, k // final.num_windows)
+                return fidelity_rmse(x, cmp.reference)
+
+            def train(plan, lam, on_step, seed, cfg=cfg, setup=setup):
+                train_plan(setup.base, setup.teacher, _data_fn(setup.data.train), plan, cfg.teacher_solver,
+                           replace(cfg.train, seed=seed), lam, margin=cfg.window_margin, on_step=on_step)
+
+            curves[name].append(curve(spec, k, cfg.budget_steps, every, seed, train, score))
+            print(f"toy seed {seed} {name}: final fidelity {curves[name][-1][-1]['score']:.4f}", flush=True)
+    return curves, "fidelity RMSE"
+
+
+def digits(seeds: list[int], k: int, every: int, out: Path, samples: int) -> tuple[dict, str]:
+    from proreflow.digits import DigitsBench, load_digits_config
+    from proreflow.teachers.flow import NetworkTeacher
+    from proreflow.training import train_plan
+
+    cfg = load_digits_config("digits")
+    cfg = replace(cfg, teacher=replace(cfg.teacher, kinds=[cfg.teacher.distill]))
+    bench = DigitsBench(cfg, out, progress=False)
+    teacher = bench.teachers[cfg.teacher.distill]
+    spec_by_name = {m.name: m for m in cfg.methods}
+    curves: dict[str, list[list[dict]]] = {m: [] for m in METHODS}
+    for seed in seeds:
+        for name in METHODS:
+            spec = spec_by_name[name]
+            final = spec.plan(k, cfg.budget_steps).final
+
+            def score(model: torch.nn.Module, final=final) -> float:
+                imgs = bench.generate(model, final, k // final.num_windows, guidance=cfg.eval.guidance, n=samples)
+                return bench.score(imgs)["fd"]
+
+            def train(plan, lam, on_step, seed):
+                train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), plan, cfg.teacher_solver,
+                           replace(cfg.train, seed=seed, progress=False), lam, margin=cfg.window_margin,
+                           on_step=on_step)
+
+            curves[name].append(curve(spec, k, cfg.budget_steps, every, seed, train, score))
+            print(f"digits seed {seed} {name}: final FD {curves[name][-1][-1]['score']:.3f}", flush=True)
+    return curves, "FD"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setup", choices=["toy", "digits"], required=True)
+    ap.add_argument("--seeds", default=None, help="comma-separated (default: 0,1,2 for toy, 0 for digits)")
+    ap.add_argument("--steps", type=int, default=4, help="sampling steps of the students")
+    ap.add_argument("--eval-every", type=int, default=None, help="default: 100 (toy), 25 (digits)")
+    ap.add_argument("--digits-out", type=Path, default=Path("results/digits"),
+                    help="the `proreflow run` folder whose cache holds the digits teacher")
+    ap.add_argument("--samples", type=int, default=500, help="digits: samples per FD evaluation")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args(argv)
+    seeds = [int(s) for s in (args.seeds or ("0,1,2" if args.setup == "toy" else "0")).split(",")]
+    every = args.eval_every or (100 if args.setup == "toy" else 25)
+    if args.setup == "toy":
+        curves, metric = toy(seeds, args.steps, every)
+    else:
+        curves, metric = digits(seeds, args.steps, every, args.digits_out, args.samples)
+    res = summarize(curves)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"time_to_quality_{args.setup}"
+    payload = {"setup": args.setup, "metric": metric, "steps": args.steps, "seeds": seeds, "eval_every": every,
+               "device": "cpu", "torch_threads": torch.get_num_threads(), **res, "curves": curves}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(args.setup, metric, args.steps, seeds, res))
+    plot(curves, metric, stem.with_suffix(".png"))
+    print(stem.with_suffix(".md").read_text())
+    return payload
+
+
+if __name__ == "__main__":
+    main()
