@@ -127,12 +127,27 @@ def velocity_to_output(v: Tensor, x_tau: Tensor, alpha: Tensor, sigma: Tensor,
     raise ProReflowError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or flow")
 
 
+#: conditioning entries that diffusers UNets take inside `added_cond_kwargs` (SDXL's "text_time")
+ADDED_COND_KEYS = ("text_embeds", "time_ids")
+
+
+def unet_kwargs(cond: Any) -> dict[str, Any]:
+    """Keyword arguments for a diffusers UNet from our flat conditioning dict (drops `uncond`)."""
+    kwargs = {k: v for k, v in (cond or {}).items() if k != "uncond" and k not in ADDED_COND_KEYS}
+    added = {k: cond[k] for k in ADDED_COND_KEYS if cond and k in cond}
+    if added:
+        kwargs["added_cond_kwargs"] = {**kwargs.get("added_cond_kwargs", {}), **added}
+    return kwargs
+
+
 class VPVelocity(nn.Module):
     """A VP-parametrised diffusers network (teacher or student) seen as a velocity field v(y, t, cond).
 
-    `cond` is a dict of keyword arguments for the network (`encoder_hidden_states`,
-    `added_cond_kwargs` for SDXL, `class_labels`, ...). With guidance_scale != 1 and an `uncond`
-    entry holding the unconditional keyword arguments, classifier-free guidance is applied to the
+    `cond` is a flat dict of per-sample tensors: keyword arguments for the network
+    (`encoder_hidden_states`, `class_labels`, ...) and SDXL's `text_embeds` / `time_ids`, which
+    `unet_kwargs` gathers into `added_cond_kwargs` (flat, so that row selection, device moves and
+    pair caches treat every entry alike). With guidance_scale != 1 and an `uncond` entry holding
+    the unconditional conditioning in the same form, classifier-free guidance is applied to the
     raw outputs (the paper trains students at scale 1 and guides only when sampling). The student
     keeps the teacher's output parametrisation, so its `unet` stays loadable by diffusers.
     """
@@ -146,8 +161,7 @@ class VPVelocity(nn.Module):
         self.guidance_scale = guidance_scale
 
     def _call(self, x_tau: Tensor, timestep: Tensor, cond: Any) -> Tensor:
-        kwargs = {k: v for k, v in (cond or {}).items() if k != "uncond"}
-        out = self.unet(x_tau, timestep, **kwargs)
+        out = self.unet(x_tau, timestep, **unet_kwargs(cond))
         return out.sample if hasattr(out, "sample") else out
 
     def loss_weight(self, t: Tensor) -> Tensor:
