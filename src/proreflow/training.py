@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from accelerate import Accelerator, PartialState
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from proreflow.checkpoint import CheckpointConfig, FitCheckpoints, optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
@@ -137,6 +136,57 @@ def ema_with_warmup(decay: float) -> Callable:
     return update
 
 
+class TrainableEMA:
+    """EMA of a model's trainable parameters only (looked up by name, so wrappers may replace them).
+
+    With LoRA on a frozen UNet this holds adapter-sized copies instead of a second UNet. The first
+    update copies the weights; later ones lerp with `ema_with_warmup`'s decay. Frozen parameters
+    and buffers need no average: `copy_to` writes the averages into the live model's trainable
+    parameters, and everything else is the model's own.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.shadow = [p.detach().clone() for _, p in named]
+        self.n_averaged = 0
+        self._update = ema_with_warmup(decay)
+
+    def _params(self, model: nn.Module) -> list[Tensor]:
+        params = dict(model.named_parameters())
+        return [params[n] for n in self.names]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = [p.detach() for p in self._params(model)]
+        if self.n_averaged == 0:
+            torch._foreach_copy_(self.shadow, current)
+        else:
+            self._update(self.shadow, current, torch.tensor(self.n_averaged))
+        self.n_averaged += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for p, s in zip(self._params(model), self.shadow):
+            p.copy_(s)
+
+    def to(self, device: torch.device | str) -> "TrainableEMA":
+        self.shadow = [s.to(device) for s in self.shadow]
+        return self
+
+    def numel(self) -> int:
+        return sum(s.numel() for s in self.shadow)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"n_averaged": torch.tensor(self.n_averaged), **dict(zip(self.names, self.shadow))}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if set(state) != {"n_averaged", *self.names}:
+            raise KeyError("EMA tensors do not match this model's trainable parameters")
+        self.shadow = [state[n].to(s.device, s.dtype).clone() for n, s in zip(self.names, self.shadow)]
+        self.n_averaged = int(state["n_averaged"])
+
+
 def process_state() -> PartialState:
     """accelerate's process state, initialised the way `make_accelerator` needs it.
 
@@ -162,7 +212,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
     By default `model` itself is not modified: training runs on a copy, so a stage can start from
     a shared initial network without disturbing it; copy_model=False trains it in place (large
     UNets, LoRA on a UNet shared with the teacher). Parameters that require grad are trained; if
-    none do (a frozen teacher's copy), all are. With `checkpoints`, the full training state
+    none do (a frozen teacher's copy), all are; only they have an EMA (`TrainableEMA`). With `checkpoints`, the full training state
     is saved every `checkpoints.cfg.every` steps (and on SIGTERM inside `stop_on_sigterm`), and
     a resumed fit continues bit for bit where the last checkpoint left off.
     """
@@ -184,7 +234,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
     net = (copy.deepcopy(model) if copy_model else model).train()
     if not any(p.requires_grad for p in net.parameters()):
         net.requires_grad_(True)
-    ema = AveragedModel(net, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
+    ema = TrainableEMA(net, cfg.ema_decay)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cfg.warmup_steps))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + seed_offset * 7919)
@@ -235,7 +285,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
         result.teacher_nfe += batch.teacher_nfe * world
         result.pairs += batch.x.shape[0] * world if batch.teacher_nfe else 0
         if acc.sync_gradients:
-            ema.update_parameters(acc.unwrap_model(net))
+            ema.update(acc.unwrap_model(net))
             done += 1
             result.losses.append(float(terms.total.detach()))
             result.directions.append(float(terms.direction.detach()))
@@ -250,7 +300,9 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
                 raise TrainingInterrupted(f"{desc}: stopped by SIGTERM at step {done}; "
                                           f"checkpoint: {last_ckpt or 'none (checkpointing is off)'}")
     bar.close()
-    result.model = ema.module.eval()
+    result.model = acc.unwrap_model(net)
+    ema.copy_to(result.model)
+    result.model.eval()
     if checkpoints is not None:
         if acc.is_main_process:
             checkpoints.save_final(result.model.state_dict(), result.summary())
