@@ -111,6 +111,8 @@ def distill(
     seed: int = typer.Option(0, help="Seed for data order, caption dropout and training."),
     checkpoint_every: int = typer.Option(500, help="Checkpoint every N optimizer steps (in OUT/checkpoints)."),
     resume: Optional[str] = typer.Option(None, help="'latest': continue from the last checkpoint in OUT."),
+    encode_cache: Optional[Path] = typer.Option(None, help="Keep VAE latents + text embeddings of --data in this "
+                                                           "folder (checksummed shards) and reuse them next time."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Distill a Stable Diffusion teacher into a few-step student (run under `accelerate launch` for GPUs)."""
@@ -134,7 +136,7 @@ def distill(
             raise ProReflowError("pass exactly one of --data (images + captions) or --prompts (prompt-only mode)")
         records = read_source(data) if data is not None else read_prompts(prompts)
         pipe = load_pipeline(cfg.model, cfg.weights_dtype)
-        data_ = (encode_records(pipe, records, cfg.resolution, seed) if data is not None
+        data_ = (encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=not quiet) if data is not None
                  else encode_prompts_only(pipe, records, cfg.resolution))
         summary = run_distill(cfg, pipe, data_, out, ckpt)
     except ProReflowError as exc:

@@ -24,7 +24,7 @@ from proreflow.config import from_dict, load_yaml, merge
 from proreflow.data.captions import find_pairs, prepare_image
 from proreflow.errors import ProReflowError
 from proreflow.methods import MethodSpec
-from proreflow.pairs import TeacherSolver
+from proreflow.pairs import ShardStore, TeacherSolver, flatten_cond, unflatten_cond
 from proreflow.teachers.vp import VPSchedule, VPVelocity
 from proreflow.training import TrainConfig, process_state, stop_on_sigterm, train_plan
 from proreflow.windows import ProgressivePlan
@@ -213,19 +213,61 @@ class CaptionedLatents:
         return draw
 
 
+def _record_fingerprint(records: list[tuple[Any, str]]) -> str:
+    """sha256 over captions and image identities (path + size + mtime, or the bytes themselves)."""
+    h = hashlib.sha256()
+    for src, caption in records:
+        h.update(caption.encode() + b"\0")
+        if isinstance(src, (str, Path)):
+            st = Path(src).stat()
+            h.update(f"{src}|{st.st_size}|{st.st_mtime_ns}".encode())
+        elif isinstance(src, (bytes, bytearray)):
+            h.update(hashlib.sha256(src).digest())
+        elif isinstance(src, dict):
+            h.update(hashlib.sha256(src.get("bytes") or str(src.get("path")).encode()).digest())
+        else:  # a PIL image
+            h.update(hashlib.sha256(src.tobytes()).digest() + str(src.size).encode())
+    return h.hexdigest()
+
+
 def encode_records(pipe: Any, records: list[tuple[Any, str]], resolution: int, seed: int = 0,
-                   batch: int = 8) -> CaptionedLatents:
-    """VAE latents and prompt conditioning of (image, caption) records from any source."""
-    gen = torch.Generator().manual_seed(seed)
-    latents, ids = [], []
-    for i in range(0, len(records), batch):
-        prepared = [prepare_image(src, resolution) for src, _ in records[i:i + batch]]
-        latents.append(encode_images(pipe, torch.stack([p.pixels for p in prepared]), gen, batch))
-        ids += [time_ids(p.original_size, p.crop_top_left, resolution) for p in prepared]
-    cond = encode_text(pipe, [c for _, c in records])
-    if is_sdxl(pipe):
-        cond["time_ids"] = torch.stack(ids)
-    return CaptionedLatents(cond, uncond_text(pipe), torch.cat(latents))
+                   cache_dir: str | Path | None = None, shard_size: int = 256, progress: bool = False) -> CaptionedLatents:
+    """VAE latents and prompt conditioning of (image, caption) records from any source.
+
+    Records are encoded in shards of `shard_size`, each with its own VAE sampling seed; with
+    `cache_dir` the shards are kept as checksummed safetensors (`pairs.ShardStore`), so a later run
+    with the same teacher, records, resolution and seed skips the VAE and text encoders, and a
+    damaged or missing shard is re-encoded identically.
+    """
+    if not records:
+        raise ProReflowError("no training records to encode")
+    n_shards = -(-len(records) // shard_size)
+
+    def make(i: int) -> tuple[dict[str, Tensor], dict]:
+        chunk = records[i * shard_size:(i + 1) * shard_size]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        prepared = [prepare_image(src, resolution) for src, _ in chunk]
+        tensors = {"latents": encode_images(pipe, torch.stack([p.pixels for p in prepared]), gen)}
+        tensors.update(flatten_cond(encode_text(pipe, [c for _, c in chunk])))
+        if is_sdxl(pipe):
+            tensors["cond.time_ids"] = torch.stack([time_ids(p.original_size, p.crop_top_left, resolution)
+                                                    for p in prepared])
+        return tensors, {"records": len(chunk)}
+
+    if cache_dir is None:
+        parts = [make(i)[0] for i in range(n_shards)]
+    else:
+        spec = {"kind": "latents+text", "teacher": str(pipe.config.get("_name_or_path", "")), "sdxl": is_sdxl(pipe),
+                "resolution": resolution, "seed": seed, "shard_size": shard_size, "n": len(records),
+                "records_sha256": _record_fingerprint(records)}
+        store = ShardStore(cache_dir)
+        state = process_state()
+        if state.is_main_process:
+            store.build(spec, n_shards, make, progress, desc="encode images + captions")
+        state.wait_for_everyone()
+        parts, _ = store.load(spec, n_shards)
+    cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return CaptionedLatents(unflatten_cond(cat), uncond_text(pipe), cat["latents"])
 
 
 def encode_folder(pipe: Any, folder: str | Path, resolution: int, seed: int = 0) -> CaptionedLatents:
