@@ -18,3 +18,41 @@ class NetworkTeacher:
     def __call__(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         p = next(self.net.parameters())
         return self.net(x.to(p.dtype), t.to(p.dtype), cond).to(x.dtype)
+
+
+class FlowTransformerVelocity(nn.Module):
+    """A flow-matching diffusers network (SD3's `SD3Transformer2DModel` with
+    `FlowMatchEulerDiscreteScheduler`) as a velocity field v(x, t, cond) (teacher or student).
+
+    These models already live in our convention: x_sigma = (1 - sigma) x0 + sigma eps with
+    sigma = 1 noise, and they predict eps - x0. So t is sigma, the network's timestep is
+    sigma * num_train_timesteps, and the output is the velocity; no change of variables. `cond`
+    holds the network's keyword arguments (`encoder_hidden_states`, `pooled_projections`) and, for
+    classifier-free guidance with guidance_scale != 1, an `uncond` dict of the same form.
+    """
+
+    def __init__(self, transformer: nn.Module, num_train_timesteps: int = 1000, guidance_scale: float = 1.0) -> None:
+        super().__init__()
+        self.transformer, self.num_train_timesteps, self.guidance_scale = transformer, num_train_timesteps, guidance_scale
+
+    @classmethod
+    def from_scheduler(cls, transformer: nn.Module, scheduler: Any, guidance_scale: float = 1.0) -> "FlowTransformerVelocity":
+        from proreflow.errors import ProReflowError
+
+        if not hasattr(scheduler, "sigmas") or "shift" not in scheduler.config:
+            raise ProReflowError(f"{type(scheduler).__name__} is not a flow-matching scheduler "
+                                 f"(use FlowMatchEulerDiscreteScheduler, or VPVelocity for eps/v models)")
+        return cls(transformer, scheduler.config.num_train_timesteps, guidance_scale)
+
+    def _call(self, x: Tensor, timestep: Tensor, cond: Any) -> Tensor:
+        kwargs = {k: v for k, v in (cond or {}).items() if k != "uncond"}
+        out = self.transformer(hidden_states=x, timestep=timestep, **kwargs)
+        return out.sample if hasattr(out, "sample") else out[0]
+
+    def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        timestep = (t * self.num_train_timesteps).to(x.device, torch.float32)
+        v = self._call(x, timestep, cond)
+        if self.guidance_scale != 1.0 and isinstance(cond, dict) and cond.get("uncond") is not None:
+            v_u = self._call(x, timestep, cond["uncond"])
+            v = v_u + self.guidance_scale * (v - v_u)
+        return v.to(x.dtype)
