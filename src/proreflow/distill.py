@@ -12,9 +12,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -213,6 +214,21 @@ class CaptionedLatents:
         return draw
 
 
+@contextmanager
+def encoders_on_device(pipe: Any) -> Iterator[None]:
+    """VAE and text encoders on this process's device while encoding, back on the CPU afterwards,
+    so that during training the accelerator holds only the UNet(s)."""
+    device = process_state().device
+    mods = [m for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    for m in mods:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.to("cpu")
+
+
 def _record_fingerprint(records: list[tuple[Any, str]]) -> str:
     """sha256 over captions and image identities (path + size + mtime, or the bytes themselves)."""
     h = hashlib.sha256()
@@ -255,7 +271,8 @@ def encode_records(pipe: Any, records: list[tuple[Any, str]], resolution: int, s
         return tensors, {"records": len(chunk)}
 
     if cache_dir is None:
-        parts = [make(i)[0] for i in range(n_shards)]
+        with encoders_on_device(pipe):
+            parts = [make(i)[0] for i in range(n_shards)]
     else:
         spec = {"kind": "latents+text", "teacher": str(pipe.config.get("_name_or_path", "")), "sdxl": is_sdxl(pipe),
                 "resolution": resolution, "seed": seed, "shard_size": shard_size, "n": len(records),
@@ -263,11 +280,14 @@ def encode_records(pipe: Any, records: list[tuple[Any, str]], resolution: int, s
         store = ShardStore(cache_dir)
         state = process_state()
         if state.is_main_process:
-            store.build(spec, n_shards, make, progress, desc="encode images + captions")
+            with encoders_on_device(pipe):
+                store.build(spec, n_shards, make, progress, desc="encode images + captions")
         state.wait_for_everyone()
         parts, _ = store.load(spec, n_shards)
     cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    return CaptionedLatents(unflatten_cond(cat), uncond_text(pipe), cat["latents"])
+    with encoders_on_device(pipe):
+        uncond = uncond_text(pipe)
+    return CaptionedLatents(unflatten_cond(cat), uncond, cat["latents"])
 
 
 def encode_folder(pipe: Any, folder: str | Path, resolution: int, seed: int = 0) -> CaptionedLatents:
@@ -277,12 +297,13 @@ def encode_folder(pipe: Any, folder: str | Path, resolution: int, seed: int = 0)
 def encode_prompts_only(pipe: Any, prompts: list[str], resolution: int) -> CaptionedLatents:
     """Prompt-only data: conditioning without images (SDXL size ids: the pipeline's defaults,
     original = target = resolution, no crop)."""
-    cond = encode_text(pipe, prompts)
+    with encoders_on_device(pipe):
+        cond, uncond = encode_text(pipe, prompts), uncond_text(pipe)
     if is_sdxl(pipe):
         cond["time_ids"] = time_ids((resolution, resolution), (0, 0), resolution).expand(len(prompts), 6).clone()
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     shape = (pipe.unet.config.in_channels, resolution // f, resolution // f)
-    return CaptionedLatents(cond, uncond_text(pipe), None, shape)
+    return CaptionedLatents(cond, uncond, None, shape)
 
 
 def check_prompt_only(plan: ProgressivePlan) -> None:
@@ -344,6 +365,7 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
     if data.prompt_only:
         check_prompt_only(plan)
     teacher, student = build_teacher_student(pipe, cfg)
+    teacher.to(process_state().device)  # the student is placed by accelerate; a frozen copy must follow it
     data_fn = data.data_fn(cfg.caption_dropout, with_uncond=cfg.teacher_guidance != 1.0)
     with stop_on_sigterm():
         res = train_plan(student, teacher, data_fn, plan, cfg.teacher_solver, cfg.train, cfg.method.lam,

@@ -45,9 +45,13 @@ class FlowTransformerVelocity(nn.Module):
         return cls(transformer, scheduler.config.num_train_timesteps, guidance_scale)
 
     def _call(self, x: Tensor, timestep: Tensor, cond: Any) -> Tensor:
-        kwargs = {k: v for k, v in (cond or {}).items() if k != "uncond"}
-        out = self.transformer(hidden_states=x, timestep=timestep, **kwargs)
-        return out.sample if hasattr(out, "sample") else out[0]
+        from proreflow.pairs import map_cond
+        from proreflow.teachers.vp import to_network
+
+        cast = to_network(self.transformer)
+        kwargs = {k: v for k, v in map_cond(cond or {}, cast).items() if k != "uncond"}
+        out = self.transformer(hidden_states=cast(x), timestep=timestep.to(x.device), **kwargs)
+        return (out.sample if hasattr(out, "sample") else out[0]).to(x.device)
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         timestep = (t * self.num_train_timesteps).to(x.device, torch.float32)

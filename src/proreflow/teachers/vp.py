@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from proreflow.conventions import expand_time
 from proreflow.errors import ProReflowError
+from proreflow.pairs import map_cond
 
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
 
@@ -127,6 +128,13 @@ def velocity_to_output(v: Tensor, x_tau: Tensor, alpha: Tensor, sigma: Tensor,
     raise ProReflowError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or flow")
 
 
+def to_network(net: nn.Module):
+    """Tensor -> the network's device (and dtype, for floating tensors): a teacher kept on the GPU, or
+    in bf16 weights, is called with CPU / fp32 pairs outside autocast; a no-op when they already agree."""
+    p = next(net.parameters())
+    return lambda v: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)
+
+
 #: conditioning entries that diffusers UNets take inside `added_cond_kwargs` (SDXL's "text_time")
 ADDED_COND_KEYS = ("text_embeds", "time_ids")
 
@@ -161,8 +169,10 @@ class VPVelocity(nn.Module):
         self.guidance_scale = guidance_scale
 
     def _call(self, x_tau: Tensor, timestep: Tensor, cond: Any) -> Tensor:
-        out = self.unet(x_tau, timestep, **unet_kwargs(cond))
-        return out.sample if hasattr(out, "sample") else out
+        cast = to_network(self.unet)
+        out = self.unet(cast(x_tau), timestep.to(x_tau.device), **unet_kwargs(map_cond(cond, cast)))
+        out = out.sample if hasattr(out, "sample") else out
+        return out.to(x_tau.device)
 
     def loss_weight(self, t: Tensor) -> Tensor:
         """1 / A(t)^2 where v = A(t) * output + B(t) * x: weights a velocity MSE so that it equals the MSE
