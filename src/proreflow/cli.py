@@ -167,6 +167,8 @@ def sample(
             raise ProReflowError(f"--steps must be >= 1, got {steps}")
         from diffusers import DiffusionPipeline
 
+        import proreflow.diffusers_export  # noqa: F401  (diffusers loads ProReflowScheduler only once imported)
+
         try:
             pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
         except (OSError, ValueError) as exc:
