@@ -11,8 +11,8 @@ from proreflow.training import TrainableEMA, TrainConfig
 from test_distill import image_folder, teacher_dir  # noqa: F401  (module fixtures)
 
 
-def _cfg(teacher_dir, **kw):
-    base = dict(model=str(teacher_dir), resolution=16, steps=2, method=MethodSpec("proreflow", windows=[2], lam=1.0),
+def _cfg(model, **kw):
+    base = dict(model=str(model), resolution=16, steps=2, method=MethodSpec("proreflow", windows=[2], lam=1.0),
                 budget_steps=6, teacher_solver=TeacherSolver("euler", 2), lora_rank=4,
                 train=TrainConfig(lr=1e-2, batch_size=4, ema_decay=0.9, progress=False, seed=0))
     base.update(kw)
