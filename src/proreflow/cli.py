@@ -144,8 +144,11 @@ def distill(
     except TrainingInterrupted as exc:
         typer.echo(f"interrupted: {exc}; continue with --resume latest", err=True)
         raise typer.Exit(143)
-    typer.echo(f"{summary['method']}: {summary['steps']}-step student written to {out} "
-               f"(load with DiffusionPipeline.from_pretrained)")
+    from proreflow.training import process_state
+
+    if process_state().is_main_process:
+        typer.echo(f"{summary['method']}: {summary['steps']}-step student written to {out} "
+                   f"(load with DiffusionPipeline.from_pretrained)")
 
 
 @app.command()
