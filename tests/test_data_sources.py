@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from proreflow.cli import app
-from proreflow.data.captions import load_hf_dataset, read_hf_dataset, read_source, read_tar_shards
+from proreflow.data.captions import load_hf_dataset, prepare_image, read_hf_dataset, read_source, read_tar_shards
 from proreflow.distill import (DistillConfig, distill, encode_prompts_only, encode_records, load_pipeline)
 from proreflow.errors import ProReflowError
 from proreflow.methods import MethodSpec
@@ -52,14 +52,21 @@ def shards(tmp_path):
 
 
 class FakeDataset:
-    """The slice of the HF `datasets.Dataset` interface that the adapter uses (column access)."""
+    """The slice of the HF `datasets.Dataset` interface the adapter uses: `column_names`, a column by
+    name, a row by index (`datasets` is not installed in the test environment)."""
 
     def __init__(self, rows: dict[str, list]):
         self.rows = rows
         self.column_names = list(rows)
+        self.decoded: list = []
 
-    def __getitem__(self, column: str) -> list:
-        return self.rows[column]
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key == "image":
+                self.decoded.append("whole column")
+            return self.rows[key]
+        self.decoded.append(key)
+        return {k: v[key] for k, v in self.rows.items()}
 
 
 def test_tar_shards_read_like_the_folder_and_encode_identically(shards, teacher_dir):  # noqa: F811
@@ -72,6 +79,9 @@ def test_tar_shards_read_like_the_folder_and_encode_identically(shards, teacher_
     as_pil = [(Image.open(io.BytesIO(b)), c) for b, c in records]  # same images, another source type
     from_pil = encode_records(pipe, as_pil, 16, seed=3)
     assert torch.equal(from_tar.latents, from_pil.latents)
+    hf = read_hf_dataset(FakeDataset({"image": [Image.open(io.BytesIO(b)) for b, _ in records],
+                                      "text": [c for _, c in records]}))
+    assert torch.equal(encode_records(pipe, hf, 16, seed=3).latents, from_tar.latents)
     assert torch.equal(from_tar.cond["encoder_hidden_states"], from_pil.cond["encoder_hidden_states"])
 
 
@@ -90,9 +100,11 @@ def test_tar_shard_errors(tmp_path, shards):
 def test_hf_dataset_adapter_and_missing_dependency(monkeypatch):
     ds = FakeDataset({"image": [Image.open(io.BytesIO(_png(i))) for i in range(3)], "text": CAPTIONS[:3], "id": [0, 1, 2]})
     records = read_hf_dataset(ds)
-    assert [c for _, c in records] == CAPTIONS[:3] and records[1][0].size == (24, 20)
-    raw = FakeDataset({"img": [{"bytes": _png(0), "path": None}], "caption": ["a cat"]})
-    assert read_hf_dataset(raw, "img", "caption")[0][0]["bytes"] == _png(0)
+    assert [c for _, c in records] == CAPTIONS[:3] and ds.decoded == []  # images are read lazily
+    assert prepare_image(records[1][0], 8).original_size == (20, 24) and ds.decoded == [1]
+    raw = FakeDataset({"img": [{"bytes": _png(0), "path": None}], "caption": ["a cat"]})  # undecoded Image feature
+    assert torch.equal(prepare_image(read_hf_dataset(raw, "img", "caption")[0][0], 8).pixels,
+                       prepare_image(_png(0), 8).pixels)
     with pytest.raises(ProReflowError, match="no caption column 'text'"):
         read_hf_dataset(FakeDataset({"image": [], "caption": []}))
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if `datasets` were not installed

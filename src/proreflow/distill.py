@@ -239,6 +239,8 @@ def _record_fingerprint(records: list[tuple[Any, str]]) -> str:
             h.update(f"{src}|{st.st_size}|{st.st_mtime_ns}".encode())
         elif isinstance(src, (bytes, bytearray)):
             h.update(hashlib.sha256(src).digest())
+        elif hasattr(src, "fingerprint"):  # a lazy dataset row
+            h.update(src.fingerprint().encode())
         elif isinstance(src, dict):
             h.update(hashlib.sha256(src.get("bytes") or str(src.get("path")).encode()).digest())
         else:  # a PIL image

@@ -91,17 +91,33 @@ def read_tar_shards(spec: str | Path) -> list[tuple[bytes, str]]:
     return records
 
 
+@dataclass(frozen=True)
+class DatasetImage:
+    """A lazy reference to row `index`'s image of an HF dataset: decoded only when encoded, so a
+    large dataset is not held in memory as images."""
+
+    dataset: Any
+    index: int
+    column: str
+
+    def load(self) -> Any:
+        return self.dataset[self.index][self.column]
+
+    def fingerprint(self) -> str:
+        return f"{getattr(self.dataset, '_fingerprint', id(self.dataset))}|{self.index}|{self.column}"
+
+
 def read_hf_dataset(dataset: Any, image_column: str = "image", caption_column: str = "text") -> list[tuple[Any, str]]:
-    """(image, caption) rows of an HF `datasets`-like object (indexable by column name, `column_names`)."""
+    """(lazy image, caption) rows of an HF `datasets`-like object (`column_names`, `len`, row and column access)."""
     cols = list(getattr(dataset, "column_names", []) or [])
     for name, what in ((image_column, "image"), (caption_column, "caption")):
         if name not in cols:
             raise ProReflowError(f"dataset has no {what} column {name!r} (columns: {cols}); "
                                  f"name it with {what}_column")
-    images, captions = dataset[image_column], dataset[caption_column]
-    if len(images) == 0:
+    captions = dataset[caption_column]  # strings only: the image column is not decoded here
+    if len(captions) == 0:
         raise ProReflowError("the dataset is empty")
-    return [(im, str(c).strip()) for im, c in zip(images, captions)]
+    return [(DatasetImage(dataset, i, image_column), str(c).strip()) for i, c in enumerate(captions)]
 
 
 def load_hf_dataset(name: str, split: str = "train") -> Any:
@@ -143,6 +159,8 @@ class PreparedImage:
 def _open(src: Any):
     from PIL import Image
 
+    if isinstance(src, DatasetImage):
+        src = src.load()
     if isinstance(src, Image.Image):
         return src.copy()
     if isinstance(src, (bytes, bytearray)):
