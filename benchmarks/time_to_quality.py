@@ -45,13 +45,13 @@ def curve(spec: MethodSpec, k: int, budget: int, every: int, seed: int, train: T
     points: list[dict] = []
     clock = {"start": time.perf_counter(), "eval": 0.0}
 
-    def on_step(stage: int, done: int, model: torch.nn.Module, result: Any) -> None:
+    def on_step(stage: int, done: int, ema_model: Callable[[], torch.nn.Module], result: Any) -> None:
         stage_nfe[stage] = result.teacher_nfe
         step = offsets[stage] + done
         if step % every and step != plan.total_steps:
             return
         t0 = time.perf_counter()
-        value = score(model)
+        value = score(ema_model())
         points.append({"step": step, "teacher_nfe": sum(stage_nfe.values()),
                        "seconds": t0 - clock["start"] - clock["eval"], "score": value})
         clock["eval"] += time.perf_counter() - t0

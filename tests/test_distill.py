@@ -59,7 +59,7 @@ def test_distill_lowers_the_loss_and_exports_a_loadable_student(tmp_path, teache
     cfg = _cfg(teacher_dir, lora_rank=lora_rank)
     pipe = load_pipeline(cfg.model)
     data = encode_folder(pipe, image_folder, cfg.resolution)
-    assert data.latents.shape == (6, 4, 16, 16) and data.text.shape[0] == 6
+    assert data.latents.shape == (6, 4, 16, 16) and data.cond["encoder_hidden_states"].shape[0] == 6
     probe_teacher, probe_student = build_teacher_student(load_pipeline(cfg.model), replace_lora(cfg, 0))
     before = _pair_loss(probe_student, probe_teacher, data, cfg)
     teacher_unet = {k: v.clone() for k, v in load_pipeline(cfg.model).unet.state_dict().items()}

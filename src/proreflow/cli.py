@@ -98,7 +98,10 @@ def train(
 
 @app.command()
 def distill(
-    data: Path = typer.Option(..., help="Folder of images, each with a same-named .txt caption."),
+    data: Optional[str] = typer.Option(None, help="Images + captions: a folder (image + same-named .txt), "
+                                                  "webdataset tar shards (.tar file, folder or glob), or hf:NAME[:SPLIT]."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt-only mode: a text file, one prompt a line (no images; "
+                                                      "trains only windows that start at pure noise)."),
     out: Path = typer.Option(..., help="Output folder: a diffusers pipeline with the student and a ProReflowScheduler."),
     preset: Optional[str] = typer.Option("sd15-proreflow-I", help="Preset name in configs/ or a YAML path."),
     model: Optional[str] = typer.Option(None, help="Teacher: a diffusers folder or hub id (overrides the preset)."),
@@ -108,6 +111,8 @@ def distill(
     seed: int = typer.Option(0, help="Seed for data order, caption dropout and training."),
     checkpoint_every: int = typer.Option(500, help="Checkpoint every N optimizer steps (in OUT/checkpoints)."),
     resume: Optional[str] = typer.Option(None, help="'latest': continue from the last checkpoint in OUT."),
+    encode_cache: Optional[Path] = typer.Option(None, help="Keep VAE latents + text embeddings of --data in this "
+                                                           "folder (checksummed shards) and reuse them next time."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Distill a Stable Diffusion teacher into a few-step student (run under `accelerate launch` for GPUs)."""
@@ -115,7 +120,8 @@ def distill(
 
     from proreflow.checkpoint import CheckpointConfig
     from proreflow.distill import distill as run_distill
-    from proreflow.distill import encode_folder, load_distill_config, load_pipeline
+    from proreflow.data.captions import read_prompts, read_source
+    from proreflow.distill import encode_prompts_only, encode_records, load_distill_config, load_pipeline
     from proreflow.training import TrainingInterrupted
 
     try:
@@ -126,16 +132,23 @@ def distill(
         ckpt = CheckpointConfig(out / "checkpoints", checkpoint_every, 2, resume == "latest")
         if not ckpt.resume and (out / "model_index.json").exists():
             raise ProReflowError(f"{str(out)!r} already holds a pipeline; choose another --out")
+        if (data is None) == (prompts is None):
+            raise ProReflowError("pass exactly one of --data (images + captions) or --prompts (prompt-only mode)")
+        records = read_source(data) if data is not None else read_prompts(prompts)
         pipe = load_pipeline(cfg.model, cfg.weights_dtype)
-        data_ = encode_folder(pipe, data, cfg.resolution, seed)
+        data_ = (encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=not quiet) if data is not None
+                 else encode_prompts_only(pipe, records, cfg.resolution))
         summary = run_distill(cfg, pipe, data_, out, ckpt)
     except ProReflowError as exc:
         _fail(exc)
     except TrainingInterrupted as exc:
         typer.echo(f"interrupted: {exc}; continue with --resume latest", err=True)
         raise typer.Exit(143)
-    typer.echo(f"{summary['method']}: {summary['steps']}-step student written to {out} "
-               f"(load with StableDiffusionPipeline.from_pretrained)")
+    from proreflow.training import process_state
+
+    if process_state().is_main_process:
+        typer.echo(f"{summary['method']}: {summary['steps']}-step student written to {out} "
+                   f"(load with DiffusionPipeline.from_pretrained)")
 
 
 @app.command()
@@ -156,6 +169,8 @@ def sample(
         if steps < 1:
             raise ProReflowError(f"--steps must be >= 1, got {steps}")
         from diffusers import DiffusionPipeline
+
+        import proreflow.diffusers_export  # noqa: F401  (diffusers loads ProReflowScheduler only once imported)
 
         try:
             pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)

@@ -10,22 +10,25 @@ the adapters disabled, so one UNet's weights are held; otherwise the UNet is ful
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 
 from proreflow.checkpoint import CheckpointConfig, atomic_write_text
 from proreflow.config import from_dict, load_yaml, merge
-from proreflow.data.captions import find_pairs, load_image
+from proreflow.data.captions import find_pairs, prepare_image
 from proreflow.errors import ProReflowError
 from proreflow.methods import MethodSpec
-from proreflow.pairs import TeacherSolver
+from proreflow.pairs import ShardStore, TeacherSolver, flatten_cond, unflatten_cond
 from proreflow.teachers.vp import VPSchedule, VPVelocity
 from proreflow.training import TrainConfig, process_state, stop_on_sigterm, train_plan
+from proreflow.windows import ProgressivePlan
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -80,8 +83,8 @@ def load_distill_config(path: str | Path | None = None, **overrides: Any) -> Dis
 
 
 def load_pipeline(model: str, weights_dtype: str = "float32") -> Any:
-    """`StableDiffusionPipeline.from_pretrained` with a clear error when the weights are not available."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    """`DiffusionPipeline.from_pretrained` (SD1.x/2.x or SDXL) with a clear error when the weights are not available."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     dtype = getattr(torch, weights_dtype)
     try:
@@ -92,17 +95,67 @@ def load_pipeline(model: str, weights_dtype: str = "float32") -> Any:
             f"cannot load the teacher {model!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Pass a "
             f"local diffusers folder, or download it once with network access (it is then read from the HF cache; "
             f"set HF_HUB_OFFLINE=1 to use the cache only)") from None
-    if not isinstance(pipe, StableDiffusionPipeline):
-        raise ProReflowError(f"{model!r} is a {type(pipe).__name__}; this release distills StableDiffusionPipeline "
-                             f"teachers (SD1.x/2.x); SDXL is not supported yet")
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise ProReflowError(f"{model!r} is a {type(pipe).__name__}; proreflow distills StableDiffusionPipeline "
+                             f"(SD1.x/2.x) and StableDiffusionXLPipeline teachers")
     return pipe
 
 
+def is_sdxl(pipe: Any) -> bool:
+    """SDXL pipelines have a second text encoder whose pooled output and size ids feed the UNet."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+#: conditioning keys that carry the prompt (dropped together for CFG); other keys (SDXL's
+#: `time_ids`) describe the image and stay when the caption is dropped, as in the SDXL pipeline.
+TEXT_KEYS = ("encoder_hidden_states", "text_embeds")
+
+
 @torch.no_grad()
-def encode_prompts(pipe: Any, prompts: list[str], device: torch.device | str = "cpu") -> Tensor:
-    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tok.input_ids.to(device))[0].float().cpu()
+def encode_text(pipe: Any, prompts: list[str], batch: int = 64) -> dict[str, Tensor]:
+    """Prompt conditioning as the pipeline computes it.
+
+    SD1.x/2.x: the text encoder's last hidden states. SDXL (as `StableDiffusionXLPipeline.encode_prompt`):
+    both encoders' penultimate hidden states concatenated, and text_encoder_2's pooled projection.
+    """
+    encoders = [(pipe.tokenizer, pipe.text_encoder)]
+    if is_sdxl(pipe):
+        encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    states, pooled = [], []
+    for i in range(0, len(prompts), batch):
+        chunk, parts = prompts[i:i + batch], []
+        for tok, enc in encoders:
+            if tok is None or enc is None:
+                continue
+            ids = tok(chunk, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(enc.device)
+            if not is_sdxl(pipe):
+                parts.append(enc(ids)[0])
+                continue
+            out = enc(ids, output_hidden_states=True)
+            parts.append(out.hidden_states[-2])
+            if enc is pipe.text_encoder_2:
+                pooled.append(out[0].float().cpu())
+        states.append(torch.cat(parts, dim=-1).float().cpu())
+    cond = {"encoder_hidden_states": torch.cat(states)}
+    if is_sdxl(pipe):
+        cond["text_embeds"] = torch.cat(pooled)
+    return cond
+
+
+def uncond_text(pipe: Any) -> dict[str, Tensor]:
+    """One row of the conditioning the pipeline uses as its negative at sampling, for caption dropout
+    and teacher CFG: the empty prompt's embeddings, or zeros (embeddings and pooled) when an SDXL
+    pipeline has `force_zeros_for_empty_prompt` (SDXL base does), so training matches sampling."""
+    empty = encode_text(pipe, [""])
+    if is_sdxl(pipe) and pipe.config.get("force_zeros_for_empty_prompt", False):
+        return {k: torch.zeros_like(v) for k, v in empty.items()}
+    return empty
+
+
+def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target: int) -> Tensor:
+    """SDXL's micro-conditioning row: (orig h, orig w, crop top, crop left, target h, target w)."""
+    return torch.tensor([*original_size, *crop_top_left, target, target], dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -118,32 +171,162 @@ def encode_images(pipe: Any, images: Tensor, generator: torch.Generator, batch: 
 
 @dataclass
 class CaptionedLatents:
-    latents: Tensor  # (N, C, h, w)
-    text: Tensor  # (N, L, D)
-    uncond: Tensor  # (1, L, D): the empty prompt, for caption dropout and CFG
+    """Encoded training data: per-sample conditioning rows and, unless prompt-only, VAE latents."""
+
+    cond: dict[str, Tensor]  # (N, ...) each: text states, and for SDXL pooled text + time ids
+    uncond: dict[str, Tensor]  # (1, ...) each, TEXT_KEYS only: the negative conditioning
+    latents: Tensor | None = None  # (N, C, h, w); None in prompt-only mode
+    latent_shape: tuple[int, int, int] = (4, 64, 64)  # (C, h, w) of the noise in prompt-only mode
+
+    def __post_init__(self) -> None:
+        n = {v.shape[0] for v in self.cond.values()}
+        if self.latents is not None:
+            n.add(self.latents.shape[0])
+            self.latent_shape = tuple(self.latents.shape[1:])
+        if len(n) != 1:
+            raise ProReflowError(f"encoded data have mismatched row counts {sorted(n)}")
+
+    @property
+    def prompt_only(self) -> bool:
+        return self.latents is None
+
+    def __len__(self) -> int:
+        return next(iter(self.cond.values())).shape[0]
 
     def data_fn(self, caption_dropout: float, with_uncond: bool):
-        """(n, generator) -> (x0, cond) with caption dropout; `uncond` rides along for teacher CFG."""
+        """(n, generator) -> (x0, cond) with caption dropout; `uncond` rides along for teacher CFG.
+
+        In prompt-only mode x0 is zeros: only windows starting at t = 1 are trained, where
+        x_a = (1 - 1) x0 + eps is pure noise and x0 is never seen (see `check_prompt_only`)."""
 
         def draw(n: int, gen: torch.Generator) -> tuple[Tensor, dict]:
-            idx = torch.randint(0, self.latents.shape[0], (n,), generator=gen)
-            text = self.text[idx].clone()
+            idx = torch.randint(0, len(self), (n,), generator=gen)
+            cond = {k: v[idx].clone() for k, v in self.cond.items()}
             drop = torch.rand(n, generator=gen) < caption_dropout
-            text[drop] = self.uncond[0]
-            cond: dict = {"encoder_hidden_states": text}
+            for k, u in self.uncond.items():
+                cond[k][drop] = u[0]
             if with_uncond:
-                cond["uncond"] = {"encoder_hidden_states": self.uncond.expand(n, -1, -1).clone()}
-            return self.latents[idx], cond
+                cond["uncond"] = {k: self.uncond[k].expand(n, *self.uncond[k].shape[1:]).clone()
+                                  if k in self.uncond else cond[k].clone() for k in self.cond}
+            x0 = self.latents[idx] if self.latents is not None else torch.zeros(n, *self.latent_shape)
+            return x0, cond
 
         return draw
 
 
+@contextmanager
+def encoders_on_device(pipe: Any) -> Iterator[None]:
+    """VAE and text encoders on this process's device while encoding, back on the CPU afterwards,
+    so that during training the accelerator holds only the UNet(s)."""
+    device = process_state().device
+    mods = [m for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    for m in mods:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.to("cpu")
+
+
+def _record_fingerprint(records: list[tuple[Any, str]]) -> str:
+    """sha256 over captions and image identities (path + size + mtime, or the bytes themselves)."""
+    h = hashlib.sha256()
+    for src, caption in records:
+        h.update(caption.encode() + b"\0")
+        if isinstance(src, (str, Path)):
+            st = Path(src).stat()
+            h.update(f"{src}|{st.st_size}|{st.st_mtime_ns}".encode())
+        elif isinstance(src, (bytes, bytearray)):
+            h.update(hashlib.sha256(src).digest())
+        elif hasattr(src, "fingerprint"):  # a lazy dataset row
+            h.update(src.fingerprint().encode())
+        elif isinstance(src, dict):
+            h.update(hashlib.sha256(src.get("bytes") or str(src.get("path")).encode()).digest())
+        else:  # a PIL image
+            h.update(hashlib.sha256(src.tobytes()).digest() + str(src.size).encode())
+    return h.hexdigest()
+
+
+def encode_records(pipe: Any, records: list[tuple[Any, str]], resolution: int, seed: int = 0,
+                   cache_dir: str | Path | None = None, shard_size: int = 256, progress: bool = False) -> CaptionedLatents:
+    """VAE latents and prompt conditioning of (image, caption) records from any source.
+
+    Records are encoded in shards of `shard_size`, each with its own VAE sampling seed; with
+    `cache_dir` the shards are kept as checksummed safetensors (`pairs.ShardStore`), so a later run
+    with the same teacher, records, resolution and seed skips the VAE and text encoders, and a
+    damaged or missing shard is re-encoded identically.
+    """
+    if not records:
+        raise ProReflowError("no training records to encode")
+    n_shards = -(-len(records) // shard_size)
+
+    def make(i: int) -> tuple[dict[str, Tensor], dict]:
+        chunk = records[i * shard_size:(i + 1) * shard_size]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        prepared = [prepare_image(src, resolution) for src, _ in chunk]
+        tensors = {"latents": encode_images(pipe, torch.stack([p.pixels for p in prepared]), gen)}
+        tensors.update(flatten_cond(encode_text(pipe, [c for _, c in chunk])))
+        if is_sdxl(pipe):
+            tensors["cond.time_ids"] = torch.stack([time_ids(p.original_size, p.crop_top_left, resolution)
+                                                    for p in prepared])
+        return tensors, {"records": len(chunk)}
+
+    if cache_dir is None:
+        with encoders_on_device(pipe):
+            parts = [make(i)[0] for i in range(n_shards)]
+    else:
+        spec = {"kind": "latents+text", "teacher": str(pipe.config.get("_name_or_path", "")), "sdxl": is_sdxl(pipe),
+                "resolution": resolution, "seed": seed, "shard_size": shard_size, "n": len(records),
+                "records_sha256": _record_fingerprint(records)}
+        store = ShardStore(cache_dir)
+        state = process_state()
+        if state.is_main_process:
+            with encoders_on_device(pipe):
+                store.build(spec, n_shards, make, progress, desc="encode images + captions")
+        state.wait_for_everyone()
+        parts, _ = store.load(spec, n_shards)
+    cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    with encoders_on_device(pipe):
+        uncond = uncond_text(pipe)
+    return CaptionedLatents(unflatten_cond(cat), uncond, cat["latents"])
+
+
 def encode_folder(pipe: Any, folder: str | Path, resolution: int, seed: int = 0) -> CaptionedLatents:
-    pairs = find_pairs(folder)
-    images = torch.stack([load_image(p, resolution) for p, _ in pairs])
-    gen = torch.Generator().manual_seed(seed)
-    return CaptionedLatents(encode_images(pipe, images, gen), encode_prompts(pipe, [c for _, c in pairs]),
-                            encode_prompts(pipe, [""]))
+    return encode_records(pipe, list(find_pairs(folder)), resolution, seed)
+
+
+def encode_prompts_only(pipe: Any, prompts: list[str], resolution: int) -> CaptionedLatents:
+    """Prompt-only data: conditioning without images (SDXL size ids: the pipeline's defaults,
+    original = target = resolution, no crop)."""
+    with encoders_on_device(pipe):
+        cond, uncond = encode_text(pipe, prompts), uncond_text(pipe)
+    if is_sdxl(pipe):
+        cond["time_ids"] = time_ids((resolution, resolution), (0, 0), resolution).expand(len(prompts), 6).clone()
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    shape = (pipe.unet.config.in_channels, resolution // f, resolution // f)
+    return CaptionedLatents(cond, uncond, None, shape)
+
+
+def check_prompt_only(plan: ProgressivePlan) -> None:
+    """Prompt-only data can only train windows that start at pure noise (t_a = 1)."""
+    for k, stage in enumerate(plan.stages):
+        late = stage.schedule.boundaries[1:-1]
+        if late:
+            raise ProReflowError(
+                f"stage {k + 1} has {stage.schedule.num_windows} windows; those starting at t = "
+                f"{', '.join(f'{t:.3g}' for t in late)} < 1 start from noised real images, which prompt-only data "
+                f"lack: pass image data (--data), or use a one-window plan (e.g. method windows: '1') for prompts only")
+
+
+def param_digest(module: torch.nn.Module) -> str:
+    """sha256 of the trainable parameters (names and bytes), to check that all processes agree."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class AdaptersOffVelocity(VPVelocity):
@@ -181,7 +364,10 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
     from proreflow.diffusers_export import export_pipeline
 
     plan = cfg.method.plan(cfg.steps, cfg.budget_steps)
+    if data.prompt_only:
+        check_prompt_only(plan)
     teacher, student = build_teacher_student(pipe, cfg)
+    teacher.to(process_state().device)  # the student is placed by accelerate; a frozen copy must follow it
     data_fn = data.data_fn(cfg.caption_dropout, with_uncond=cfg.teacher_guidance != 1.0)
     with stop_on_sigterm():
         res = train_plan(student, teacher, data_fn, plan, cfg.teacher_solver, cfg.train, cfg.method.lam,
@@ -193,6 +379,13 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
                "optimizer_steps": res.optimizer_steps, "teacher_nfe_per_pair": res.nfe_per_pair,
                "final_loss": res.stages[-1].losses[-1], "lora_rank": cfg.lora_rank}
     state = process_state()
+    from accelerate.utils import gather_object
+
+    digests = gather_object([param_digest(res.student)]) if state.num_processes > 1 else [param_digest(res.student)]
+    summary["rank_param_sha256"] = digests
+    if len(set(digests)) != 1:  # DDP keeps replicas equal; a mismatch means a broken launch or nondeterminism
+        raise ProReflowError(f"the {len(digests)} processes ended with different trained weights ({digests}); "
+                             f"nothing was exported. Check the accelerate launch settings")
     if state.is_main_process:
         if cfg.lora_rank:
             from peft.utils import get_peft_model_state_dict

@@ -118,55 +118,49 @@ def map_cond(cond: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 
 def flatten_cond(cond: Any, prefix: str = "cond") -> dict[str, Tensor]:
-    """A conditioning (tensor or nested dict of tensors) as flat `cond.a.b` keys for safetensors."""
+    """A conditioning (tensor, dict of them, nested dicts) as flat `prefix.key.subkey` tensors."""
     if isinstance(cond, Tensor):
         return {prefix: cond}
     if isinstance(cond, dict):
         out: dict[str, Tensor] = {}
-        for k, v in cond.items():
-            if "." in k:
-                raise ProReflowError(f"conditioning keys may not contain '.', got {k!r}")
-            out.update(flatten_cond(v, f"{prefix}.{k}"))
+        for key, sub in cond.items():
+            if "." in key:
+                raise ProReflowError(f"conditioning keys may not contain '.', got {key!r}")
+            out.update(flatten_cond(sub, f"{prefix}.{key}"))
         return out
     if cond is None:
         return {}
     raise ProReflowError(f"cannot cache conditioning of type {type(cond).__name__}; use tensors or dicts of them")
 
 
-def unflatten_cond(flat: dict[str, Tensor], prefix: str = "cond") -> Any:
-    """Inverse of `flatten_cond` over the `prefix` keys of `flat` (other keys are ignored)."""
-    if prefix in flat:
-        return flat[prefix]
-    out: dict[str, Any] = {}
-    for key, v in flat.items():
-        if not key.startswith(prefix + "."):
-            continue
-        *path, last = key[len(prefix) + 1:].split(".")
-        node = out
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = v
+def unflatten_cond(tensors: dict[str, Tensor], prefix: str = "cond") -> Any:
+    """Inverse of `flatten_cond` (None when no key has the prefix)."""
+    if prefix in tensors:
+        return tensors[prefix]
+    out: dict = {}
+    for k, v in tensors.items():
+        if k.startswith(prefix + "."):
+            *path, last = k[len(prefix) + 1:].split(".")
+            d = out
+            for part in path:
+                d = d.setdefault(part, {})
+            d[last] = v
     return out or None
 
 
-class PairCache:
-    """Window pairs cached to disk in safetensors shards with a checksummed manifest.
+class ShardStore:
+    """Tensors in safetensors shards under `root` with a checksummed manifest tied to a spec.
 
-    Each shard is generated from its own seed (base seed, shard index), so a shard that is
-    missing, truncated or corrupted is regenerated bit for bit, and an interrupted build
-    resumes at the first shard it lacks. Shards and the manifest are written atomically
-    (temp file + rename); a shard whose checksum does not match is never used.
+    Shards and the manifest are written atomically (temp file + rename), the manifest after every
+    shard, so a crash loses at most the shard in flight; a shard whose sha256 does not match the
+    manifest, or a manifest written for another spec, is never used. Callers make each shard from
+    its own seed so that a missing or damaged shard is rebuilt bit for bit.
     """
 
     MANIFEST = "manifest.json"
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-
-    def _spec(self, schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int,
-              seed: int) -> dict:
-        return {"boundaries": list(schedule.boundaries), "solver": [solver.method, solver.steps, solver.mode],
-                "n_pairs": n_pairs, "shard_size": shard_size, "seed": seed}
 
     def _manifest(self) -> dict | None:
         try:
@@ -193,49 +187,71 @@ class PairCache:
                 ok.add(int(idx))
         return ok
 
+    def build(self, spec: dict, n_shards: int, make: Callable[[int], tuple[dict[str, Tensor], dict]],
+              progress: bool = False, desc: str = "shards") -> None:
+        """Make (with `make(i) -> (tensors, metadata)`) and write every shard not valid on disk."""
+        from tqdm.auto import tqdm
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        manifest = self._manifest()
+        if manifest is None or manifest.get("spec") != spec:
+            manifest = {"spec": spec, "shards": {}}
+        good = self.valid_shards(spec)
+        for i in tqdm([i for i in range(n_shards) if i not in good], desc=desc, disable=not progress, leave=False):
+            tensors, meta = make(i)
+            name = f"shard-{i:05d}.safetensors"
+            tmp = self.root / f".{name}.tmp"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            os.replace(tmp, self.root / name)
+            manifest["shards"][str(i)] = {"file": name, "sha256": _sha256(self.root / name), **meta}
+            self._write_manifest(manifest)
+
+    def load(self, spec: dict, n_shards: int) -> tuple[list[dict[str, Tensor]], list[dict]]:
+        """Every shard's tensors and manifest entry, in order; an error if any is missing or damaged."""
+        manifest = self._manifest()
+        if manifest is None or len(self.valid_shards(spec) & set(range(n_shards))) != n_shards:
+            raise ProReflowError(f"cache {str(self.root)!r} is incomplete or damaged; rebuild it")
+        entries = [manifest["shards"][str(i)] for i in range(n_shards)]
+        return [load_file(str(self.root / e["file"])) for e in entries], entries
+
+
+class PairCache(ShardStore):
+    """Window pairs cached to disk in safetensors shards with a checksummed manifest.
+
+    Each shard is generated from its own seed (base seed, shard index), so a shard that is
+    missing, truncated or corrupted is regenerated bit for bit, and an interrupted build
+    resumes at the first shard it lacks (see `ShardStore`).
+    """
+
+    def _spec(self, schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int,
+              seed: int) -> dict:
+        return {"boundaries": list(schedule.boundaries), "solver": [solver.method, solver.steps, solver.mode],
+                "n_pairs": n_pairs, "shard_size": shard_size, "seed": seed}
+
     def ensure(self, teacher: VelocityField, data_fn: Callable[[int, torch.Generator], tuple[Tensor, Any]],
                schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int = 10_000,
                seed: int = 0, progress: bool = False) -> "CachedPairs":
         """Build the missing or damaged shards, then load and return every pair."""
         if n_pairs < 1 or shard_size < 1:
             raise ProReflowError(f"pair cache needs n_pairs >= 1 and shard_size >= 1, got {n_pairs}, {shard_size}")
-        from tqdm.auto import tqdm
-
         spec = self._spec(schedule, solver, n_pairs, shard_size, seed)
-        self.root.mkdir(parents=True, exist_ok=True)
-        manifest = self._manifest()
-        if manifest is None or manifest.get("spec") != spec:
-            manifest = {"spec": spec, "shards": {}}
-        good = self.valid_shards(spec)
-        n_shards = -(-n_pairs // shard_size)
-        todo = [i for i in range(n_shards) if i not in good]
-        for i in tqdm(todo, desc="teacher pairs", disable=not progress, leave=False):
+
+        def make(i: int) -> tuple[dict[str, Tensor], dict]:
             n = min(shard_size, n_pairs - i * shard_size)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
             x0, cond = data_fn(n, gen)
             pairs = make_window_pairs(teacher, x0, schedule, solver, generator=gen, cond=cond)
-            tensors = {"x_a": pairs.x_a, "x_b": pairs.x_b, "t_a": pairs.t_a, "t_b": pairs.t_b}
-            tensors.update(flatten_cond(cond))
-            name = f"shard-{i:05d}.safetensors"
-            tmp = self.root / f".{name}.tmp"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-            os.replace(tmp, self.root / name)
-            manifest["shards"][str(i)] = {"file": name, "sha256": _sha256(self.root / name), "pairs": n,
-                                          "teacher_nfe": pairs.teacher_nfe}
-            self._write_manifest(manifest)  # after every shard: a crash loses at most the shard in flight
+            tensors = {"x_a": pairs.x_a, "x_b": pairs.x_b, "t_a": pairs.t_a, "t_b": pairs.t_b, **flatten_cond(cond)}
+            return tensors, {"pairs": n, "teacher_nfe": pairs.teacher_nfe}
+
+        self.build(spec, -(-n_pairs // shard_size), make, progress, desc="teacher pairs")
         return self.load(spec)
 
-    def load(self, spec: dict) -> "CachedPairs":
-        manifest = self._manifest()
-        good = self.valid_shards(spec)
-        n_shards = -(-spec["n_pairs"] // spec["shard_size"])
-        if manifest is None or len(good) != n_shards:
-            raise ProReflowError(f"pair cache {str(self.root)!r} is incomplete or damaged; rebuild it with ensure()")
-        parts = [load_file(str(self.root / manifest["shards"][str(i)]["file"])) for i in range(n_shards)]
+    def load(self, spec: dict) -> "CachedPairs":  # type: ignore[override]
+        parts, entries = super().load(spec, -(-spec["n_pairs"] // spec["shard_size"]))
         cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        cond = unflatten_cond(cat)
-        nfe = sum(manifest["shards"][str(i)]["teacher_nfe"] for i in range(n_shards))
-        return CachedPairs(WindowPairs(cat["x_a"], cat["x_b"], cat["t_a"], cat["t_b"], cond, nfe))
+        nfe = sum(e["teacher_nfe"] for e in entries)
+        return CachedPairs(WindowPairs(cat["x_a"], cat["x_b"], cat["t_a"], cat["t_b"], unflatten_cond(cat), nfe))
 
 
 @dataclass

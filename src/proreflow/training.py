@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from accelerate import Accelerator, PartialState
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from proreflow.checkpoint import CheckpointConfig, FitCheckpoints, optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
@@ -47,6 +46,7 @@ class TrainConfig:
     progress: bool = True
     on_nonfinite: Literal["stop", "skip"] = "stop"  # skip: drop the step and count it, up to max_skips
     max_skips: int = 10
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (CUDA)
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,6 +59,7 @@ class TrainConfig:
             (self.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision must be no/fp16/bf16, got {self.mixed_precision!r}"),
             (self.on_nonfinite in ("stop", "skip"), f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}"),
             (self.max_skips >= 0, f"max_skips must be >= 0, got {self.max_skips}"),
+            (self.optimizer in ("adamw", "adamw8bit"), f"optimizer must be 'adamw' or 'adamw8bit', got {self.optimizer!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -100,8 +101,9 @@ class FitResult:
                 "pairs": self.pairs, "skipped": self.skipped}
 
 
-#: (optimizer steps done in this fit, the EMA model, the fit's running result) -> None
-StepCallback = Callable[[int, nn.Module, "FitResult"], None]
+#: (optimizer steps done in this fit, a function returning a copy of the EMA model, the fit's running
+#: result) -> None; the copy is made only when the callback asks for it
+StepCallback = Callable[[int, Callable[[], nn.Module], "FitResult"], None]
 
 
 class TrainingInterrupted(Exception):
@@ -141,6 +143,70 @@ def ema_with_warmup(decay: float) -> Callable:
     return update
 
 
+class TrainableEMA:
+    """EMA of a model's trainable parameters only (looked up by name, so wrappers may replace them).
+
+    With LoRA on a frozen UNet this holds adapter-sized copies instead of a second UNet. The first
+    update copies the weights; later ones lerp with `ema_with_warmup`'s decay. Frozen parameters
+    and buffers need no average: `copy_to` writes the averages into the live model's trainable
+    parameters, and everything else is the model's own.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.shadow = [p.detach().clone() for _, p in named]
+        self.n_averaged = 0
+        self._update = ema_with_warmup(decay)
+
+    def _params(self, model: nn.Module) -> list[Tensor]:
+        params = dict(model.named_parameters())
+        return [params[n] for n in self.names]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = [p.detach() for p in self._params(model)]
+        if self.n_averaged == 0:
+            torch._foreach_copy_(self.shadow, current)
+        else:
+            self._update(self.shadow, current, torch.tensor(self.n_averaged))
+        self.n_averaged += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for p, s in zip(self._params(model), self.shadow):
+            p.copy_(s)
+
+    def to(self, device: torch.device | str) -> "TrainableEMA":
+        self.shadow = [s.to(device) for s in self.shadow]
+        return self
+
+    def numel(self) -> int:
+        return sum(s.numel() for s in self.shadow)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"n_averaged": torch.tensor(self.n_averaged), **dict(zip(self.names, self.shadow))}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if set(state) != {"n_averaged", *self.names}:
+            raise KeyError("EMA tensors do not match this model's trainable parameters")
+        self.shadow = [state[n].to(s.device, s.dtype).clone() for n, s in zip(self.names, self.shadow)]
+        self.n_averaged = int(state["n_averaged"])
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (optimizer states in 8 bits: 2 bytes per parameter
+    instead of 8, what makes full SDXL fine-tuning fit on 80 GB); bitsandbytes is imported only here."""
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ProReflowError("optimizer adamw8bit needs bitsandbytes and a CUDA GPU: pip install bitsandbytes, "
+                                 "or set train.optimizer: adamw") from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def process_state() -> PartialState:
     """accelerate's process state, initialised the way `make_accelerator` needs it.
 
@@ -167,10 +233,11 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
     By default `model` itself is not modified: training runs on a copy, so a stage can start from
     a shared initial network without disturbing it; copy_model=False trains it in place (large
     UNets, LoRA on a UNet shared with the teacher). Parameters that require grad are trained; if
-    none do (a frozen teacher's copy), all are. With `checkpoints`, the full training state
+    none do (a frozen teacher's copy), all are; only they have an EMA (`TrainableEMA`). With `checkpoints`, the full training state
     is saved every `checkpoints.cfg.every` steps (and on SIGTERM inside `stop_on_sigterm`), and
-    a resumed fit continues bit for bit where the last checkpoint left off. `on_step(done, ema_model,
-    result)` runs after every optimizer step (time-to-quality curves); it must not change the model.
+    a resumed fit continues bit for bit where the last checkpoint left off. `on_step(done, ema_model_fn,
+    result)` runs after every optimizer step (time-to-quality curves); `ema_model_fn()` returns a copy
+    of the EMA model, so the callback cannot disturb training.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ProReflowError(f"training steps must be a positive integer, got {steps!r}")
@@ -190,8 +257,8 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
     net = (copy.deepcopy(model) if copy_model else model).train()
     if not any(p.requires_grad for p in net.parameters()):
         net.requires_grad_(True)
-    ema = AveragedModel(net, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = TrainableEMA(net, cfg.ema_decay)
+    opt = make_optimizer([p for p in net.parameters() if p.requires_grad], cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cfg.warmup_steps))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + seed_offset * 7919)
     result = FitResult(model=model)
@@ -241,7 +308,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
         result.teacher_nfe += batch.teacher_nfe * world
         result.pairs += batch.x.shape[0] * world if batch.teacher_nfe else 0
         if acc.sync_gradients:
-            ema.update_parameters(acc.unwrap_model(net))
+            ema.update(acc.unwrap_model(net))
             done += 1
             result.losses.append(float(terms.total.detach()))
             result.directions.append(float(terms.direction.detach()))
@@ -249,7 +316,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
             if done % 50 == 0 or done == steps:
                 bar.set_postfix(loss=f"{result.losses[-1]:.4f}", cos=f"{1 - result.directions[-1]:.4f}")
             if on_step is not None:
-                on_step(done, ema.module, result)
+                on_step(done, lambda: _ema_copy(acc.unwrap_model(net), ema), result)
             stop = not _all_ranks(acc, not _StopFlag.requested)  # every process stops at the same step
             if checkpoints is not None and done < steps and (done % checkpoints.cfg.every == 0 or stop):
                 last_ckpt = save()
@@ -258,7 +325,9 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
                 raise TrainingInterrupted(f"{desc}: stopped by SIGTERM at step {done}; "
                                           f"checkpoint: {last_ckpt or 'none (checkpointing is off)'}")
     bar.close()
-    result.model = ema.module.eval()
+    result.model = acc.unwrap_model(net)
+    ema.copy_to(result.model)
+    result.model.eval()
     if checkpoints is not None:
         if acc.is_main_process:
             checkpoints.save_final(result.model.state_dict(), result.summary())
@@ -267,6 +336,12 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
     if _StopFlag.requested and checkpoints is not None:  # SIGTERM during the last step: this stage is saved whole
         raise TrainingInterrupted(f"{desc}: stopped by SIGTERM after its last step; checkpoint: {checkpoints.final_path}")
     return result
+
+
+def _ema_copy(model: nn.Module, ema: TrainableEMA) -> nn.Module:
+    out = copy.deepcopy(model).eval()
+    ema.copy_to(out)
+    return out
 
 
 def _warmup(warmup_steps: int) -> Callable[[int], float]:
@@ -418,12 +493,12 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: P
                solver: TeacherSolver, cfg: TrainConfig, lam: float, accelerator: Accelerator | None = None,
                desc: str = "reflow", margin: float = 0.0,
                checkpoints: CheckpointConfig | None = None, pair_cache: PairCacheConfig | None = None,
-               copy_model: bool = True, on_step: Callable[[int, int, nn.Module, FitResult], None] | None = None
+               copy_model: bool = True, on_step: Callable[[int, int, Callable[[], nn.Module], FitResult], None] | None = None
                ) -> PlanResult:
     """Run a progressive plan: stage k+1 starts from stage k's (EMA) student, the first from `init`.
 
     The teacher stays fixed across stages: each stage's pairs come from the teacher's ODE over
-    that stage's (wider) windows, as in the paper. `on_step(stage, done, ema_model, result)` is
+    that stage's (wider) windows, as in the paper. `on_step(stage, done, ema_model_fn, result)` is
     `fit`'s callback with the 0-based stage index in front.
     """
     student, stages = init, []

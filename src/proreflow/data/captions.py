@@ -1,13 +1,24 @@
 """Image + caption sources for text-to-image distillation, and prompt files.
 
-A local folder holds images (.png/.jpg/.jpeg/.webp) each with a same-named .txt caption
-(`cat.png` + `cat.txt`), the layout most fine-tuning tools use. Images are centre-cropped and
-resized to the training resolution and scaled to [-1, 1] for the VAE.
+Three sources give the same records (an image to open, its caption):
+- a local folder of images (.png/.jpg/.jpeg/.webp) each with a same-named .txt caption
+  (`cat.png` + `cat.txt`), the layout most fine-tuning tools use;
+- webdataset-style tar shards (`key.jpg|png|...` + `key.txt` members), read with the stdlib
+  `tarfile` so no extra dependency is needed: a .tar file, a folder of them, or a glob;
+- an HF `datasets` dataset by hub name or `save_to_disk` folder (`hf:NAME[:SPLIT]`; optional
+  dependency, imported only when used).
+Images are centre-cropped and resized to the training resolution and scaled to [-1, 1] for the VAE;
+`prepare_image` also reports the original size and the crop corner, which SDXL conditions on.
 """
 
 from __future__ import annotations
 
+import glob
+import io
+import tarfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,21 +43,157 @@ def find_pairs(root: str | Path) -> list[tuple[Path, str]]:
     return [(p, p.with_suffix(".txt").read_text().strip()) for p in images]
 
 
-def load_image(path: Path, resolution: int) -> Tensor:
-    """(3, resolution, resolution) in [-1, 1]: centre crop to a square, then resize."""
+def tar_shards(spec: str | Path) -> list[Path]:
+    """The .tar files named by `spec`: one file, a folder holding them, or a glob pattern."""
+    s = str(spec)
+    p = Path(s)
+    if p.is_dir():
+        files = sorted(p.glob("*.tar"))
+    elif any(c in s for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(s))
+    else:
+        files = [p] if p.is_file() else []
+    if not files:
+        raise ProReflowError(f"no .tar shards at {s!r}; pass a .tar file, a folder of .tar files or a glob")
+    return files
+
+
+def read_tar_shards(spec: str | Path) -> list[tuple[bytes, str]]:
+    """(image bytes, caption) for every `key.<image>` + `key.txt` pair in the shards, in shard order."""
+    records: list[tuple[bytes, str]] = []
+    for shard in tar_shards(spec):
+        images: dict[str, bytes] = {}
+        captions: dict[str, str] = {}
+        try:
+            with tarfile.open(shard) as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    key, dot, ext = m.name.rpartition(".")
+                    if not dot:
+                        continue
+                    ext = "." + ext.lower()
+                    if ext in IMAGE_SUFFIXES or ext == ".txt":
+                        data = tar.extractfile(m).read()  # type: ignore[union-attr]
+                        if ext == ".txt":
+                            captions[key] = data.decode("utf-8").strip()
+                        else:
+                            images[key] = data
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ProReflowError(f"cannot read tar shard {str(shard)!r}: {exc}") from None
+        missing = sorted(set(images) - set(captions))
+        if missing:
+            raise ProReflowError(f"{len(missing)} image(s) in shard {str(shard)!r} have no .txt member, "
+                                 f"e.g. {missing[:3]}")
+        records += [(images[k], captions[k]) for k in sorted(images)]
+    if not records:
+        raise ProReflowError(f"no image + .txt pairs in the tar shards at {str(spec)!r}")
+    return records
+
+
+@dataclass(frozen=True)
+class DatasetImage:
+    """A lazy reference to row `index`'s image of an HF dataset: decoded only when encoded, so a
+    large dataset is not held in memory as images."""
+
+    dataset: Any
+    index: int
+    column: str
+
+    def load(self) -> Any:
+        return self.dataset[self.index][self.column]
+
+    def fingerprint(self) -> str:
+        return f"{getattr(self.dataset, '_fingerprint', id(self.dataset))}|{self.index}|{self.column}"
+
+
+def read_hf_dataset(dataset: Any, image_column: str = "image", caption_column: str = "text") -> list[tuple[Any, str]]:
+    """(lazy image, caption) rows of an HF `datasets`-like object (`column_names`, `len`, row and column access)."""
+    cols = list(getattr(dataset, "column_names", []) or [])
+    for name, what in ((image_column, "image"), (caption_column, "caption")):
+        if name not in cols:
+            raise ProReflowError(f"dataset has no {what} column {name!r} (columns: {cols}); "
+                                 f"name it with {what}_column")
+    captions = dataset[caption_column]  # strings only: the image column is not decoded here
+    if len(captions) == 0:
+        raise ProReflowError("the dataset is empty")
+    return [(DatasetImage(dataset, i, image_column), str(c).strip()) for i, c in enumerate(captions)]
+
+
+def load_hf_dataset(name: str, split: str = "train") -> Any:
+    """`datasets.load_from_disk(name)` for a saved folder, else `datasets.load_dataset(name, split=split)`."""
+    try:
+        import datasets
+    except ImportError:
+        raise ProReflowError("HF datasets need the optional `datasets` package: pip install datasets") from None
+    try:
+        if Path(name).is_dir() and (Path(name) / "dataset_dict.json").is_file():
+            return datasets.load_from_disk(name)[split]
+        if Path(name).is_dir() and (Path(name) / "state.json").is_file():
+            return datasets.load_from_disk(name)
+        return datasets.load_dataset(name, split=split)
+    except (OSError, ValueError, KeyError, FileNotFoundError) as exc:
+        raise ProReflowError(f"cannot load the dataset {name!r} split {split!r}: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+
+
+def read_source(spec: str | Path) -> list[tuple[Any, str]]:
+    """Records of a data spec: `hf:NAME[:SPLIT]`, tar shards (.tar file/folder/glob), or an image folder."""
+    s = str(spec)
+    if s.startswith("hf:"):
+        name, _, split = s[3:].partition(":")
+        return read_hf_dataset(load_hf_dataset(name, split or "train"))
+    p = Path(s)
+    if s.endswith(".tar") or any(c in s for c in "*?[") or (p.is_dir() and any(p.glob("*.tar"))):
+        return read_tar_shards(s)
+    return list(find_pairs(p))
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    pixels: Tensor  # (3, resolution, resolution) in [-1, 1]
+    original_size: tuple[int, int]  # (height, width) before cropping
+    crop_top_left: tuple[int, int]  # crop corner in the resized image's pixels (SDXL's convention)
+
+
+def _open(src: Any):
+    from PIL import Image
+
+    if isinstance(src, DatasetImage):
+        src = src.load()
+    if isinstance(src, Image.Image):
+        return src.copy()
+    if isinstance(src, (bytes, bytearray)):
+        return Image.open(io.BytesIO(src))
+    if isinstance(src, dict) and (src.get("bytes") or src.get("path")):  # datasets' undecoded Image feature
+        return Image.open(io.BytesIO(src["bytes"])) if src.get("bytes") else Image.open(src["path"])
+    return Image.open(src)
+
+
+def prepare_image(src: Any, resolution: int) -> PreparedImage:
+    """Centre crop to a square, resize, scale to [-1, 1]; `src` is a path, bytes or a PIL image."""
     from PIL import Image, UnidentifiedImageError
 
+    name = str(src) if isinstance(src, (str, Path)) else type(src).__name__
     try:
-        with Image.open(path) as im:
+        with _open(src) as im:
             im = im.convert("RGB")
             w, h = im.size
             s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            top, left = (h - s) // 2, (w - s) // 2
+            im = im.crop((left, top, left + s, top + s))
             im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
             arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     except (UnidentifiedImageError, OSError) as exc:
-        raise ProReflowError(f"cannot read image {str(path)!r}: {exc}") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        raise ProReflowError(f"cannot read image {name!r}: {exc}") from None
+    scale = resolution / s
+    return PreparedImage(torch.from_numpy(arr).permute(2, 0, 1).contiguous(), (h, w),
+                         (round(top * scale), round(left * scale)))
+
+
+def load_image(path: Any, resolution: int) -> Tensor:
+    """(3, resolution, resolution) in [-1, 1]: centre crop to a square, then resize."""
+    return prepare_image(path, resolution).pixels
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -2,9 +2,11 @@
 
 - `GaussianMixture`: analytic data distribution with its exact marginal velocity (a test oracle).
 - `NetworkTeacher`: any trained velocity network, frozen and called without autograd.
+- `FlowVelocity`: networks that predict our velocity (SD3-style transformers, digits UNets; identity time map).
+- `vp.VPVelocity`: eps / v-prediction diffusers UNets (SD1.x/2.x/SDXL), imported from teachers.vp.
 """
 
-from proreflow.teachers.flow import NetworkTeacher
+from proreflow.teachers.flow import FlowVelocity, NetworkTeacher
 from proreflow.teachers.gmm import GaussianMixture
 
-__all__ = ["GaussianMixture", "NetworkTeacher"]
+__all__ = ["FlowVelocity", "GaussianMixture", "NetworkTeacher"]

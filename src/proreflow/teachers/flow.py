@@ -1,18 +1,25 @@
-"""Trained velocity networks used as teachers or students.
+"""Trained velocity networks used as teachers or students, and how diffusers networks are called.
 
 - `NetworkTeacher`: freezes any `net(x, t, cond) -> v` and calls it without autograd.
-- `FlowVelocity`: a diffusers network (UNet2DModel, SD3-style transformer, ...) trained to predict
-  our velocity directly, called with timestep = t * num_train_timesteps as diffusers' flow-match
-  schedulers do, so the t mapping is the identity up to that scale.
-- `guided_call`: classifier-free guidance on raw network outputs, shared with the VP adapter.
+- `FlowVelocity`: a diffusers network trained to predict our velocity directly (a digits UNet2DModel,
+  SD3's `SD3Transformer2DModel` with `FlowMatchEulerDiscreteScheduler`): these already live in our
+  convention (x_t = (1 - t) x0 + t eps, output eps - x0), so t is the scheduler's sigma and the
+  network's timestep is t * num_train_timesteps; no change of variables.
+- `call_network` / `guided_call`: one way to call a diffusers UNet or transformer with our flat
+  conditioning dict, and classifier-free guidance on raw outputs; shared with the VP adapter.
 """
 
 from __future__ import annotations
 
+import inspect
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+from proreflow.errors import ProReflowError
+from proreflow.pairs import map_cond
 
 
 class NetworkTeacher:
@@ -27,11 +34,47 @@ class NetworkTeacher:
         return self.net(x.to(p.dtype), t.to(p.dtype), cond).to(x.dtype)
 
 
+def to_network(net: nn.Module) -> Callable[[Tensor], Tensor]:
+    """Tensor -> the network's device (and dtype, for floating tensors): a teacher kept on the GPU, or
+    in bf16 weights, is called with CPU / fp32 pairs outside autocast; a no-op when they already agree."""
+    p = next(net.parameters(), None) if isinstance(net, nn.Module) else None
+    if p is None:  # a plain function (analytic test networks): nothing to match
+        return lambda v: v
+    return lambda v: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)
+
+
+#: conditioning entries that diffusers UNets take inside `added_cond_kwargs` (SDXL's "text_time")
+ADDED_COND_KEYS = ("text_embeds", "time_ids")
+
+
+def unet_kwargs(cond: Any) -> dict[str, Any]:
+    """Keyword arguments for a diffusers network from our flat conditioning dict (drops `uncond`)."""
+    kwargs = {k: v for k, v in (cond or {}).items() if k != "uncond" and k not in ADDED_COND_KEYS}
+    added = {k: cond[k] for k in ADDED_COND_KEYS if cond and k in cond}
+    if added:
+        kwargs["added_cond_kwargs"] = {**kwargs.get("added_cond_kwargs", {}), **added}
+    return kwargs
+
+
+@lru_cache(maxsize=None)
+def _takes_hidden_states(cls: type) -> bool:
+    """Transformers (SD3, ...) name their input `hidden_states`; UNets take `sample` first."""
+    forward = getattr(cls, "forward", None)
+    if forward is None:
+        return False
+    params = inspect.signature(forward).parameters
+    return "hidden_states" in params and "sample" not in params
+
+
 def call_network(net: nn.Module, x: Tensor, timestep: Tensor, cond: Any) -> Tensor:
-    """`net(x, timestep, **cond)` without the `uncond` entry, unwrapping diffusers' output classes."""
-    kwargs = {k: v for k, v in (cond or {}).items() if k != "uncond"}
-    out = net(x, timestep, **kwargs)
-    return out.sample if hasattr(out, "sample") else out
+    """The raw output of a diffusers UNet or transformer at `timestep`, on x's device."""
+    cast = to_network(net)
+    kwargs = unet_kwargs(map_cond({k: v for k, v in (cond or {}).items() if k != "uncond"}, cast))
+    ts = timestep.to(cast(x).device)
+    out = net(hidden_states=cast(x), timestep=ts, **kwargs) if _takes_hidden_states(type(net)) \
+        else net(cast(x), ts, **kwargs)
+    out = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+    return out.to(x.device)
 
 
 def guided_call(call: Callable[[Any], Tensor], cond: Any, scale: float) -> Tensor:
@@ -46,15 +89,25 @@ def guided_call(call: Callable[[Any], Tensor], cond: Any, scale: float) -> Tenso
 
 
 class FlowVelocity(nn.Module):
-    """A diffusers network that predicts our velocity eps - x0 at timestep t * time_scale.
+    """A diffusers network that predicts our velocity eps - x0 at timestep t * time_scale, as a
+    velocity field v(x, t, cond) (teacher or student).
 
-    `cond` is a dict of keyword arguments for the network (`class_labels`, `encoder_hidden_states`,
-    ...), optionally with `uncond` for classifier-free guidance at `guidance_scale`.
+    `cond` is a flat dict of the network's keyword arguments (`class_labels`, `encoder_hidden_states`,
+    `pooled_projections`, ...), optionally with `uncond` (same form) for classifier-free guidance at
+    `guidance_scale`.
     """
 
     def __init__(self, net: nn.Module, time_scale: float = 1000.0, guidance_scale: float = 1.0) -> None:
         super().__init__()
         self.net, self.time_scale, self.guidance_scale = net, time_scale, guidance_scale
+
+    @classmethod
+    def from_scheduler(cls, net: nn.Module, scheduler: Any, guidance_scale: float = 1.0) -> "FlowVelocity":
+        """For a network trained with a flow-matching scheduler (FlowMatchEulerDiscreteScheduler)."""
+        if not hasattr(scheduler, "sigmas") or "shift" not in scheduler.config:
+            raise ProReflowError(f"{type(scheduler).__name__} is not a flow-matching scheduler "
+                                 f"(use FlowMatchEulerDiscreteScheduler, or VPVelocity for eps/v models)")
+        return cls(net, float(scheduler.config.num_train_timesteps), guidance_scale)
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         ts = (t * self.time_scale).to(x.device, torch.float32)

@@ -131,9 +131,11 @@ def velocity_to_output(v: Tensor, x_tau: Tensor, alpha: Tensor, sigma: Tensor,
 class VPVelocity(nn.Module):
     """A VP-parametrised diffusers network (teacher or student) seen as a velocity field v(y, t, cond).
 
-    `cond` is a dict of keyword arguments for the network (`encoder_hidden_states`,
-    `added_cond_kwargs` for SDXL, `class_labels`, ...). With guidance_scale != 1 and an `uncond`
-    entry holding the unconditional keyword arguments, classifier-free guidance is applied to the
+    `cond` is a flat dict of per-sample tensors: keyword arguments for the network
+    (`encoder_hidden_states`, `class_labels`, ...) and SDXL's `text_embeds` / `time_ids`, which
+    `unet_kwargs` gathers into `added_cond_kwargs` (flat, so that row selection, device moves and
+    pair caches treat every entry alike). With guidance_scale != 1 and an `uncond` entry holding
+    the unconditional conditioning in the same form, classifier-free guidance is applied to the
     raw outputs (the paper trains students at scale 1 and guides only when sampling). The student
     keeps the teacher's output parametrisation, so its `unet` stays loadable by diffusers.
     """
