@@ -109,3 +109,12 @@ def test_exported_student_loads_with_from_pretrained_and_samples(tmp_path):
     again = loaded(["a photo of a cat", "a red dog"], num_inference_steps=2, guidance_scale=4.0, height=16, width=16,
                    output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert (images == again).all()
+
+
+def test_sd_unets_attend_with_torch_sdpa():
+    """The GPU attention fast path is diffusers' default with torch 2: every attention layer of an SD UNet
+    uses AttnProcessor2_0 (F.scaled_dot_product_attention: flash / memory-efficient kernels on CUDA)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    procs = tiny_unet().attn_processors
+    assert procs and all(isinstance(p, AttnProcessor2_0) for p in procs.values())

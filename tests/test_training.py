@@ -1,5 +1,7 @@
 """The stage loop: determinism, accumulation, mixed precision, EMA, stage chaining, data sources."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -161,3 +163,35 @@ def test_user_points_any_dimension(tmp_path):
     np.save(p, np.random.default_rng(0).normal(size=(100, 5)).astype(np.float32))
     arr = load_points(p)
     assert arr.shape == (100, 5) and arr.dtype == np.float64
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compile_and_channels_last_fast_paths_train_the_same_model():
+    """The GPU fast paths are switches of the same loop: inductor (through accelerate) and NHWC weights
+    give the weights of the plain run; the EMA and the returned model are the uncompiled module."""
+    torch.manual_seed(0)
+    init = VelocityMLP(2, 32, 2)
+    base = fit(init, flow_matching_batches(_data_fn, 64), 20, _cfg(batch_size=64))
+    seen = []
+    fast = fit(init, flow_matching_batches(_data_fn, 64), 20,
+               _cfg(batch_size=64, compile=True, channels_last=True),
+               on_step=lambda done, ema_model, res: seen.append(type(ema_model()).__name__))
+    assert type(fast.model).__name__ == "VelocityMLP" and set(seen) == {"VelocityMLP"}
+    assert torch.allclose(_params(base.model), _params(fast.model), atol=1e-5)
+
+
+def test_on_step_sees_the_ema_model_without_disturbing_training():
+    calls = []
+    torch.manual_seed(0)
+    init = VelocityMLP(2, 32, 2)
+    ref = fit(init, flow_matching_batches(_data_fn, 64), 12, _cfg(batch_size=64))
+
+    def on_step(done, ema_model, res):
+        m = ema_model()
+        for p in m.parameters():  # a copy: scribbling on it must not reach training
+            p.data.add_(1.0)
+        calls.append((done, len(res.losses)))
+
+    got = fit(init, flow_matching_batches(_data_fn, 64), 12, _cfg(batch_size=64), on_step=on_step)
+    assert calls == [(i, i) for i in range(1, 13)]
+    assert torch.equal(_params(ref.model), _params(got.model))

@@ -76,11 +76,14 @@ class WindowPairs:
         return self.x_a + uu * (self.x_b - self.x_a), t
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def make_window_pairs(teacher: VelocityField, x0: Tensor, schedule: WindowSchedule, solver: TeacherSolver,
                       generator: torch.Generator | None = None, cond: Any = None,
                       windows: Tensor | None = None, noise: Tensor | None = None) -> WindowPairs:
-    """Pairs for a batch of real data x0: one window per sample (length-weighted unless given)."""
+    """Pairs for a batch of real data x0: one window per sample (length-weighted unless given).
+
+    The teacher runs in inference mode (no autograd bookkeeping at all); the returned pair tensors
+    only enter training through functional ops (chord points, targets), which is allowed."""
     n = x0.shape[0]
     if windows is None:
         windows = schedule.sample_windows(n, generator).to(x0.device)
