@@ -238,11 +238,14 @@ class DigitsBench:
         train = TrainConfig(lr=tc.lr, batch_size=tc.batch_size, ema_decay=tc.ema_decay, grad_clip=1.0, seed=tc.seed,
                             progress=self.progress)
         ckpt = CheckpointConfig(self.cache / f"teacher-{kind}-{self.teacher_key(kind)}", every=250, resume=True)
-        self.log(f"{kind} teacher: {tc.steps} flow-matching steps (cached after the first run)")
+        fits = ckpt.for_fit("fit")
+        cached = fits.final_path.is_file()
+        self.log(f"{kind} teacher: " + ("from the cache" if cached else f"{tc.steps} flow-matching steps"))
         started = time.perf_counter()
         res = fit(init, flow_matching_batches(self.data_fn(), tc.batch_size), tc.steps, train,
-                  desc=f"{kind} teacher", checkpoints=ckpt.for_fit("fit"))
-        self.teacher_seconds[kind] = time.perf_counter() - started
+                  desc=f"{kind} teacher", checkpoints=fits)
+        if not cached:
+            self.teacher_seconds[kind] = time.perf_counter() - started
         return res.model.eval().requires_grad_(False)
 
     def data_fn(self) -> Callable[[int, torch.Generator], tuple[Tensor, Any]]:
@@ -368,6 +371,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def run_digits(cfg: DigitsConfig, out: Path, progress: bool = True, analyses: bool = True) -> dict:
     """Everything of the benchmark: results.json, results.md and the figures under `out`."""
     out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     bench = DigitsBench(cfg, out, progress)
     log = bench.log
     results: dict[str, Any] = {"config": json.loads(json.dumps(asdict(cfg), default=str)),
@@ -399,6 +403,9 @@ def run_digits(cfg: DigitsConfig, out: Path, progress: bool = True, analyses: bo
     if analyses:
         results["analysis"] = run_analyses(bench, out)
     results["summary"] = _summary(cfg, results)
+    # what this invocation cost (a rerun on a warm cache skips cached teachers, pairs and students)
+    results["run"] = {"wall_seconds": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads(),
+                      "device": "cpu"}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", results_markdown(results))
     log(f"done: {out / 'results.md'}")
@@ -544,6 +551,9 @@ def results_markdown(res: dict) -> str:
     if res.get("analysis"):
         lines += ["", analysis_markdown(res["analysis"])]
     s = res["summary"]
+    if res.get("run"):
+        lines += ["", f"This run took {res['run']['wall_seconds'] / 60:.1f} min on {res['run']['device']} "
+                      f"({res['run']['torch_threads']} torch threads), teachers {', '.join(f'{k} {v / 60:.1f} min' for k, v in res['teacher_seconds'].items()) or 'from the cache'}."]
     lines += ["", f"Best at {cfg['table_steps']} steps by mean FD: **{s['table4_best']}** "
                   f"(paper's ordering, full best: {'reproduced' if s['full_is_best'] else 'not reproduced'})."]
     return "\n".join(lines) + "\n"
