@@ -216,8 +216,10 @@ def test_smoke_run_writes_every_result(smoke_run):
 
 def test_analyze_reuses_the_cached_teacher_and_reproduces_the_run(smoke_run):
     out, res = smoke_run
+    before = sorted(p.name for p in (out / "cache").iterdir())
     result = runner.invoke(app, ["analyze", "digits-smoke", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "cache").iterdir()) == before  # no teacher trained again
     again = json.loads((out / "analysis.json").read_text())
     assert again["rms_l2"] == res["analysis"]["rms_l2"]
     assert again["perturbation"] == res["analysis"]["perturbation"]

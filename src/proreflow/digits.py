@@ -227,8 +227,10 @@ class DigitsBench:
         return FlowVelocity(unet, time_scale=float(self.cfg.vp.num_train_timesteps))
 
     def teacher_key(self, kind: str) -> str:
+        """Hash of what the teacher's weights depend on (not which teachers a run lists or distills)."""
         c = self.cfg
-        return _key(kind, asdict(c.data), asdict(c.unet), asdict(c.vp), c.label_dropout, asdict(c.teacher))
+        training = {k: v for k, v in asdict(c.teacher).items() if k not in ("kinds", "distill")}
+        return _key(kind, asdict(c.data), asdict(c.unet), asdict(c.vp), c.label_dropout, training)
 
     def _teacher(self, kind: str) -> torch.nn.Module:
         c = self.cfg
@@ -341,7 +343,8 @@ def train_student(bench: DigitsBench, spec: MethodSpec, k: int, seed: int) -> St
     teacher = bench.teachers[kind]
     plan = spec.plan(k, cfg.budget_steps)
     train = replace(cfg.train, seed=seed, progress=bench.progress)
-    common = (bench.teacher_key(kind), asdict(cfg.teacher_solver), cfg.window_margin, asdict(train), seed,
+    common = (bench.teacher_key(kind), asdict(cfg.teacher_solver), cfg.window_margin,
+              asdict(replace(train, progress=True)), seed,
               [(s.schedule.boundaries, s.steps) for s in plan.stages], cfg.label_dropout)
     pairs_dir = bench.cache / "pairs" / _key(*common)  # shared by plans that differ only in lam
     ckpt = CheckpointConfig(bench.cache / "students" / f"{spec.name}-k{k}-s{seed}-{_key(*common, spec.lam)}",
