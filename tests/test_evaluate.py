@@ -208,6 +208,46 @@ def test_schedulers_by_name(assets):
         RunSpec("t", "m", scheduler="heun")
 
 
+def _sd_scheduler_configs():
+    """The schedulers SD1.5 and SDXL ship (as their hub scheduler_config.json files set them up)."""
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    sd15 = PNDMScheduler.from_config({**betas, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                                      "clip_sample": False, "trained_betas": None})
+    sdxl = EulerDiscreteScheduler.from_config({**betas, "steps_offset": 1, "timestep_spacing": "leading",
+                                               "interpolation_type": "linear"})  # no clip_sample key
+    return {"sd15": sd15, "sdxl": sdxl}
+
+
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmsolver", "dpmsolver++", "unipc", "lcm", "proreflow"])
+def test_every_named_scheduler_builds_from_sd_configs_and_starts_at_pure_noise(base, name):
+    """Regressions: 'dpmsolver' raised a ValueError (diffusers refuses final_sigmas_type 'zero' for it), DDIM
+    from SDXL's Euler config clipped latents (clip_sample defaulted to True), and the SD configs' 'leading'
+    spacing started 4-step baselines at timestep 751 (SD1.5 DDIM; all solvers on SDXL) instead of 999."""
+    current = _sd_scheduler_configs()[base]
+    sched = make_scheduler(name, current, 4)
+    sched.set_timesteps(4)
+    assert len(sched.timesteps) == 4 and float(sched.timesteps[0]) == pytest.approx(999, abs=0.5)
+    if name == "ddim":
+        assert sched.config.clip_sample is False
+    if name == "ddim":  # the pipeline's own spacing on request
+        own = make_scheduler(name, current, 4, timestep_spacing=None)
+        own.set_timesteps(4)
+        assert own.timesteps.tolist() == [751, 501, 251, 1]
+    with pytest.raises(ProReflowError, match="timestep_spacing must be"):
+        RunSpec("t", "m", scheduler=name, timestep_spacing="Trailing")
+
+
+def test_scheduler_that_cannot_be_built_is_a_named_error():
+    from types import SimpleNamespace
+
+    odd = SimpleNamespace(config={"beta_schedule": "cosine-ish", "num_train_timesteps": 1000})
+    with pytest.raises(ProReflowError, match="cannot build the 'dpmsolver' scheduler .* cosine-ish"):
+        make_scheduler("dpmsolver", odd, 4)
+
+
 def test_generation_resumes_and_regenerates_half_written_images(assets, tmp_path):
     spec = RunSpec("teacher", str(assets / "teacher"), steps=2, guidance=3.0, scheduler="ddim")
     call = pipeline_generate_fn(load_eval_pipeline(spec), spec, RES)
