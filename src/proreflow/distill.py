@@ -160,13 +160,30 @@ def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], tar
 
 @torch.no_grad()
 def encode_images(pipe: Any, images: Tensor, generator: torch.Generator, batch: int = 8) -> Tensor:
-    """VAE latents scaled by the VAE's scaling factor (what the UNet was trained on)."""
+    """VAE latents in the UNet's space, the inverse of what the pipeline decodes: `scaling_factor * z`,
+    or for SDXL pipelines with a VAE that has `latents_mean`/`latents_std` (as SDXL's img2img encodes)
+    `(z - mean) * scaling_factor / std`. A float16 VAE with `force_upcast` (SDXL's overflows in fp16)
+    encodes in float32, as the SDXL pipelines do."""
     vae = pipe.vae
-    out = []
-    for i in range(0, images.shape[0], batch):
-        x = images[i:i + batch].to(vae.device, vae.dtype)
-        out.append(vae.encode(x).latent_dist.sample(generator).float().cpu())
-    return torch.cat(out) * vae.config.scaling_factor
+    cfg = vae.config
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and bool(cfg.get("force_upcast", False))
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        out = []
+        for i in range(0, images.shape[0], batch):
+            x = images[i:i + batch].to(vae.device, vae.dtype)
+            out.append(vae.encode(x).latent_dist.sample(generator).float().cpu())
+    finally:
+        if upcast:
+            vae.to(dtype=dtype)
+    z = torch.cat(out)
+    mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+    if is_sdxl(pipe) and mean is not None and std is not None:
+        shape = (1, -1) + (1,) * (z.ndim - 2)
+        return (z - torch.tensor(mean).view(shape)) * cfg.scaling_factor / torch.tensor(std).view(shape)
+    return z * cfg.scaling_factor
 
 
 @dataclass
@@ -278,7 +295,8 @@ def encode_records(pipe: Any, records: list[tuple[Any, str]], resolution: int, s
     else:
         spec = {"kind": "latents+text", "teacher": str(pipe.config.get("_name_or_path", "")), "sdxl": is_sdxl(pipe),
                 "resolution": resolution, "seed": seed, "shard_size": shard_size, "n": len(records),
-                "records_sha256": _record_fingerprint(records)}
+                "records_sha256": _record_fingerprint(records),
+                "vae_latent_space": [pipe.vae.config.get(k) for k in ("scaling_factor", "latents_mean", "latents_std")]}
         store = ShardStore(cache_dir)
         state = process_state()
         if state.is_main_process:
