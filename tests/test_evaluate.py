@@ -102,6 +102,8 @@ def test_coco_subset_is_seeded_one_caption_per_image_and_order_free(tmp_path):
         assert cap.startswith(f"image {image_id - 100} caption ")
     full = load_caption_set("coco2017-5k", tmp_path / "a.json", num_images=10)
     assert full.image_ids == list(range(100, 110))
+    with pytest.raises(ProReflowError, match="number of images must be >= 1, got 0"):  # 0 was read as "all"
+        load_caption_set("coco2017-5k", tmp_path / "a.json", num_images=0)
     (tmp_path / "p.txt").write_text("x\n\ny\n")
     p = load_caption_set("prompts", prompts=tmp_path / "p.txt")
     assert p.captions == ["x", "y"] and p.image_ids == [None, None]
@@ -345,6 +347,11 @@ def test_cli_evaluate_suite(assets, tmp_path):
     assert res["title"] == "tiny table" and res["num_images"] == 4 and len(res["rows"]) == 2
     assert all(row["fid"] > 0 and row["clip"] >= 0 for row in res["rows"])
     assert "| student | own | 2 | 2 |" in r.stdout
+    # flags of a single --model run are refused with a suite instead of being silently ignored
+    r = runner.invoke(app, ["evaluate", "--suite", str(suite), "--out", str(tmp_path / "o2"), "--steps", "8",
+                            "--scheduler", "ddim"])
+    assert r.exit_code == 2 and "--scheduler, --steps describe a single --model run" in r.stderr, r.output
+    assert not (tmp_path / "o2").exists()
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -359,6 +366,9 @@ def test_cli_evaluate_suite(assets, tmp_path):
     (["--ref-stats", "{tmp}/none.npz", "--reference", None], "reference statistics"),
     (["--no-fid", "--clip-model", "{tmp}/noclip"], "is not available"),
     (["--guidance", "a,b"], "comma-separated numbers"),
+    (["--guidance", ","], "give at least one guidance scale"),
+    (["--num-images", "0"], "num_images must be >= 1, got 0"),
+    (["--scheduler", "ddim", "--timestep-spacing", "sideways"], "timestep_spacing must be"),
     (["--model", "{tmp}/no-model"], "cannot load the model"),
 ])
 def test_cli_evaluate_bad_input(assets, tmp_path, extra, needle):

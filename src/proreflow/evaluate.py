@@ -124,6 +124,7 @@ class EvalConfig:
             (self.resolution >= 8 and self.resolution % 8 == 0,
              f"resolution must be a multiple of 8, got {self.resolution}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.num_images is None or self.num_images >= 1, f"num_images must be >= 1, got {self.num_images}"),
             (self.warmup_batches >= 0 and self.timing_batches >= 0, "warmup_batches and timing_batches must be >= 0"),
             (self.timing_batch_size is None or self.timing_batch_size >= 1,
              f"timing_batch_size must be >= 1, got {self.timing_batch_size}"),
