@@ -279,6 +279,49 @@ def test_generation_resumes_and_regenerates_half_written_images(assets, tmp_path
     assert not list(folder.glob(".*.tmp"))
 
 
+def test_timing_is_the_median_per_image_after_warm_up(monkeypatch):
+    """The clock is the test's: each call 'takes' a programmed time, so the expected number is exact."""
+    import proreflow.evaluate as ev
+
+    clock = [0.0]
+    durations = iter([9.0, 7.0, 0.4, 3.0, 0.2])  # two warm-up calls (slow), then three timed ones
+    calls: list[int] = []
+
+    def generate(prompts, gens):
+        calls.append(len(prompts))
+        assert len(gens) == len(prompts)
+        clock[0] += next(durations)
+        return np.zeros((len(prompts), RES, RES, 3))
+
+    monkeypatch.setattr(ev.time, "perf_counter", lambda: clock[0])
+    t = ev.time_per_image(generate, PROMPTS[:1], batch_size=2, warmup=2, batches=3, device=torch.device("cpu"))
+    assert calls == [2, 2, 2, 2, 2]  # batch_size prompts per call, captions reused when there are fewer
+    assert t["seconds_per_image"] == pytest.approx(0.4 / 2)  # median of 0.4, 3.0, 0.2 over 2 images
+    assert (t["warmup_batches"], t["timed_batches"], t["batch_size"]) == (2, 3, 2) and t["device"].startswith("CPU")
+    assert ev.time_per_image(generate, PROMPTS, 2, 2, 0, torch.device("cpu")) is None
+
+
+def test_pipeline_images_of_the_wrong_size_are_refused(tmp_path):
+    def generate(prompts, gens):
+        return np.zeros((len(prompts), RES, RES + 8, 3))
+
+    with pytest.raises(ProReflowError, match=r"images of shape \(2, 16, 24, 3\), expected \(2, 16, 16, 3\)"):
+        generate_images(generate, PROMPTS[:2], tmp_path / "imgs", RES, seed=0, batch_size=2, progress=False)
+    assert not list((tmp_path / "imgs").glob("*.png"))
+
+
+def test_saved_images_keep_the_pipeline_value_range(tmp_path):
+    """[0, 1] floats -> uint8 PNGs: 0 -> 0, 1 -> 255, 0.5 -> 128 (rounded), out-of-range values clipped."""
+    values = np.array([0.0, 1.0, 0.5, -0.2, 1.3, 0.25])
+
+    def generate(prompts, gens):
+        return np.broadcast_to(values[: len(prompts), None, None, None], (len(prompts), RES, RES, 3)).copy()
+
+    generate_images(generate, PROMPTS, tmp_path, RES, seed=0, batch_size=6, progress=False)
+    got = [int(np.asarray(Image.open(tmp_path / image_name(i)))[0, 0, 0]) for i in range(6)]
+    assert got == [0, 255, 128, 0, 255, 64]
+
+
 # ------------------------------------------------------------------------------------------ harness
 
 
