@@ -397,6 +397,22 @@ def test_cli_evaluate_suite(assets, tmp_path):
     assert not (tmp_path / "o2").exists()
 
 
+def test_cli_evaluate_loads_an_exported_student_in_a_fresh_process(assets, tmp_path):
+    """Regression: outside the test process (where diffusers_export was already imported) diffusers could not
+    resolve the student's ProReflowScheduler, so `proreflow evaluate --model <student>` failed to load it."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "proreflow.cli", "evaluate", "--model", str(assets / "student"), "--steps", "2",
+           "--captions", "prompts", "--prompts", str(assets / "prompts.txt"), "--num-images", "2", "--resolution",
+           str(RES), "--no-fid", "--no-clip", "--timing-batches", "0", "--quiet", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "results.json").read_text())["rows"][0]["images"] == 2
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--scheduler", "heun"], "unknown scheduler 'heun'"),
     (["--captions", "coco2017-5k", "--annotations", "{tmp}/none.json"], "does not exist"),

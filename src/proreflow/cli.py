@@ -168,14 +168,9 @@ def sample(
     try:
         if steps < 1:
             raise ProReflowError(f"--steps must be >= 1, got {steps}")
-        from diffusers import DiffusionPipeline
+        from proreflow.diffusers_export import load_diffusers_pipeline
 
-        import proreflow.diffusers_export  # noqa: F401  (diffusers loads ProReflowScheduler only once imported)
-
-        try:
-            pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-        except (OSError, ValueError) as exc:
-            raise ProReflowError(f"cannot load {model!r}: {str(exc).splitlines()[0][:200]}") from None
+        pipe = load_diffusers_pipeline(model)
         pipe.to("cuda" if torch.cuda.is_available() else "cpu")
         images = pipe(list(prompt), num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
                       generator=torch.Generator().manual_seed(seed)).images

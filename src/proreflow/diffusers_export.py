@@ -104,6 +104,21 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
         return self.config.num_train_timesteps
 
 
+def load_diffusers_pipeline(model: str, what: str = "the model", **kwargs: Any) -> Any:
+    """`DiffusionPipeline.from_pretrained(model)` without a safety checker, with a clear error when it cannot be
+    loaded. Exported students load in a fresh process: diffusers resolves `proreflow.ProReflowScheduler`
+    only from modules already imported, and this one is (it defines the class)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ProReflowError(
+            f"cannot load {what} {model!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Pass a local "
+            f"diffusers folder, or download it once with network access (it is then read from the HF cache; set "
+            f"HF_HUB_OFFLINE=1 to use the cache only)") from None
+
+
 def scheduler_for(teacher_scheduler: Any, windows: WindowSchedule, prediction_type: str | None = None) -> ProReflowScheduler:
     """A ProReflowScheduler with the teacher scheduler's betas and the student's windows."""
     cfg = teacher_scheduler.config

@@ -84,17 +84,11 @@ def load_distill_config(path: str | Path | None = None, **overrides: Any) -> Dis
 
 def load_pipeline(model: str, weights_dtype: str = "float32") -> Any:
     """`DiffusionPipeline.from_pretrained` (SD1.x/2.x or SDXL) with a clear error when the weights are not available."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    dtype = getattr(torch, weights_dtype)
-    try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
-                                                 requires_safety_checker=False)
-    except (OSError, ValueError) as exc:
-        raise ProReflowError(
-            f"cannot load the teacher {model!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Pass a "
-            f"local diffusers folder, or download it once with network access (it is then read from the HF cache; "
-            f"set HF_HUB_OFFLINE=1 to use the cache only)") from None
+    from proreflow.diffusers_export import load_diffusers_pipeline
+
+    pipe = load_diffusers_pipeline(model, "the teacher", torch_dtype=getattr(torch, weights_dtype))
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise ProReflowError(f"{model!r} is a {type(pipe).__name__}; proreflow distills StableDiffusionPipeline "
                              f"(SD1.x/2.x) and StableDiffusionXLPipeline teachers")

@@ -181,21 +181,14 @@ def device_name(device: torch.device) -> str:
 
 def load_eval_pipeline(spec: RunSpec, dtype: str = "auto", device: torch.device | None = None) -> Any:
     """The run's diffusers pipeline on `device`, with its LoRA fused and its scheduler swapped in."""
-    from diffusers import DiffusionPipeline
+    from proreflow.diffusers_export import load_diffusers_pipeline
 
     device = device or pick_device()
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
     if spec.variant:
         kwargs["variant"] = spec.variant
-    try:
-        pipe = DiffusionPipeline.from_pretrained(spec.model, safety_checker=None, requires_safety_checker=False,
-                                                 **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ProReflowError(
-            f"cannot load the model {spec.model!r} of run {spec.name!r} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). Pass a local diffusers folder, or download it once with network "
-            f"access (it is then read from the HF cache; set HF_HUB_OFFLINE=1 to use the cache only)") from None
+    pipe = load_diffusers_pipeline(spec.model, f"the model of run {spec.name!r}:", **kwargs)
     if spec.lora:
         try:
             pipe.load_lora_weights(spec.lora)
