@@ -193,6 +193,12 @@ def test_reference_folder_sizes_are_checked(tmp_path):
         mi.check_sizes(mi.image_files(tmp_path / "mixed")[:1], 32)
     x = mi.read_image_uint8(tmp_path / "mixed" / "b.png", resize_to=8)
     assert x.shape == (3, 8, 8) and x.dtype == torch.uint8
+    rng = np.random.default_rng(3)  # the reference is cropped and resized as training images are
+    Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    from proreflow.data.captions import prepare_image
+
+    same = ((prepare_image(tmp_path / "c.png", 8).pixels + 1) * 127.5).round().to(torch.uint8)
+    assert torch.equal(mi.read_image_uint8(tmp_path / "c.png", resize_to=8), same)
 
 
 # ---------------------------------------------------------------------------------------- generation
