@@ -13,7 +13,7 @@ from proreflow.losses import aligned_loss
 from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver, make_window_pairs
 from proreflow.training import TrainConfig
-from tiny_sd import tiny_pipeline
+from tiny_sd import caption_folder, tiny_pipeline
 
 runner = CliRunner()
 
@@ -27,12 +27,7 @@ def teacher_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i, caption in enumerate(["a red cat", "a blue dog", "a photo of a cat", "the dog", "a cat", "a red dog"]):
-        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-        (root / f"img{i}.txt").write_text(caption)
-    return root
+    return caption_folder(tmp_path_factory.mktemp("images"), size=(20, 24))
 
 
 def _cfg(teacher_dir, **kw):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
-from PIL import Image
 from typer.testing import CliRunner
 
 from proreflow.cli import app
@@ -19,7 +18,7 @@ from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver
 from proreflow.teachers.vp import VPSchedule, VPVelocity
 from proreflow.training import TrainConfig
-from tiny_sd import tiny_sdxl_pipeline, tiny_sdxl_unet
+from tiny_sd import caption_folder, tiny_sdxl_pipeline, tiny_sdxl_unet
 
 runner = CliRunner()
 
@@ -33,12 +32,7 @@ def sdxl_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i, caption in enumerate(["a red cat", "a blue dog", "a photo of a cat", "the dog", "a cat", "a red dog"]):
-        Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-        (root / f"img{i}.txt").write_text(caption)
-    return root
+    return caption_folder(tmp_path_factory.mktemp("images"), size=(20, 28))
 
 
 def _cond(n=2, seed=0):
