@@ -104,7 +104,11 @@ def test_lora_teacher_is_the_unet_with_adapters_off(teacher_dir):
         assert not torch.allclose(student(y, t, cond), before)
 
 
-def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder):
+def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder, monkeypatch):
+    from accelerate import PartialState
+
+    ended: list[int] = []  # issue 4: the command ends training (accelerate's end_training: the process group)
+    monkeypatch.setattr(PartialState, "destroy_process_group", lambda self, group=None: ended.append(1))
     out = tmp_path / "student"
     preset = tmp_path / "tiny.yaml"
     preset.write_text(f"model: {teacher_dir}\nresolution: 16\nsteps: 2\nmethod: {{name: proreflow, windows: '4->k'}}\n"
@@ -112,6 +116,7 @@ def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder):
                       "train: {batch_size: 2, lr: 1.0e-3}\n")
     r = runner.invoke(app, ["distill", "--data", str(image_folder), "--out", str(out), "--preset", str(preset), "--quiet"])
     assert r.exit_code == 0, r.output
+    assert ended == [1]
     r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--prompt", "a dog", "--steps", "2",
                             "--height", "16", "--width", "16", "--out", str(tmp_path / "png")])
     assert r.exit_code == 0, r.output

@@ -146,9 +146,13 @@ def distill(
         raise typer.Exit(143)
     from proreflow.training import process_state
 
-    if process_state().is_main_process:
+    state = process_state()
+    if state.is_main_process:
         typer.echo(f"{summary['method']}: {summary['steps']}-step student written to {out} "
                    f"(load with DiffusionPipeline.from_pretrained)")
+    # the end of the script: what Accelerator.end_training() does without trackers (distill() has already
+    # waited for every process), so multi-process runs shut their process group down cleanly
+    state.destroy_process_group()
 
 
 @app.command()
