@@ -340,7 +340,7 @@ def _cfg(assets, **kw):
     return EvalConfig(**base)
 
 
-def test_evaluate_end_to_end_student_baselines_and_sweep(assets, tmp_path):
+def test_evaluate_end_to_end_student_baselines_and_sweep(assets, tmp_path, monkeypatch):
     runs = [RunSpec("ProReflow (tiny)", str(assets / "student"), steps=2, guidance=3.0),
             RunSpec("teacher", str(assets / "teacher"), steps=2, guidance=[1.5, 3.0], scheduler="dpmsolver++")]
     out = tmp_path / "out"
@@ -365,11 +365,18 @@ def test_evaluate_end_to_end_student_baselines_and_sweep(assets, tmp_path):
     assert "| method | scheduler | steps | guidance | time (s/img) | FID | CLIP |" in md
     assert f"| ProReflow (tiny) | own | 2 | 3 | {rows[0]['seconds_per_image']:.3f} | {rows[0]['fid']:.2f} |" in md
     assert (out / "cfg_sweep.png").stat().st_size > 1000
-    # a rerun generates nothing and, with the saved statistics, gives the same numbers
+    # a rerun generates nothing and, with the saved statistics, gives the same numbers (without loading the model)
+    import proreflow.evaluate as ev
+
+    def no_model(*a, **k):
+        raise AssertionError("a finished run without timing must not load its model")
+
+    monkeypatch.setattr(ev, "load_eval_pipeline", no_model)
     again = evaluate(runs[:1], _cfg(assets, reference=None, ref_stats=str(tmp_path / "ref.npz"), timing_batches=0),
                      out)
     assert again[0]["generated_now"] == 0 and again[0]["seconds_per_image"] is None
     assert abs(again[0]["fid"] - rows[0]["fid"]) < 1e-6 and abs(again[0]["clip"] - rows[0]["clip"]) < 1e-6
+    monkeypatch.undo()
     # networks and captions handed in as objects (a plain module, not the TorchScript file) give the same numbers
     from proreflow.data.coco import CaptionSet
 

@@ -241,6 +241,18 @@ def pipeline_generate_fn(pipe: Any, spec: RunSpec, resolution: int) -> GenerateF
     return call
 
 
+def _lazy_generate_fn(spec: RunSpec, cfg: EvalConfig, device: torch.device) -> GenerateFn:
+    """`pipeline_generate_fn` whose pipeline is loaded on the first call only."""
+    loaded: list[GenerateFn] = []
+
+    def call(prompts: list[str], generators: list[torch.Generator]) -> np.ndarray:
+        if not loaded:
+            loaded.append(pipeline_generate_fn(load_eval_pipeline(spec, cfg.dtype, device), spec, cfg.resolution))
+        return loaded[0](prompts, generators)
+
+    return call
+
+
 # ------------------------------------------------------------------------------------------- generation
 
 
@@ -440,7 +452,7 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
         _check_run_folder(folder, {"spec": asdict(spec), "resolution": cfg.resolution, "seed": cfg.seed,
                                    "captions": captions.name, "num_captions": len(captions.captions),
                                    "captions_hash": _hash(captions.captions), "dtype": cfg.dtype})
-        generate = pipeline_generate_fn(load_eval_pipeline(spec, cfg.dtype, device), spec, cfg.resolution)
+        generate = _lazy_generate_fn(spec, cfg, device)  # a finished run is scored without loading its model
         made = generate_images(generate, captions.captions, folder, cfg.resolution, cfg.seed, cfg.batch_size,
                                cfg.progress, desc=spec.slug)
         timing = time_per_image(generate, captions.captions, cfg.timing_batch_size or cfg.batch_size,
