@@ -124,6 +124,8 @@ def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder, monkeypatch
     r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--steps", "3", "--height", "16",
                             "--width", "16", "--out", str(tmp_path / "png3")])
     assert r.exit_code == 2 and "multiple of the student's 2 windows" in r.stderr
+    r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--height", "12"])  # was a traceback
+    assert r.exit_code == 2 and "--height must be a positive multiple of 8, got 12" in r.stderr, r.output
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -172,12 +172,18 @@ def sample(
     try:
         if steps < 1:
             raise ProReflowError(f"--steps must be >= 1, got {steps}")
+        for flag, v in (("--height", height), ("--width", width)):
+            if v is not None and (v < 8 or v % 8):
+                raise ProReflowError(f"{flag} must be a positive multiple of 8, got {v}")
         from proreflow.diffusers_export import load_diffusers_pipeline
 
         pipe = load_diffusers_pipeline(model)
         pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-        images = pipe(list(prompt), num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                      generator=torch.Generator().manual_seed(seed)).images
+        try:
+            images = pipe(list(prompt), num_inference_steps=steps, guidance_scale=guidance, height=height,
+                          width=width, generator=torch.Generator().manual_seed(seed)).images
+        except ValueError as exc:  # diffusers' check_inputs: a bad argument for this pipeline
+            raise ProReflowError(f"{type(pipe).__name__} refused the arguments: {str(exc).splitlines()[0][:300]}") from None
     except ProReflowError as exc:
         _fail(exc)
     out.mkdir(parents=True, exist_ok=True)
