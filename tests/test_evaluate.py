@@ -389,6 +389,30 @@ def test_evaluate_end_to_end_student_baselines_and_sweep(assets, tmp_path, monke
         evaluate(runs[:1], _cfg(assets, seed=1, timing_batches=0), out)
 
 
+def test_model_loading_is_never_timed(assets, tmp_path, monkeypatch):
+    """Pipelines load lazily (finished runs need none), but before the clock starts, even without warm-up."""
+    from types import SimpleNamespace
+
+    import proreflow.evaluate as ev
+
+    clock = [0.0]
+    monkeypatch.setattr(ev.time, "perf_counter", lambda: clock[0])
+
+    def pipe(prompts, **kw):
+        clock[0] += 1.0 * len(prompts)  # one 'second' per image
+        return SimpleNamespace(images=np.zeros((len(prompts), RES, RES, 3)))
+
+    def load(spec, dtype, device):
+        clock[0] += 1000.0  # a slow model load
+        return pipe
+
+    monkeypatch.setattr(ev, "load_eval_pipeline", load)
+    cfg = _cfg(assets, fid=False, clip=False, reference=None, warmup_batches=0, timing_batches=2)
+    for out in (tmp_path / "fresh", tmp_path / "fresh"):  # the second time all images exist already
+        rows = evaluate([RunSpec("fake", "nowhere", steps=2)], cfg, out)
+        assert rows[0]["seconds_per_image"] == 1.0
+
+
 def test_cli_evaluate_suite(assets, tmp_path):
     suite = tmp_path / "suite.yaml"
     suite.write_text(f"title: tiny table\neval: {{captions: prompts, prompts: {assets / 'prompts.txt'}, resolution: {RES}, "

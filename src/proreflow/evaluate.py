@@ -241,16 +241,21 @@ def pipeline_generate_fn(pipe: Any, spec: RunSpec, resolution: int) -> GenerateF
     return call
 
 
-def _lazy_generate_fn(spec: RunSpec, cfg: EvalConfig, device: torch.device) -> GenerateFn:
-    """`pipeline_generate_fn` whose pipeline is loaded on the first call only."""
-    loaded: list[GenerateFn] = []
+class _LazyGenerate:
+    """`pipeline_generate_fn` whose pipeline is loaded on first use, so a finished run needs no model."""
 
-    def call(prompts: list[str], generators: list[torch.Generator]) -> np.ndarray:
-        if not loaded:
-            loaded.append(pipeline_generate_fn(load_eval_pipeline(spec, cfg.dtype, device), spec, cfg.resolution))
-        return loaded[0](prompts, generators)
+    def __init__(self, spec: RunSpec, cfg: EvalConfig, device: torch.device) -> None:
+        self.spec, self.cfg, self.device = spec, cfg, device
+        self.fn: GenerateFn | None = None
 
-    return call
+    def load(self) -> GenerateFn:
+        if self.fn is None:
+            pipe = load_eval_pipeline(self.spec, self.cfg.dtype, self.device)
+            self.fn = pipeline_generate_fn(pipe, self.spec, self.cfg.resolution)
+        return self.fn
+
+    def __call__(self, prompts: list[str], generators: list[torch.Generator]) -> np.ndarray:
+        return self.load()(prompts, generators)
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -452,11 +457,13 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
         _check_run_folder(folder, {"spec": asdict(spec), "resolution": cfg.resolution, "seed": cfg.seed,
                                    "captions": captions.name, "num_captions": len(captions.captions),
                                    "captions_hash": _hash(captions.captions), "dtype": cfg.dtype})
-        generate = _lazy_generate_fn(spec, cfg, device)  # a finished run is scored without loading its model
+        generate = _LazyGenerate(spec, cfg, device)  # a finished run is scored without loading its model
         made = generate_images(generate, captions.captions, folder, cfg.resolution, cfg.seed, cfg.batch_size,
                                cfg.progress, desc=spec.slug)
-        timing = time_per_image(generate, captions.captions, cfg.timing_batch_size or cfg.batch_size,
-                                cfg.warmup_batches, cfg.timing_batches, device)
+        timing = None
+        if cfg.timing_batches:  # loaded before the clock starts, even with no warm-up batches
+            timing = time_per_image(generate.load(), captions.captions, cfg.timing_batch_size or cfg.batch_size,
+                                    cfg.warmup_batches, cfg.timing_batches, device)
         scores = score_folder(folder, captions.captions, metrics, cfg, device)
         row = {"method": spec.name, "model": spec.model, "scheduler": spec.scheduler or "own",
                "timestep_spacing": spec.timestep_spacing if spec.scheduler in SPACED else None, "steps": spec.steps,
