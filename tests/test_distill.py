@@ -146,3 +146,20 @@ def test_cli_distill_bad_input(tmp_path, image_folder, teacher_dir, args, needle
     r = runner.invoke(app, base + args)
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and "Traceback" not in r.output
+
+
+def test_exported_scheduler_config_states_the_students_window_count(tmp_path):
+    """Regression: a 2-window student's scheduler_config.json said num_windows: 4 (the unused default)."""
+    import json
+
+    from proreflow.diffusers_export import ProReflowScheduler, export_pipeline
+    from proreflow.windows import WindowSchedule
+
+    pipe = tiny_pipeline(tmp_path / "parts")
+    export_pipeline(pipe, pipe.unet, WindowSchedule.uniform(2), tmp_path / "student")
+    f = tmp_path / "student" / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(f.read_text())
+    assert cfg["num_windows"] == 2 and cfg["window_boundaries"] == [1.0, 0.5, 0.0]
+    f.write_text(json.dumps({**cfg, "num_windows": 4}))  # as students exported before the fix
+    old = ProReflowScheduler.from_pretrained(tmp_path / "student", subfolder="scheduler")
+    assert old.windows.num_windows == 2 and old.config.num_windows == 2

@@ -54,6 +54,8 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
         self.vp = VPSchedule(ddim.alphas_cumprod)
         self.windows = (WindowSchedule(tuple(window_boundaries)) if window_boundaries is not None
                         else WindowSchedule.uniform(num_windows))
+        if self.windows.num_windows != num_windows:  # the boundaries decide (configs saved before this said 4)
+            self.register_to_config(num_windows=self.windows.num_windows)
         if prediction_type not in ("epsilon", "v_prediction", "flow"):
             raise ProReflowError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or flow")
         self.set_timesteps(self.windows.num_windows)
@@ -126,7 +128,7 @@ def scheduler_for(teacher_scheduler: Any, windows: WindowSchedule, prediction_ty
         num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
         beta_schedule=cfg.beta_schedule, trained_betas=cfg.get("trained_betas"),
         prediction_type=prediction_type or cfg.get("prediction_type", "epsilon"),
-        window_boundaries=list(windows.boundaries))
+        window_boundaries=list(windows.boundaries), num_windows=windows.num_windows)
 
 
 def export_pipeline(pipe: Any, student_unet: Any, windows: WindowSchedule, out_dir: str | Path) -> Path:
