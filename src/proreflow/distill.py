@@ -100,11 +100,6 @@ def is_sdxl(pipe: Any) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
-#: conditioning keys that carry the prompt (dropped together for CFG); other keys (SDXL's
-#: `time_ids`) describe the image and stay when the caption is dropped, as in the SDXL pipeline.
-TEXT_KEYS = ("encoder_hidden_states", "text_embeds")
-
-
 @torch.no_grad()
 def encode_text(pipe: Any, prompts: list[str], batch: int = 64) -> dict[str, Tensor]:
     """Prompt conditioning as the pipeline computes it.
@@ -185,7 +180,9 @@ class CaptionedLatents:
     """Encoded training data: per-sample conditioning rows and, unless prompt-only, VAE latents."""
 
     cond: dict[str, Tensor]  # (N, ...) each: text states, and for SDXL pooled text + time ids
-    uncond: dict[str, Tensor]  # (1, ...) each, TEXT_KEYS only: the negative conditioning
+    # (1, ...) each: the negative conditioning, prompt keys only (encoder_hidden_states, SDXL's text_embeds);
+    # SDXL's `time_ids` describe the image and stay when the caption is dropped, as in the SDXL pipeline
+    uncond: dict[str, Tensor]
     latents: Tensor | None = None  # (N, C, h, w); None in prompt-only mode
     latent_shape: tuple[int, int, int] = (4, 64, 64)  # (C, h, w) of the noise in prompt-only mode
 

@@ -199,11 +199,6 @@ def prepare_image(src: Any, resolution: int) -> PreparedImage:
     return PreparedImage(torch.from_numpy(arr).permute(2, 0, 1).contiguous(), (h, w), corner)
 
 
-def load_image(path: Any, resolution: int) -> Tensor:
-    """(3, resolution, resolution) in [-1, 1]: centre crop to a square, then resize."""
-    return prepare_image(path, resolution).pixels
-
-
 def read_prompts(path: str | Path) -> list[str]:
     """Non-empty lines of a text file."""
     p = Path(path)
