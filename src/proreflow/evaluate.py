@@ -74,7 +74,7 @@ class RunSpec:
             raise ProReflowError(f"run {self.name!r}: unknown scheduler {self.scheduler!r}; use one of {list(SCHEDULERS)}")
         if self.timestep_spacing not in (None, "trailing", "leading", "linspace"):
             raise ProReflowError(f"run {self.name!r}: timestep_spacing must be trailing, leading, linspace or null "
-                                 f"(the pipeline's own), got {self.timestep_spacing!r}")
+                                 f"(--timestep-spacing own: the pipeline's own), got {self.timestep_spacing!r}")
         scales = self.guidance if isinstance(self.guidance, list) else [self.guidance]
         if not scales:
             raise ProReflowError(f"run {self.name!r}: give at least one guidance scale")
