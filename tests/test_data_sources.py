@@ -19,10 +19,9 @@ from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver
 from proreflow.training import TrainConfig
 from test_distill import image_folder, teacher_dir  # noqa: F401  (module fixtures)
-from tiny_sd import tiny_sdxl_pipeline
+from tiny_sd import CAPTIONS, tiny_sdxl_pipeline
 
 runner = CliRunner()
-CAPTIONS = ["a red cat", "a blue dog", "a photo of a cat", "the dog", "a cat", "a red dog"]
 
 
 def _png(i: int) -> bytes:

@@ -13,7 +13,7 @@ from proreflow.losses import aligned_loss
 from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver, make_window_pairs
 from proreflow.training import TrainConfig
-from tiny_sd import tiny_pipeline
+from tiny_sd import caption_folder, tiny_pipeline
 
 runner = CliRunner()
 
@@ -27,12 +27,7 @@ def teacher_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i, caption in enumerate(["a red cat", "a blue dog", "a photo of a cat", "the dog", "a cat", "a red dog"]):
-        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-        (root / f"img{i}.txt").write_text(caption)
-    return root
+    return caption_folder(tmp_path_factory.mktemp("images"), size=(20, 24))
 
 
 def _cfg(teacher_dir, **kw):
@@ -109,7 +104,11 @@ def test_lora_teacher_is_the_unet_with_adapters_off(teacher_dir):
         assert not torch.allclose(student(y, t, cond), before)
 
 
-def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder):
+def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder, monkeypatch):
+    from accelerate import PartialState
+
+    ended: list[int] = []  # issue 4: the command ends training (accelerate's end_training: the process group)
+    monkeypatch.setattr(PartialState, "destroy_process_group", lambda self, group=None: ended.append(1))
     out = tmp_path / "student"
     preset = tmp_path / "tiny.yaml"
     preset.write_text(f"model: {teacher_dir}\nresolution: 16\nsteps: 2\nmethod: {{name: proreflow, windows: '4->k'}}\n"
@@ -117,6 +116,7 @@ def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder):
                       "train: {batch_size: 2, lr: 1.0e-3}\n")
     r = runner.invoke(app, ["distill", "--data", str(image_folder), "--out", str(out), "--preset", str(preset), "--quiet"])
     assert r.exit_code == 0, r.output
+    assert ended == [1]
     r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--prompt", "a dog", "--steps", "2",
                             "--height", "16", "--width", "16", "--out", str(tmp_path / "png")])
     assert r.exit_code == 0, r.output
@@ -124,6 +124,8 @@ def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder):
     r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--steps", "3", "--height", "16",
                             "--width", "16", "--out", str(tmp_path / "png3")])
     assert r.exit_code == 2 and "multiple of the student's 2 windows" in r.stderr
+    r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--height", "12"])  # was a traceback
+    assert r.exit_code == 2 and "--height must be a positive multiple of 8, got 12" in r.stderr, r.output
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -144,3 +146,20 @@ def test_cli_distill_bad_input(tmp_path, image_folder, teacher_dir, args, needle
     r = runner.invoke(app, base + args)
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and "Traceback" not in r.output
+
+
+def test_exported_scheduler_config_states_the_students_window_count(tmp_path):
+    """Regression: a 2-window student's scheduler_config.json said num_windows: 4 (the unused default)."""
+    import json
+
+    from proreflow.diffusers_export import ProReflowScheduler, export_pipeline
+    from proreflow.windows import WindowSchedule
+
+    pipe = tiny_pipeline(tmp_path / "parts")
+    export_pipeline(pipe, pipe.unet, WindowSchedule.uniform(2), tmp_path / "student")
+    f = tmp_path / "student" / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(f.read_text())
+    assert cfg["num_windows"] == 2 and cfg["window_boundaries"] == [1.0, 0.5, 0.0]
+    f.write_text(json.dumps({**cfg, "num_windows": 4}))  # as students exported before the fix
+    old = ProReflowScheduler.from_pretrained(tmp_path / "student", subfolder="scheduler")
+    assert old.windows.num_windows == 2 and old.config.num_windows == 2

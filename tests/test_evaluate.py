@@ -102,6 +102,8 @@ def test_coco_subset_is_seeded_one_caption_per_image_and_order_free(tmp_path):
         assert cap.startswith(f"image {image_id - 100} caption ")
     full = load_caption_set("coco2017-5k", tmp_path / "a.json", num_images=10)
     assert full.image_ids == list(range(100, 110))
+    with pytest.raises(ProReflowError, match="number of images must be >= 1, got 0"):  # 0 was read as "all"
+        load_caption_set("coco2017-5k", tmp_path / "a.json", num_images=0)
     (tmp_path / "p.txt").write_text("x\n\ny\n")
     p = load_caption_set("prompts", prompts=tmp_path / "p.txt")
     assert p.captions == ["x", "y"] and p.image_ids == [None, None]
@@ -191,6 +193,12 @@ def test_reference_folder_sizes_are_checked(tmp_path):
         mi.check_sizes(mi.image_files(tmp_path / "mixed")[:1], 32)
     x = mi.read_image_uint8(tmp_path / "mixed" / "b.png", resize_to=8)
     assert x.shape == (3, 8, 8) and x.dtype == torch.uint8
+    rng = np.random.default_rng(3)  # the reference is cropped and resized as training images are
+    Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    from proreflow.data.captions import prepare_image
+
+    same = ((prepare_image(tmp_path / "c.png", 8).pixels + 1) * 127.5).round().to(torch.uint8)
+    assert torch.equal(mi.read_image_uint8(tmp_path / "c.png", resize_to=8), same)
 
 
 # ---------------------------------------------------------------------------------------- generation
@@ -206,6 +214,46 @@ def test_schedulers_by_name(assets):
         assert type(make_scheduler(name, pipe.scheduler, 2)).__name__ == cls
     with pytest.raises(ProReflowError, match="unknown scheduler 'heun'"):
         RunSpec("t", "m", scheduler="heun")
+
+
+def _sd_scheduler_configs():
+    """The schedulers SD1.5 and SDXL ship (as their hub scheduler_config.json files set them up)."""
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    sd15 = PNDMScheduler.from_config({**betas, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                                      "clip_sample": False, "trained_betas": None})
+    sdxl = EulerDiscreteScheduler.from_config({**betas, "steps_offset": 1, "timestep_spacing": "leading",
+                                               "interpolation_type": "linear"})  # no clip_sample key
+    return {"sd15": sd15, "sdxl": sdxl}
+
+
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmsolver", "dpmsolver++", "unipc", "lcm", "proreflow"])
+def test_every_named_scheduler_builds_from_sd_configs_and_starts_at_pure_noise(base, name):
+    """Regressions: 'dpmsolver' raised a ValueError (diffusers refuses final_sigmas_type 'zero' for it), DDIM
+    from SDXL's Euler config clipped latents (clip_sample defaulted to True), and the SD configs' 'leading'
+    spacing started 4-step baselines at timestep 751 (SD1.5 DDIM; all solvers on SDXL) instead of 999."""
+    current = _sd_scheduler_configs()[base]
+    sched = make_scheduler(name, current, 4)
+    sched.set_timesteps(4)
+    assert len(sched.timesteps) == 4 and float(sched.timesteps[0]) == pytest.approx(999, abs=0.5)
+    if name == "ddim":
+        assert sched.config.clip_sample is False
+    if name == "ddim":  # the pipeline's own spacing on request
+        own = make_scheduler(name, current, 4, timestep_spacing=None)
+        own.set_timesteps(4)
+        assert own.timesteps.tolist() == [751, 501, 251, 1]
+    with pytest.raises(ProReflowError, match="timestep_spacing must be"):
+        RunSpec("t", "m", scheduler=name, timestep_spacing="Trailing")
+
+
+def test_scheduler_that_cannot_be_built_is_a_named_error():
+    from types import SimpleNamespace
+
+    odd = SimpleNamespace(config={"beta_schedule": "cosine-ish", "num_train_timesteps": 1000})
+    with pytest.raises(ProReflowError, match="cannot build the 'dpmsolver' scheduler .* cosine-ish"):
+        make_scheduler("dpmsolver", odd, 4)
 
 
 def test_generation_resumes_and_regenerates_half_written_images(assets, tmp_path):
@@ -237,6 +285,49 @@ def test_generation_resumes_and_regenerates_half_written_images(assets, tmp_path
     assert not list(folder.glob(".*.tmp"))
 
 
+def test_timing_is_the_median_per_image_after_warm_up(monkeypatch):
+    """The clock is the test's: each call 'takes' a programmed time, so the expected number is exact."""
+    import proreflow.evaluate as ev
+
+    clock = [0.0]
+    durations = iter([9.0, 7.0, 0.4, 3.0, 0.2])  # two warm-up calls (slow), then three timed ones
+    calls: list[int] = []
+
+    def generate(prompts, gens):
+        calls.append(len(prompts))
+        assert len(gens) == len(prompts)
+        clock[0] += next(durations)
+        return np.zeros((len(prompts), RES, RES, 3))
+
+    monkeypatch.setattr(ev.time, "perf_counter", lambda: clock[0])
+    t = ev.time_per_image(generate, PROMPTS[:1], batch_size=2, warmup=2, batches=3, device=torch.device("cpu"))
+    assert calls == [2, 2, 2, 2, 2]  # batch_size prompts per call, captions reused when there are fewer
+    assert t["seconds_per_image"] == pytest.approx(0.4 / 2)  # median of 0.4, 3.0, 0.2 over 2 images
+    assert (t["warmup_batches"], t["timed_batches"], t["batch_size"]) == (2, 3, 2) and t["device"].startswith("CPU")
+    assert ev.time_per_image(generate, PROMPTS, 2, 2, 0, torch.device("cpu")) is None
+
+
+def test_pipeline_images_of_the_wrong_size_are_refused(tmp_path):
+    def generate(prompts, gens):
+        return np.zeros((len(prompts), RES, RES + 8, 3))
+
+    with pytest.raises(ProReflowError, match=r"images of shape \(2, 16, 24, 3\), expected \(2, 16, 16, 3\)"):
+        generate_images(generate, PROMPTS[:2], tmp_path / "imgs", RES, seed=0, batch_size=2, progress=False)
+    assert not list((tmp_path / "imgs").glob("*.png"))
+
+
+def test_saved_images_keep_the_pipeline_value_range(tmp_path):
+    """[0, 1] floats -> uint8 PNGs: 0 -> 0, 1 -> 255, 0.5 -> 128 (rounded), out-of-range values clipped."""
+    values = np.array([0.0, 1.0, 0.5, -0.2, 1.3, 0.25])
+
+    def generate(prompts, gens):
+        return np.broadcast_to(values[: len(prompts), None, None, None], (len(prompts), RES, RES, 3)).copy()
+
+    generate_images(generate, PROMPTS, tmp_path, RES, seed=0, batch_size=6, progress=False)
+    got = [int(np.asarray(Image.open(tmp_path / image_name(i)))[0, 0, 0]) for i in range(6)]
+    assert got == [0, 255, 128, 0, 255, 64]
+
+
 # ------------------------------------------------------------------------------------------ harness
 
 
@@ -249,7 +340,7 @@ def _cfg(assets, **kw):
     return EvalConfig(**base)
 
 
-def test_evaluate_end_to_end_student_baselines_and_sweep(assets, tmp_path):
+def test_evaluate_end_to_end_student_baselines_and_sweep(assets, tmp_path, monkeypatch):
     runs = [RunSpec("ProReflow (tiny)", str(assets / "student"), steps=2, guidance=3.0),
             RunSpec("teacher", str(assets / "teacher"), steps=2, guidance=[1.5, 3.0], scheduler="dpmsolver++")]
     out = tmp_path / "out"
@@ -274,11 +365,18 @@ def test_evaluate_end_to_end_student_baselines_and_sweep(assets, tmp_path):
     assert "| method | scheduler | steps | guidance | time (s/img) | FID | CLIP |" in md
     assert f"| ProReflow (tiny) | own | 2 | 3 | {rows[0]['seconds_per_image']:.3f} | {rows[0]['fid']:.2f} |" in md
     assert (out / "cfg_sweep.png").stat().st_size > 1000
-    # a rerun generates nothing and, with the saved statistics, gives the same numbers
+    # a rerun generates nothing and, with the saved statistics, gives the same numbers (without loading the model)
+    import proreflow.evaluate as ev
+
+    def no_model(*a, **k):
+        raise AssertionError("a finished run without timing must not load its model")
+
+    monkeypatch.setattr(ev, "load_eval_pipeline", no_model)
     again = evaluate(runs[:1], _cfg(assets, reference=None, ref_stats=str(tmp_path / "ref.npz"), timing_batches=0),
                      out)
     assert again[0]["generated_now"] == 0 and again[0]["seconds_per_image"] is None
     assert abs(again[0]["fid"] - rows[0]["fid"]) < 1e-6 and abs(again[0]["clip"] - rows[0]["clip"]) < 1e-6
+    monkeypatch.undo()
     # networks and captions handed in as objects (a plain module, not the TorchScript file) give the same numbers
     from proreflow.data.coco import CaptionSet
 
@@ -289,6 +387,30 @@ def test_evaluate_end_to_end_student_baselines_and_sweep(assets, tmp_path):
     assert abs(injected[0]["fid"] - rows[0]["fid"]) < 1e-6 and abs(injected[0]["clip"] - rows[0]["clip"]) < 1e-6
     with pytest.raises(ProReflowError, match="holds images made with other settings"):
         evaluate(runs[:1], _cfg(assets, seed=1, timing_batches=0), out)
+
+
+def test_model_loading_is_never_timed(assets, tmp_path, monkeypatch):
+    """Pipelines load lazily (finished runs need none), but before the clock starts, even without warm-up."""
+    from types import SimpleNamespace
+
+    import proreflow.evaluate as ev
+
+    clock = [0.0]
+    monkeypatch.setattr(ev.time, "perf_counter", lambda: clock[0])
+
+    def pipe(prompts, **kw):
+        clock[0] += 1.0 * len(prompts)  # one 'second' per image
+        return SimpleNamespace(images=np.zeros((len(prompts), RES, RES, 3)))
+
+    def load(spec, dtype, device):
+        clock[0] += 1000.0  # a slow model load
+        return pipe
+
+    monkeypatch.setattr(ev, "load_eval_pipeline", load)
+    cfg = _cfg(assets, fid=False, clip=False, reference=None, warmup_batches=0, timing_batches=2)
+    for out in (tmp_path / "fresh", tmp_path / "fresh"):  # the second time all images exist already
+        rows = evaluate([RunSpec("fake", "nowhere", steps=2)], cfg, out)
+        assert rows[0]["seconds_per_image"] == 1.0
 
 
 def test_cli_evaluate_suite(assets, tmp_path):
@@ -305,6 +427,27 @@ def test_cli_evaluate_suite(assets, tmp_path):
     assert res["title"] == "tiny table" and res["num_images"] == 4 and len(res["rows"]) == 2
     assert all(row["fid"] > 0 and row["clip"] >= 0 for row in res["rows"])
     assert "| student | own | 2 | 2 |" in r.stdout
+    # flags of a single --model run are refused with a suite instead of being silently ignored
+    r = runner.invoke(app, ["evaluate", "--suite", str(suite), "--out", str(tmp_path / "o2"), "--steps", "8",
+                            "--scheduler", "ddim"])
+    assert r.exit_code == 2 and "--scheduler, --steps describe a single --model run" in r.stderr, r.output
+    assert not (tmp_path / "o2").exists()
+
+
+def test_cli_evaluate_loads_an_exported_student_in_a_fresh_process(assets, tmp_path):
+    """Regression: outside the test process (where diffusers_export was already imported) diffusers could not
+    resolve the student's ProReflowScheduler, so `proreflow evaluate --model <student>` failed to load it."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "proreflow.cli", "evaluate", "--model", str(assets / "student"), "--steps", "2",
+           "--captions", "prompts", "--prompts", str(assets / "prompts.txt"), "--num-images", "2", "--resolution",
+           str(RES), "--no-fid", "--no-clip", "--timing-batches", "0", "--quiet", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "results.json").read_text())["rows"][0]["images"] == 2
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -319,6 +462,9 @@ def test_cli_evaluate_suite(assets, tmp_path):
     (["--ref-stats", "{tmp}/none.npz", "--reference", None], "reference statistics"),
     (["--no-fid", "--clip-model", "{tmp}/noclip"], "is not available"),
     (["--guidance", "a,b"], "comma-separated numbers"),
+    (["--guidance", ","], "give at least one guidance scale"),
+    (["--num-images", "0"], "num_images must be >= 1, got 0"),
+    (["--scheduler", "ddim", "--timestep-spacing", "sideways"], "timestep_spacing must be"),
     (["--model", "{tmp}/no-model"], "cannot load the model"),
 ])
 def test_cli_evaluate_bad_input(assets, tmp_path, extra, needle):

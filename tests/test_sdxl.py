@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
-from PIL import Image
 from typer.testing import CliRunner
 
 from proreflow.cli import app
@@ -19,7 +18,7 @@ from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver
 from proreflow.teachers.vp import VPSchedule, VPVelocity
 from proreflow.training import TrainConfig
-from tiny_sd import tiny_sdxl_pipeline, tiny_sdxl_unet
+from tiny_sd import caption_folder, tiny_sdxl_pipeline, tiny_sdxl_unet
 
 runner = CliRunner()
 
@@ -33,12 +32,7 @@ def sdxl_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i, caption in enumerate(["a red cat", "a blue dog", "a photo of a cat", "the dog", "a cat", "a red dog"]):
-        Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-        (root / f"img{i}.txt").write_text(caption)
-    return root
+    return caption_folder(tmp_path_factory.mktemp("images"), size=(20, 28))
 
 
 def _cond(n=2, seed=0):
@@ -162,3 +156,42 @@ def test_sdxl_preset_loads():
     assert (cfg.model, cfg.resolution, cfg.steps) == ("stabilityai/stable-diffusion-xl-base-1.0", 1024, 4)
     plan = cfg.method.plan(cfg.steps, cfg.budget_steps)
     assert [s.schedule.num_windows for s in plan.stages] == [8, 4]
+
+
+@pytest.mark.parametrize("stats", [False, True])
+def test_sdxl_latents_are_what_the_sdxl_img2img_pipeline_encodes(tmp_path, stats):
+    """Regression: VAE statistics (`latents_mean` / `latents_std`, which the SDXL pipelines undo when
+    decoding) were ignored, so the student trained on latents the pipeline would decode wrongly."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from proreflow.distill import encode_images
+
+    pipe = tiny_sdxl_pipeline(tmp_path)
+    if stats:
+        pipe.vae.register_to_config(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 2.0, 1.0, 0.8])
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ours = encode_images(pipe, images, torch.Generator().manual_seed(1))
+    i2i = StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    ref = i2i.prepare_latents(images, None, 3, 1, torch.float32, "cpu", torch.Generator().manual_seed(1),
+                              add_noise=False)
+    assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
+    if stats:  # the statistics matter: plain scaling gives other latents
+        pipe.vae.register_to_config(latents_mean=None, latents_std=None)
+        assert not torch.allclose(ours, encode_images(pipe, images, torch.Generator().manual_seed(1)), atol=1e-2)
+
+
+def test_float16_vae_with_force_upcast_encodes_in_float32(tmp_path):
+    """Regression: a float16 SDXL VAE (weights_dtype float16) encoded in float16, where SDXL's VAE overflows."""
+    from proreflow.distill import encode_images
+
+    pipe = tiny_sdxl_pipeline(tmp_path)
+    assert pipe.vae.config.force_upcast
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pipe.vae.to(torch.float16)
+    seen = []
+    encode = pipe.vae.encode
+    pipe.vae.encode = lambda x, *a, **k: seen.append(x.dtype) or encode(x, *a, **k)
+    half = encode_images(pipe, images, torch.Generator().manual_seed(1))
+    assert seen == [torch.float32] and pipe.vae.dtype == torch.float16  # upcast for encoding only
+    pipe.vae.to(torch.float32)  # the same (fp16-rounded) weights in float32
+    assert torch.equal(half, encode_images(pipe, images, torch.Generator().manual_seed(1)))

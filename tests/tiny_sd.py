@@ -8,6 +8,20 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 WORDS = ["a", "cat", "dog", "photo", "of", "the", "red", "blue"]
+CAPTIONS = ["a red cat", "a blue dog", "a photo of a cat", "the dog", "a cat", "a red dog"]
+
+
+def caption_folder(root: Path, size: tuple[int, int] = (20, 24), captions=CAPTIONS) -> Path:
+    """`root/img<i>.png` (random pixels, height x width = `size`) + `root/img<i>.txt` for each caption."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, caption in enumerate(captions):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(caption)
+    return root
 
 
 def tiny_tokenizer(tmp: Path) -> CLIPTokenizer:

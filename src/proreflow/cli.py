@@ -146,9 +146,13 @@ def distill(
         raise typer.Exit(143)
     from proreflow.training import process_state
 
-    if process_state().is_main_process:
+    state = process_state()
+    if state.is_main_process:
         typer.echo(f"{summary['method']}: {summary['steps']}-step student written to {out} "
                    f"(load with DiffusionPipeline.from_pretrained)")
+    # the end of the script: what Accelerator.end_training() does without trackers (distill() has already
+    # waited for every process), so multi-process runs shut their process group down cleanly
+    state.destroy_process_group()
 
 
 @app.command()
@@ -168,17 +172,18 @@ def sample(
     try:
         if steps < 1:
             raise ProReflowError(f"--steps must be >= 1, got {steps}")
-        from diffusers import DiffusionPipeline
+        for flag, v in (("--height", height), ("--width", width)):
+            if v is not None and (v < 8 or v % 8):
+                raise ProReflowError(f"{flag} must be a positive multiple of 8, got {v}")
+        from proreflow.diffusers_export import load_diffusers_pipeline
 
-        import proreflow.diffusers_export  # noqa: F401  (diffusers loads ProReflowScheduler only once imported)
-
-        try:
-            pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-        except (OSError, ValueError) as exc:
-            raise ProReflowError(f"cannot load {model!r}: {str(exc).splitlines()[0][:200]}") from None
+        pipe = load_diffusers_pipeline(model)
         pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-        images = pipe(list(prompt), num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                      generator=torch.Generator().manual_seed(seed)).images
+        try:
+            images = pipe(list(prompt), num_inference_steps=steps, guidance_scale=guidance, height=height,
+                          width=width, generator=torch.Generator().manual_seed(seed)).images
+        except ValueError as exc:  # diffusers' check_inputs: a bad argument for this pipeline
+            raise ProReflowError(f"{type(pipe).__name__} refused the arguments: {str(exc).splitlines()[0][:300]}") from None
     except ProReflowError as exc:
         _fail(exc)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,10 +244,14 @@ def evaluate(
     name: Optional[str] = typer.Option(None, help="Method name in the table (default: the model's last path part)."),
     scheduler: Optional[str] = typer.Option(None, help="ddim, euler, dpmsolver, dpmsolver++, unipc, lcm or proreflow "
                                                        "(default: the pipeline's own)."),
-    steps: int = typer.Option(4, help="Sampling steps (NFE per image without CFG)."),
-    guidance: str = typer.Option("4.0", help="Guidance scale; comma-separated scales make a CFG sweep and its plot."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (NFE per image without CFG; default 4)."),
+    guidance: Optional[str] = typer.Option(None, help="Guidance scale (default 4); comma-separated scales make a CFG "
+                                                      "sweep and its plot."),
     lora: Optional[str] = typer.Option(None, help="LoRA weights (folder or hub id) fused into the model, e.g. LCM-LoRA."),
     variant: Optional[str] = typer.Option(None, help="Weights variant to load, e.g. fp16."),
+    timestep_spacing: Optional[str] = typer.Option(None, help="Step grid of a named DDIM/Euler/DPM-Solver/UniPC "
+                                                              "scheduler: trailing (default), leading, linspace, "
+                                                              "or 'own' for the pipeline's."),
     captions: Optional[str] = typer.Option(None, help="coco2017-5k (default), coco2014-30k, coco2014-10k or prompts."),
     annotations: Optional[str] = typer.Option(None, help="COCO captions_val2017.json / captions_val2014.json."),
     prompts: Optional[str] = typer.Option(None, help="Prompt file, one prompt per line (with --captions prompts)."),
@@ -281,18 +290,24 @@ def evaluate(
                      progress=False if quiet else None)
     try:
         if suite is not None:
-            if model is not None:
-                raise ProReflowError("give either --suite or --model, not both")
+            per_run = {"--model": model, "--name": name, "--scheduler": scheduler, "--steps": steps,
+                       "--guidance": guidance, "--lora": lora, "--variant": variant,
+                       "--timestep-spacing": timestep_spacing}
+            given = [flag for flag, v in per_run.items() if v is not None]
+            if given:  # they describe one run; a suite's runs are in its YAML
+                raise ProReflowError(f"{', '.join(given)} describe a single --model run and cannot be combined with "
+                                     f"--suite; edit the suite's runs instead")
             runs, cfg, title = load_suite(suite, overrides)
         else:
             if model is None:
                 raise ProReflowError("give --model (a diffusers pipeline) or --suite (a suite YAML)")
             try:
-                scales = [float(g) for g in guidance.split(",") if g.strip()]
+                scales = [float(g) for g in (guidance or "4.0").split(",") if g.strip()]
             except ValueError:
                 raise ProReflowError(f"--guidance takes comma-separated numbers, got {guidance!r}") from None
-            runs = [RunSpec(name=name or model.rstrip("/").split("/")[-1], model=model, steps=steps, guidance=scales, scheduler=scheduler,
-                            lora=lora, variant=variant)]
+            spacing = {"own": None, None: "trailing"}.get(timestep_spacing, timestep_spacing)
+            runs = [RunSpec(name=name or model.rstrip("/").split("/")[-1], model=model, steps=4 if steps is None else steps,
+                            guidance=scales, scheduler=scheduler, lora=lora, variant=variant, timestep_spacing=spacing)]
             cfg = from_dict(EvalConfig, {k: v for k, v in overrides.items() if v is not None}, where="evaluate")
             title = ""
         rows = run_evaluate(runs, cfg, out, title=title)

@@ -54,6 +54,8 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
         self.vp = VPSchedule(ddim.alphas_cumprod)
         self.windows = (WindowSchedule(tuple(window_boundaries)) if window_boundaries is not None
                         else WindowSchedule.uniform(num_windows))
+        if self.windows.num_windows != num_windows:  # the boundaries decide (configs saved before this said 4)
+            self.register_to_config(num_windows=self.windows.num_windows)
         if prediction_type not in ("epsilon", "v_prediction", "flow"):
             raise ProReflowError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or flow")
         self.set_timesteps(self.windows.num_windows)
@@ -104,6 +106,21 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
         return self.config.num_train_timesteps
 
 
+def load_diffusers_pipeline(model: str, what: str = "the model", **kwargs: Any) -> Any:
+    """`DiffusionPipeline.from_pretrained(model)` without a safety checker, with a clear error when it cannot be
+    loaded. Exported students load in a fresh process: diffusers resolves `proreflow.ProReflowScheduler`
+    only from modules already imported, and this one is (it defines the class)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ProReflowError(
+            f"cannot load {what} {model!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Pass a local "
+            f"diffusers folder, or download it once with network access (it is then read from the HF cache; set "
+            f"HF_HUB_OFFLINE=1 to use the cache only)") from None
+
+
 def scheduler_for(teacher_scheduler: Any, windows: WindowSchedule, prediction_type: str | None = None) -> ProReflowScheduler:
     """A ProReflowScheduler with the teacher scheduler's betas and the student's windows."""
     cfg = teacher_scheduler.config
@@ -111,7 +128,7 @@ def scheduler_for(teacher_scheduler: Any, windows: WindowSchedule, prediction_ty
         num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
         beta_schedule=cfg.beta_schedule, trained_betas=cfg.get("trained_betas"),
         prediction_type=prediction_type or cfg.get("prediction_type", "epsilon"),
-        window_boundaries=list(windows.boundaries))
+        window_boundaries=list(windows.boundaries), num_windows=windows.num_windows)
 
 
 def export_pipeline(pipe: Any, student_unet: Any, windows: WindowSchedule, out_dir: str | Path) -> Path:

@@ -84,17 +84,11 @@ def load_distill_config(path: str | Path | None = None, **overrides: Any) -> Dis
 
 def load_pipeline(model: str, weights_dtype: str = "float32") -> Any:
     """`DiffusionPipeline.from_pretrained` (SD1.x/2.x or SDXL) with a clear error when the weights are not available."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    dtype = getattr(torch, weights_dtype)
-    try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
-                                                 requires_safety_checker=False)
-    except (OSError, ValueError) as exc:
-        raise ProReflowError(
-            f"cannot load the teacher {model!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Pass a "
-            f"local diffusers folder, or download it once with network access (it is then read from the HF cache; "
-            f"set HF_HUB_OFFLINE=1 to use the cache only)") from None
+    from proreflow.diffusers_export import load_diffusers_pipeline
+
+    pipe = load_diffusers_pipeline(model, "the teacher", torch_dtype=getattr(torch, weights_dtype))
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise ProReflowError(f"{model!r} is a {type(pipe).__name__}; proreflow distills StableDiffusionPipeline "
                              f"(SD1.x/2.x) and StableDiffusionXLPipeline teachers")
@@ -104,11 +98,6 @@ def load_pipeline(model: str, weights_dtype: str = "float32") -> Any:
 def is_sdxl(pipe: Any) -> bool:
     """SDXL pipelines have a second text encoder whose pooled output and size ids feed the UNet."""
     return getattr(pipe, "text_encoder_2", None) is not None
-
-
-#: conditioning keys that carry the prompt (dropped together for CFG); other keys (SDXL's
-#: `time_ids`) describe the image and stay when the caption is dropped, as in the SDXL pipeline.
-TEXT_KEYS = ("encoder_hidden_states", "text_embeds")
 
 
 @torch.no_grad()
@@ -160,13 +149,30 @@ def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], tar
 
 @torch.no_grad()
 def encode_images(pipe: Any, images: Tensor, generator: torch.Generator, batch: int = 8) -> Tensor:
-    """VAE latents scaled by the VAE's scaling factor (what the UNet was trained on)."""
+    """VAE latents in the UNet's space, the inverse of what the pipeline decodes: `scaling_factor * z`,
+    or for SDXL pipelines with a VAE that has `latents_mean`/`latents_std` (as SDXL's img2img encodes)
+    `(z - mean) * scaling_factor / std`. A float16 VAE with `force_upcast` (SDXL's overflows in fp16)
+    encodes in float32, as the SDXL pipelines do."""
     vae = pipe.vae
-    out = []
-    for i in range(0, images.shape[0], batch):
-        x = images[i:i + batch].to(vae.device, vae.dtype)
-        out.append(vae.encode(x).latent_dist.sample(generator).float().cpu())
-    return torch.cat(out) * vae.config.scaling_factor
+    cfg = vae.config
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and bool(cfg.get("force_upcast", False))
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        out = []
+        for i in range(0, images.shape[0], batch):
+            x = images[i:i + batch].to(vae.device, vae.dtype)
+            out.append(vae.encode(x).latent_dist.sample(generator).float().cpu())
+    finally:
+        if upcast:
+            vae.to(dtype=dtype)
+    z = torch.cat(out)
+    mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+    if is_sdxl(pipe) and mean is not None and std is not None:
+        shape = (1, -1) + (1,) * (z.ndim - 2)
+        return (z - torch.tensor(mean).view(shape)) * cfg.scaling_factor / torch.tensor(std).view(shape)
+    return z * cfg.scaling_factor
 
 
 @dataclass
@@ -174,7 +180,9 @@ class CaptionedLatents:
     """Encoded training data: per-sample conditioning rows and, unless prompt-only, VAE latents."""
 
     cond: dict[str, Tensor]  # (N, ...) each: text states, and for SDXL pooled text + time ids
-    uncond: dict[str, Tensor]  # (1, ...) each, TEXT_KEYS only: the negative conditioning
+    # (1, ...) each: the negative conditioning, prompt keys only (encoder_hidden_states, SDXL's text_embeds);
+    # SDXL's `time_ids` describe the image and stay when the caption is dropped, as in the SDXL pipeline
+    uncond: dict[str, Tensor]
     latents: Tensor | None = None  # (N, C, h, w); None in prompt-only mode
     latent_shape: tuple[int, int, int] = (4, 64, 64)  # (C, h, w) of the noise in prompt-only mode
 
@@ -278,7 +286,8 @@ def encode_records(pipe: Any, records: list[tuple[Any, str]], resolution: int, s
     else:
         spec = {"kind": "latents+text", "teacher": str(pipe.config.get("_name_or_path", "")), "sdxl": is_sdxl(pipe),
                 "resolution": resolution, "seed": seed, "shard_size": shard_size, "n": len(records),
-                "records_sha256": _record_fingerprint(records)}
+                "records_sha256": _record_fingerprint(records),
+                "vae_latent_space": [pipe.vae.config.get(k) for k in ("scaling_factor", "latents_mean", "latents_std")]}
         store = ShardStore(cache_dir)
         state = process_state()
         if state.is_main_process:

@@ -32,21 +32,31 @@ from proreflow.errors import ProReflowError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-# name -> (diffusers scheduler class, settings laid over the pipeline's own scheduler config)
+# name -> (diffusers scheduler class, settings laid over the pipeline's own scheduler config).
+# DDIM: SD configs that are not DDIM's own (SDXL's Euler) lack `clip_sample`, whose DDIM default (True)
+# would clip predicted latents to [-1, 1]. DPM-Solver (not ++): diffusers refuses its default final
+# sigma of zero for this algorithm.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
+    "ddim": ("DDIMScheduler", {"clip_sample": False}),
     "euler": ("EulerDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "proreflow": ("ProReflowScheduler", {}),
 }
+#: solvers whose step grid follows `timestep_spacing` (LCM has its own grid; ProReflow starts at t = 1)
+SPACED = ("ddim", "euler", "dpmsolver", "dpmsolver++", "unipc")
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One table row. `scheduler` None keeps the pipeline's own (e.g. an exported student's ProReflowScheduler)."""
+    """One table row. `scheduler` None keeps the pipeline's own (e.g. an exported student's ProReflowScheduler).
+
+    `timestep_spacing` applies to a named DDIM/Euler/DPM-Solver/UniPC scheduler: "trailing" (default)
+    starts at the noisiest timestep like our students; SD configs say "leading", which at 4 steps starts
+    at timestep 751 from pure noise and handicaps the baseline; None keeps the pipeline's setting.
+    """
 
     name: str
     model: str
@@ -55,14 +65,20 @@ class RunSpec:
     scheduler: str | None = None
     lora: str | None = None
     variant: str | None = None
+    timestep_spacing: str | None = "trailing"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ProReflowError(f"run {self.name!r}: steps must be >= 1, got {self.steps}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ProReflowError(f"run {self.name!r}: unknown scheduler {self.scheduler!r}; use one of {list(SCHEDULERS)}")
+        if self.timestep_spacing not in (None, "trailing", "leading", "linspace"):
+            raise ProReflowError(f"run {self.name!r}: timestep_spacing must be trailing, leading, linspace or null "
+                                 f"(--timestep-spacing own: the pipeline's own), got {self.timestep_spacing!r}")
         scales = self.guidance if isinstance(self.guidance, list) else [self.guidance]
-        if not scales or any(g < 0 for g in scales):
+        if not scales:
+            raise ProReflowError(f"run {self.name!r}: give at least one guidance scale")
+        if any(g < 0 for g in scales):
             raise ProReflowError(f"run {self.name!r}: guidance scales must be >= 0, got {self.guidance!r}")
 
     def expand(self) -> list["RunSpec"]:
@@ -108,6 +124,7 @@ class EvalConfig:
             (self.resolution >= 8 and self.resolution % 8 == 0,
              f"resolution must be a multiple of 8, got {self.resolution}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.num_images is None or self.num_images >= 1, f"num_images must be >= 1, got {self.num_images}"),
             (self.warmup_batches >= 0 and self.timing_batches >= 0, "warmup_batches and timing_batches must be >= 0"),
             (self.timing_batch_size is None or self.timing_batch_size >= 1,
              f"timing_batch_size must be >= 1, got {self.timing_batch_size}"),
@@ -164,21 +181,14 @@ def device_name(device: torch.device) -> str:
 
 def load_eval_pipeline(spec: RunSpec, dtype: str = "auto", device: torch.device | None = None) -> Any:
     """The run's diffusers pipeline on `device`, with its LoRA fused and its scheduler swapped in."""
-    from diffusers import DiffusionPipeline
+    from proreflow.diffusers_export import load_diffusers_pipeline
 
     device = device or pick_device()
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
     if spec.variant:
         kwargs["variant"] = spec.variant
-    try:
-        pipe = DiffusionPipeline.from_pretrained(spec.model, safety_checker=None, requires_safety_checker=False,
-                                                 **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ProReflowError(
-            f"cannot load the model {spec.model!r} of run {spec.name!r} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). Pass a local diffusers folder, or download it once with network "
-            f"access (it is then read from the HF cache; set HF_HUB_OFFLINE=1 to use the cache only)") from None
+    pipe = load_diffusers_pipeline(spec.model, f"the model of run {spec.name!r}:", **kwargs)
     if spec.lora:
         try:
             pipe.load_lora_weights(spec.lora)
@@ -187,13 +197,14 @@ def load_eval_pipeline(spec: RunSpec, dtype: str = "auto", device: torch.device 
             raise ProReflowError(f"cannot load the LoRA {spec.lora!r} of run {spec.name!r}: "
                                  f"{str(exc).splitlines()[0][:200]}") from None
     if spec.scheduler is not None:
-        pipe.scheduler = make_scheduler(spec.scheduler, pipe.scheduler, spec.steps)
+        pipe.scheduler = make_scheduler(spec.scheduler, pipe.scheduler, spec.steps, spec.timestep_spacing)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def make_scheduler(name: str, current: Any, steps: int) -> Any:
-    """Scheduler `name` built from the pipeline's scheduler config (so betas and prediction type carry over)."""
+def make_scheduler(name: str, current: Any, steps: int, timestep_spacing: str | None = "trailing") -> Any:
+    """Scheduler `name` built from the pipeline's scheduler config (so betas and prediction type carry over);
+    `timestep_spacing` (see `RunSpec`) replaces the config's for the solvers in `SPACED`."""
     if name not in SCHEDULERS:
         raise ProReflowError(f"unknown scheduler {name!r}; use one of {list(SCHEDULERS)}")
     cls_name, settings = SCHEDULERS[name]
@@ -206,7 +217,13 @@ def make_scheduler(name: str, current: Any, steps: int) -> Any:
         return scheduler_for(current, WindowSchedule.uniform(steps))  # Euler in flow time = DDIM for the teacher
     import diffusers
 
-    return getattr(diffusers, cls_name).from_config(current.config, **settings)
+    if name in SPACED and timestep_spacing is not None:
+        settings = {**settings, "timestep_spacing": timestep_spacing}
+    try:
+        return getattr(diffusers, cls_name).from_config(current.config, **settings)
+    except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
+        raise ProReflowError(f"cannot build the {name!r} scheduler ({cls_name}) from the pipeline's "
+                             f"{type(current).__name__} config: {str(exc).splitlines()[0][:200]}") from None
 
 
 GenerateFn = Callable[[list[str], list[torch.Generator]], np.ndarray]
@@ -222,6 +239,23 @@ def pipeline_generate_fn(pipe: Any, spec: RunSpec, resolution: int) -> GenerateF
         return np.asarray(out.images)
 
     return call
+
+
+class _LazyGenerate:
+    """`pipeline_generate_fn` whose pipeline is loaded on first use, so a finished run needs no model."""
+
+    def __init__(self, spec: RunSpec, cfg: EvalConfig, device: torch.device) -> None:
+        self.spec, self.cfg, self.device = spec, cfg, device
+        self.fn: GenerateFn | None = None
+
+    def load(self) -> GenerateFn:
+        if self.fn is None:
+            pipe = load_eval_pipeline(self.spec, self.cfg.dtype, self.device)
+            self.fn = pipeline_generate_fn(pipe, self.spec, self.cfg.resolution)
+        return self.fn
+
+    def __call__(self, prompts: list[str], generators: list[torch.Generator]) -> np.ndarray:
+        return self.load()(prompts, generators)
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -423,13 +457,16 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
         _check_run_folder(folder, {"spec": asdict(spec), "resolution": cfg.resolution, "seed": cfg.seed,
                                    "captions": captions.name, "num_captions": len(captions.captions),
                                    "captions_hash": _hash(captions.captions), "dtype": cfg.dtype})
-        generate = pipeline_generate_fn(load_eval_pipeline(spec, cfg.dtype, device), spec, cfg.resolution)
+        generate = _LazyGenerate(spec, cfg, device)  # a finished run is scored without loading its model
         made = generate_images(generate, captions.captions, folder, cfg.resolution, cfg.seed, cfg.batch_size,
                                cfg.progress, desc=spec.slug)
-        timing = time_per_image(generate, captions.captions, cfg.timing_batch_size or cfg.batch_size,
-                                cfg.warmup_batches, cfg.timing_batches, device)
+        timing = None
+        if cfg.timing_batches:  # loaded before the clock starts, even with no warm-up batches
+            timing = time_per_image(generate.load(), captions.captions, cfg.timing_batch_size or cfg.batch_size,
+                                    cfg.warmup_batches, cfg.timing_batches, device)
         scores = score_folder(folder, captions.captions, metrics, cfg, device)
-        row = {"method": spec.name, "model": spec.model, "scheduler": spec.scheduler or "own", "steps": spec.steps,
+        row = {"method": spec.name, "model": spec.model, "scheduler": spec.scheduler or "own",
+               "timestep_spacing": spec.timestep_spacing if spec.scheduler in SPACED else None, "steps": spec.steps,
                "guidance": spec.guidance, "images": len(captions.captions), "generated_now": made,
                "seconds_per_image": timing["seconds_per_image"] if timing else None,
                "device": timing["device"] if timing else device_name(device), "fid": scores["fid"],

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from proreflow.data.captions import IMAGE_SUFFIXES
+from proreflow.data.captions import IMAGE_SUFFIXES, centre_crop_resize
 from proreflow.errors import ProReflowError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -252,10 +252,7 @@ def read_image_uint8(path: Path, resize_to: int | None = None) -> Tensor:
         with Image.open(path) as im:
             im = im.convert("RGB")
             if resize_to is not None:
-                w, h = im.size
-                s = min(w, h)
-                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-                im = im.resize((resize_to, resize_to), Image.Resampling.BICUBIC)
+                im, _ = centre_crop_resize(im, resize_to)
             arr = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as exc:
         raise ProReflowError(f"cannot read image {str(path)!r}: {exc}") from None

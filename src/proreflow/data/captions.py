@@ -170,30 +170,33 @@ def _open(src: Any):
     return Image.open(src)
 
 
+def centre_crop_resize(im: Any, resolution: int) -> tuple[Any, tuple[int, int]]:
+    """The largest centred square of a PIL image, resized to resolution² (bicubic), and the crop corner
+    (top, left) in the resized image's pixels (SDXL's convention)."""
+    from PIL import Image
+
+    w, h = im.size
+    s = min(w, h)
+    top, left = (h - s) // 2, (w - s) // 2
+    im = im.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.Resampling.BICUBIC)
+    scale = resolution / s
+    return im, (round(top * scale), round(left * scale))
+
+
 def prepare_image(src: Any, resolution: int) -> PreparedImage:
     """Centre crop to a square, resize, scale to [-1, 1]; `src` is a path, bytes or a PIL image."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     name = str(src) if isinstance(src, (str, Path)) else type(src).__name__
     try:
         with _open(src) as im:
             im = im.convert("RGB")
             w, h = im.size
-            s = min(w, h)
-            top, left = (h - s) // 2, (w - s) // 2
-            im = im.crop((left, top, left + s, top + s))
-            im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
+            im, corner = centre_crop_resize(im, resolution)
             arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     except (UnidentifiedImageError, OSError) as exc:
         raise ProReflowError(f"cannot read image {name!r}: {exc}") from None
-    scale = resolution / s
-    return PreparedImage(torch.from_numpy(arr).permute(2, 0, 1).contiguous(), (h, w),
-                         (round(top * scale), round(left * scale)))
-
-
-def load_image(path: Any, resolution: int) -> Tensor:
-    """(3, resolution, resolution) in [-1, 1]: centre crop to a square, then resize."""
-    return prepare_image(path, resolution).pixels
+    return PreparedImage(torch.from_numpy(arr).permute(2, 0, 1).contiguous(), (h, w), corner)
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -86,4 +86,4 @@ def load_caption_set(name: str, annotations: str | Path | None = None, prompts: 
     file_name, n = COCO_SETS[name]
     if annotations is None:
         raise ProReflowError(f"caption set {name!r} needs the COCO annotations file {file_name} (--annotations PATH)")
-    return load_coco_captions(annotations, num_images or n, seed, name)
+    return load_coco_captions(annotations, n if num_images is None else num_images, seed, name)
