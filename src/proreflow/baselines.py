@@ -16,30 +16,47 @@ from torch import Tensor, nn
 from proreflow.errors import ProReflowError
 from proreflow.teachers.flow import call_network, guided_call
 
-#: name -> (diffusers class name, extra config) for multistep solvers (1 NFE per step)
-DIFFUSERS_SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
+#: name -> (diffusers class, settings laid over the model's own scheduler config). DDIM: SD configs that
+#: are not DDIM's own (SDXL's Euler) lack `clip_sample`, whose DDIM default (True) would clip predicted
+#: latents to [-1, 1]. DPM-Solver (not ++): diffusers refuses its default final sigma of zero for it.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {"clip_sample": False}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}),
+    "lcm": ("LCMScheduler", {}),
 }
+#: solvers whose step grid follows `timestep_spacing` (LCM has its own grid)
+SPACED = ("ddim", "euler", "dpmsolver", "dpmsolver++", "unipc")
 
 
-def make_scheduler(name: str, train_config: dict[str, Any], flow: bool = False):
-    """A diffusers scheduler of kind `name` for a model trained with `train_config` (a DDPM config).
+def make_scheduler(name: str, config: Any, timestep_spacing: str | None = "trailing", flow: bool = False):
+    """The diffusers scheduler `name` built from a model's scheduler config (a pipeline's, or the DDPM
+    config a teacher was trained with), so betas and prediction type carry over.
 
-    `flow=True` configures it for a velocity (flow-matching) network instead of an eps one.
+    `timestep_spacing` replaces the config's for the solvers in SPACED ("trailing": start at the
+    noisiest timestep, as our windowed sampler does; None keeps the config's). `flow=True` configures
+    the solver for a velocity (flow-matching) network instead of an eps one. Our settings are passed
+    as keyword overrides: written into the config dict instead, diffusers would reset those listed in
+    its `_use_default_values` to their defaults.
     """
     import diffusers
 
-    if name not in DIFFUSERS_SOLVERS:
-        raise ProReflowError(f"unknown scheduler {name!r}; choose one of {sorted(DIFFUSERS_SOLVERS)}")
-    cls_name, extra = DIFFUSERS_SOLVERS[name]
-    cls = getattr(diffusers, cls_name)
-    # private keys (`_use_default_values`, ...) would make diffusers reset our overrides to defaults
-    cfg = {k: v for k, v in train_config.items() if not k.startswith("_")}
-    cfg.update(extra, timestep_spacing="trailing")
+    if name not in SCHEDULERS:
+        raise ProReflowError(f"unknown scheduler {name!r}; use one of {list(SCHEDULERS)}")
+    cls_name, settings = SCHEDULERS[name]
+    settings = dict(settings)
+    if name in SPACED and timestep_spacing is not None:
+        settings["timestep_spacing"] = timestep_spacing
     if flow:
-        cfg.update(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0)
-    return cls.from_config(cfg)
+        settings.update(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0)
+    try:
+        return getattr(diffusers, cls_name).from_config(config, **settings)
+    except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
+        origin = config.get("_class_name", "given") if hasattr(config, "get") else "given"
+        raise ProReflowError(f"cannot build the {name!r} scheduler ({cls_name}) from the {origin} scheduler "
+                             f"config: {str(exc).splitlines()[0][:200]}") from None
 
 
 @torch.no_grad()

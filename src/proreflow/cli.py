@@ -91,9 +91,11 @@ def train(
         raise typer.Exit(143)
     from proreflow.training import process_state
 
-    if process_state().is_main_process:
+    state = process_state()
+    if state.is_main_process:
         typer.echo(f"{row['method']} at {row['steps']} steps: fidelity RMSE {row['fidelity_rmse']:.4f}, "
                    f"SW2 {row['distance_swd']:.4f}; wrote {out / 'student.safetensors'} and {out / 'metrics.json'}")
+    state.destroy_process_group()  # as distill: train_single has waited for every process
 
 
 @app.command()

@@ -102,3 +102,16 @@ def merge(base: dict, override: dict) -> dict:
     for k, v in override.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+#: the packaged presets (also reachable as the repository's top-level configs/)
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """A preset name without suffix (e.g. `sd15-proreflow-I`, `eval-table1`, `digits`) -> its packaged
+    YAML; anything else is taken as a path."""
+    p = Path(path)
+    if not p.suffix and (PRESET_DIR / f"{p.name}.yaml").is_file():
+        return PRESET_DIR / f"{p.name}.yaml"
+    return p

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from proreflow.checkpoint import CheckpointConfig, atomic_save_tensors, atomic_write_text, load_tensors
-from proreflow.config import from_dict, load_yaml, merge
+from proreflow.config import PRESET_DIR, from_dict, load_yaml, merge, resolve_preset
 from proreflow.data.digits import NUM_CLASSES, DigitsData, class_cond, label_dropout, load_digits_images
 from proreflow.errors import ProReflowError
 from proreflow.methods import MethodSpec
@@ -43,7 +43,6 @@ from proreflow.teachers.vp import VPSchedule, VPVelocity
 from proreflow.training import PairCacheConfig, PlanResult, TrainConfig, fit, flow_matching_batches, train_plan
 from proreflow.windows import WindowSchedule
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 TEACHER_KINDS = ("vp", "flow")
 #: paper table 4 row label of each ablation method of the preset
 ABLATION_LABELS = {"perflow": "w/o both (PeRFlow)", "proreflow-no-aligned": "w/o aligned",
@@ -157,12 +156,9 @@ class DigitsConfig:
 def load_digits_config(path: str | Path | None = None, **overrides: Any) -> DigitsConfig:
     """A preset name (digits, digits-smoke) or YAML path; a user YAML may change only some keys of the
     packaged `digits` preset."""
-    base = load_yaml(CONFIG_DIR / "digits.yaml")
+    base = load_yaml(PRESET_DIR / "digits.yaml")
     if path is not None:
-        p = Path(path)
-        if not p.suffix and (CONFIG_DIR / f"{p.name}.yaml").is_file():
-            p = CONFIG_DIR / f"{p.name}.yaml"
-        base = merge(base, load_yaml(p))
+        base = merge(base, load_yaml(resolve_preset(path)))
     base.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(DigitsConfig, base, where=str(path or "digits config"))
 

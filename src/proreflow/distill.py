@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from proreflow.checkpoint import CheckpointConfig, atomic_write_text
-from proreflow.config import from_dict, load_yaml, merge
+from proreflow.config import from_dict, load_yaml, merge, resolve_preset
 from proreflow.data.captions import find_pairs, prepare_image
 from proreflow.errors import ProReflowError
 from proreflow.methods import MethodSpec
@@ -30,7 +30,6 @@ from proreflow.teachers.vp import VPSchedule, VPVelocity
 from proreflow.training import TrainConfig, process_state, stop_on_sigterm, train_plan
 from proreflow.windows import ProgressivePlan
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
@@ -74,10 +73,7 @@ def load_distill_config(path: str | Path | None = None, **overrides: Any) -> Dis
     """A preset (name in configs/ or a YAML path) with CLI overrides on top."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.suffix and (CONFIG_DIR / f"{p}.yaml").is_file():
-            p = CONFIG_DIR / f"{p}.yaml"
-        data = load_yaml(p)
+        data = load_yaml(resolve_preset(path))
     data = merge(data, {k: v for k, v in overrides.items() if v is not None})
     return from_dict(DistillConfig, data, where=str(path or "distill config"))
 

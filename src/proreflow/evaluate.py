@@ -25,28 +25,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from proreflow import baselines
 from proreflow.checkpoint import atomic_write_text
-from proreflow.config import from_dict, load_yaml, merge
+from proreflow.config import from_dict, load_yaml, merge, resolve_preset
 from proreflow.data.coco import CAPTION_SETS, CaptionSet, load_caption_set
 from proreflow.errors import ProReflowError
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 
 # name -> (diffusers scheduler class, settings laid over the pipeline's own scheduler config).
-# DDIM: SD configs that are not DDIM's own (SDXL's Euler) lack `clip_sample`, whose DDIM default (True)
-# would clip predicted latents to [-1, 1]. DPM-Solver (not ++): diffusers refuses its default final
-# sigma of zero for this algorithm.
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {"clip_sample": False}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "proreflow": ("ProReflowScheduler", {}),
-}
-#: solvers whose step grid follows `timestep_spacing` (LCM has its own grid; ProReflow starts at t = 1)
-SPACED = ("ddim", "euler", "dpmsolver", "dpmsolver++", "unipc")
+#: the scheduler names of `--scheduler`: diffusers' solvers, and our windowed Euler
+SCHEDULERS: tuple[str, ...] = (*baselines.SCHEDULERS, "proreflow")
+SPACED = baselines.SPACED
 
 
 @dataclass(frozen=True)
@@ -153,9 +142,7 @@ class Suite:
 
 def load_suite(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[list[RunSpec], EvalConfig, str]:
     """A suite by preset name (eval-table1) or path; `overrides` (CLI flags) go over its eval settings."""
-    p = Path(path)
-    if not p.suffix and (CONFIG_DIR / f"{p}.yaml").is_file():
-        p = CONFIG_DIR / f"{p}.yaml"
+    p = resolve_preset(path)
     suite = from_dict(Suite, load_yaml(p), where=str(p))
     if not suite.runs:
         raise ProReflowError(f"suite {str(p)!r} lists no runs")
@@ -203,27 +190,16 @@ def load_eval_pipeline(spec: RunSpec, dtype: str = "auto", device: torch.device 
 
 
 def make_scheduler(name: str, current: Any, steps: int, timestep_spacing: str | None = "trailing") -> Any:
-    """Scheduler `name` built from the pipeline's scheduler config (so betas and prediction type carry over);
-    `timestep_spacing` (see `RunSpec`) replaces the config's for the solvers in `SPACED`."""
-    if name not in SCHEDULERS:
-        raise ProReflowError(f"unknown scheduler {name!r}; use one of {list(SCHEDULERS)}")
-    cls_name, settings = SCHEDULERS[name]
+    """Scheduler `name` for a pipeline whose scheduler is `current` (see `baselines.make_scheduler`);
+    "proreflow" is our windowed Euler over `steps` uniform windows (= DDIM for a VP teacher)."""
     if name == "proreflow":
         from proreflow.diffusers_export import ProReflowScheduler, scheduler_for
         from proreflow.windows import WindowSchedule
 
         if isinstance(current, ProReflowScheduler):
             return current
-        return scheduler_for(current, WindowSchedule.uniform(steps))  # Euler in flow time = DDIM for the teacher
-    import diffusers
-
-    if name in SPACED and timestep_spacing is not None:
-        settings = {**settings, "timestep_spacing": timestep_spacing}
-    try:
-        return getattr(diffusers, cls_name).from_config(current.config, **settings)
-    except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
-        raise ProReflowError(f"cannot build the {name!r} scheduler ({cls_name}) from the pipeline's "
-                             f"{type(current).__name__} config: {str(exc).splitlines()[0][:200]}") from None
+        return scheduler_for(current, WindowSchedule.uniform(steps))
+    return baselines.make_scheduler(name, current.config, timestep_spacing)
 
 
 GenerateFn = Callable[[list[str], list[torch.Generator]], np.ndarray]
