@@ -164,3 +164,28 @@ def test_aligned_loss_reduces_to_mse_and_its_gradient_shrinks_the_angle(gen):
         aligned_loss(pred, target[:, :2], 1.0)
     with pytest.raises(ProReflowError):
         aligned_loss(pred, target, -1.0)
+
+
+def test_teacher_max_batch_chunks_calls_without_changing_pairs():
+    from proreflow.teachers.gmm import GaussianMixture
+
+    gmm = GaussianMixture.ring(8, 3.0, 0.3)
+    sizes = []
+
+    def teacher(x, t, cond=None):
+        sizes.append(x.shape[0])
+        assert cond["id"].shape[0] == x.shape[0]  # conditioning is cut with its rows
+        return gmm.velocity(x.double(), t.double()).float()
+
+    x0 = gmm.sample(300, torch.Generator().manual_seed(0)).float()
+    cond = {"id": torch.arange(300).float()}
+    kw = dict(schedule=WindowSchedule.uniform(4), cond=cond)
+    whole = make_window_pairs(teacher, x0, solver=TeacherSolver("rk4", 8, "per_unit_time"),
+                              generator=torch.Generator().manual_seed(1), **kw)
+    sizes.clear()
+    parts = make_window_pairs(teacher, x0, solver=TeacherSolver("rk4", 8, "per_unit_time", max_batch=32),
+                              generator=torch.Generator().manual_seed(1), **kw)
+    assert max(sizes) == 32 and torch.allclose(whole.x_b, parts.x_b, atol=1e-6)
+    assert whole.teacher_nfe == parts.teacher_nfe
+    with pytest.raises(ProReflowError, match="max_batch"):
+        TeacherSolver(max_batch=-1)

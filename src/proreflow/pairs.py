@@ -38,11 +38,16 @@ class TeacherSolver:
     method: Literal["euler", "heun", "rk4"] = "rk4"
     steps: int = 4
     mode: Literal["per_window", "per_unit_time"] = "per_window"
+    # teacher calls on at most this many samples at once (0: all at once). On CPU a conv UNet is ~2.6x
+    # faster per sample at batch 128 than at 2048 (cache-bound), which matters when building pair caches.
+    max_batch: int = 0
 
     def __post_init__(self) -> None:
         check_solver(self.method, self.steps)
         if self.mode not in ("per_window", "per_unit_time"):
             raise ProReflowError(f"teacher solver mode must be 'per_window' or 'per_unit_time', got {self.mode!r}")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 0:
+            raise ProReflowError(f"teacher solver max_batch must be an integer >= 0, got {self.max_batch!r}")
 
     def steps_for(self, length: float) -> int:
         if self.mode == "per_window":
@@ -91,6 +96,8 @@ def make_window_pairs(teacher: VelocityField, x0: Tensor, schedule: WindowSchedu
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu").to(x0.device)
     if noise.shape != x0.shape:
         raise ProReflowError(f"noise shape {tuple(noise.shape)} != data shape {tuple(x0.shape)}")
+    if solver.max_batch:
+        teacher = chunked(teacher, solver.max_batch)
     t_a = schedule.starts(x0.device, x0.dtype)[windows]
     t_b = schedule.ends(x0.device, x0.dtype)[windows]
     x_a = interpolate(x0, noise, t_a)
@@ -108,6 +115,18 @@ def make_window_pairs(teacher: VelocityField, x0: Tensor, schedule: WindowSchedu
             x_b[m] = solve(teacher, x_a[m], t_a[m], t_b[m], steps, solver.method, map_cond(cond, lambda c: c[m]))
             nfe += int(m.sum()) * steps * per
     return WindowPairs(x_a=x_a, x_b=x_b, t_a=t_a, t_b=t_b, cond=cond, teacher_nfe=nfe)
+
+
+def chunked(field: VelocityField, size: int) -> VelocityField:
+    """`field` evaluated on at most `size` samples at a time (same outputs, bounded batch)."""
+
+    def call(x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        if x.shape[0] <= size:
+            return field(x, t, cond)
+        return torch.cat([field(x[i:i + size], t[i:i + size], map_cond(cond, lambda c: c[i:i + size]))
+                          for i in range(0, x.shape[0], size)])
+
+    return call
 
 
 def map_cond(cond: Any, fn: Callable[[Tensor], Tensor]) -> Any:
