@@ -57,7 +57,7 @@ def training_rows(steps: int, digits_out: Path) -> tuple[list[dict], Any]:
 
     rows = []
     # toy: MLP 256x4 student, batch 256, an MLP teacher of the same size, RK4 teacher (the demo's solver)
-    pts = builtin_points("moons", 20000, 0)
+    pts = torch.as_tensor(builtin_points("moons", 20000, 0), dtype=torch.float32)
 
     def toy_data(n: int, gen: torch.Generator):
         return pts[torch.randint(0, pts.shape[0], (n,), generator=gen)], None
