@@ -6,7 +6,8 @@ is inside the wall time), and its EMA student is scored every `--eval-every` opt
 sampling steps (evaluation time is excluded from the wall time). Two targets per setup:
 - "all reach": the worst final score among the methods (every method reaches it);
 - "PeRFlow final": PeRFlow's final score (the strongest baseline; "not reached" is reported).
-Per seed, the first evaluation at or below the target counts; the table quotes medians over seeds.
+Per seed, the first evaluation at or below the target that the next evaluation confirms counts (one noisy
+dip does not); step 0 (the starting network) is scored too. The table quotes medians over seeds.
 
     python benchmarks/time_to_quality.py --setup toy      # exact GMM teacher, fidelity RMSE, 3 seeds
     python benchmarks/time_to_quality.py --setup digits   # digits VP teacher, FD, 1 seed; reuses the
@@ -36,13 +37,13 @@ Trainer = Callable[[ProgressivePlan, float, Callable[..., None], int], Any]
 
 
 def curve(spec: MethodSpec, k: int, budget: int, every: int, seed: int, train: Trainer,
-          score: Callable[[torch.nn.Module], float]) -> list[dict]:
-    """Scores of one training run at every `every` optimizer steps, with the teacher NFE and the
-    training seconds (evaluation excluded) spent up to that point."""
+          score: Callable[[torch.nn.Module], float], init: torch.nn.Module) -> list[dict]:
+    """Scores of one training run at step 0 (`init`) and every `every` optimizer steps, with the teacher
+    NFE and the training seconds (evaluation excluded) spent up to that point."""
     plan = spec.plan(k, budget)
     offsets = [sum(s.steps for s in plan.stages[:i]) for i in range(len(plan.stages))]
     stage_nfe: dict[int, int] = {}
-    points: list[dict] = []
+    points: list[dict] = [{"step": 0, "teacher_nfe": 0, "seconds": 0.0, "score": score(init)}]
     clock = {"start": time.perf_counter(), "eval": 0.0}
 
     def on_step(stage: int, done: int, ema_model: Callable[[], torch.nn.Module], result: Any) -> None:
@@ -61,7 +62,11 @@ def curve(spec: MethodSpec, k: int, budget: int, every: int, seed: int, train: T
 
 
 def first_reach(points: list[dict], target: float) -> dict | None:
-    return next((p for p in points if p["score"] <= target), None)
+    """The first point at or below `target` whose successor (if any) is at or below it too."""
+    for i, p in enumerate(points):
+        if p["score"] <= target and (i + 1 == len(points) or points[i + 1]["score"] <= target):
+            return p
+    return None
 
 
 def summarize(curves: dict[str, list[list[dict]]]) -> dict:
@@ -156,7 +161,7 @@ def toy(seeds: list[int], k: int, every: int) -> tuple[dict, str]:
                 train_plan(setup.base, setup.teacher, _data_fn(setup.data.train), plan, cfg.teacher_solver,
                            replace(cfg.train, seed=seed), lam, margin=cfg.window_margin, on_step=on_step)
 
-            curves[name].append(curve(spec, k, cfg.budget_steps, every, seed, train, score))
+            curves[name].append(curve(spec, k, cfg.budget_steps, every, seed, train, score, setup.base))
             print(f"toy seed {seed} {name}: final fidelity {curves[name][-1][-1]['score']:.4f}", flush=True)
     return curves, "fidelity RMSE"
 
@@ -186,7 +191,7 @@ def digits(seeds: list[int], k: int, every: int, out: Path, samples: int) -> tup
                            replace(cfg.train, seed=seed, progress=False), lam, margin=cfg.window_margin,
                            on_step=on_step)
 
-            curves[name].append(curve(spec, k, cfg.budget_steps, every, seed, train, score))
+            curves[name].append(curve(spec, k, cfg.budget_steps, every, seed, train, score, teacher))
             print(f"digits seed {seed} {name}: final FD {curves[name][-1][-1]['score']:.3f}", flush=True)
     return curves, "FD"
 
