@@ -87,3 +87,22 @@ def test_batches_from_the_cache_follow_the_chords(tmp_path):
     assert b.x.shape == (64, 2) and b.cond.shape == (64,) and b.teacher_nfe == 0
     half = batches(0, torch.Generator().manual_seed(0), slice(32, 64))
     assert torch.equal(half.x, b.x[32:]) and torch.equal(half.target, b.target[32:])
+
+
+def test_a_cache_made_by_other_teacher_weights_is_rebuilt(tmp_path):
+    """Regression: the spec named no teacher, so a cache folder reused with another teacher was trusted."""
+    from proreflow.models.mlp import VelocityMLP
+    from proreflow.pairs import teacher_fingerprint
+    from proreflow.teachers.flow import NetworkTeacher
+
+    torch.manual_seed(0)
+    a, b = NetworkTeacher(VelocityMLP(2, 16, 2)), NetworkTeacher(VelocityMLP(2, 16, 2))
+    assert teacher_fingerprint(a) != teacher_fingerprint(b) and teacher_fingerprint(teacher) is None
+    data = Data()
+    first = PairCache(tmp_path).ensure(a, data, SCHED, SOLVER, n_pairs=50, shard_size=25, seed=1)
+    calls = data.calls
+    same = PairCache(tmp_path).ensure(a, data, SCHED, SOLVER, n_pairs=50, shard_size=25, seed=1)
+    assert data.calls == calls and torch.equal(first.pairs.x_b, same.pairs.x_b)  # reused
+    other = PairCache(tmp_path).ensure(b, data, SCHED, SOLVER, n_pairs=50, shard_size=25, seed=1)
+    assert data.calls == calls + 2  # both shards rebuilt with the other teacher
+    assert torch.equal(first.pairs.x_a, other.pairs.x_a) and not torch.allclose(first.pairs.x_b, other.pairs.x_b)

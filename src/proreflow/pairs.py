@@ -237,6 +237,23 @@ class ShardStore:
         return [load_file(str(self.root / e["file"])) for e in entries], entries
 
 
+def teacher_fingerprint(teacher: Any) -> str | None:
+    """sha256 of a teacher network's frozen weights (the field itself or its `.net`), so that a pair cache
+    made by other weights is never reused; None for fields without a network (analytic teachers).
+    Trainable parameters are left out: a LoRA student's adapters ride on its adapters-off teacher."""
+    module = teacher if isinstance(teacher, torch.nn.Module) else getattr(teacher, "net", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if name in trainable:
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
 class PairCache(ShardStore):
     """Window pairs cached to disk in safetensors shards with a checksummed manifest.
 
@@ -246,9 +263,10 @@ class PairCache(ShardStore):
     """
 
     def _spec(self, schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int,
-              seed: int) -> dict:
+              seed: int, teacher: VelocityField | None = None) -> dict:
         return {"boundaries": list(schedule.boundaries), "solver": [solver.method, solver.steps, solver.mode],
-                "n_pairs": n_pairs, "shard_size": shard_size, "seed": seed}
+                "n_pairs": n_pairs, "shard_size": shard_size, "seed": seed,
+                "teacher": teacher_fingerprint(teacher) if teacher is not None else None}
 
     def ensure(self, teacher: VelocityField, data_fn: Callable[[int, torch.Generator], tuple[Tensor, Any]],
                schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int = 10_000,
@@ -256,7 +274,7 @@ class PairCache(ShardStore):
         """Build the missing or damaged shards, then load and return every pair."""
         if n_pairs < 1 or shard_size < 1:
             raise ProReflowError(f"pair cache needs n_pairs >= 1 and shard_size >= 1, got {n_pairs}, {shard_size}")
-        spec = self._spec(schedule, solver, n_pairs, shard_size, seed)
+        spec = self._spec(schedule, solver, n_pairs, shard_size, seed, teacher)
 
         def make(i: int) -> tuple[dict[str, Tensor], dict]:
             n = min(shard_size, n_pairs - i * shard_size)
