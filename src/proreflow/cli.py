@@ -19,6 +19,31 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _resume_latest(resume: Optional[str]) -> bool:
+    """--resume takes only 'latest' (or nothing)."""
+    if resume not in (None, "latest"):
+        raise ProReflowError(f"--resume takes 'latest', got {resume!r}")
+    return resume == "latest"
+
+
+def _interrupted(exc: Exception, hint: str) -> None:
+    """SIGTERM stopped training after a checkpoint: say how to continue, exit 143 like a terminated job."""
+    typer.echo(f"interrupted: {exc}; {hint}", err=True)
+    raise typer.Exit(143)
+
+
+def _finish(message: str) -> None:
+    """The end of a training command: the main process reports, then every process shuts the process group
+    down, which is what Accelerator.end_training() does without trackers (callers have already waited for
+    every process), so multi-process runs end cleanly."""
+    from proreflow.training import process_state
+
+    state = process_state()
+    if state.is_main_process:
+        typer.echo(message)
+    state.destroy_process_group()
+
+
 @app.callback()
 def _root() -> None:
     """proreflow: progressive reflow + aligned v-prediction."""
@@ -76,26 +101,19 @@ def train(
     from proreflow.training import TrainingInterrupted
 
     try:
-        if resume not in (None, "latest"):
-            raise ProReflowError(f"--resume takes 'latest', got {resume!r}")
+        resume_latest = _resume_latest(resume)
         if cached_pairs < 0:
             raise ProReflowError(f"--cached-pairs must be >= 0, got {cached_pairs}")
         cfg = _load(config, budget, base_steps)
         row = train_single(cfg, method, steps, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
-                           every=checkpoint_every, keep=keep, resume=resume == "latest", progress=not quiet,
+                           every=checkpoint_every, keep=keep, resume=resume_latest, progress=not quiet,
                            cached_pairs=cached_pairs)
     except ProReflowError as exc:
         _fail(exc)
     except TrainingInterrupted as exc:
-        typer.echo(f"interrupted: {exc}; continue with --resume latest", err=True)
-        raise typer.Exit(143)
-    from proreflow.training import process_state
-
-    state = process_state()
-    if state.is_main_process:
-        typer.echo(f"{row['method']} at {row['steps']} steps: fidelity RMSE {row['fidelity_rmse']:.4f}, "
-                   f"SW2 {row['distance_swd']:.4f}; wrote {out / 'student.safetensors'} and {out / 'metrics.json'}")
-    state.destroy_process_group()  # as distill: train_single has waited for every process
+        _interrupted(exc, "continue with --resume latest")
+    _finish(f"{row['method']} at {row['steps']} steps: fidelity RMSE {row['fidelity_rmse']:.4f}, "
+            f"SW2 {row['distance_swd']:.4f}; wrote {out / 'student.safetensors'} and {out / 'metrics.json'}")
 
 
 @app.command()
@@ -127,11 +145,10 @@ def distill(
     from proreflow.training import TrainingInterrupted
 
     try:
-        if resume not in (None, "latest"):
-            raise ProReflowError(f"--resume takes 'latest', got {resume!r}")
+        resume_latest = _resume_latest(resume)
         cfg = load_distill_config(preset, model=model, lora_rank=lora_rank, budget_steps=budget, resolution=resolution)
         cfg = replace(cfg, train=replace(cfg.train, seed=seed, progress=not quiet))
-        ckpt = CheckpointConfig(out / "checkpoints", checkpoint_every, 2, resume == "latest")
+        ckpt = CheckpointConfig(out / "checkpoints", checkpoint_every, 2, resume_latest)
         if not ckpt.resume and (out / "model_index.json").exists():
             raise ProReflowError(f"{str(out)!r} already holds a pipeline; choose another --out")
         if (data is None) == (prompts is None):
@@ -144,17 +161,9 @@ def distill(
     except ProReflowError as exc:
         _fail(exc)
     except TrainingInterrupted as exc:
-        typer.echo(f"interrupted: {exc}; continue with --resume latest", err=True)
-        raise typer.Exit(143)
-    from proreflow.training import process_state
-
-    state = process_state()
-    if state.is_main_process:
-        typer.echo(f"{summary['method']}: {summary['steps']}-step student written to {out} "
-                   f"(load with DiffusionPipeline.from_pretrained)")
-    # the end of the script: what Accelerator.end_training() does without trackers (distill() has already
-    # waited for every process), so multi-process runs shut their process group down cleanly
-    state.destroy_process_group()
+        _interrupted(exc, "continue with --resume latest")
+    _finish(f"{summary['method']}: {summary['steps']}-step student written to {out} "
+            f"(load with DiffusionPipeline.from_pretrained)")
 
 
 @app.command()
@@ -216,8 +225,7 @@ def run(
     except ProReflowError as exc:
         _fail(exc)
     except TrainingInterrupted as exc:
-        typer.echo(f"interrupted: {exc}; rerun the same command to continue from the cache", err=True)
-        raise typer.Exit(143)
+        _interrupted(exc, "rerun the same command to continue from the cache")
     typer.echo((out / "results.md").read_text())
 
 

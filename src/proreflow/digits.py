@@ -266,19 +266,23 @@ class DigitsBench:
         return class_cond(self.labels[: n or self.labels.shape[0]])
 
     @torch.no_grad()
+    def batched(self, sampler: Callable[[Tensor, dict], Tensor], n: int | None = None, batch: int = 128) -> Tensor:
+        """`sampler(noise, cond)` over the shared evaluation noise and cycling labels 0..9, in batches of
+        `batch` (CPU UNets are fastest per sample near 128)."""
+        noise, labels = self.noise[: n or self.noise.shape[0]], self.labels[: n or self.labels.shape[0]]
+        return torch.cat([sampler(noise[i:i + batch], class_cond(labels[i:i + batch]))
+                          for i in range(0, noise.shape[0], batch)])
+
     def generate(self, net: torch.nn.Module, schedule: WindowSchedule, per_window: int = 1, method: str = "euler",
-                 guidance: float = 1.0, n: int | None = None, batch: int = 128) -> Tensor:
-        """Class-conditional samples (labels 0..9 cycling) from the shared evaluation noise."""
+                 guidance: float = 1.0, n: int | None = None) -> Tensor:
+        """Class-conditional samples of a velocity network with our windowed sampler."""
         old = net.guidance_scale
         net.guidance_scale = guidance
         try:
-            noise = self.noise[: n or self.noise.shape[0]]
-            outs = [sample(NetworkTeacher(net), noise[i:i + batch], schedule, per_window, method=method,
-                           cond=class_cond(self.labels[i:i + min(batch, noise.shape[0] - i)]))
-                    for i in range(0, noise.shape[0], batch)]
+            field = NetworkTeacher(net)
+            return self.batched(lambda x, cond: sample(field, x, schedule, per_window, method=method, cond=cond), n)
         finally:
             net.guidance_scale = old
-        return torch.cat(outs)
 
     def reference(self, kind: str, guidance: float) -> Tensor:
         key = (kind, guidance)
@@ -319,12 +323,7 @@ def _solver_rows(bench: DigitsBench, kind: str) -> list[dict]:
                     continue  # a VP scheduler; on the flow teacher it would be our Euler
                 sched = make_scheduler(name, bench.ddpm_config, flow=(kind == "flow"))
                 net = teacher.unet if kind == "vp" else teacher.net
-                outs = []
-                for i in range(0, bench.noise.shape[0], 128):  # CPU UNets are fastest per sample near 128
-                    noise = bench.noise[i:i + 128]
-                    outs.append(scheduler_sample(net, sched, noise, nfe, class_cond(bench.labels[i:i + noise.shape[0]]),
-                                                 cfg.eval.guidance))
-                out = torch.cat(outs)
+                out = bench.batched(lambda x, cond: scheduler_sample(net, sched, x, nfe, cond, cfg.eval.guidance))
                 label = name
             rows.append({"teacher": kind, "solver": label, "nfe": nfe, **bench.score(out, ref)})
     return rows
