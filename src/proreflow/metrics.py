@@ -75,30 +75,32 @@ def straightness(field: VelocityField, noise: Tensor, schedule: WindowSchedule, 
 
 class FrechetDistance:
     """Fréchet distance to a fixed real set in the feature space of `feature` (an nn.Module with a
-    `num_features` attribute), computed by torchmetrics' FID with that custom feature extractor.
+    `num_features` attribute): the statistics and the distance of `metrics_images` (torchmetrics' FID
+    with that custom feature module), which `proreflow evaluate` uses for FID too.
 
-    The real features are computed once; each call compares one generated set against them.
+    The real statistics are computed once; each call compares one generated set against them.
     """
 
     def __init__(self, feature: torch.nn.Module, real: Tensor, batch_size: int = 500) -> None:
         try:
-            from torchmetrics.image.fid import FrechetInceptionDistance
+            import torchmetrics  # noqa: F401
         except ImportError:
             raise ProReflowError("Fréchet distances need torchmetrics: pip install 'proreflow[metrics]'") from None
+        from proreflow.metrics_images import image_stats
+
         if real.shape[0] < 2:
             raise ProReflowError(f"the real set needs at least 2 images, got {real.shape[0]}")
-        self.batch_size = batch_size
-        self.metric = FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=False)
+        self.feature, self.batch_size = feature, batch_size
         self.shape = tuple(real.shape[1:])
-        with torch.no_grad():
-            for i in range(0, real.shape[0], batch_size):
-                self.metric.update(real[i:i + batch_size].float(), real=True)
+        self.real = image_stats(feature, self._batches(real))
+
+    def _batches(self, images: Tensor) -> list[Tensor]:
+        return [images[i:i + self.batch_size].float() for i in range(0, images.shape[0], self.batch_size)]
 
     @torch.no_grad()
     def __call__(self, fake: Tensor) -> float:
+        from proreflow.metrics_images import frechet_distance, image_stats
+
         if tuple(fake.shape[1:]) != self.shape or fake.shape[0] < 2:
             raise ProReflowError(f"generated images must be N >= 2 of shape {self.shape}, got {tuple(fake.shape)}")
-        self.metric.reset()
-        for i in range(0, fake.shape[0], self.batch_size):
-            self.metric.update(fake[i:i + self.batch_size].float(), real=False)
-        return float(self.metric.compute())
+        return frechet_distance(self.real, image_stats(self.feature, self._batches(fake)))
