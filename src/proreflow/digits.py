@@ -445,10 +445,14 @@ def _cfg_sweep(bench: DigitsBench, students: dict[tuple[str, int, int], StudentR
         for g in cfg.sweep.scales:
             out = bench.generate(run.result.student, final, k // final.num_windows, guidance=g, n=cfg.sweep.samples)
             rows.append({"method": run.method.name, "steps": k, "guidance": g, **bench.score(out)})
-    from proreflow.plotting import plot_cfg_sweep
+    from proreflow.plotting import plot_guidance_sweep
 
     if rows:
-        plot_cfg_sweep(rows, bench.out / "fig3_cfg_sweep.png")
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            groups.setdefault(f"{r['method']}, {r['steps']} steps", []).append(r)
+        plot_guidance_sweep(groups, [("fd", "FD (classifier features)"), ("class_accuracy", "class accuracy")],
+                            bench.out / "fig3_cfg_sweep.png")
     return rows
 
 

@@ -456,7 +456,10 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
     atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "results.md", markdown_table(rows, summary))
     if any(len(v) > 1 for v in _sweeps(rows).values()):
-        plot_cfg_sweep(rows, out / "cfg_sweep.png")
+        from proreflow.plotting import plot_guidance_sweep
+
+        plot_guidance_sweep(_sweeps(rows), [("fid", "FID (lower is better)"), ("clip", "CLIP score (higher is better)")],
+                            out / "cfg_sweep.png")
     return rows
 
 
@@ -489,29 +492,3 @@ def _sweeps(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for r in rows:
         groups.setdefault(f"{r['method']} ({r['scheduler']}, {r['steps']} steps)", []).append(r)
     return groups
-
-
-def plot_cfg_sweep(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """FID and CLIP score against the guidance scale, one line per method (the paper's fig. 3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for label, group in _sweeps(rows).items():
-        rs = sorted(group, key=lambda r: r["guidance"])
-        for ax, key in zip(axes, ("fid", "clip")):
-            pts = [(r["guidance"], r[key]) for r in rs if r[key] is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-    for ax, label in zip(axes, ("FID (lower is better)", "CLIP score (higher is better)")):
-        ax.set_xlabel("guidance scale")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path

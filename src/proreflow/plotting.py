@@ -103,17 +103,19 @@ def plot_perturbation(rows: list[dict], fd_clean: float, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_cfg_sweep(rows: list[dict], path: Path) -> None:
-    """Fig. 3: FD and class accuracy of the few-step students across guidance scales."""
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for k in sorted({r["steps"] for r in rows}):
-        sel = sorted((r for r in rows if r["steps"] == k), key=lambda r: r["guidance"])
-        g = [r["guidance"] for r in sel]
-        axes[0].plot(g, [r["fd"] for r in sel], marker="o", label=f"{sel[0]['method']}, {k} steps")
-        axes[1].plot(g, [r["class_accuracy"] for r in sel], marker="o", label=f"{sel[0]['method']}, {k} steps")
-    axes[0].set_ylabel("FD (classifier features)"), axes[1].set_ylabel("class accuracy")
-    for ax in axes:
-        ax.set_xlabel("CFG scale")
+def plot_guidance_sweep(groups: dict[str, list[dict]], metrics: list[tuple[str, str]], path: Path) -> None:
+    """The paper's fig. 3: each metric (row key, axis label) against the guidance scale, one line per group
+    (rows of a group differ in `guidance` only; rows whose metric is None are left out)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.4), squeeze=False)
+    for label, rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["guidance"])
+        for ax, (key, _) in zip(axes[0], metrics):
+            pts = [(r["guidance"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+    for ax, (_, ylabel) in zip(axes[0], metrics):
+        ax.set_xlabel("guidance scale"), ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
