@@ -195,8 +195,9 @@ class DigitsBench:
         self.fd = FrechetDistance(FeatureExtractor(self.classifier), self.data.test_x)
         from diffusers import DDPMScheduler
 
-        self.ddpm_config = dict(DDPMScheduler(**asdict(cfg.vp)).config)
-        self.vp_schedule = VPSchedule.from_scheduler(DDPMScheduler(**asdict(cfg.vp)))
+        ddpm = DDPMScheduler(**asdict(cfg.vp))
+        self.ddpm_config = dict(ddpm.config)
+        self.vp_schedule = VPSchedule.from_scheduler(ddpm)
         self.teachers: dict[str, torch.nn.Module] = {}
         self.teacher_seconds: dict[str, float] = {}
         for kind in cfg.teacher.kinds:
