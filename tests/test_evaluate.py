@@ -17,8 +17,8 @@ from proreflow.cli import app
 from proreflow.data.coco import load_caption_set, load_coco_captions
 from proreflow.diffusers_export import export_pipeline
 from proreflow.errors import ProReflowError
-from proreflow.evaluate import (EvalConfig, RunSpec, evaluate, generate_images, image_name, load_eval_pipeline,
-                                load_suite, make_scheduler, pipeline_generate_fn)
+from proreflow.evaluate import (SCHEDULERS, EvalConfig, RunSpec, evaluate, generate_images, image_name,
+                                load_eval_pipeline, load_suite, make_scheduler, pipeline_generate_fn)
 from proreflow.windows import WindowSchedule
 from tiny_sd import tiny_pipeline, tiny_tokenizer
 
@@ -501,8 +501,12 @@ def test_packaged_suites_parse():
     for name in ("eval-table1", "eval-table2", "eval-table3"):
         runs, cfg, title = load_suite(name, {"reference": "x"})
         assert runs and title and cfg.captions.startswith("coco")
-        assert {r.scheduler for r in runs} <= {None, "ddim", "euler", "dpmsolver", "dpmsolver++", "unipc", "lcm",
-                                               "proreflow"}
+        assert {r.scheduler for r in runs} <= {None, *SCHEDULERS}
+    table1 = {r.name: r for r in load_suite("eval-table1", {"reference": "x"})[0]}
+    assert table1["PeRFlow"].scheduler == "perflow" and table1["PeRFlow"].unet_delta == "hansyan/perflow-sd15-delta-weights"
+    assert (table1["InstaFlow-0.9B"].scheduler, table1["InstaFlow-0.9B"].steps) == ("rectified-flow", 1)
+    sdxl = {r.name: r for r in load_suite("eval-table3", {"reference": "x"})[0]}
+    assert sdxl["PeRFlow-SDXL"].scheduler == "perflow-ddim-eps"
 
 
 def test_suite_and_stats_mistakes_are_named(tmp_path):

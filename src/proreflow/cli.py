@@ -252,13 +252,20 @@ def evaluate(
     suite: Optional[str] = typer.Option(None, help="A suite YAML or preset name (eval-table1, eval-table2, eval-table3)."),
     model: Optional[str] = typer.Option(None, help="A diffusers pipeline folder or hub id (without --suite)."),
     name: Optional[str] = typer.Option(None, help="Method name in the table (default: the model's last path part)."),
-    scheduler: Optional[str] = typer.Option(None, help="ddim, euler, dpmsolver, dpmsolver++, unipc, lcm or proreflow "
-                                                       "(default: the pipeline's own)."),
+    scheduler: Optional[str] = typer.Option(None, help="ddim, euler, dpmsolver, dpmsolver++, unipc, lcm, proreflow; "
+                                                       "published students: perflow (PeRFlow SD1.5/2.1), "
+                                                       "perflow-ddim-eps (PeRFlow SDXL), perflow-velocity, "
+                                                       "rectified-flow (InstaFlow, 2-RF). Default: the pipeline's own."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (NFE per image without CFG; default 4)."),
     guidance: Optional[str] = typer.Option(None, help="Guidance scale (default 4); comma-separated scales make a CFG "
                                                       "sweep and its plot."),
     lora: Optional[str] = typer.Option(None, help="LoRA weights (folder or hub id) fused into the model, e.g. LCM-LoRA."),
     variant: Optional[str] = typer.Option(None, help="Weights variant to load, e.g. fp16."),
+    pipeline: Optional[str] = typer.Option(None, help="diffusers pipeline class to load the model with, when its "
+                                                      "model_index.json names one diffusers lacks."),
+    unet_delta: Optional[str] = typer.Option(None, help="UNet weight delta (diffusers UNet folder or hub id) added to "
+                                                        "the model's UNet, e.g. hansyan/perflow-sd15-delta-weights."),
+    delta_variant: Optional[str] = typer.Option(None, help="Weights variant of --unet-delta, e.g. v0-1."),
     timestep_spacing: Optional[str] = typer.Option(None, help="Step grid of a named DDIM/Euler/DPM-Solver/UniPC "
                                                               "scheduler: trailing (default), leading, linspace, "
                                                               "or 'own' for the pipeline's."),
@@ -301,7 +308,8 @@ def evaluate(
     try:
         if suite is not None:
             per_run = {"--model": model, "--name": name, "--scheduler": scheduler, "--steps": steps,
-                       "--guidance": guidance, "--lora": lora, "--variant": variant,
+                       "--guidance": guidance, "--lora": lora, "--variant": variant, "--pipeline": pipeline,
+                       "--unet-delta": unet_delta, "--delta-variant": delta_variant,
                        "--timestep-spacing": timestep_spacing}
             given = [flag for flag, v in per_run.items() if v is not None]
             if given:  # they describe one run; a suite's runs are in its YAML
@@ -317,7 +325,8 @@ def evaluate(
                 raise ProReflowError(f"--guidance takes comma-separated numbers, got {guidance!r}") from None
             spacing = {"own": None, None: "trailing"}.get(timestep_spacing, timestep_spacing)
             runs = [RunSpec(name=name or model.rstrip("/").split("/")[-1], model=model, steps=4 if steps is None else steps,
-                            guidance=scales, scheduler=scheduler, lora=lora, variant=variant, timestep_spacing=spacing)]
+                            guidance=scales, scheduler=scheduler, lora=lora, variant=variant, timestep_spacing=spacing,
+                            pipeline=pipeline, unet_delta=unet_delta, delta_variant=delta_variant)]
             cfg = from_dict(EvalConfig, {k: v for k, v in overrides.items() if v is not None}, where="evaluate")
             title = ""
         rows = run_evaluate(runs, cfg, out, title=title)

@@ -106,14 +106,25 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
         return self.config.num_train_timesteps
 
 
-def load_diffusers_pipeline(model: str, what: str = "the model", **kwargs: Any) -> Any:
-    """`DiffusionPipeline.from_pretrained(model)` without a safety checker, with a clear error when it cannot be
-    loaded. Exported students load in a fresh process: diffusers resolves `proreflow.ProReflowScheduler`
-    only from modules already imported, and this one is (it defines the class)."""
-    from diffusers import DiffusionPipeline
+def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class: str | None = None,
+                            **kwargs: Any) -> Any:
+    """`DiffusionPipeline.from_pretrained(model)` (or `pipeline_class`'s) without a safety checker, with a clear
+    error when it cannot be loaded. Exported students load in a fresh process: diffusers resolves
+    `proreflow.ProReflowScheduler` only from modules already imported, and this one is (it defines the class)."""
+    import diffusers
 
+    cls = getattr(diffusers, pipeline_class or "DiffusionPipeline", None)
+    if cls is None:
+        raise ProReflowError(f"diffusers has no pipeline class {pipeline_class!r} (for {what} {model!r})")
     try:
-        return DiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False, **kwargs)
+        return cls.from_pretrained(model, safety_checker=None, requires_safety_checker=False, **kwargs)
+    except AttributeError as exc:
+        if "module diffusers has no attribute" not in str(exc):
+            raise
+        raise ProReflowError(
+            f"cannot load {what} {model!r}: its model_index.json names a pipeline class diffusers lacks ({exc}). "
+            f"Name a diffusers class whose components it has, e.g. pipeline: StableDiffusionPipeline in the suite "
+            f"row (--pipeline StableDiffusionPipeline)") from None
     except (OSError, ValueError) as exc:
         raise ProReflowError(
             f"cannot load {what} {model!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Pass a local "

@@ -32,9 +32,14 @@ from proreflow.data.coco import CAPTION_SETS, CaptionSet, load_caption_set
 from proreflow.errors import ProReflowError
 
 
-# name -> (diffusers scheduler class, settings laid over the pipeline's own scheduler config).
-#: the scheduler names of `--scheduler`: diffusers' solvers, and our windowed Euler
-SCHEDULERS: tuple[str, ...] = (*baselines.SCHEDULERS, "proreflow")
+#: samplers of published students that diffusers lacks (`published`): name -> PeRFlow prediction type, or
+#: None for InstaFlow / 2-rectified flow
+PUBLISHED_SCHEDULERS: dict[str, str | None] = {"perflow": "diff_eps", "perflow-ddim-eps": "ddim_eps",
+                                               "perflow-velocity": "velocity", "rectified-flow": None}
+#: the window count of PeRFlow's released checkpoints (all of them: SD1.5, SD2.1, SDXL)
+PERFLOW_WINDOWS = 4
+#: the scheduler names of `--scheduler`: diffusers' solvers, our windowed Euler, published students' samplers
+SCHEDULERS: tuple[str, ...] = (*baselines.SCHEDULERS, "proreflow", *PUBLISHED_SCHEDULERS)
 SPACED = baselines.SPACED
 
 
@@ -45,6 +50,11 @@ class RunSpec:
     `timestep_spacing` applies to a named DDIM/Euler/DPM-Solver/UniPC scheduler: "trailing" (default)
     starts at the noisiest timestep like our students; SD configs say "leading", which at 4 steps starts
     at timestep 751 from pure noise and handicaps the baseline; None keeps the pipeline's setting.
+
+    Published students: `scheduler` "perflow" / "perflow-ddim-eps" (PeRFlow SD1.5 / SDXL checkpoints) or
+    "rectified-flow" (InstaFlow, 2-rectified flow); `unet_delta` adds a UNet weight delta (PeRFlow's
+    `hansyan/perflow-sd15-delta-weights`, `delta_variant` v0-1) to the model's UNet; `pipeline` names the
+    diffusers class to load with when the model's model_index.json names one diffusers lacks.
     """
 
     name: str
@@ -55,6 +65,9 @@ class RunSpec:
     lora: str | None = None
     variant: str | None = None
     timestep_spacing: str | None = "trailing"
+    pipeline: str | None = None
+    unet_delta: str | None = None
+    delta_variant: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -64,6 +77,14 @@ class RunSpec:
         if self.timestep_spacing not in (None, "trailing", "leading", "linspace"):
             raise ProReflowError(f"run {self.name!r}: timestep_spacing must be trailing, leading, linspace or null "
                                  f"(--timestep-spacing own: the pipeline's own), got {self.timestep_spacing!r}")
+        if self.scheduler in PUBLISHED_SCHEDULERS and self.scheduler != "rectified-flow" and self.steps < PERFLOW_WINDOWS:
+            raise ProReflowError(f"run {self.name!r}: PeRFlow's checkpoints have {PERFLOW_WINDOWS} windows, at least one "
+                                 f"step each: steps must be >= {PERFLOW_WINDOWS}, got {self.steps}")
+        if self.pipeline is not None and not self.pipeline.endswith("Pipeline"):
+            raise ProReflowError(f"run {self.name!r}: pipeline must name a diffusers pipeline class such as "
+                                 f"StableDiffusionPipeline, got {self.pipeline!r}")
+        if self.delta_variant is not None and self.unet_delta is None:
+            raise ProReflowError(f"run {self.name!r}: delta_variant needs unet_delta")
         scales = self.guidance if isinstance(self.guidance, list) else [self.guidance]
         if not scales:
             raise ProReflowError(f"run {self.name!r}: give at least one guidance scale")
@@ -175,7 +196,13 @@ def load_eval_pipeline(spec: RunSpec, dtype: str = "auto", device: torch.device 
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
     if spec.variant:
         kwargs["variant"] = spec.variant
-    pipe = load_diffusers_pipeline(spec.model, f"the model of run {spec.name!r}:", **kwargs)
+    pipe = load_diffusers_pipeline(spec.model, f"the model of run {spec.name!r}:", pipeline_class=spec.pipeline,
+                                   **kwargs)
+    if spec.unet_delta:
+        from proreflow.published import load_unet_delta, merge_unet_delta
+
+        merge_unet_delta(pipe.unet, load_unet_delta(spec.unet_delta, spec.delta_variant),
+                         f"the UNet delta {spec.unet_delta!r} of run {spec.name!r}")
     if spec.lora:
         try:
             pipe.load_lora_weights(spec.lora)
@@ -191,7 +218,15 @@ def load_eval_pipeline(spec: RunSpec, dtype: str = "auto", device: torch.device 
 
 def make_scheduler(name: str, current: Any, steps: int, timestep_spacing: str | None = "trailing") -> Any:
     """Scheduler `name` for a pipeline whose scheduler is `current` (see `baselines.make_scheduler`);
-    "proreflow" is our windowed Euler over `steps` uniform windows (= DDIM for a VP teacher)."""
+    "proreflow" is our windowed Euler over `steps` uniform windows (= DDIM for a VP teacher); the
+    PUBLISHED_SCHEDULERS sample PeRFlow's and InstaFlow's checkpoints (`published`)."""
+    if name in PUBLISHED_SCHEDULERS:
+        from proreflow.published import RectifiedFlowScheduler, perflow_scheduler
+
+        kind = PUBLISHED_SCHEDULERS[name]
+        if kind is None:
+            return RectifiedFlowScheduler(num_train_timesteps=current.config.get("num_train_timesteps", 1000))
+        return perflow_scheduler(current.config, prediction_type=kind, num_windows=PERFLOW_WINDOWS)
     if name == "proreflow":
         from proreflow.diffusers_export import ProReflowScheduler, scheduler_for
         from proreflow.windows import WindowSchedule
@@ -393,6 +428,15 @@ def score_folder(folder: Path, captions: Sequence[str], metrics: Metrics, cfg: E
 # ---------------------------------------------------------------------------------------------- harness
 
 
+#: RunSpec fields added after run folders were first written: left out of run.json while unset, so that
+#: earlier folders still resume
+_LATER_FIELDS = ("pipeline", "unet_delta", "delta_variant")
+
+
+def _spec_meta(spec: RunSpec) -> dict[str, Any]:
+    return {k: v for k, v in asdict(spec).items() if not (k in _LATER_FIELDS and v is None)}
+
+
 def _check_run_folder(folder: Path, meta: dict[str, Any]) -> None:
     """Images on disk may be reused only if they were made with the same settings and captions."""
     f = folder / "run.json"
@@ -430,7 +474,7 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
     for spec in rows_in:
         folder = out / "runs" / spec.slug
         folder.mkdir(parents=True, exist_ok=True)
-        _check_run_folder(folder, {"spec": asdict(spec), "resolution": cfg.resolution, "seed": cfg.seed,
+        _check_run_folder(folder, {"spec": _spec_meta(spec), "resolution": cfg.resolution, "seed": cfg.seed,
                                    "captions": captions.name, "num_captions": len(captions.captions),
                                    "captions_hash": _hash(captions.captions), "dtype": cfg.dtype})
         generate = _LazyGenerate(spec, cfg, device)  # a finished run is scored without loading its model
@@ -441,7 +485,8 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
             timing = time_per_image(generate.load(), captions.captions, cfg.timing_batch_size or cfg.batch_size,
                                     cfg.warmup_batches, cfg.timing_batches, device)
         scores = score_folder(folder, captions.captions, metrics, cfg, device)
-        row = {"method": spec.name, "model": spec.model, "scheduler": spec.scheduler or "own",
+        row = {"method": spec.name, "model": spec.model, "unet_delta": spec.unet_delta,
+               "scheduler": spec.scheduler or "own",
                "timestep_spacing": spec.timestep_spacing if spec.scheduler in SPACED else None, "steps": spec.steps,
                "guidance": spec.guidance, "images": len(captions.captions), "generated_now": made,
                "seconds_per_image": timing["seconds_per_image"] if timing else None,
