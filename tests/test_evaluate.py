@@ -505,6 +505,7 @@ def test_packaged_suites_parse():
     table1 = {r.name: r for r in load_suite("eval-table1", {"reference": "x"})[0]}
     assert table1["PeRFlow"].scheduler == "perflow" and table1["PeRFlow"].unet_delta == "hansyan/perflow-sd15-delta-weights"
     assert (table1["InstaFlow-0.9B"].scheduler, table1["InstaFlow-0.9B"].steps) == ("rectified-flow", 1)
+    assert table1["Rectified Diffusion"].scheduler_overrides == {"beta_schedule": "linear"}
     sdxl = {r.name: r for r in load_suite("eval-table3", {"reference": "x"})[0]}
     assert sdxl["PeRFlow-SDXL"].scheduler == "perflow-ddim-eps"
 

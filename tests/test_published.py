@@ -278,3 +278,53 @@ def test_cli_evaluate_a_published_student_with_delta_and_pipeline_class(tmp_path
     r = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "o3"), "--scheduler", "perflow", "--steps", "2",
                                  "--pipeline", "StableDiffusionPipeline"])
     assert r.exit_code == 2 and "PeRFlow's checkpoints have 4 windows, at least one step each" in r.stderr, r.output
+
+
+def test_unet_weights_file_replaces_the_unet_and_scheduler_overrides(tmp_path):
+    """Rectified Diffusion's release: a UNet state dict (rd.ckpt) on SD1.5, DDIM trailing with its own betas."""
+    from safetensors.torch import save_file
+
+    tiny_pipeline(tmp_path / "parts", seed=0).save_pretrained(tmp_path / "base")
+    target = tiny_unet(seed=5).state_dict()
+    save_file({k: v.contiguous() for k, v in target.items()}, str(tmp_path / "w.safetensors"))
+    torch.save(target, tmp_path / "w.ckpt")
+    torch.save({"state_dict": target}, tmp_path / "wrapped.ckpt")
+    for f in ("w.safetensors", "w.ckpt", "wrapped.ckpt"):
+        pipe = load_eval_pipeline(RunSpec("rd", str(tmp_path / "base"), scheduler="ddim", unet_weights=str(tmp_path / f),
+                                          scheduler_overrides={"beta_schedule": "linear"}))
+        assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in target.items()), f
+    assert pipe.scheduler.config.beta_schedule == "linear" and pipe.scheduler.config.timestep_spacing == "trailing"
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    torch.save({k: v for k, v in target.items() if "conv_in" not in k}, tmp_path / "part.ckpt")
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    for f, needle in [("part.ckpt", "do not fit this UNet: 2 of its weights are missing"),
+                      ("junk.ckpt", "cannot read"), ("list.ckpt", "is not a state dict of tensors"),
+                      ("none.ckpt", "no such file")]:
+        with pytest.raises(ProReflowError, match=needle):
+            load_eval_pipeline(RunSpec("rd", str(tmp_path / "base"), unet_weights=str(tmp_path / f)))
+    with pytest.raises(ProReflowError, match="scheduler_overrides apply to a named diffusers scheduler"):
+        RunSpec("rd", "m", scheduler="perflow", scheduler_overrides={"beta_schedule": "linear"})
+    with pytest.raises(ProReflowError, match="scheduler_overrides must be a mapping"):
+        RunSpec("rd", "m", scheduler="ddim", scheduler_overrides="linear")
+
+
+def test_cli_scheduler_settings_and_unet_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from proreflow.cli import app
+
+    tiny_pipeline(tmp_path / "parts", seed=0).save_pretrained(tmp_path / "base")
+    torch.save(tiny_unet(seed=5).state_dict(), tmp_path / "rd.ckpt")
+    (tmp_path / "p.txt").write_text("a red cat\nthe dog\n")
+    common = ["evaluate", "--model", str(tmp_path / "base"), "--captions", "prompts", "--prompts", str(tmp_path / "p.txt"),
+              "--resolution", "16", "--no-fid", "--no-clip", "--timing-batches", "0", "--quiet", "--scheduler", "ddim"]
+    r = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "o"), "--unet-weights", str(tmp_path / "rd.ckpt"),
+                                 "--scheduler-setting", "beta_schedule=linear", "--scheduler-setting", "beta_end=0.012"])
+    assert r.exit_code == 0, r.output
+    row = json.loads((tmp_path / "o" / "results.json").read_text())["rows"][0]
+    assert row["unet_weights"] == str(tmp_path / "rd.ckpt") and row["images"] == 2
+    run = json.loads((tmp_path / "o" / "runs" / "base-ddim-4steps-cfg4" / "run.json").read_text())
+    assert run["spec"]["scheduler_overrides"] == {"beta_schedule": "linear", "beta_end": 0.012}
+    r = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "o2"), "--scheduler-setting", "linear"])
+    assert r.exit_code == 2 and "--scheduler-setting takes KEY=VALUE, got 'linear'" in r.stderr, r.output

@@ -31,7 +31,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 SPACED = ("ddim", "euler", "dpmsolver", "dpmsolver++", "unipc")
 
 
-def make_scheduler(name: str, config: Any, timestep_spacing: str | None = "trailing", flow: bool = False):
+def make_scheduler(name: str, config: Any, timestep_spacing: str | None = "trailing", flow: bool = False,
+                   overrides: dict[str, Any] | None = None):
     """The diffusers scheduler `name` built from a model's scheduler config (a pipeline's, or the DDPM
     config a teacher was trained with), so betas and prediction type carry over.
 
@@ -39,7 +40,7 @@ def make_scheduler(name: str, config: Any, timestep_spacing: str | None = "trail
     noisiest timestep, as our windowed sampler does; None keeps the config's). `flow=True` configures
     the solver for a velocity (flow-matching) network instead of an eps one. Our settings are passed
     as keyword overrides: written into the config dict instead, diffusers would reset those listed in
-    its `_use_default_values` to their defaults.
+    its `_use_default_values` to their defaults. `overrides` are laid over everything else.
     """
     import diffusers
 
@@ -51,6 +52,7 @@ def make_scheduler(name: str, config: Any, timestep_spacing: str | None = "trail
         settings["timestep_spacing"] = timestep_spacing
     if flow:
         settings.update(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0)
+    settings.update(overrides or {})  # a user's settings (e.g. a student's beta_schedule) win over ours
     try:
         return getattr(diffusers, cls_name).from_config(config, **settings)
     except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:

@@ -266,6 +266,11 @@ def evaluate(
     unet_delta: Optional[str] = typer.Option(None, help="UNet weight delta (diffusers UNet folder or hub id) added to "
                                                         "the model's UNet, e.g. hansyan/perflow-sd15-delta-weights."),
     delta_variant: Optional[str] = typer.Option(None, help="Weights variant of --unet-delta, e.g. v0-1."),
+    unet_weights: Optional[str] = typer.Option(None, help="UNet state-dict file (.safetensors/.ckpt) replacing the "
+                                                          "model's UNet weights, e.g. Rectified Diffusion's rd.ckpt."),
+    scheduler_setting: Optional[list[str]] = typer.Option(None, help="KEY=VALUE laid over a named diffusers "
+                                                                     "scheduler's config (repeatable), e.g. "
+                                                                     "beta_schedule=linear."),
     timestep_spacing: Optional[str] = typer.Option(None, help="Step grid of a named DDIM/Euler/DPM-Solver/UniPC "
                                                               "scheduler: trailing (default), leading, linspace, "
                                                               "or 'own' for the pipeline's."),
@@ -309,7 +314,8 @@ def evaluate(
         if suite is not None:
             per_run = {"--model": model, "--name": name, "--scheduler": scheduler, "--steps": steps,
                        "--guidance": guidance, "--lora": lora, "--variant": variant, "--pipeline": pipeline,
-                       "--unet-delta": unet_delta, "--delta-variant": delta_variant,
+                       "--unet-delta": unet_delta, "--delta-variant": delta_variant, "--unet-weights": unet_weights,
+                       "--scheduler-setting": scheduler_setting or None,
                        "--timestep-spacing": timestep_spacing}
             given = [flag for flag, v in per_run.items() if v is not None]
             if given:  # they describe one run; a suite's runs are in its YAML
@@ -326,7 +332,8 @@ def evaluate(
             spacing = {"own": None, None: "trailing"}.get(timestep_spacing, timestep_spacing)
             runs = [RunSpec(name=name or model.rstrip("/").split("/")[-1], model=model, steps=4 if steps is None else steps,
                             guidance=scales, scheduler=scheduler, lora=lora, variant=variant, timestep_spacing=spacing,
-                            pipeline=pipeline, unet_delta=unet_delta, delta_variant=delta_variant)]
+                            pipeline=pipeline, unet_delta=unet_delta, delta_variant=delta_variant,
+                            unet_weights=unet_weights, scheduler_overrides=_settings(scheduler_setting))]
             cfg = from_dict(EvalConfig, {k: v for k, v in overrides.items() if v is not None}, where="evaluate")
             title = ""
         rows = run_evaluate(runs, cfg, out, title=title)
@@ -334,6 +341,21 @@ def evaluate(
         _fail(exc)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"wrote {out / 'results.json'} and {out / 'results.md'} ({len(rows)} row(s))")
+
+
+def _settings(pairs: Optional[list[str]]) -> Optional[dict]:
+    """KEY=VALUE strings -> a dict, values read as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ProReflowError(f"--scheduler-setting takes KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
 
 
 def _load(config: Optional[Path], budget: Optional[int], base_steps: Optional[int]):

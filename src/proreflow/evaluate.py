@@ -53,7 +53,9 @@ class RunSpec:
 
     Published students: `scheduler` "perflow" / "perflow-ddim-eps" (PeRFlow SD1.5 / SDXL checkpoints) or
     "rectified-flow" (InstaFlow, 2-rectified flow); `unet_delta` adds a UNet weight delta (PeRFlow's
-    `hansyan/perflow-sd15-delta-weights`, `delta_variant` v0-1) to the model's UNet; `pipeline` names the
+    `hansyan/perflow-sd15-delta-weights`, `delta_variant` v0-1) to the model's UNet; `unet_weights` replaces
+    the UNet's weights by a state-dict file (Rectified Diffusion's `rd.ckpt`); `scheduler_overrides` are
+    settings laid over a named diffusers scheduler (e.g. {beta_schedule: linear}); `pipeline` names the
     diffusers class to load with when the model's model_index.json names one diffusers lacks.
     """
 
@@ -68,6 +70,8 @@ class RunSpec:
     pipeline: str | None = None
     unet_delta: str | None = None
     delta_variant: str | None = None
+    unet_weights: str | None = None
+    scheduler_overrides: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -83,6 +87,12 @@ class RunSpec:
         if self.pipeline is not None and not self.pipeline.endswith("Pipeline"):
             raise ProReflowError(f"run {self.name!r}: pipeline must name a diffusers pipeline class such as "
                                  f"StableDiffusionPipeline, got {self.pipeline!r}")
+        if self.scheduler_overrides is not None and not isinstance(self.scheduler_overrides, dict):
+            raise ProReflowError(f"run {self.name!r}: scheduler_overrides must be a mapping of scheduler settings, "
+                                 f"e.g. {{beta_schedule: linear}}, got {self.scheduler_overrides!r}")
+        if self.scheduler_overrides is not None and self.scheduler not in baselines.SCHEDULERS:
+            raise ProReflowError(f"run {self.name!r}: scheduler_overrides apply to a named diffusers scheduler "
+                                 f"({', '.join(baselines.SCHEDULERS)}), not to {self.scheduler or 'the pipeline own'!r}")
         if self.delta_variant is not None and self.unet_delta is None:
             raise ProReflowError(f"run {self.name!r}: delta_variant needs unet_delta")
         scales = self.guidance if isinstance(self.guidance, list) else [self.guidance]
@@ -203,6 +213,10 @@ def load_eval_pipeline(spec: RunSpec, dtype: str = "auto", device: torch.device 
 
         merge_unet_delta(pipe.unet, load_unet_delta(spec.unet_delta, spec.delta_variant),
                          f"the UNet delta {spec.unet_delta!r} of run {spec.name!r}")
+    if spec.unet_weights:
+        from proreflow.published import load_unet_weights
+
+        load_unet_weights(pipe.unet, spec.unet_weights, f"the UNet weights {spec.unet_weights!r} of run {spec.name!r}")
     if spec.lora:
         try:
             pipe.load_lora_weights(spec.lora)
@@ -211,12 +225,14 @@ def load_eval_pipeline(spec: RunSpec, dtype: str = "auto", device: torch.device 
             raise ProReflowError(f"cannot load the LoRA {spec.lora!r} of run {spec.name!r}: "
                                  f"{str(exc).splitlines()[0][:200]}") from None
     if spec.scheduler is not None:
-        pipe.scheduler = make_scheduler(spec.scheduler, pipe.scheduler, spec.steps, spec.timestep_spacing)
+        pipe.scheduler = make_scheduler(spec.scheduler, pipe.scheduler, spec.steps, spec.timestep_spacing,
+                                        spec.scheduler_overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def make_scheduler(name: str, current: Any, steps: int, timestep_spacing: str | None = "trailing") -> Any:
+def make_scheduler(name: str, current: Any, steps: int, timestep_spacing: str | None = "trailing",
+                   overrides: dict[str, Any] | None = None) -> Any:
     """Scheduler `name` for a pipeline whose scheduler is `current` (see `baselines.make_scheduler`);
     "proreflow" is our windowed Euler over `steps` uniform windows (= DDIM for a VP teacher); the
     PUBLISHED_SCHEDULERS sample PeRFlow's and InstaFlow's checkpoints (`published`)."""
@@ -234,7 +250,7 @@ def make_scheduler(name: str, current: Any, steps: int, timestep_spacing: str | 
         if isinstance(current, ProReflowScheduler):
             return current
         return scheduler_for(current, WindowSchedule.uniform(steps))
-    return baselines.make_scheduler(name, current.config, timestep_spacing)
+    return baselines.make_scheduler(name, current.config, timestep_spacing, overrides=overrides)
 
 
 GenerateFn = Callable[[list[str], list[torch.Generator]], np.ndarray]
@@ -430,7 +446,7 @@ def score_folder(folder: Path, captions: Sequence[str], metrics: Metrics, cfg: E
 
 #: RunSpec fields added after run folders were first written: left out of run.json while unset, so that
 #: earlier folders still resume
-_LATER_FIELDS = ("pipeline", "unet_delta", "delta_variant")
+_LATER_FIELDS = ("pipeline", "unet_delta", "delta_variant", "unet_weights", "scheduler_overrides")
 
 
 def _spec_meta(spec: RunSpec) -> dict[str, Any]:
@@ -485,7 +501,7 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
             timing = time_per_image(generate.load(), captions.captions, cfg.timing_batch_size or cfg.batch_size,
                                     cfg.warmup_batches, cfg.timing_batches, device)
         scores = score_folder(folder, captions.captions, metrics, cfg, device)
-        row = {"method": spec.name, "model": spec.model, "unet_delta": spec.unet_delta,
+        row = {"method": spec.name, "model": spec.model, "unet_delta": spec.unet_delta, "unet_weights": spec.unet_weights,
                "scheduler": spec.scheduler or "own",
                "timestep_spacing": spec.timestep_spacing if spec.scheduler in SPACED else None, "steps": spec.steps,
                "guidance": spec.guidance, "images": len(captions.captions), "generated_now": made,

@@ -19,7 +19,8 @@
 Both are diffusers schedulers (`SchedulerMixin`, `ConfigMixin`), so a stock `StableDiffusionPipeline`
 (or the XL one) with the published weights samples the student exactly as the authors' pipelines do,
 classifier-free guidance and negative prompts included. `merge_unet_delta` adds PeRFlow's released
-weight deltas (W = W_base + dW) to any SD1.5-shaped pipeline.
+weight deltas (W = W_base + dW) to any SD1.5-shaped pipeline; `load_unet_weights` loads a UNet state-dict
+file (how Rectified Diffusion releases its students, which then sample with diffusers' DDIM).
 """
 
 from __future__ import annotations
@@ -230,3 +231,37 @@ def load_unet_delta(path: str, variant: str | None = None) -> dict[str, Tensor]:
         raise ProReflowError(f"cannot load the UNet delta {path!r}{f' (variant {variant})' if variant else ''}: "
                              f"{str(exc).splitlines()[0][:200].rstrip('.')}. Give a diffusers UNet folder or a hub id in "
                              f"your HF cache (e.g. hansyan/perflow-sd15-delta-weights, variant v0-1)") from None
+
+
+@torch.no_grad()
+def load_unet_weights(unet: torch.nn.Module, path: str, what: str = "the UNet weights") -> None:
+    """Replace every UNet weight by those of a state-dict file: .safetensors, or a torch pickle (.ckpt, .pt,
+    .bin; read with weights_only=True), optionally wrapped in {"state_dict": ...} (Rectified Diffusion's
+    `rd.ckpt` and `phased.ckpt` are plain SD1.5 UNet state dicts)."""
+    from pathlib import Path
+
+    f = Path(path)
+    if not f.is_file():
+        raise ProReflowError(f"{what}: no such file {path!r} (give a .safetensors/.ckpt/.pt state dict of the UNet)")
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(f))
+        else:
+            sd = torch.load(str(f), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same named error
+        raise ProReflowError(f"{what}: cannot read {path!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ProReflowError(f"{what}: {path!r} is not a state dict of tensors")
+    own = unet.state_dict()
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or extra:
+        raise ProReflowError(f"{what} do not fit this UNet: {len(missing)} of its weights are missing "
+                             f"(e.g. {missing[:2]}), {len(extra)} are unknown (e.g. {extra[:2]})")
+    for key, w in own.items():
+        if sd[key].shape != w.shape:
+            raise ProReflowError(f"{what} do not fit this UNet: {key} is {tuple(w.shape)}, the file's {tuple(sd[key].shape)}")
+        w.copy_(sd[key].to(w.device, w.dtype))
