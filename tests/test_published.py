@@ -47,6 +47,19 @@ def test_perflow_timesteps_put_extra_steps_in_the_noisiest_windows():
         PiecewiseFlowScheduler(num_windows=3)
 
 
+def test_perflow_timesteps_truncate_like_the_released_sampler_at_any_step_count():
+    """PeRFlow's grid is each window's numpy linspace (endpoint excluded) times T, cast to int64, i.e. truncated:
+    at 20 steps tau = 0.1 and 0.05 come out a hair under 100 and 50, so the released sampler tells the UNet 99
+    and 49 (and steps by those), not 100 and 50; at 40 steps also 324, 74, 24."""
+    s = PiecewiseFlowScheduler(**SD_BETAS)
+    s.set_timesteps(20)
+    assert s.timesteps.tolist() == [1000, 950, 900, 850, 800, 750, 700, 650, 600, 550, 500, 450, 400, 350, 300,
+                                    250, 200, 150, 99, 49]
+    s.set_timesteps(40)
+    assert [t for t in s.timesteps.tolist() if t % 25] == [324, 99, 74, 49, 24]
+    assert s._windows[s.timesteps.tolist().index(24)] == 3
+
+
 def test_perflow_ddim_eps_at_one_step_per_window_is_ddim_at_trailing_timesteps():
     """The 4-step rule equals diffusers' DDIM (trailing 999/749/499/249, final alpha = alphas_cumprod[0]) for a
     network that ignores the timestep; PeRFlow only tells the network 1000/750/500/250 instead."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -110,10 +111,10 @@ class PiecewiseFlowScheduler(SchedulerMixin, ConfigMixin, _TimestepIndex):
         for w in range(k):
             per = num_inference_steps // k + (1 if w < num_inference_steps % k else 0)
             start, end = self.window_bounds(w)
-            for j in range(per):
-                # integer timesteps (floored), as the released sampler's int64 cast; tau follows from them
-                steps.append(int((start + (end - start) * j / per) * big_t + 1e-9))
-                windows.append(w)
+            # the released grid: numpy's linspace times T, truncated by the int64 cast, float error included
+            # (20 steps give 99 and 49, not 100 and 50); tau, and so every step size, follows from these integers
+            steps += (np.linspace(start, end, per, endpoint=False) * big_t).astype(np.int64).tolist()
+            windows += [w] * per
         self._windows = windows
         self.timesteps = torch.tensor(steps, dtype=torch.int64, device=device)
         self.num_inference_steps = num_inference_steps
