@@ -341,3 +341,27 @@ def test_cli_scheduler_settings_and_unet_weights(tmp_path):
     assert run["spec"]["scheduler_overrides"] == {"beta_schedule": "linear", "beta_end": 0.012}
     r = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "o2"), "--scheduler-setting", "linear"])
     assert r.exit_code == 2 and "--scheduler-setting takes KEY=VALUE, got 'linear'" in r.stderr, r.output
+
+
+def test_scheduler_overrides_must_name_settings_of_the_scheduler(tmp_path):
+    """diffusers' from_config drops keys its class lacks without a word, so a misspelt override would sample with
+    plain DDIM under the student's name: unknown keys stop the run when the suite row is read."""
+    from typer.testing import CliRunner
+
+    from proreflow import baselines
+    from proreflow.cli import app
+
+    with pytest.raises(ProReflowError, match=r"unknown setting 'beta_shedule' of the 'ddim' scheduler \(DDIMScheduler\)"
+                                             r"; did you mean 'beta_schedule'\?"):
+        RunSpec("rd", "m", scheduler="ddim", scheduler_overrides={"beta_shedule": "linear"})
+    with pytest.raises(ProReflowError, match="unknown setting 1 of the 'euler' scheduler"):
+        RunSpec("rd", "m", scheduler="euler", scheduler_overrides={1: "linear"})
+    assert RunSpec("rd", "m", scheduler="ddim", scheduler_overrides={"beta_schedule": "linear"}).scheduler_overrides
+    config = tiny_pipeline(tmp_path / "p").scheduler.config
+    with pytest.raises(ProReflowError, match="unknown setting 'set_alpha_to_1' of the 'ddim' scheduler"):
+        baselines.make_scheduler("ddim", config, overrides={"set_alpha_to_1": False})
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    r = CliRunner().invoke(app, ["evaluate", "--model", "m", "--captions", "prompts", "--prompts", str(tmp_path / "p.txt"),
+                                 "--no-fid", "--no-clip", "--quiet", "--out", str(tmp_path / "o"), "--scheduler", "ddim",
+                                 "--scheduler-setting", "beta_shedule=linear"])
+    assert r.exit_code == 2 and "unknown setting 'beta_shedule'" in r.stderr, r.output
