@@ -6,10 +6,11 @@
   sampling rule of the released checkpoints: K uniform windows in PeRFlow's time tau (1 = noise), the
   UNet sees timestep tau*T (1000 at the start), window ends read alphas_cumprod at tau*T - 1, and the
   noise is read in one of three parametrisations (`prediction_type`):
-    - "diff_eps" (SD1.5/2.1 checkpoints; PeRFlow's early code called it "epsilon"): the noise that
+    - "diff_eps" (SD1.5 checkpoints and delta weights; PeRFlow's early code called it "epsilon"): the noise that
       carries the window end to the window start, x_s = sqrt(a_s/a_e) x_e + sqrt(1 - a_s/a_e) eps;
     - "ddim_eps" (SDXL checkpoints): the noise of a DDIM step from the window start to its end;
-    - "velocity": the segment's velocity itself.
+    - "velocity" (the SD2.1 checkpoint, hansyan/perflow-sd21-artius, in PeRFlow's own script): the segment's
+      velocity itself.
   With one step per window, "ddim_eps" is exactly DDIM at the trailing timesteps 999, 749, 499, 249
   (tested against diffusers' DDIMScheduler), except that the UNet is told 1000, 750, 500, 250.
 * InstaFlow / 2-rectified flow (Liu et al. 2023; hub `XCLiu/instaflow_0_9B_from_sd_1_5`,
@@ -81,7 +82,7 @@ class PiecewiseFlowScheduler(SchedulerMixin, ConfigMixin, _TimestepIndex):
         prediction_type = _ALIASES.get(prediction_type, prediction_type)
         if prediction_type not in PERFLOW_PREDICTIONS:
             raise ProReflowError(f"unknown PeRFlow prediction_type {prediction_type!r}; use one of "
-                                 f"{list(PERFLOW_PREDICTIONS)} (diff_eps: SD1.5/2.1 checkpoints, ddim_eps: SDXL)")
+                                 f"{list(PERFLOW_PREDICTIONS)} (diff_eps: SD1.5 checkpoints, ddim_eps: SDXL, velocity: SD2.1)")
         if num_windows < 1 or num_train_timesteps % num_windows:
             raise ProReflowError(f"num_windows must divide num_train_timesteps ({num_train_timesteps}), got {num_windows}")
         self.register_to_config(prediction_type=prediction_type)
