@@ -47,6 +47,19 @@ def test_perflow_timesteps_put_extra_steps_in_the_noisiest_windows():
         PiecewiseFlowScheduler(num_windows=3)
 
 
+def test_perflow_timesteps_truncate_like_the_released_sampler_at_any_step_count():
+    """PeRFlow's grid is each window's numpy linspace (endpoint excluded) times T, cast to int64, i.e. truncated:
+    at 20 steps tau = 0.1 and 0.05 come out a hair under 100 and 50, so the released sampler tells the UNet 99
+    and 49 (and steps by those), not 100 and 50; at 40 steps also 324, 74, 24."""
+    s = PiecewiseFlowScheduler(**SD_BETAS)
+    s.set_timesteps(20)
+    assert s.timesteps.tolist() == [1000, 950, 900, 850, 800, 750, 700, 650, 600, 550, 500, 450, 400, 350, 300,
+                                    250, 200, 150, 99, 49]
+    s.set_timesteps(40)
+    assert [t for t in s.timesteps.tolist() if t % 25] == [324, 99, 74, 49, 24]
+    assert s._windows[s.timesteps.tolist().index(24)] == 3
+
+
 def test_perflow_ddim_eps_at_one_step_per_window_is_ddim_at_trailing_timesteps():
     """The 4-step rule equals diffusers' DDIM (trailing 999/749/499/249, final alpha = alphas_cumprod[0]) for a
     network that ignores the timestep; PeRFlow only tells the network 1000/750/500/250 instead."""
@@ -328,3 +341,27 @@ def test_cli_scheduler_settings_and_unet_weights(tmp_path):
     assert run["spec"]["scheduler_overrides"] == {"beta_schedule": "linear", "beta_end": 0.012}
     r = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "o2"), "--scheduler-setting", "linear"])
     assert r.exit_code == 2 and "--scheduler-setting takes KEY=VALUE, got 'linear'" in r.stderr, r.output
+
+
+def test_scheduler_overrides_must_name_settings_of_the_scheduler(tmp_path):
+    """diffusers' from_config drops keys its class lacks without a word, so a misspelt override would sample with
+    plain DDIM under the student's name: unknown keys stop the run when the suite row is read."""
+    from typer.testing import CliRunner
+
+    from proreflow import baselines
+    from proreflow.cli import app
+
+    with pytest.raises(ProReflowError, match=r"unknown setting 'beta_shedule' of the 'ddim' scheduler \(DDIMScheduler\)"
+                                             r"; did you mean 'beta_schedule'\?"):
+        RunSpec("rd", "m", scheduler="ddim", scheduler_overrides={"beta_shedule": "linear"})
+    with pytest.raises(ProReflowError, match="unknown setting 1 of the 'euler' scheduler"):
+        RunSpec("rd", "m", scheduler="euler", scheduler_overrides={1: "linear"})
+    assert RunSpec("rd", "m", scheduler="ddim", scheduler_overrides={"beta_schedule": "linear"}).scheduler_overrides
+    config = tiny_pipeline(tmp_path / "p").scheduler.config
+    with pytest.raises(ProReflowError, match="unknown setting 'set_alpha_to_1' of the 'ddim' scheduler"):
+        baselines.make_scheduler("ddim", config, overrides={"set_alpha_to_1": False})
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    r = CliRunner().invoke(app, ["evaluate", "--model", "m", "--captions", "prompts", "--prompts", str(tmp_path / "p.txt"),
+                                 "--no-fid", "--no-clip", "--quiet", "--out", str(tmp_path / "o"), "--scheduler", "ddim",
+                                 "--scheduler-setting", "beta_shedule=linear"])
+    assert r.exit_code == 2 and "unknown setting 'beta_shedule'" in r.stderr, r.output

@@ -31,6 +31,25 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 SPACED = ("ddim", "euler", "dpmsolver", "dpmsolver++", "unipc")
 
 
+def check_overrides(name: str, overrides: dict[str, Any] | None) -> None:
+    """Every key of `overrides` must be a setting of scheduler `name`'s class: diffusers' from_config drops
+    unknown keys silently, so a misspelt one would sample with the scheduler's defaults under the run's name."""
+    import difflib
+    import inspect
+
+    import diffusers
+
+    if not overrides:
+        return
+    cls_name = SCHEDULERS[name][0]
+    known = [k for k in inspect.signature(getattr(diffusers, cls_name).__init__).parameters if k not in ("self", "kwargs")]
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; it has {', '.join(known)}"
+            raise ProReflowError(f"unknown setting {key!r} of the {name!r} scheduler ({cls_name}){hint}")
+
+
 def make_scheduler(name: str, config: Any, timestep_spacing: str | None = "trailing", flow: bool = False,
                    overrides: dict[str, Any] | None = None):
     """The diffusers scheduler `name` built from a model's scheduler config (a pipeline's, or the DDPM
@@ -46,6 +65,7 @@ def make_scheduler(name: str, config: Any, timestep_spacing: str | None = "trail
 
     if name not in SCHEDULERS:
         raise ProReflowError(f"unknown scheduler {name!r}; use one of {list(SCHEDULERS)}")
+    check_overrides(name, overrides)
     cls_name, settings = SCHEDULERS[name]
     settings = dict(settings)
     if name in SPACED and timestep_spacing is not None:

@@ -253,8 +253,8 @@ def evaluate(
     model: Optional[str] = typer.Option(None, help="A diffusers pipeline folder or hub id (without --suite)."),
     name: Optional[str] = typer.Option(None, help="Method name in the table (default: the model's last path part)."),
     scheduler: Optional[str] = typer.Option(None, help="ddim, euler, dpmsolver, dpmsolver++, unipc, lcm, proreflow; "
-                                                       "published students: perflow (PeRFlow SD1.5/2.1), "
-                                                       "perflow-ddim-eps (PeRFlow SDXL), perflow-velocity, "
+                                                       "published students: perflow (PeRFlow SD1.5), "
+                                                       "perflow-ddim-eps (PeRFlow SDXL), perflow-velocity (PeRFlow SD2.1), "
                                                        "rectified-flow (InstaFlow, 2-RF). Default: the pipeline's own."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (NFE per image without CFG; default 4)."),
     guidance: Optional[str] = typer.Option(None, help="Guidance scale (default 4); comma-separated scales make a CFG "

@@ -91,9 +91,14 @@ class RunSpec:
             raise ProReflowError(f"run {self.name!r}: scheduler_overrides must be a mapping of scheduler settings, "
                                  f"e.g. {{beta_schedule: linear}}, got {self.scheduler_overrides!r}")
         if self.scheduler_overrides is not None and self.scheduler not in baselines.SCHEDULERS:
-            target = repr(self.scheduler) if self.scheduler else "the pipeline's own"
+            which = repr(self.scheduler) if self.scheduler else "the pipeline's own"
             raise ProReflowError(f"run {self.name!r}: scheduler_overrides apply to a named diffusers scheduler "
-                                 f"({', '.join(baselines.SCHEDULERS)}), not to {target}")
+                                 f"({', '.join(baselines.SCHEDULERS)}), not to {which}")
+        if self.scheduler_overrides:
+            try:
+                baselines.check_overrides(self.scheduler, self.scheduler_overrides)
+            except ProReflowError as exc:
+                raise ProReflowError(f"run {self.name!r}: {exc}") from None
         if self.delta_variant is not None and self.unet_delta is None:
             raise ProReflowError(f"run {self.name!r}: delta_variant needs unet_delta")
         scales = self.guidance if isinstance(self.guidance, list) else [self.guidance]

@@ -6,10 +6,11 @@
   sampling rule of the released checkpoints: K uniform windows in PeRFlow's time tau (1 = noise), the
   UNet sees timestep tau*T (1000 at the start), window ends read alphas_cumprod at tau*T - 1, and the
   noise is read in one of three parametrisations (`prediction_type`):
-    - "diff_eps" (SD1.5/2.1 checkpoints; PeRFlow's early code called it "epsilon"): the noise that
+    - "diff_eps" (SD1.5 checkpoints and delta weights; PeRFlow's early code called it "epsilon"): the noise that
       carries the window end to the window start, x_s = sqrt(a_s/a_e) x_e + sqrt(1 - a_s/a_e) eps;
     - "ddim_eps" (SDXL checkpoints): the noise of a DDIM step from the window start to its end;
-    - "velocity": the segment's velocity itself.
+    - "velocity" (the SD2.1 checkpoint, hansyan/perflow-sd21-artius, in PeRFlow's own script): the segment's
+      velocity itself.
   With one step per window, "ddim_eps" is exactly DDIM at the trailing timesteps 999, 749, 499, 249
   (tested against diffusers' DDIMScheduler), except that the UNet is told 1000, 750, 500, 250.
 * InstaFlow / 2-rectified flow (Liu et al. 2023; hub `XCLiu/instaflow_0_9B_from_sd_1_5`,
@@ -28,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -80,7 +82,7 @@ class PiecewiseFlowScheduler(SchedulerMixin, ConfigMixin, _TimestepIndex):
         prediction_type = _ALIASES.get(prediction_type, prediction_type)
         if prediction_type not in PERFLOW_PREDICTIONS:
             raise ProReflowError(f"unknown PeRFlow prediction_type {prediction_type!r}; use one of "
-                                 f"{list(PERFLOW_PREDICTIONS)} (diff_eps: SD1.5/2.1 checkpoints, ddim_eps: SDXL)")
+                                 f"{list(PERFLOW_PREDICTIONS)} (diff_eps: SD1.5 checkpoints, ddim_eps: SDXL, velocity: SD2.1)")
         if num_windows < 1 or num_train_timesteps % num_windows:
             raise ProReflowError(f"num_windows must divide num_train_timesteps ({num_train_timesteps}), got {num_windows}")
         self.register_to_config(prediction_type=prediction_type)
@@ -110,10 +112,10 @@ class PiecewiseFlowScheduler(SchedulerMixin, ConfigMixin, _TimestepIndex):
         for w in range(k):
             per = num_inference_steps // k + (1 if w < num_inference_steps % k else 0)
             start, end = self.window_bounds(w)
-            for j in range(per):
-                # integer timesteps (floored), as the released sampler's int64 cast; tau follows from them
-                steps.append(int((start + (end - start) * j / per) * big_t + 1e-9))
-                windows.append(w)
+            # the released grid: numpy's linspace times T, truncated by the int64 cast, float error included
+            # (20 steps give 99 and 49, not 100 and 50); tau, and so every step size, follows from these integers
+            steps += (np.linspace(start, end, per, endpoint=False) * big_t).astype(np.int64).tolist()
+            windows += [w] * per
         self._windows = windows
         self.timesteps = torch.tensor(steps, dtype=torch.int64, device=device)
         self.num_inference_steps = num_inference_steps
