@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from proreflow.errors import ProReflowError
 from proreflow.teachers.flow import call_network, guided_call
 
-#: name -> (diffusers class, settings laid over the model's own scheduler config). DDIM: SD configs that
-#: are not DDIM's own (SDXL's Euler) lack `clip_sample`, whose DDIM default (True) would clip predicted
-#: latents to [-1, 1]. DPM-Solver (not ++): diffusers refuses its default final sigma of zero for it.
+#: name -> (diffusers class, settings laid over the model's own scheduler config). DDIM: a config that
+#: lacks `clip_sample` (one written for another scheduler class may) gets DDIM's default, True, which
+#: would clip predicted latents to [-1, 1]. DPM-Solver (not ++): diffusers refuses its default final sigma of zero for it.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
     "euler": ("EulerDiscreteScheduler", {}),
