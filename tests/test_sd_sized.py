@@ -1,7 +1,7 @@
 """SD1.5-sized smoke run (slow, excluded from the default suite; `pytest -m slow tests/test_sd_sized.py`).
 
-The default suite uses tiny pipelines; this builds one with SD1.5's real shapes (UNet 860M parameters,
-the VAE and the CLIP ViT-L text encoder at their published configs, random weights: no hub) and runs
+The default suite uses tiny pipelines; this builds one with SD1.5's real shapes (`models.sd_shapes`: UNet
+860M parameters, the VAE and the CLIP ViT-L text encoder at their published configs, random weights) and runs
 what users run on it: a LoRA distillation with the preset's method, export, a fresh load, sampling, and
 `evaluate` with the student and two published-student samplers. It catches what only real shapes show
 (attention head splits, 4 down blocks, 768-wide cross-attention, memory) at 64 px on CPU.
@@ -12,43 +12,22 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from proreflow.distill import DistillConfig, distill, encode_folder, load_pipeline
 from proreflow.evaluate import EvalConfig, RunSpec, evaluate
 from proreflow.methods import MethodSpec
+from proreflow.models.sd_shapes import build_pipeline
 from proreflow.pairs import TeacherSolver
 from proreflow.training import TrainConfig
-from tiny_sd import caption_folder, tiny_tokenizer
+from tiny_sd import caption_folder
 
 pytestmark = pytest.mark.slow
 RES = 64
 
 
-def sd15_shaped_pipeline(tmp) -> StableDiffusionPipeline:
-    """SD1.5's UNet / VAE / text-encoder configs (as in its hub config files) with random weights."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2, sample_size=512, scaling_factor=0.18215)
-    tok = tiny_tokenizer(tmp / "tokenizer")
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                        num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77,
-                                        hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
 def test_sd15_sized_distill_export_sample_and_evaluate(tmp_path):
-    sd15_shaped_pipeline(tmp_path / "parts").save_pretrained(tmp_path / "teacher")
+    build_pipeline("sd15", tmp_path / "parts").save_pretrained(tmp_path / "teacher")
     assert sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tmp_path / "teacher", subfolder="unet")
                .parameters()) > 8.5e8
     images = caption_folder(tmp_path / "images", size=(RES, RES))
@@ -77,3 +56,21 @@ def test_sd15_sized_distill_export_sample_and_evaluate(tmp_path):
     assert [r["images"] for r in rows] == [2, 2, 2] and all(r["seconds_per_image"] > 0 for r in rows)
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert len(results["rows"]) == 3
+
+
+def test_sd_sized_benchmark_smoke_run(tmp_path):
+    """benchmarks/sd_sized.py --smoke: the script GPU sessions run, end to end on CPU (rows, files, ratios)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "sd_sized.py"
+    r = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "sd_sized_smoke.json").read_text())
+    (train,) = res["training"]
+    assert train["status"] == "ok" and train["optimizer_steps"] == 3 and train["seconds_per_step"] > 0
+    fast, slow = res["sampling"]
+    assert (fast["unet_evals"], slow["unet_evals"]) == (8, 50) and fast["speedup_vs_teacher"] > 1.5
+    assert "smoke run: not a measurement" in (tmp_path / "sd_sized_smoke.md").read_text()

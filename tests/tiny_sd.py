@@ -1,11 +1,12 @@
 """Tiny random-weight Stable Diffusion parts built from configs, offline (no hub)."""
 
-import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from proreflow.models.sd_shapes import word_tokenizer
 
 WORDS = ["a", "cat", "dog", "photo", "of", "the", "red", "blue"]
 CAPTIONS = ["a red cat", "a blue dog", "a photo of a cat", "the dog", "a cat", "a red dog"]
@@ -25,22 +26,7 @@ def caption_folder(root: Path, size: tuple[int, int] = (20, 24), captions=CAPTIO
 
 
 def tiny_tokenizer(tmp: Path) -> CLIPTokenizer:
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = ["<|startoftext|>", "<|endoftext|>", "!"] + letters + [c + "</w>" for c in letters] + [w + "</w>" for w in WORDS]
-    merges = ["#version: 0.2"]
-    for w in WORDS:  # merge each word's letters left to right so the whole word is one token
-        if len(w) > 1:
-            acc = w[0]
-            for i, c in enumerate(w[1:], start=1):
-                last = i == len(w) - 1
-                merges.append(f"{acc} {c}{'</w>' if last else ''}")
-                acc = acc + c
-                vocab.append(acc + ("</w>" if last else ""))
-    vocab = list(dict.fromkeys(vocab))
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (tmp / "merges.txt").write_text("\n".join(merges) + "\n")
-    return CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=16)
+    return word_tokenizer(tmp, WORDS, model_max_length=16)
 
 
 def tiny_unet(seed: int = 0, prediction_channels: int = 4) -> UNet2DConditionModel:

@@ -15,7 +15,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -364,8 +364,9 @@ def build_teacher_student(pipe: Any, cfg: DistillConfig) -> tuple[VPVelocity, VP
 
 
 def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
-            checkpoints: CheckpointConfig | None = None) -> dict:
-    """Train the student by the preset's plan and export it as a diffusers pipeline in `out`."""
+            checkpoints: CheckpointConfig | None = None, on_step: Callable[..., None] | None = None) -> dict:
+    """Train the student by the preset's plan and export it as a diffusers pipeline in `out`.
+    `on_step(stage, done, ema_model_fn, result)` runs after every optimizer step (`train_plan`)."""
     from proreflow.diffusers_export import export_pipeline
 
     plan = cfg.method.plan(cfg.steps, cfg.budget_steps)
@@ -377,7 +378,7 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
     with stop_on_sigterm():
         res = train_plan(student, teacher, data_fn, plan, cfg.teacher_solver, cfg.train, cfg.method.lam,
                          desc=f"{cfg.method.name} k={cfg.steps}", margin=cfg.window_margin,
-                         checkpoints=checkpoints, copy_model=False)
+                         checkpoints=checkpoints, copy_model=False, on_step=on_step)
     unet = res.student.unet
     summary = {"method": cfg.method.name, "steps": cfg.steps, "windows": list(plan.final.boundaries),
                "stage_windows": [s.schedule.num_windows for s in plan.stages], "lam": cfg.method.lam,

@@ -1,0 +1,224 @@
+"""Training-step time, peak memory and sampling time of the real SD1.5 / SDXL architectures, on whatever
+device there is: random weights with the published shapes (`proreflow.models.sd_shapes`), so it needs no
+hub and no downloaded weights, and every number comes from the code users run.
+
+    python benchmarks/sd_sized.py --arch sd15 sdxl        # on a GPU: the presets' settings, 512 / 1024 px
+    python benchmarks/sd_sized.py --smoke                 # a check of this script on CPU: sd15, 64 px, LoRA
+
+For each architecture and LoRA rank (0 = full fine-tuning) it runs `proreflow.distill.distill` with the
+preset (`sd15-proreflow-I`, `sdxl-proreflow`: method, teacher solver, precision, gradient checkpointing)
+on random images encoded by the VAE, and records the median seconds per optimizer step (pair generation
+by the teacher included, first steps excluded) and the peak accelerator memory. Then it times sampling,
+batch 1, median after a warm-up: the 4-step windowed sampler with CFG (8 UNet evaluations) against the
+teacher's usual 25-step DDIM with CFG (50), on the same UNet. An out-of-memory run is recorded as such.
+Writes benchmarks/results/sd_sized_<device>.{json,md} (`--out` to change the folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).parent
+PRESETS = {"sd15": "sd15-proreflow-I", "sdxl": "sdxl-proreflow"}
+CAPTIONS = ["a red cat", "a blue dog", "a photo of a cat", "the dog", "a cat", "a red dog", "a photo of the dog",
+            "a blue cat"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def median_call(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def image_folder(root: Path, n: int, resolution: int) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(CAPTIONS[i % len(CAPTIONS)])
+    return root
+
+
+def train_row(arch: str, lora_rank: int, args: argparse.Namespace, device: torch.device, tmp: Path) -> dict:
+    from proreflow.distill import distill, encode_folder, load_distill_config
+    from proreflow.models.sd_shapes import build_pipeline
+
+    cfg = load_distill_config(PRESETS[arch], resolution=args.resolution or None, lora_rank=lora_rank,
+                              budget_steps=args.train_steps)
+    train = replace(cfg.train, batch_size=args.batch or cfg.train.batch_size, progress=False,
+                    mixed_precision=cfg.train.mixed_precision if device.type == "cuda" else "no")
+    cfg = replace(cfg, train=train, model=f"random weights, {arch} shapes")
+    row: dict[str, Any] = {"arch": arch, "lora_rank": lora_rank, "resolution": cfg.resolution,
+                           "batch": train.batch_size, "mixed_precision": train.mixed_precision,
+                           "gradient_checkpointing": cfg.gradient_checkpointing, "method": cfg.method.name,
+                           "windows": cfg.method.windows, "teacher_solver": f"{cfg.teacher_solver.method} "
+                           f"{cfg.teacher_solver.steps} {cfg.teacher_solver.mode}"}
+    pipe = build_pipeline(arch, tmp / f"{arch}-parts")
+    data = encode_folder(pipe, image_folder(tmp / f"images-{cfg.resolution}", 2 * train.batch_size, cfg.resolution),
+                         cfg.resolution)
+    stamps: list[float] = []
+
+    def on_step(*_: Any) -> None:
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    reset_peak(device)
+    try:
+        summary = distill(cfg, pipe, data, tmp / f"student-{arch}-{lora_rank}", on_step=on_step)
+    except torch.cuda.OutOfMemoryError as exc:
+        row.update(status="out of memory", error=str(exc).splitlines()[0][:200], peak_gib=peak_gib(device))
+        return row
+    finally:
+        del pipe, data
+        gc.collect()  # the peak is read below, so no reset here
+    skip = min(args.skip_steps, max(len(stamps) - 2, 0))
+    gaps = [b - a for a, b in zip(stamps[skip:-1], stamps[skip + 1:])]
+    sec = statistics.median(gaps) if gaps else None
+    row.update(status="ok", optimizer_steps=summary["optimizer_steps"], timed_steps=len(gaps),
+               seconds_per_step=sec, pairs_per_s=train.batch_size / sec if sec else None,
+               teacher_nfe_per_pair=summary["teacher_nfe_per_pair"], peak_gib=peak_gib(device))
+    return row
+
+
+def sampling_rows(arch: str, args: argparse.Namespace, device: torch.device, tmp: Path) -> list[dict]:
+    from proreflow import baselines
+    from proreflow.diffusers_export import scheduler_for
+    from proreflow.models.sd_shapes import build_pipeline
+    from proreflow.windows import WindowSchedule
+
+    res = args.resolution or {"sd15": 512, "sdxl": 1024}[arch]
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = build_pipeline(arch, tmp / f"{arch}-sampling").to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    teacher_sched = pipe.scheduler
+    runs = [("ProReflow student, windowed Euler", scheduler_for(teacher_sched, WindowSchedule.uniform(4)), 4, 4.0),
+            ("teacher, DDIM (trailing)", baselines.make_scheduler("ddim", teacher_sched.config), 25, 7.5)]
+    rows = []
+    reset_peak(device)
+    for name, sched, steps, guidance in runs:
+        pipe.scheduler = sched
+
+        def call(steps=steps, guidance=guidance) -> None:
+            with torch.no_grad():
+                pipe(["a photo of a cat"], num_inference_steps=steps, guidance_scale=guidance, height=res, width=res,
+                     generator=torch.Generator().manual_seed(0), output_type="np")
+
+        sec = median_call(call, args.sample_repeats, device)
+        rows.append({"arch": arch, "sampler": name, "steps": steps, "unet_evals": 2 * steps, "resolution": res,
+                     "dtype": str(dtype).removeprefix("torch."), "seconds_per_image": sec})
+    rows[0]["speedup_vs_teacher"] = rows[1]["seconds_per_image"] / rows[0]["seconds_per_image"]
+    rows[1]["speedup_vs_teacher"] = 1.0
+    for r in rows:
+        r["peak_gib"] = peak_gib(device)
+    return rows  # the pipeline is freed with this frame; the next run resets the peak
+
+
+def device_label(device: torch.device) -> str:
+    from proreflow.evaluate import device_name
+
+    return device_name(device)
+
+
+def markdown(result: dict) -> str:
+    def num(v: Any, fmt: str) -> str:
+        return "–" if v is None else format(v, fmt)
+
+    lines = [f"Device: {result['device']}; torch {result['torch']}, diffusers {result['diffusers']}"
+             f"{' (smoke run: not a measurement)' if result['smoke'] else ''}.", "",
+             "#### Training (distill, pairs made on the fly)", "",
+             "| arch | LoRA rank | px | batch | precision | grad. ckpt | s / step | pairs / s | teacher NFE / pair "
+             "| peak GiB | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["training"]:
+        lines.append(f"| {r['arch']} | {r['lora_rank'] or 'full'} | {r['resolution']} | {r['batch']} | "
+                     f"{r['mixed_precision']} | {'yes' if r['gradient_checkpointing'] else 'no'} | "
+                     f"{num(r.get('seconds_per_step'), '.3f')} | {num(r.get('pairs_per_s'), '.2f')} | "
+                     f"{num(r.get('teacher_nfe_per_pair'), '.1f')} | {num(r.get('peak_gib'), '.1f')} | {r['status']} |")
+    lines += ["", "#### Sampling (batch 1, CFG)", "",
+              "| arch | sampler | steps | UNet evals | px | dtype | s / image | speed-up | peak GiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["sampling"]:
+        lines.append(f"| {r['arch']} | {r['sampler']} | {r['steps']} | {r['unet_evals']} | {r['resolution']} | "
+                     f"{r['dtype']} | {r['seconds_per_image']:.3f} | {r['speedup_vs_teacher']:.2f}x | "
+                     f"{num(r['peak_gib'], '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import diffusers
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", nargs="+", choices=list(PRESETS), default=["sd15"])
+    p.add_argument("--lora-ranks", nargs="+", type=int, default=[0, 64], help="0: full fine-tuning")
+    p.add_argument("--resolution", type=int, default=0, help="default: the preset's (512 / 1024)")
+    p.add_argument("--batch", type=int, default=4, help="per-device batch (default 4; 0: the preset's global batch)")
+    p.add_argument("--train-steps", type=int, default=12)
+    p.add_argument("--skip-steps", type=int, default=2, help="first optimizer steps left out of the median")
+    p.add_argument("--sample-repeats", type=int, default=5)
+    p.add_argument("--smoke", action="store_true", help="CPU check: sd15, 64 px, LoRA 4, 3 steps, batch 2")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.arch, args.lora_ranks, args.resolution, args.train_steps = ["sd15"], [4], 64, 3
+        args.batch, args.skip_steps, args.sample_repeats = 2, 0, 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result: dict[str, Any] = {"device": device_label(device), "torch": torch.__version__,
+                              "diffusers": diffusers.__version__, "smoke": args.smoke, "args": {
+                                  k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                              "training": [], "sampling": []}
+    slug = "smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")[:40]
+    args.out.mkdir(parents=True, exist_ok=True)
+    out_json, out_md = args.out / f"sd_sized_{slug}.json", args.out / f"sd_sized_{slug}.md"
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.arch:
+            for rank in args.lora_ranks:
+                row = train_row(arch, rank, args, device, Path(tmp))
+                result["training"].append(row)
+                print(json.dumps(row), flush=True)
+                out_json.write_text(json.dumps(result, indent=1))  # kept up to date: a crash loses one row
+            result["sampling"] += sampling_rows(arch, args, device, Path(tmp))
+            print(json.dumps(result["sampling"][-2:]), flush=True)
+            out_json.write_text(json.dumps(result, indent=1))
+    out_md.write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

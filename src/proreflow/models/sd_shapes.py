@@ -1,0 +1,107 @@
+"""Random-weight Stable Diffusion pipelines with the real architectures' shapes (SD1.5, SDXL), built from
+their published component configs without the hub.
+
+Why: the memory and speed of the real UNets can be measured (`benchmarks/sd_sized.py`) and the real shapes
+tested offline (4 down blocks, 768/2048-wide cross-attention, SDXL's added embeddings) before any weights
+are downloaded. Only the tokenizer is not the real one: CLIP's 49k-token vocabulary is not shipped with
+any package, so `word_tokenizer` writes a small byte-pair vocabulary (letters plus whole words); the text
+encoders keep their real sizes, so the costs are real.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from proreflow.errors import ProReflowError
+
+#: architectures `build_pipeline` knows
+ARCHS = ("sd15", "sdxl")
+#: the words `word_tokenizer` encodes as one token each by default
+WORDS = ("a", "cat", "dog", "photo", "of", "the", "red", "blue")
+
+
+def word_tokenizer(folder: str | Path, words: Sequence[str] = WORDS, model_max_length: int = 77) -> Any:
+    """A CLIPTokenizer over the 26 letters plus `words` (each one token), written to `folder`."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["<|startoftext|>", "<|endoftext|>", "!", *letters, *(c + "</w>" for c in letters),
+             *(w + "</w>" for w in words)]
+    merges = ["#version: 0.2"]
+    for w in words:  # merge each word's letters left to right so that the whole word is one token
+        acc = w[0]
+        for i, c in enumerate(w[1:], start=1):
+            last = i == len(w) - 1
+            merges.append(f"{acc} {c}{'</w>' if last else ''}")
+            acc += c
+            vocab.append(acc + ("</w>" if last else ""))
+    vocab = list(dict.fromkeys(vocab))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length)
+
+
+def _vae(scaling_factor: float, force_upcast: bool) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=2, sample_size=512, scaling_factor=scaling_factor, force_upcast=force_upcast)
+
+
+def _clip_text(hidden: int, layers: int, heads: int, inner: int, act: str, projection: bool) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=inner, num_attention_heads=heads,
+                         num_hidden_layers=layers, max_position_embeddings=77, hidden_act=act, projection_dim=hidden,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+
+def build_pipeline(arch: str, folder: str | Path, seed: int = 0) -> Any:
+    """A StableDiffusionPipeline (sd15) or StableDiffusionXLPipeline (sdxl) with random weights and the
+    published configs' shapes, in float32 on the CPU; `folder` receives the tokenizer files."""
+    from diffusers import (DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+
+    if arch not in ARCHS:
+        raise ProReflowError(f"unknown architecture {arch!r}; use one of {list(ARCHS)}")
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    if arch == "sd15":
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768, attention_head_dim=8)
+        return StableDiffusionPipeline(
+            vae=_vae(0.18215, False), text_encoder=_clip_text(768, 12, 12, 3072, "quick_gelu", False),
+            tokenizer=word_tokenizer(folder / "tokenizer"), unet=unet,
+            scheduler=DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816)
+    return StableDiffusionXLPipeline(
+        vae=_vae(0.13025, True), text_encoder=_clip_text(768, 12, 12, 3072, "quick_gelu", False),
+        text_encoder_2=_clip_text(1280, 32, 20, 5120, "gelu", True), tokenizer=word_tokenizer(folder / "tokenizer"),
+        tokenizer_2=word_tokenizer(folder / "tokenizer_2"), unet=unet,
+        scheduler=EulerDiscreteScheduler(**betas, timestep_spacing="leading"))
+
+
+def parameter_counts(pipe: Any) -> dict[str, int]:
+    """Parameters per network component of a pipeline (unet, vae, text encoders)."""
+    return {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.components.items()
+            if isinstance(module, torch.nn.Module)}
