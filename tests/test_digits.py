@@ -239,3 +239,30 @@ def test_run_rejects_bad_configs(tmp_path):
     assert result.exit_code == 2 and "table_methods" in result.output
     result = runner.invoke(app, ["run", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o"), "--quiet"])
     assert result.exit_code == 2
+
+
+def test_sigterm_between_students_exits_143_and_the_rerun_continues(smoke_run, monkeypatch):
+    """Regression: `proreflow run` honoured SIGTERM only inside fit steps; it now also stops between
+    students (and phases), with everything finished cached."""
+    import os
+    import signal
+
+    import proreflow.digits as digits
+
+    out, res = smoke_run
+    real, calls = digits.train_student, []
+
+    def train_then_term(*a, **k):
+        calls.append(1)
+        result = real(*a, **k)  # cached: returns at once
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(digits, "train_student", train_then_term)
+    result = runner.invoke(app, ["run", "digits-smoke", "--out", str(out), "--quiet"])
+    assert result.exit_code == 143, result.output
+    assert "stopped by SIGTERM before student 2/" in result.output and len(calls) == 1
+    monkeypatch.undo()
+    result = runner.invoke(app, ["run", "digits-smoke", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "results.json").read_text())["table4"] == res["table4"]

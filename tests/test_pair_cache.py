@@ -106,3 +106,27 @@ def test_a_cache_made_by_other_teacher_weights_is_rebuilt(tmp_path):
     other = PairCache(tmp_path).ensure(b, data, SCHED, SOLVER, n_pairs=50, shard_size=25, seed=1)
     assert data.calls == calls + 2  # both shards rebuilt with the other teacher
     assert torch.equal(first.pairs.x_a, other.pairs.x_a) and not torch.allclose(first.pairs.x_b, other.pairs.x_b)
+
+
+def test_sigterm_between_shards_stops_after_a_written_shard_and_resumes(tmp_path):
+    """`check_stop` as the build's after_each hook (what train_plan passes): a SIGTERM stops the build right
+    after the shard being written, which is kept; the rerun makes only the rest."""
+    import os
+    import signal
+
+    from proreflow.training import TrainingInterrupted, check_stop, stop_on_sigterm
+
+    data = Data()
+
+    def after_each():
+        if data.calls == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the first shard is being finished
+        check_stop("while caching pairs")
+
+    with stop_on_sigterm(), pytest.raises(TrainingInterrupted, match="stopped by SIGTERM while caching pairs"):
+        PairCache(tmp_path / "c").ensure(teacher, data, SCHED, SOLVER, n_pairs=250, shard_size=100, seed=7,
+                                         after_each=after_each)
+    assert data.calls == 1 and (tmp_path / "c" / "shard-00000.safetensors").is_file()
+    resume = Data()
+    assert _equal(_build(tmp_path / "c", resume), _build(tmp_path / "fresh", Data())) and resume.calls == 2
+    check_stop("outside stop_on_sigterm")  # no request pending: nothing happens

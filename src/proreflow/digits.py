@@ -40,7 +40,8 @@ from proreflow.pairs import TeacherSolver
 from proreflow.sampling import sample
 from proreflow.teachers.flow import FlowVelocity, NetworkTeacher
 from proreflow.teachers.vp import VPSchedule, VPVelocity
-from proreflow.training import PairCacheConfig, PlanResult, TrainConfig, fit, flow_matching_batches, train_plan
+from proreflow.training import (PairCacheConfig, PlanResult, TrainConfig, check_stop, fit, flow_matching_batches,
+                                train_plan)
 from proreflow.windows import WindowSchedule
 
 TEACHER_KINDS = ("vp", "flow")
@@ -396,6 +397,7 @@ def run_digits(cfg: DigitsConfig, out: Path, progress: bool = True, analyses: bo
             if m.train and ((s == cfg.seeds[0] and (m.name in every_k or k == cfg.table_steps))
                             or (k == cfg.table_steps and m.name in table))]
     for i, (m, k, s) in enumerate(jobs):
+        check_stop(f"before student {i + 1}/{len(jobs)}")
         key = (m.plan_key(k), s)
         if key not in trained:
             log(f"student {i + 1}/{len(jobs)}: {m.name}, {k} steps, seed {s}")
@@ -407,10 +409,12 @@ def run_digits(cfg: DigitsConfig, out: Path, progress: bool = True, analyses: bo
             f"fidelity {rows[-1]['fidelity_rmse']:.4f}")
     results["students"] = rows
     results["table4"] = _table4(cfg, rows)
+    check_stop("before the CFG sweep")
     log("CFG sweep")
     results["cfg_sweep"] = _cfg_sweep(bench, students)
     _plot_samples(bench, students, out / "samples.png")
     if analyses:
+        check_stop("before the analyses")
         results["analysis"] = run_analyses(bench, out)
     results["summary"] = _summary(cfg, results)
     # what this invocation cost (a rerun on a warm cache skips cached teachers, pairs and students)

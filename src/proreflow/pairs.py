@@ -210,8 +210,10 @@ class ShardStore:
         return ok
 
     def build(self, spec: dict, n_shards: int, make: Callable[[int], tuple[dict[str, Tensor], dict]],
-              progress: bool = False, desc: str = "shards") -> None:
-        """Make (with `make(i) -> (tensors, metadata)`) and write every shard not valid on disk."""
+              progress: bool = False, desc: str = "shards", after_each: Callable[[], None] | None = None) -> None:
+        """Make (with `make(i) -> (tensors, metadata)`) and write every shard not valid on disk.
+        `after_each()` runs once each shard is safely on disk; it may raise to stop the build there
+        (a SIGTERM between shards), and the next build resumes at the first missing shard."""
         from tqdm.auto import tqdm
 
         self.root.mkdir(parents=True, exist_ok=True)
@@ -227,6 +229,8 @@ class ShardStore:
             os.replace(tmp, self.root / name)
             manifest["shards"][str(i)] = {"file": name, "sha256": _sha256(self.root / name), **meta}
             self._write_manifest(manifest)
+            if after_each is not None:
+                after_each()
 
     def load(self, spec: dict, n_shards: int) -> tuple[list[dict[str, Tensor]], list[dict]]:
         """Every shard's tensors and manifest entry, in order; an error if any is missing or damaged."""
@@ -270,8 +274,8 @@ class PairCache(ShardStore):
 
     def ensure(self, teacher: VelocityField, data_fn: Callable[[int, torch.Generator], tuple[Tensor, Any]],
                schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int = 10_000,
-               seed: int = 0, progress: bool = False) -> "CachedPairs":
-        """Build the missing or damaged shards, then load and return every pair."""
+               seed: int = 0, progress: bool = False, after_each: Callable[[], None] | None = None) -> "CachedPairs":
+        """Build the missing or damaged shards, then load and return every pair (`after_each`: see `build`)."""
         if n_pairs < 1 or shard_size < 1:
             raise ProReflowError(f"pair cache needs n_pairs >= 1 and shard_size >= 1, got {n_pairs}, {shard_size}")
         spec = self._spec(schedule, solver, n_pairs, shard_size, seed, teacher)
@@ -284,7 +288,7 @@ class PairCache(ShardStore):
             tensors = {"x_a": pairs.x_a, "x_b": pairs.x_b, "t_a": pairs.t_a, "t_b": pairs.t_b, **flatten_cond(cond)}
             return tensors, {"pairs": n, "teacher_nfe": pairs.teacher_nfe}
 
-        self.build(spec, -(-n_pairs // shard_size), make, progress, desc="teacher pairs")
+        self.build(spec, -(-n_pairs // shard_size), make, progress, desc="teacher pairs", after_each=after_each)
         return self.load(spec)
 
     def load(self, spec: dict) -> "CachedPairs":  # type: ignore[override]

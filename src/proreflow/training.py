@@ -116,6 +116,13 @@ class _StopFlag:
     requested = False
 
 
+def check_stop(where: str) -> None:
+    """Stop at a safe point outside `fit`'s steps (between pair-cache shards, between a benchmark's
+    runs) when a SIGTERM arrived inside `stop_on_sigterm`; what finished is already on disk."""
+    if _StopFlag.requested:
+        raise TrainingInterrupted(f"stopped by SIGTERM {where}; finished work is on disk and is reused on rerun")
+
+
 @contextmanager
 def stop_on_sigterm() -> Iterator[None]:
     """Turn SIGTERM into a request to checkpoint and stop after the current optimizer step."""
@@ -532,7 +539,9 @@ def _stage_cache(cfg: PairCacheConfig, stage: int, n_pairs: int, teacher: Veloci
     """The main process builds (or repairs) the stage's cache; then every process loads it."""
     cache = PairCache(Path(cfg.dir) / f"stage-{stage}")
     state = process_state()
+    # one process may stop between shards; with several, the others would wait for it at the barrier
+    after_each = (lambda: check_stop(f"while caching the pairs of stage {stage}")) if state.num_processes == 1 else None
     if state.is_main_process:
-        cache.ensure(teacher, data_fn, schedule, solver, n_pairs, cfg.shard_size, seed, progress)
+        cache.ensure(teacher, data_fn, schedule, solver, n_pairs, cfg.shard_size, seed, progress, after_each)
     state.wait_for_everyone()
     return cache.ensure(teacher, data_fn, schedule, solver, n_pairs, cfg.shard_size, seed)
