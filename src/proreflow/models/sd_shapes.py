@@ -5,12 +5,15 @@ Why: the memory and speed of the real UNets can be measured (`benchmarks/sd_size
 tested offline (4 down blocks, 768/2048-wide cross-attention, SDXL's added embeddings) before any weights
 are downloaded. Only the tokenizer is not the real one: CLIP's 49k-token vocabulary is not shipped with
 any package, so `word_tokenizer` writes a small byte-pair vocabulary (letters plus whole words); the text
-encoders keep their real sizes, so the costs are real.
+encoders keep their real sizes, so the costs are real (their `eos_token_id` is that vocabulary's end token,
+which is what their pooled outputs look up). SD1.5's scheduler is DDIM with the published betas (the hub
+ships PNDM with the same betas; training and the benchmark only use the betas).
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,12 +50,13 @@ def word_tokenizer(folder: str | Path, words: Sequence[str] = WORDS, model_max_l
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length)
 
 
-def _vae(scaling_factor: float, force_upcast: bool) -> Any:
+def _vae(sample_size: int, scaling_factor: float) -> Any:
+    """force_upcast: SDXL's config sets it, SD1.5's lacks the key and gets diffusers' default, also True."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         layers_per_block=2, sample_size=512, scaling_factor=scaling_factor, force_upcast=force_upcast)
+                         layers_per_block=2, sample_size=sample_size, scaling_factor=scaling_factor, force_upcast=True)
 
 
 def _clip_text(hidden: int, layers: int, heads: int, inner: int, act: str, projection: bool) -> Any:
@@ -64,9 +68,13 @@ def _clip_text(hidden: int, layers: int, heads: int, inner: int, act: str, proje
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
-def build_pipeline(arch: str, folder: str | Path, seed: int = 0) -> Any:
+def build_pipeline(arch: str, folder: str | Path, seed: int = 0, device: str | torch.device | None = None) -> Any:
     """A StableDiffusionPipeline (sd15) or StableDiffusionXLPipeline (sdxl) with random weights and the
-    published configs' shapes, in float32 on the CPU; `folder` receives the tokenizer files."""
+    published configs' shapes, in float32; `folder` receives the tokenizer files.
+
+    The networks are made on `device` (default: the CPU): a GPU initialises SDXL's 3.5B random parameters
+    in milliseconds where a CPU core needs half a minute, and "meta" gives shapes without memory. The
+    scheduler is always made on the CPU, where pipelines and `VPSchedule` expect its tables."""
     from diffusers import (DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
 
@@ -74,29 +82,33 @@ def build_pipeline(arch: str, folder: str | Path, seed: int = 0) -> Any:
         raise ProReflowError(f"unknown architecture {arch!r}; use one of {list(ARCHS)}")
     folder = Path(folder)
     torch.manual_seed(seed)
+    on_device = torch.device(device) if device is not None else nullcontext()
     betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     if arch == "sd15":
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768, attention_head_dim=8)
+        with on_device:
+            unet = UNet2DConditionModel(
+                sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(320, 640, 1280, 1280),
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                cross_attention_dim=768, attention_head_dim=8)
+            vae, text = _vae(512, 0.18215), _clip_text(768, 12, 12, 3072, "quick_gelu", False)
         return StableDiffusionPipeline(
-            vae=_vae(0.18215, False), text_encoder=_clip_text(768, 12, 12, 3072, "quick_gelu", False),
-            tokenizer=word_tokenizer(folder / "tokenizer"), unet=unet,
+            vae=vae, text_encoder=text, tokenizer=word_tokenizer(folder / "tokenizer"), unet=unet,
             scheduler=DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    unet = UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816)
+    with on_device:
+        unet = UNet2DConditionModel(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+        vae, text = _vae(1024, 0.13025), _clip_text(768, 12, 12, 3072, "quick_gelu", False)
+        text_2 = _clip_text(1280, 32, 20, 5120, "gelu", True)
     return StableDiffusionXLPipeline(
-        vae=_vae(0.13025, True), text_encoder=_clip_text(768, 12, 12, 3072, "quick_gelu", False),
-        text_encoder_2=_clip_text(1280, 32, 20, 5120, "gelu", True), tokenizer=word_tokenizer(folder / "tokenizer"),
+        vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=word_tokenizer(folder / "tokenizer"),
         tokenizer_2=word_tokenizer(folder / "tokenizer_2"), unet=unet,
         scheduler=EulerDiscreteScheduler(**betas, timestep_spacing="leading"))
 
