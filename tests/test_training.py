@@ -214,3 +214,24 @@ def test_on_step_sees_the_ema_model_without_disturbing_training():
     got = fit(init, flow_matching_batches(_data_fn, 64), 12, _cfg(batch_size=64), on_step=on_step)
     assert calls == [(i, i) for i in range(1, 13)]
     assert torch.equal(_params(ref.model), _params(got.model))
+
+
+def test_a_stop_requested_during_the_last_step_ends_the_fit_on_every_process(tmp_path, monkeypatch):
+    """Regression: after a stage's last step, fit looked only at its own process's SIGTERM flag, so a process
+    signalled a moment after the others could stop while they went on into the next stage, whose first
+    collective (DDP's broadcast, `wait_for_everyone`) then waited for it. The check is now agreed on by all
+    processes; here `_all_ranks` plays a peer whose SIGTERM arrived after the last step's vote."""
+    from proreflow.checkpoint import CheckpointConfig
+    from proreflow.training import TrainingInterrupted
+
+    votes = []
+
+    def all_ranks(acc, ok):
+        votes.append(ok)
+        return ok if len(votes) <= 4 else False  # 2 steps x (finite, stop); then the peer has a stop request
+
+    monkeypatch.setattr(training, "_all_ranks", all_ranks)
+    ck = CheckpointConfig(tmp_path / "ck", every=100).for_fit("stage-1")
+    with pytest.raises(TrainingInterrupted, match="after its last step"):
+        fit(VelocityMLP(2, 8, 1), flow_matching_batches(_data_fn, 64), 2, _cfg(), checkpoints=ck)
+    assert votes[-1] is True and ck.load_final() is not None  # this process had no request; the stage is saved whole

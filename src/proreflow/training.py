@@ -340,12 +340,16 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
     result.model = acc.unwrap_model(net, keep_torch_compile=False)
     ema.copy_to(result.model)
     result.model.eval()
+    stop = False
     if checkpoints is not None:
         if acc.is_main_process:
             checkpoints.save_final(result.model.state_dict(), result.summary())
         acc.wait_for_everyone()
+        # SIGTERM during the last step: this stage is saved whole. Decided by all processes together, or one
+        # signalled a moment later than the others would stop while they wait for it in the next stage
+        stop = not _all_ranks(acc, not _StopFlag.requested)
     acc.free_memory()
-    if _StopFlag.requested and checkpoints is not None:  # SIGTERM during the last step: this stage is saved whole
+    if stop:
         raise TrainingInterrupted(f"{desc}: stopped by SIGTERM after its last step; checkpoint: {checkpoints.final_path}")
     return result
 
