@@ -70,7 +70,8 @@ def test_sd_sized_benchmark_smoke_run(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "sd_sized_smoke.json").read_text())
     (train,) = res["training"]
-    assert train["status"] == "ok" and train["optimizer_steps"] == 3 and train["seconds_per_step"] > 0
+    assert train["status"] == "ok" and train["optimizer_steps"] == 4 and train["seconds_per_step"] > 0
+    assert len(train["stage_seconds_per_step"]) == 2 and all(s > 0 for s in train["stage_seconds_per_step"])
     fast, slow = res["sampling"]
     assert (fast["unet_evals"], slow["unet_evals"]) == (8, 50) and fast["speedup_vs_teacher"] > 1.5
     assert "smoke run: not a measurement" in (tmp_path / "sd_sized_smoke.md").read_text()
