@@ -58,8 +58,10 @@ def test_distill_lowers_the_loss_and_exports_a_loadable_student(tmp_path, teache
     probe_teacher, probe_student = build_teacher_student(load_pipeline(cfg.model), replace_lora(cfg, 0))
     before = _pair_loss(probe_student, probe_teacher, data, cfg)
     teacher_unet = {k: v.clone() for k, v in load_pipeline(cfg.model).unet.state_dict().items()}
-    summary = distill(cfg, pipe, data, tmp_path / "student")
+    seen = []
+    summary = distill(cfg, pipe, data, tmp_path / "student", on_step=lambda stage, done, *_: seen.append((stage, done)))
     assert summary["optimizer_steps"] == 40 and summary["stage_windows"] == [4, 2]
+    assert seen == [(k, d) for k in (0, 1) for d in range(1, 21)]  # (0-based stage, steps done in it): sd_sized's clock
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "student")
     assert type(loaded.scheduler).__name__ == "ProReflowScheduler"
     student_unet = loaded.unet.state_dict()
