@@ -215,7 +215,7 @@ def markdown(result: dict) -> str:
     for r in result["sampling"]:
         lines.append(f"| {r['arch']} | {r.get('sampler', '–')} | {r.get('steps', '–')} | {r.get('unet_evals', '–')} | "
                      f"{r.get('resolution', '–')} | {r.get('dtype', '–')} | {num(r.get('seconds_per_image'), '.3f')} | "
-                     f"{num(r.get('speedup_vs_teacher'), '.2f')}x | {num(r.get('peak_gib'), '.1f')} | "
+                     f"{num(r.get('speedup_vs_teacher'), '.2f')}{'x' if r.get('speedup_vs_teacher') else ''} | {num(r.get('peak_gib'), '.1f')} | "
                      f"{r.get('status', 'ok')} |")
     return "\n".join(lines) + "\n"
 

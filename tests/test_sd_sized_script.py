@@ -60,6 +60,6 @@ def test_a_failing_row_is_recorded_and_every_row_is_on_disk_at_once(bench, tmp_p
     (js,) = tmp_path.glob("sd_sized_*.json")
     assert js.name.endswith("_sd15.json")  # one file per architecture set: a later --arch sdxl run keeps it
     md = js.with_suffix(".md").read_text()
-    assert "| sd15 | full |" in md and "failed (RuntimeError)" in md and "0.500 / 1.500" in md
+    assert "| sd15 | full |" in md and "failed (RuntimeError)" in md and "0.500 / 1.500" in md and "| –x |" not in md
     assert all(line.count("|") == md.splitlines()[4].count("|") for line in md.splitlines()[4:8])  # no stray pipes
     assert json.loads(js.read_text()) == res
