@@ -130,3 +130,22 @@ def test_sigterm_between_shards_stops_after_a_written_shard_and_resumes(tmp_path
     resume = Data()
     assert _equal(_build(tmp_path / "c", resume), _build(tmp_path / "fresh", Data())) and resume.calls == 2
     check_stop("outside stop_on_sigterm")  # no request pending: nothing happens
+
+
+def test_train_plans_stage_cache_passes_the_sigterm_check_to_the_build(tmp_path):
+    """The wiring the README states: `train_plan`'s stage cache (one process) stops after the shard being written."""
+    import os
+    import signal
+
+    from proreflow.training import PairCacheConfig, TrainingInterrupted, _stage_cache, stop_on_sigterm
+
+    class TermOnFirst(Data):
+        def __call__(self, n, gen):
+            if self.calls == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().__call__(n, gen)
+
+    data = TermOnFirst()
+    with stop_on_sigterm(), pytest.raises(TrainingInterrupted, match="while caching the pairs of stage 2"):
+        _stage_cache(PairCacheConfig(tmp_path, None, 100), 2, 250, teacher, data, SCHED, SOLVER, 7, False)
+    assert data.calls == 1 and [p.name for p in (tmp_path / "stage-2").glob("shard-*")] == ["shard-00000.safetensors"]
