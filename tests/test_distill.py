@@ -165,3 +165,27 @@ def test_exported_scheduler_config_states_the_students_window_count(tmp_path):
     f.write_text(json.dumps({**cfg, "num_windows": 4}))  # as students exported before the fix
     old = ProReflowScheduler.from_pretrained(tmp_path / "student", subfolder="scheduler")
     assert old.windows.num_windows == 2 and old.config.num_windows == 2
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_bfloat16_weights_train_float32_parameters(tmp_path, teacher_dir, image_folder, lora_rank):
+    """Regression: `weights_dtype: bfloat16` (frozen teacher / LoRA base in bf16) also made the *trained*
+    parameters bf16, where AdamW's small updates round away. They are now float32, the frozen ones bf16."""
+    cfg = _cfg(teacher_dir, lora_rank=lora_rank, weights_dtype="bfloat16", budget_steps=4)
+    pipe = load_pipeline(cfg.model, cfg.weights_dtype)
+    teacher, student = build_teacher_student(pipe, cfg)
+    trained = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    assert trained and {p.dtype for p in trained.values()} == {torch.float32}
+    assert {p.dtype for p in teacher.parameters() if not p.requires_grad} == {torch.bfloat16}
+    pipe = load_pipeline(cfg.model, cfg.weights_dtype)
+    data = encode_folder(pipe, image_folder, cfg.resolution)
+    snapshots = []
+
+    def spy(stage, done, ema_fn, result):  # the live student's trainable weights after each step
+        snapshots.append({n: p.detach().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad})
+
+    summary = distill(cfg, pipe, data, tmp_path / "student", on_step=spy)
+    assert summary["optimizer_steps"] == 4 and np.isfinite(summary["final_loss"]) and len(snapshots) == 4
+    first, last = snapshots[0], snapshots[-1]
+    assert {w.dtype for w in last.values()} == {torch.float32}
+    assert any(not torch.equal(first[n], last[n]) for n in first)  # the updates did not round away

@@ -360,6 +360,11 @@ def build_teacher_student(pipe: Any, cfg: DistillConfig) -> tuple[VPVelocity, VP
         teacher: VPVelocity = AdaptersOffVelocity(unet, vp, pt, cfg.teacher_guidance)
     else:
         teacher = VPVelocity(copy.deepcopy(unet).requires_grad_(False).eval(), vp, pt, cfg.teacher_guidance)
+    # the trained weights in float32 whatever `weights_dtype` holds the frozen ones in: AdamW's updates
+    # (lr ~1e-4 of a weight) are below bfloat16's resolution (~4e-3) and would round away
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(unet, dtype=torch.float32)
     return teacher, VPVelocity(unet, vp, pt)
 
 
