@@ -109,13 +109,16 @@ def train_row(arch: str, lora_rank: int, args: argparse.Namespace, device: torch
                               budget_steps=args.train_steps)
     train = replace(cfg.train, batch_size=args.batch or cfg.train.batch_size, progress=False,
                     mixed_precision=cfg.train.mixed_precision if device.type == "cuda" else "no")
-    cfg = replace(cfg, train=train, model=f"random weights, {arch} shapes")
+    cfg = replace(cfg, train=train, model=f"random weights, {arch} shapes",
+                  weights_dtype=args.weights_dtype or cfg.weights_dtype)
     row: dict[str, Any] = {"arch": arch, "lora_rank": lora_rank, "resolution": cfg.resolution,
                            "batch": train.batch_size, "mixed_precision": train.mixed_precision,
+                           "weights_dtype": cfg.weights_dtype,
                            "gradient_checkpointing": cfg.gradient_checkpointing, "method": cfg.method.name,
                            "windows": cfg.method.windows, "teacher_solver": f"{cfg.teacher_solver.method} "
                            f"{cfg.teacher_solver.steps} {cfg.teacher_solver.mode}"}
     pipe = build_pipeline(arch, tmp / f"{arch}-parts", device=device)  # random init on a GPU: no CPU minutes
+    pipe.to(dtype=getattr(torch, cfg.weights_dtype))  # as `load_pipeline(model, weights_dtype)` loads it
     data = encode_folder(pipe, image_folder(tmp / f"images-{cfg.resolution}", 2 * train.batch_size, cfg.resolution),
                          cfg.resolution)  # leaves the VAE and text encoders on the CPU, as in `proreflow distill`
     stamps: list[tuple[int, float]] = []
@@ -200,12 +203,13 @@ def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}; torch {result['torch']}, diffusers {result['diffusers']}"
              f"{' (smoke run: not a measurement)' if result['smoke'] else ''}.", "",
              "#### Training (distill, pairs made on the fly)", "",
-             "| arch | LoRA rank | px | batch | precision | grad. ckpt | s / step by stage | s / step (plan mean) "
-             "| pairs / s | teacher NFE / pair | peak GiB | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| arch | LoRA rank | px | batch | precision | frozen weights | grad. ckpt | s / step by stage "
+             "| s / step (plan mean) | pairs / s | teacher NFE / pair | peak GiB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["training"]:
         ckpt = {True: "yes", False: "no"}.get(r.get("gradient_checkpointing"), "–")
         lines.append(f"| {r['arch']} | {r['lora_rank'] or 'full'} | {r.get('resolution') or '–'} | {r['batch']} | "
-                     f"{r.get('mixed_precision', '–')} | {ckpt} | "
+                     f"{r.get('mixed_precision', '–')} | {r.get('weights_dtype', '–')} | {ckpt} | "
                      f"{stages(r.get('stage_seconds_per_step'))} | {num(r.get('seconds_per_step'), '.3f')} | "
                      f"{num(r.get('pairs_per_s'), '.2f')} | {num(r.get('teacher_nfe_per_pair'), '.1f')} | "
                      f"{num(r.get('peak_gib'), '.1f')} | {r['status']} |")
@@ -230,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lora-ranks", nargs="+", type=int, default=[0, 64], help="0: full fine-tuning")
     p.add_argument("--resolution", type=int, default=0, help="default: the preset's (512 / 1024)")
     p.add_argument("--batch", type=int, default=4, help="per-device batch (default 4; 0: the preset's global batch)")
+    p.add_argument("--weights-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="frozen weights' dtype (default: the preset's, float32); bfloat16 runs the teacher in bf16")
     p.add_argument("--train-steps", type=int, default=12)
     p.add_argument("--skip-steps", type=int, default=2, help="first optimizer steps left out of the median")
     p.add_argument("--sample-repeats", type=int, default=5)

@@ -6,7 +6,6 @@ VAE `force_upcast`); the parameter counts are the published models'.
 """
 
 import pytest
-import torch
 
 from proreflow.models.sd_shapes import build_pipeline, parameter_counts
 
