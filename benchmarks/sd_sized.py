@@ -118,7 +118,6 @@ def train_row(arch: str, lora_rank: int, args: argparse.Namespace, device: torch
                            "windows": cfg.method.windows, "teacher_solver": f"{cfg.teacher_solver.method} "
                            f"{cfg.teacher_solver.steps} {cfg.teacher_solver.mode}"}
     pipe = build_pipeline(arch, tmp / f"{arch}-parts", device=device)  # random init on a GPU: no CPU minutes
-    pipe.to(dtype=getattr(torch, cfg.weights_dtype))  # as `load_pipeline(model, weights_dtype)` loads it
     data = encode_folder(pipe, image_folder(tmp / f"images-{cfg.resolution}", 2 * train.batch_size, cfg.resolution),
                          cfg.resolution)  # leaves the VAE and text encoders on the CPU, as in `proreflow distill`
     stamps: list[tuple[int, float]] = []

@@ -168,16 +168,20 @@ def test_exported_scheduler_config_states_the_students_window_count(tmp_path):
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
-def test_bfloat16_weights_train_float32_parameters(tmp_path, teacher_dir, image_folder, lora_rank):
-    """Regression: `weights_dtype: bfloat16` (frozen teacher / LoRA base in bf16) also made the *trained*
-    parameters bf16, where AdamW's small updates round away. They are now float32, the frozen ones bf16."""
+def test_bfloat16_weights_dtype_rounds_only_the_frozen_weights(tmp_path, teacher_dir, image_folder, lora_rank):
+    """Regression: `weights_dtype: bfloat16` (meant for the frozen teacher / LoRA base) loaded the whole pipeline
+    in bf16, so the *trained* parameters were bf16 too, where AdamW's small updates round away, and a full
+    fine-tune started from rounded weights. Now the pipeline loads in float32 and only the frozen weights are
+    cast: the trained ones are float32 and a full fine-tune starts from the exact teacher weights."""
     cfg = _cfg(teacher_dir, lora_rank=lora_rank, weights_dtype="bfloat16", budget_steps=4)
-    pipe = load_pipeline(cfg.model, cfg.weights_dtype)
-    teacher, student = build_teacher_student(pipe, cfg)
-    trained = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    exact = {k: v.clone() for k, v in load_pipeline(cfg.model).unet.state_dict().items()}
+    teacher, student = build_teacher_student(load_pipeline(cfg.model), cfg)
+    trained = {n.removeprefix("unet."): p for n, p in student.named_parameters() if p.requires_grad}
     assert trained and {p.dtype for p in trained.values()} == {torch.float32}
     assert {p.dtype for p in teacher.parameters() if not p.requires_grad} == {torch.bfloat16}
-    pipe = load_pipeline(cfg.model, cfg.weights_dtype)
+    if not lora_rank:  # the student starts from the float32 weights, not their bf16 rounding
+        assert all(torch.equal(trained[k], exact[k]) for k in exact)
+    pipe = load_pipeline(cfg.model)
     data = encode_folder(pipe, image_folder, cfg.resolution)
     snapshots = []
 

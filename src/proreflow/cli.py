@@ -154,7 +154,7 @@ def distill(
         if (data is None) == (prompts is None):
             raise ProReflowError("pass exactly one of --data (images + captions) or --prompts (prompt-only mode)")
         records = read_source(data) if data is not None else read_prompts(prompts)
-        pipe = load_pipeline(cfg.model, cfg.weights_dtype)
+        pipe = load_pipeline(cfg.model)  # float32: build_teacher_student casts only the frozen weights
         data_ = (encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=not quiet) if data is not None
                  else encode_prompts_only(pipe, records, cfg.resolution))
         summary = run_distill(cfg, pipe, data_, out, ckpt)

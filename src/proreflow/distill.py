@@ -49,7 +49,7 @@ class DistillConfig:
     lora_rank: int = 0
     lora_alpha: float | None = None
     gradient_checkpointing: bool = False
-    weights_dtype: str = "float32"
+    weights_dtype: str = "float32"  # frozen weights only (teacher copy, LoRA base); trained ones are float32
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -351,17 +351,22 @@ def build_teacher_student(pipe: Any, cfg: DistillConfig) -> tuple[VPVelocity, VP
     unet = pipe.unet
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    frozen = getattr(torch, cfg.weights_dtype)  # the dtype of the weights that are not trained
     if cfg.lora_rank:
         from peft import LoraConfig
 
         unet.requires_grad_(False)
+        unet.to(frozen)  # the frozen base, which is also the teacher (adapters off)
         unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
                                     init_lora_weights=True, target_modules=LORA_TARGETS))
         teacher: VPVelocity = AdaptersOffVelocity(unet, vp, pt, cfg.teacher_guidance)
     else:
-        teacher = VPVelocity(copy.deepcopy(unet).requires_grad_(False).eval(), vp, pt, cfg.teacher_guidance)
+        teacher = VPVelocity(copy.deepcopy(unet).to(frozen).requires_grad_(False).eval(), vp, pt,
+                             cfg.teacher_guidance)
     # the trained weights in float32 whatever `weights_dtype` holds the frozen ones in: AdamW's updates
-    # (lr ~1e-4 of a weight) are below bfloat16's resolution (~4e-3) and would round away
+    # (lr ~1e-4 of a weight) are below bfloat16's resolution (~4e-3) and would round away. A full fine-tune
+    # starts from the weights as loaded: load the pipeline in float32 (`load_pipeline`'s default, what the
+    # CLI does) so that only the teacher's copy is rounded to `weights_dtype`
     from diffusers.training_utils import cast_training_params
 
     cast_training_params(unet, dtype=torch.float32)
