@@ -205,21 +205,33 @@ def perflow_scheduler(config: Any, prediction_type: str = "diff_eps", num_window
         trained_betas=get("trained_betas", None), prediction_type=prediction_type, num_windows=num_windows)
 
 
+#: wording of `_check_fits`'s errors: (verb, missing keys, extra keys, the other's shape)
+_FIT_WORDS = {"delta": ("does", "have no delta", "deltas have no weight", "its delta"),
+              "weights": ("do", "are missing", "are unknown", "the file's")}
+
+
+def _check_fits(own: dict[str, Tensor], other: dict[str, Tensor], what: str, kind: str) -> None:
+    """`other` (a delta or replacement weights) has exactly the UNet's keys, each of the UNet's shape."""
+    verb, no_match, unknown, theirs = _FIT_WORDS[kind]
+    missing, extra = sorted(set(own) - set(other)), sorted(set(other) - set(own))
+    if missing or extra:
+        raise ProReflowError(f"{what} {verb} not fit this UNet: {len(missing)} of its weights {no_match} "
+                             f"(e.g. {missing[:2]}), {len(extra)} {unknown} (e.g. {extra[:2]})")
+    for key, w in own.items():
+        if other[key].shape != w.shape:
+            raise ProReflowError(f"{what} {verb} not fit this UNet: {key} is {tuple(w.shape)}, "
+                                 f"{theirs} {tuple(other[key].shape)}")
+
+
 @torch.no_grad()
 def merge_unet_delta(unet: torch.nn.Module, delta: dict[str, Tensor] | torch.nn.Module, what: str = "the delta") -> None:
     """W <- W + dW for every UNet weight, in float32, cast back to the UNet's dtype (PeRFlow's released
     `perflow-sd15-delta-weights` are such a dW for SD1.5 and its fine-tunes)."""
     delta_sd = delta.state_dict() if isinstance(delta, torch.nn.Module) else delta
     own = unet.state_dict()
-    missing, extra = sorted(set(own) - set(delta_sd)), sorted(set(delta_sd) - set(own))
-    if missing or extra:
-        raise ProReflowError(f"{what} does not fit this UNet: {len(missing)} of its weights have no delta "
-                             f"(e.g. {missing[:2]}), {len(extra)} deltas have no weight (e.g. {extra[:2]})")
+    _check_fits(own, delta_sd, what, "delta")
     for key, w in own.items():
-        d = delta_sd[key]
-        if d.shape != w.shape:
-            raise ProReflowError(f"{what} does not fit this UNet: {key} is {tuple(w.shape)}, its delta {tuple(d.shape)}")
-        w.copy_((w.float() + d.to(w.device, torch.float32)).to(w.dtype))
+        w.copy_((w.float() + delta_sd[key].to(w.device, torch.float32)).to(w.dtype))
 
 
 def load_unet_delta(path: str, variant: str | None = None) -> dict[str, Tensor]:
@@ -259,11 +271,6 @@ def load_unet_weights(unet: torch.nn.Module, path: str, what: str = "the UNet we
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ProReflowError(f"{what}: {path!r} is not a state dict of tensors")
     own = unet.state_dict()
-    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if missing or extra:
-        raise ProReflowError(f"{what} do not fit this UNet: {len(missing)} of its weights are missing "
-                             f"(e.g. {missing[:2]}), {len(extra)} are unknown (e.g. {extra[:2]})")
+    _check_fits(own, sd, what, "weights")
     for key, w in own.items():
-        if sd[key].shape != w.shape:
-            raise ProReflowError(f"{what} do not fit this UNet: {key} is {tuple(w.shape)}, the file's {tuple(sd[key].shape)}")
         w.copy_(sd[key].to(w.device, w.dtype))
