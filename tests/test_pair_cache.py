@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from proreflow.time_sampling import TimeSampling
+
 from proreflow.errors import ProReflowError
 from proreflow.pairs import PairCache, TeacherSolver
 from proreflow.teachers.gmm import GaussianMixture
@@ -82,7 +84,7 @@ def test_changed_settings_rebuild_the_cache(tmp_path):
 
 def test_batches_from_the_cache_follow_the_chords(tmp_path):
     cached = _build(tmp_path / "c", Data())
-    batches = cached_reflow_batches(cached, 64, margin=0.1)
+    batches = cached_reflow_batches(cached, 64, TimeSampling(margin=0.1))
     b = batches(0, torch.Generator().manual_seed(0), slice(None))
     assert b.x.shape == (64, 2) and b.cond.shape == (64,) and b.teacher_nfe == 0
     half = batches(0, torch.Generator().manual_seed(0), slice(32, 64))

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from proreflow.time_sampling import TimeSampling
+
 import proreflow.training as training
 from proreflow.data.toy import BUILTIN, builtin_points, load_points, split_points
 from proreflow.errors import ProReflowError
@@ -131,13 +133,13 @@ def test_each_stage_starts_from_the_previous_student(monkeypatch):
 
 def test_window_margin_keeps_training_times_away_from_window_ends():
     batches = reflow_batches(_teacher, _data_fn, ProgressivePlan.from_window_counts([4], 1).final,
-                             TeacherSolver("euler", 1), 4000, margin=0.2)
+                             TeacherSolver("euler", 1), 4000, TimeSampling(margin=0.2))
     b = batches(0, torch.Generator().manual_seed(0), slice(None))
     frac = (b.t * 4) % 1.0  # position inside a quarter window, measured from its end
     frac = torch.where(frac == 0, torch.ones_like(frac), frac)
     assert float(frac.min()) > 0.2 - 1e-6 and float(frac.max()) <= 1.0
     with pytest.raises(ProReflowError):
-        reflow_batches(_teacher, _data_fn, None, TeacherSolver(), 4, margin=1.0)
+        TimeSampling(margin=1.0)
 
 
 @pytest.mark.parametrize("bad", [dict(lr=0.0), dict(batch_size=0), dict(ema_decay=1.0), dict(grad_accum=0),

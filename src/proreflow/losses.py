@@ -8,6 +8,7 @@ its magnitude; lambda = 0 recovers plain reflow exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -53,3 +54,14 @@ def aligned_loss(pred: Tensor, target: Tensor, lam: float, weight: Tensor | None
         m = (w * per).sum() / w.sum().clamp_min(1e-12)
     d = torch.mean(1.0 - cosine_per_sample(pred, target))
     return LossTerms(total=m + lam * d if lam else m, mse=m, direction=d)
+
+
+#: (prediction, target, per-sample weight or None) -> loss terms: what the training loop minimises
+LossFn = Callable[[Tensor, Tensor, "Tensor | None"], LossTerms]
+
+
+def aligned(lam: float) -> LossFn:
+    """`aligned_loss` with its direction weight fixed (lam = 0: plain reflow / flow matching MSE)."""
+    if not (lam >= 0):  # also rejects NaN
+        raise ProReflowError(f"direction weight lambda must be >= 0, got {lam}")
+    return lambda pred, target, weight=None: aligned_loss(pred, target, lam, weight)

@@ -7,16 +7,25 @@ ProReflow w/o aligned        -> windows "8->k" (halving 8, 4, ..., k), lam 0
 ProReflow w/o progressive    -> windows [k], lam > 0
 ProReflow (full)             -> windows "8->k", lam > 0
 Window entries may refer to the sampling step count k ("k", "2k", ...), so one preset
-serves 2-step and 4-step students.
+serves 2-step and 4-step students. A method also says where on each chord it trains
+(`time_sampling`, see `proreflow.time_sampling`) and where a later stage's pairs come from
+(`pair_source`): the frozen teacher's ODE over each wider window (`teacher`), or the previous
+stage's student, one Euler step per previous-stage window (`previous_stage`, reflow in the sense
+of Liu et al.: far cheaper than a many-step teacher solve).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 from proreflow.errors import ProReflowError
+from proreflow.time_sampling import TimeSampling
 from proreflow.windows import ProgressivePlan
+
+PairSource = Literal["teacher", "previous_stage"]
+PAIR_SOURCES: tuple[str, ...] = ("teacher", "previous_stage")
 
 _MULT = re.compile(r"^\s*(\d*)\s*k\s*$")
 
@@ -30,12 +39,21 @@ class MethodSpec:
     windows: list[int | str] | str = field(default_factory=lambda: ["k"])
     lam: float = 0.0
     stage_fractions: list[float] | None = None
+    time_sampling: TimeSampling | None = None  # None: the app config's `time_sampling`
+    pair_source: PairSource = "teacher"
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ProReflowError("a method needs a non-empty name")
-        if self.lam < 0:
-            raise ProReflowError(f"method {self.name!r}: lam must be >= 0, got {self.lam}")
+        if not (isinstance(self.lam, (int, float)) and self.lam == self.lam and self.lam >= 0):
+            raise ProReflowError(f"method {self.name!r}: lam must be a number >= 0, got {self.lam}")
+        if self.pair_source not in PAIR_SOURCES:
+            raise ProReflowError(f"method {self.name!r}: pair_source must be one of {list(PAIR_SOURCES)}, "
+                                 f"got {self.pair_source!r}")
+
+    def sampling(self, default: TimeSampling) -> TimeSampling:
+        """This method's time-sampling rule, or the app's default when it names none."""
+        return self.time_sampling if self.time_sampling is not None else default
 
     def window_counts(self, k: int) -> list[int]:
         """Resolve the per-stage window counts for a k-step student."""
@@ -65,9 +83,10 @@ class MethodSpec:
             )
         return ProgressivePlan.from_window_counts(counts, total_steps, self.stage_fractions)
 
-    def plan_key(self, k: int) -> tuple:
+    def plan_key(self, k: int, default_sampling: TimeSampling = TimeSampling()) -> tuple:
         """Methods/step counts that resolve to the same training share one trained student."""
-        return (tuple(self.window_counts(k)), self.lam, tuple(self.stage_fractions or ()))
+        return (tuple(self.window_counts(k)), self.lam, tuple(self.stage_fractions or ()),
+                self.sampling(default_sampling), self.pair_source)
 
 
 def _resolve(entry: int | str, k: int, name: str) -> int:

@@ -33,19 +33,24 @@ class TeacherSolver:
     pair for every plan, which is how methods are compared at equal budget).
     mode="per_unit_time": ceil(steps * window length) steps, i.e. a fixed step size, so narrow
     windows cost fewer teacher evaluations (the cost advantage of local reflow).
+    mode="grid": one step between consecutive points of `grid` inside each window (`steps` is
+    unused): how a previous stage's student crosses a wider window, one step per sub-window.
     """
 
     method: Literal["euler", "heun", "rk4"] = "rk4"
     steps: int = 4
-    mode: Literal["per_window", "per_unit_time"] = "per_window"
+    mode: Literal["per_window", "per_unit_time", "grid"] = "per_window"
     # teacher calls on at most this many samples at once (0: all at once). On CPU a conv UNet is ~2.6x
     # faster per sample at batch 128 than at 2048 (cache-bound), which matters when building pair caches.
     max_batch: int = 0
+    grid: tuple[float, ...] = ()  # mode="grid" only: the boundaries of the finer (previous) schedule
 
     def __post_init__(self) -> None:
         check_solver(self.method, self.steps)
-        if self.mode not in ("per_window", "per_unit_time"):
-            raise ProReflowError(f"teacher solver mode must be 'per_window' or 'per_unit_time', got {self.mode!r}")
+        if self.mode not in ("per_window", "per_unit_time", "grid"):
+            raise ProReflowError(f"teacher solver mode must be 'per_window', 'per_unit_time' or 'grid', got {self.mode!r}")
+        if (self.mode == "grid") != bool(self.grid):
+            raise ProReflowError("a teacher solver has a grid exactly when its mode is 'grid'")
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 0:
             raise ProReflowError(f"teacher solver max_batch must be an integer >= 0, got {self.max_batch!r}")
 
@@ -53,6 +58,22 @@ class TeacherSolver:
         if self.mode == "per_window":
             return self.steps
         return max(1, math.ceil(self.steps * length - 1e-9))  # tolerance: 4 * 0.25 is 1 step, not 2
+
+    def grid_in(self, t_a: float, t_b: float) -> list[float]:
+        """The grid points from t_a down to t_b (both included): the steps across window [t_a, t_b]."""
+        inner = [g for g in self.grid if t_b + 1e-7 < g < t_a - 1e-7]
+        return [t_a, *sorted(inner, reverse=True), t_b]
+
+    def spec(self) -> list:
+        """What identifies the pairs this solver makes (the grid only where there is one, so caches
+        written before grids existed keep their identity)."""
+        return [self.method, self.steps, self.mode] + ([list(self.grid)] if self.grid else [])
+
+
+def grid_solver(previous: WindowSchedule, method: Literal["euler", "heun", "rk4"] = "euler",
+                max_batch: int = 0) -> TeacherSolver:
+    """One `method` step per window of `previous`: how stage k's pairs come from stage k-1's student."""
+    return TeacherSolver(method, 1, "grid", max_batch=max_batch, grid=tuple(previous.boundaries))
 
 
 @dataclass
@@ -109,10 +130,19 @@ def make_window_pairs(teacher: VelocityField, x0: Tensor, schedule: WindowSchedu
         x_b = torch.empty_like(x_a)
         nfe = 0
         lengths = schedule.lengths().tolist()
+        b = schedule.boundaries
         for w in torch.unique(windows).tolist():
             m = windows == w
-            steps = solver.steps_for(lengths[w])
-            x_b[m] = solve(teacher, x_a[m], t_a[m], t_b[m], steps, solver.method, map_cond(cond, lambda c: c[m]))
+            cond_m = map_cond(cond, lambda c: c[m])
+            if solver.mode == "grid":
+                points = solver.grid_in(b[w], b[w + 1])
+                x = x_a[m]
+                for s_a, s_b in zip(points[:-1], points[1:]):
+                    x = solve(teacher, x, s_a, s_b, 1, solver.method, cond_m)
+                x_b[m], steps = x, len(points) - 1
+            else:
+                steps = solver.steps_for(lengths[w])
+                x_b[m] = solve(teacher, x_a[m], t_a[m], t_b[m], steps, solver.method, cond_m)
             nfe += int(m.sum()) * steps * per
     return WindowPairs(x_a=x_a, x_b=x_b, t_a=t_a, t_b=t_b, cond=cond, teacher_nfe=nfe)
 
@@ -268,7 +298,7 @@ class PairCache(ShardStore):
 
     def _spec(self, schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int,
               seed: int, teacher: VelocityField | None = None) -> dict:
-        return {"boundaries": list(schedule.boundaries), "solver": [solver.method, solver.steps, solver.mode],
+        return {"boundaries": list(schedule.boundaries), "solver": solver.spec(),
                 "n_pairs": n_pairs, "shard_size": shard_size, "seed": seed,
                 "teacher": teacher_fingerprint(teacher) if teacher is not None else None}
 

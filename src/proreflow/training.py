@@ -23,10 +23,12 @@ from tqdm.auto import tqdm
 
 from proreflow.checkpoint import CheckpointConfig, FitCheckpoints, optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
 from proreflow.errors import ProReflowError
-from proreflow.losses import aligned_loss
+from proreflow.losses import LossFn, aligned
 from proreflow.conventions import interpolate, path_velocity
-from proreflow.pairs import CachedPairs, PairCache, TeacherSolver, make_window_pairs, map_cond
+from proreflow.methods import PairSource
+from proreflow.pairs import CachedPairs, PairCache, TeacherSolver, grid_solver, make_window_pairs, map_cond
 from proreflow.solvers import VelocityField
+from proreflow.time_sampling import TimeSampling
 from proreflow.windows import ProgressivePlan, WindowSchedule
 
 
@@ -234,11 +236,12 @@ def make_accelerator(cfg: TrainConfig, cpu: bool | None = None) -> Accelerator:
                        dynamo_backend="inductor" if cfg.compile else "no")
 
 
-def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: float = 0.0,
+def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss: LossFn = aligned(0.0),
         accelerator: Accelerator | None = None, desc: str = "train", seed_offset: int = 0,
         checkpoints: FitCheckpoints | None = None, copy_model: bool = True,
         on_step: StepCallback | None = None) -> FitResult:
-    """Train `model` for `steps` optimizer steps on batches from `batch_fn`; returns EMA weights.
+    """Train `model` for `steps` optimizer steps on batches from `batch_fn` minimising `loss` (default: the
+    velocity MSE); returns EMA weights.
 
     By default `model` itself is not modified: training runs on a copy, so a stage can start from
     a shared initial network without disturbing it; copy_model=False trains it in place (large
@@ -295,7 +298,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, lam: 
             with acc.autocast():
                 pred = net(batch.x.to(acc.device), batch.t.to(acc.device), map_cond(batch.cond, lambda c: c.to(acc.device)))
             weight = loss_weight(batch.t.to(acc.device)) if loss_weight is not None else None
-            terms = aligned_loss(pred, batch.target.to(acc.device), lam, weight)
+            terms = loss(pred, batch.target.to(acc.device), weight)
             finite = bool(torch.isfinite(terms.total))
             if finite:
                 acc.backward(terms.total)
@@ -433,23 +436,19 @@ def flow_matching_batches(data_fn: DataFn, batch_size: int, exact_velocity: Velo
 
 
 def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule: WindowSchedule, solver: TeacherSolver,
-                   batch_size: int, margin: float = 0.0) -> BatchFn:
-    """Windowed reflow: fresh teacher pairs for `schedule` each micro-step, a random point on each chord.
+                   batch_size: int, sampling: TimeSampling = TimeSampling()) -> BatchFn:
+    """Windowed reflow: fresh teacher pairs for `schedule` each micro-step, a point on each chord.
 
-    Points are drawn at t = t_a - u (t_a - t_b) with u ~ U[0, 1 - margin). The one-step sampler
-    queries each window at its start t_a, where the previous window ends; a network that is
-    smooth in t cannot jump between the two chords at a single instant, so leaving the last
-    `margin` of every window untrained gives it room to switch before the next window starts.
-    All randomness is drawn for the global batch; the teacher only solves this process's rows.
+    Points are drawn at t = t_a - u (t_a - t_b) with u from `sampling` (see `proreflow.time_sampling`:
+    the one-step sampler queries each window only at its start). All randomness is drawn for the
+    global batch; the teacher only solves this process's rows.
     """
-    if not 0.0 <= margin < 1.0:
-        raise ProReflowError(f"window margin must be in [0, 1), got {margin}")
 
     def batch(_: int, gen: torch.Generator, rows: slice = slice(None)) -> TrainBatch:
         x0, cond = data_fn(batch_size, gen)
         noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
         windows = schedule.sample_windows(x0.shape[0], gen)
-        u = torch.rand(x0.shape[0], generator=gen, dtype=x0.dtype) * (1.0 - margin)
+        u = sampling.draw(x0.shape[0], gen, x0.dtype)
         x0, cond, noise, windows, u = x0[rows], map_cond(cond, lambda c: c[rows]), noise[rows], windows[rows], u[rows]
         pairs = make_window_pairs(teacher, x0, schedule, solver, cond=cond, windows=windows, noise=noise)
         x_t, t = pairs.point(u)
@@ -458,14 +457,12 @@ def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule: WindowSche
     return batch
 
 
-def cached_reflow_batches(cache: CachedPairs, batch_size: int, margin: float = 0.0) -> BatchFn:
+def cached_reflow_batches(cache: CachedPairs, batch_size: int, sampling: TimeSampling = TimeSampling()) -> BatchFn:
     """Like `reflow_batches`, but drawing pairs from a disk cache (teacher cost paid up front)."""
-    if not 0.0 <= margin < 1.0:
-        raise ProReflowError(f"window margin must be in [0, 1), got {margin}")
 
     def batch(_: int, gen: torch.Generator, rows: slice = slice(None)) -> TrainBatch:
         idx = torch.randint(0, len(cache), (batch_size,), generator=gen)
-        u = torch.rand(batch_size, generator=gen, dtype=cache.pairs.x_a.dtype) * (1.0 - margin)
+        u = sampling.draw(batch_size, gen, cache.pairs.x_a.dtype)
         pairs = cache.batch(idx[rows])
         x_t, t = pairs.point(u[rows])
         return TrainBatch(x_t, t, pairs.target(), pairs.cond, 0)
@@ -490,15 +487,31 @@ class PairCacheConfig:
 class PlanResult:
     student: nn.Module
     stages: list[FitResult]
+    sources: list[str]  # per stage: what made its pairs, "teacher" or "previous_stage"
+
+    def _nfe(self, source: str) -> int:
+        return sum(s.teacher_nfe for s, src in zip(self.stages, self.sources) if src == source)
 
     @property
     def teacher_nfe(self) -> int:
-        return sum(s.teacher_nfe for s in self.stages)
+        """Teacher evaluations spent on pairs (stages whose pairs the teacher made)."""
+        return self._nfe("teacher")
+
+    @property
+    def student_nfe(self) -> int:
+        """Student evaluations spent on pairs (stages whose pairs the previous stage's student made)."""
+        return self._nfe("previous_stage")
 
     @property
     def nfe_per_pair(self) -> float:
+        """Teacher evaluations per training pair, over all stages."""
         pairs = sum(s.pairs for s in self.stages)
         return self.teacher_nfe / pairs if pairs else 0.0
+
+    @property
+    def student_nfe_per_pair(self) -> float:
+        pairs = sum(s.pairs for s in self.stages)
+        return self.student_nfe / pairs if pairs else 0.0
 
     @property
     def optimizer_steps(self) -> int:
@@ -507,35 +520,46 @@ class PlanResult:
 
 def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: ProgressivePlan,
                solver: TeacherSolver, cfg: TrainConfig, lam: float, accelerator: Accelerator | None = None,
-               desc: str = "reflow", margin: float = 0.0,
+               desc: str = "reflow", sampling: TimeSampling = TimeSampling(), pair_source: PairSource = "teacher",
                checkpoints: CheckpointConfig | None = None, pair_cache: PairCacheConfig | None = None,
                copy_model: bool = True, on_step: Callable[[int, int, Callable[[], nn.Module], FitResult], None] | None = None
                ) -> PlanResult:
     """Run a progressive plan: stage k+1 starts from stage k's (EMA) student, the first from `init`.
 
-    The teacher stays fixed across stages: each stage's pairs come from the teacher's ODE over
-    that stage's (wider) windows, as in the paper. `on_step(stage, done, ema_model_fn, result)` is
-    `fit`'s callback with the 0-based stage index in front.
+    pair_source="teacher": every stage's pairs come from the fixed teacher's ODE over that stage's
+    (wider) windows. pair_source="previous_stage": stage k+1's pairs come from a frozen copy of stage
+    k's student, one Euler step per stage-k window (the first stage still uses the teacher).
+    `sampling` places the training points on each chord. `on_step(stage, done, ema_model_fn, result)`
+    is `fit`'s callback with the 0-based stage index in front.
     """
-    student, stages = init, []
+    if pair_source not in ("teacher", "previous_stage"):
+        raise ProReflowError(f"pair_source must be 'teacher' or 'previous_stage', got {pair_source!r}")
+    student, stages, sources = init, [], []
     for k, stage in enumerate(plan.stages):
+        source, stage_solver, kind = teacher, solver, "teacher"
+        if pair_source == "previous_stage" and k > 0:
+            # a frozen copy: the next stage may train `student` in place (copy_model=False)
+            source = copy.deepcopy(student).eval().requires_grad_(False)
+            stage_solver, kind = grid_solver(plan.stages[k - 1].schedule, max_batch=solver.max_batch), "previous_stage"
         cached = None
         if pair_cache is not None:
             n_pairs = pair_cache.pairs or stage.steps * cfg.batch_size * cfg.grad_accum
-            cached = _stage_cache(pair_cache, k + 1, n_pairs, teacher, data_fn, stage.schedule, solver,
+            cached = _stage_cache(pair_cache, k + 1, n_pairs, source, data_fn, stage.schedule, stage_solver,
                                   cfg.seed + k + 1, cfg.progress)
-            batches = cached_reflow_batches(cached, cfg.batch_size, margin)
+            batches = cached_reflow_batches(cached, cfg.batch_size, sampling)
         else:
-            batches = reflow_batches(teacher, data_fn, stage.schedule, solver, cfg.batch_size, margin)
-        res = fit(student, batches, stage.steps, cfg, lam=lam, accelerator=accelerator,
+            batches = reflow_batches(source, data_fn, stage.schedule, stage_solver, cfg.batch_size, sampling)
+        res = fit(student, batches, stage.steps, cfg, loss=aligned(lam), accelerator=accelerator,
                   desc=f"{desc} stage {k + 1}/{len(plan.stages)} (K={stage.schedule.num_windows})", seed_offset=k + 1,
                   checkpoints=checkpoints.for_fit(f"stage-{k + 1}") if checkpoints else None, copy_model=copy_model,
                   on_step=(lambda d, m, r, k=k: on_step(k, d, m, r)) if on_step else None)
         if cached is not None:  # report the teacher cost of the cache, not of the (free) batches drawn from it
             res.teacher_nfe, res.pairs = cached.pairs.teacher_nfe, len(cached)
         stages.append(res)
+        sources.append(kind)
         student = res.model
-    return PlanResult(student=student, stages=stages)
+        del source
+    return PlanResult(student=student, stages=stages, sources=sources)
 
 
 def _stage_cache(cfg: PairCacheConfig, stage: int, n_pairs: int, teacher: VelocityField, data_fn: DataFn,

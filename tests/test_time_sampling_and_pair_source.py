@@ -1,0 +1,226 @@
+"""Where training points sit on a chord (time sampling), m*K-step sampling, and previous-stage pairs."""
+
+import pytest
+import torch
+
+import proreflow.training as training
+from proreflow.errors import ProReflowError
+from proreflow.methods import MethodSpec
+from proreflow.models.mlp import VelocityMLP
+from proreflow.pairs import TeacherSolver, grid_solver, make_window_pairs
+from proreflow.sampling import sample
+from proreflow.solvers import solve
+from proreflow.teachers.gmm import GaussianMixture
+from proreflow.time_sampling import TimeSampling
+from proreflow.training import TrainConfig, reflow_batches, train_plan
+from proreflow.windows import ProgressivePlan, WindowSchedule
+
+GMM = GaussianMixture.ring(4, 2.0, 0.3)
+
+
+def _data_fn(n, gen):
+    return GMM.sample(n, gen).float(), None
+
+
+def _teacher(x, t, cond=None):
+    return GMM.velocity(x.double(), t.double()).to(x.dtype)
+
+
+def _cfg(**kw):
+    return TrainConfig(**{**dict(lr=2e-3, batch_size=64, ema_decay=0.9, progress=False, seed=3), **kw})
+
+
+def _u(rule, n=20000, **kw):
+    return TimeSampling(rule, **kw).draw(n, torch.Generator().manual_seed(0))
+
+
+def test_uniform_rule_spans_the_window_up_to_the_margin():
+    u = _u("uniform", margin=0.25)
+    assert float(u.min()) >= 0 and float(u.max()) < 0.75 and float(u.max()) > 0.74
+    assert abs(float(u.mean()) - 0.375) < 0.01
+
+
+def test_start_rule_puts_every_point_at_the_window_start():
+    assert torch.equal(_u("start"), torch.zeros(20000))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_mixture_puts_a_fraction_p_at_the_start_and_the_rest_uniform(p):
+    u = _u("mixture", start_fraction=p, margin=0.1)
+    at_start = float((u == 0).float().mean())
+    assert abs(at_start - p) < 0.015
+    rest = u[u > 0]
+    if p < 1:
+        assert float(rest.max()) < 0.9 and abs(float(rest.mean()) - 0.45) < 0.01
+
+
+def test_uniform_rule_draws_what_the_margin_rule_drew_before():
+    """`uniform` consumes the generator exactly as the old `margin` code (results stay reproducible)."""
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(TimeSampling("uniform", margin=0.1).draw(64, gen_a), torch.rand(64, generator=gen_b) * 0.9)
+
+
+@pytest.mark.parametrize("bad", [dict(rule="middle"), dict(start_fraction=1.5), dict(start_fraction=-0.1),
+                                 dict(margin=1.0), dict(margin=float("nan"))])
+def test_bad_time_sampling_is_a_clear_error(bad):
+    with pytest.raises(ProReflowError):
+        TimeSampling(**bad)
+
+
+def test_start_rule_batches_train_exactly_at_window_starts_on_the_chord_target():
+    schedule = WindowSchedule.uniform(4)
+    batch = reflow_batches(_teacher, _data_fn, schedule, TeacherSolver("euler", 4), 256,
+                           TimeSampling("start"))(0, torch.Generator().manual_seed(0), slice(None))
+    assert set(batch.t.tolist()) <= {1.0, 0.75, 0.5, 0.25}
+    # at t = 1 the point is pure noise; elsewhere x_t is the data noised to t (not a teacher output)
+    assert batch.teacher_nfe == 256 * 4
+
+
+def test_method_recipe_resolves_time_sampling_and_keys_students_by_it():
+    default = TimeSampling("uniform", margin=0.1)
+    plain = MethodSpec("perflow", windows=["k"])
+    start = MethodSpec("perflow-start", windows=["k"], time_sampling=TimeSampling("start"))
+    assert plain.sampling(default) == default and start.sampling(default).rule == "start"
+    assert plain.plan_key(4, default) != start.plan_key(4, default)
+    prev = MethodSpec("p", windows="8->k", pair_source="previous_stage")
+    assert prev.plan_key(4) != MethodSpec("p", windows="8->k").plan_key(4)
+    with pytest.raises(ProReflowError, match="pair_source"):
+        MethodSpec("p", pair_source="student")
+    with pytest.raises(ProReflowError, match="lam"):
+        MethodSpec("p", lam=float("nan"))
+
+
+def test_one_step_plan_halves_down_to_a_single_window():
+    """ProReflow-III: 8 -> 4 -> 2 -> 1 windows for a one-step student."""
+    plan = MethodSpec("proreflow", windows="8->k", lam=1.0).plan(1, 40)
+    assert [s.schedule.num_windows for s in plan.stages] == [8, 4, 2, 1] and plan.total_steps == 40
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_k_window_sampler_at_m_steps_per_window_is_m_k_uniform_euler_steps(m):
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    windowed = sample(_teacher, noise, WindowSchedule.uniform(2), steps_per_window=m)
+    flat = solve(_teacher, noise, 1.0, 0.0, 2 * m, "euler")
+    assert torch.allclose(windowed, flat, atol=1e-12)
+
+
+def test_grid_solver_steps_once_per_sub_window_and_counts_its_evaluations():
+    solver = grid_solver(WindowSchedule.uniform(4))
+    calls = []
+
+    def field(x, t, cond=None):
+        calls.append(sorted(set(t.tolist())))
+        return torch.zeros_like(x)
+
+    x0 = torch.zeros(6, 2, dtype=torch.float64)
+    pairs = make_window_pairs(field, x0, WindowSchedule.uniform(2), solver, windows=torch.tensor([0, 0, 0, 1, 1, 1]),
+                              noise=torch.ones(6, 2, dtype=torch.float64))
+    assert pairs.teacher_nfe == 6 * 2
+    assert sorted(map(tuple, calls)) == [(0.25,), (0.5,), (0.75,), (1.0,)]
+    with pytest.raises(ProReflowError, match="grid"):
+        TeacherSolver("euler", 1, "grid")
+
+
+def test_previous_stage_pairs_from_exact_sub_window_chords_equal_the_teachers_pairs():
+    """A stage-(k-1) field that returns each sub-window's exact chord, stepped once per sub-window,
+    lands where the teacher's ODE over the wide window lands (exact GMM teacher, float64)."""
+    fine, wide = WindowSchedule.uniform(4), WindowSchedule.uniform(2)
+    steps = 64  # rk4 per unit time: the fine and wide solves use the same step grid
+
+    def chord_field(x, t, cond=None):
+        t_end = t - 0.25  # every evaluation is at a sub-window start (one step per sub-window)
+        x_end = solve(_teacher, x, t, t_end, steps // 4, "rk4")
+        return (x - x_end) / (t - t_end)[:, None]
+
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = GMM.sample(200, gen), torch.randn(200, 2, generator=gen, dtype=torch.float64)
+    windows = torch.randint(0, 2, (200,), generator=gen)
+    teacher_pairs = make_window_pairs(_teacher, x0, wide, TeacherSolver("rk4", steps, "per_unit_time"),
+                                      windows=windows, noise=noise)
+    student_pairs = make_window_pairs(chord_field, x0, wide, grid_solver(fine), windows=windows, noise=noise)
+    assert torch.equal(teacher_pairs.x_a, student_pairs.x_a)
+    assert torch.allclose(teacher_pairs.x_b, student_pairs.x_b, atol=1e-9)
+    assert student_pairs.teacher_nfe == 200 * 2  # two student steps per pair instead of 32 rk4 stages
+
+
+def test_previous_stage_plan_takes_stage_two_pairs_from_a_frozen_copy_of_stage_one(monkeypatch):
+    sources = []
+    real = training.reflow_batches
+
+    def spy(source, data_fn, schedule, solver, batch_size, sampling):
+        sources.append((source, solver))
+        return real(source, data_fn, schedule, solver, batch_size, sampling)
+
+    monkeypatch.setattr(training, "reflow_batches", spy)
+    torch.manual_seed(0)
+    plan = ProgressivePlan.from_window_counts([4, 2], 6)
+    res = train_plan(VelocityMLP(2, 16, 2), _teacher, _data_fn, plan, TeacherSolver("rk4", 4), _cfg(), lam=0.0,
+                     pair_source="previous_stage", sampling=TimeSampling("start"))
+    assert sources[0][0] is _teacher and sources[0][1].mode == "per_window"
+    frozen, solver = sources[1]
+    assert frozen is not res.stages[0].model and not any(p.requires_grad for p in frozen.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(frozen.state_dict().values(), res.stages[0].model.state_dict().values()))
+    assert solver.mode == "grid" and solver.grid == plan.stages[0].schedule.boundaries
+    assert res.sources == ["teacher", "previous_stage"]
+    # stage 1: 16 teacher evaluations per pair (rk4 x 4); stage 2: 2 student steps per pair
+    assert res.nfe_per_pair == pytest.approx(16 / 2) and res.student_nfe_per_pair == pytest.approx(2 / 2)
+    with pytest.raises(ProReflowError, match="pair_source"):
+        train_plan(VelocityMLP(2, 16, 2), _teacher, _data_fn, plan, TeacherSolver(), _cfg(), 0.0, pair_source="x")
+
+
+def test_start_sampling_trains_a_windowed_student_where_the_sampler_looks():
+    """The mechanism behind the default: on the exact GMM, a 4-window student trained only at window
+    starts is closer to the teacher at 4 steps than one trained at uniform points, from the same init
+    and budget."""
+    from proreflow.metrics import fidelity_rmse
+    from proreflow.training import fit, flow_matching_batches
+
+    torch.manual_seed(0)
+    base = fit(VelocityMLP(2, 64, 3), flow_matching_batches(_data_fn, 256, _teacher), 400, _cfg(lr=3e-3)).model
+    noise = torch.randn(1000, 2, generator=torch.Generator().manual_seed(9))
+    reference = sample(_teacher, noise, WindowSchedule.uniform(1), 64, method="rk4")
+    plan = ProgressivePlan.from_window_counts([4], 300)
+    scores = {}
+    for rule in ("uniform", "start"):
+        res = train_plan(base, _teacher, _data_fn, plan, TeacherSolver("rk4", 4), _cfg(lr=1e-3), 0.0,
+                         sampling=TimeSampling(rule))
+        with torch.no_grad():
+            scores[rule] = fidelity_rmse(sample(lambda x, t, c=None: res.student(x, t, c), noise, plan.final), reference)
+    assert scores["start"] < 0.8 * scores["uniform"], scores
+
+
+def test_a_shorter_run_is_the_prefix_of_a_longer_one():
+    """What benchmarks/budget_sweep.py relies on to score every budget of a single-stage method from one
+    run: with a constant learning rate, the EMA student after B steps does not depend on the total."""
+    torch.manual_seed(0)
+    init = VelocityMLP(2, 16, 2)
+    batches = reflow_batches(_teacher, _data_fn, WindowSchedule.uniform(2), TeacherSolver("euler", 2), 32,
+                             TimeSampling("mixture", 0.5))
+    short = training.fit(init, batches, 7, _cfg())
+    seen = {}
+    training.fit(init, batches, 15, _cfg(), on_step=lambda done, ema, res: seen.setdefault(done, ema()))
+    assert all(torch.equal(a, b) for a, b in zip(short.model.state_dict().values(), seen[7].state_dict().values()))
+
+
+@pytest.mark.parametrize("text, expected", [("start", {"rule": "start"}), ("uniform", {"rule": "uniform"}),
+                                            ("mixture", {"rule": "mixture"}),
+                                            ("mixture:0.25", {"rule": "mixture", "start_fraction": 0.25})])
+def test_command_line_time_sampling(text, expected):
+    assert TimeSampling.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["middle", "start:0.5", "mixture:x", "mixture:2"])
+def test_bad_command_line_time_sampling(text):
+    with pytest.raises(ProReflowError):
+        TimeSampling.parse(text)
+
+
+def test_command_line_rule_keeps_the_presets_margin_and_reaches_the_distill_config():
+    from proreflow.demo import load_config
+    from proreflow.distill import load_distill_config
+
+    toy = load_config(None, time_sampling=TimeSampling.parse("mixture:0.3"))
+    assert toy.time_sampling == TimeSampling("mixture", 0.3, 0.0)
+    assert next(m for m in toy.methods if m.name == "2-rectified-flow").sampling(toy.time_sampling).rule == "uniform"
+    sd = load_distill_config("sd15-proreflow-II", time_sampling=TimeSampling.parse("start"))
+    assert sd.method.sampling(sd.time_sampling).rule == "start"
