@@ -44,7 +44,7 @@ BAD_INPUTS = [
     (["demo", "--config", "{badkey}"], "did you mean 'budget_steps'"),
     (["demo", "--config", "{badtype}"], "train.lr must be a number"),
     (["demo", "--config", "{badyaml}"], "not valid YAML"),
-    (["demo", "--config", "{badmargin}"], "window_margin must be in [0, 1)"),
+    (["demo", "--config", "{badmargin}"], "margin (window_margin) must be in [0, 1)"),
     (["demo", "--config", "{badsolver}"], "solver steps must be a positive integer"),
     ([*TRAIN, "--method", "proreflw"], "did you mean 'proreflow'"),
     ([*TRAIN, "--method", "teacher-euler"], "nothing to train"),
@@ -72,7 +72,7 @@ def test_bad_input_exits_2_with_one_clear_line_and_touches_nothing(tmp_path, arg
         "few": _bad_npy(tmp_path, "few.npy", rng.normal(size=(5, 2))),
     }
     for key, text in {"badkey": "budget_step: 10\n", "badtype": "train: {lr: fast}\n", "badyaml": "train: [\n",
-                      "badmargin": "window_margin: 1.5\n", "badsolver": "teacher_solver: {steps: 0}\n"}.items():
+                      "badmargin": "time_sampling: {margin: 1.5}\n", "badsolver": "teacher_solver: {steps: 0}\n"}.items():
         (tmp_path / f"{key}.yaml").write_text(text)
         files[key] = str(tmp_path / f"{key}.yaml")
     args = [a.format(**files) for a in args]

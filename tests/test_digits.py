@@ -201,15 +201,26 @@ def test_smoke_run_writes_every_result(smoke_run):
     assert [r["label"] for r in res["table4"]] == ["w/o both (PeRFlow)", "w/o aligned", "w/o progressive", "full"]
     assert all(r["seeds"] == [0, 1] and math.isfinite(r["fd_mean"]) and r["fd_std"] >= 0 for r in res["table4"])
     solvers = {(r["teacher"], r["solver"], r["nfe"]) for r in res["solvers"]}
-    assert ("vp", "dpmsolver++", 4) in solvers and ("flow", "heun", 2) in solvers and ("vp", "unipc", 2) in solvers
-    assert {(r["steps"], r["guidance"]) for r in res["cfg_sweep"]} == {(2, 1.0), (2, 3.0), (4, 1.0), (4, 3.0)}
+    assert ("vp", "dpmsolver++", 4) in solvers and ("flow", "heun", 4) in solvers and ("vp", "unipc", 1) in solvers
+    assert {(r["steps"], r["guidance"]) for r in res["cfg_sweep"]} == {(1, 1.0), (1, 3.0), (4, 1.0), (4, 3.0)}
     students = {(r["method"], r["steps"], r["seed"]): r for r in res["students"]}
     # equal budget; global pairs cost the whole trajectory's teacher steps, progressive ones less than PeRFlow's
     assert {r["optimizer_steps"] for r in res["students"]} == {8}
     assert students[("2-rectified-flow", 4, 0)]["teacher_nfe_per_pair"] == 8.0
     assert students[("perflow", 4, 0)]["teacher_nfe_per_pair"] == 2.0
     assert students[("proreflow", 4, 0)]["teacher_nfe_per_pair"] < 2.0
-    assert ("perflow", 2, 1) not in students and ("proreflow", 4, 1) in students  # extra seeds: table rows only
+    assert ("perflow", 1, 1) not in students and ("proreflow", 4, 1) in students  # extra seeds: table rows only
+    # ProReflow-III: a one-step student from 8 -> 4 -> 2 -> 1 windows; windows that do not divide k are skipped
+    assert students[("proreflow", 1, 0)]["windows"] == [8, 4, 2, 1]
+    assert ("proreflow-II-mixture", 1, 0) not in students
+    two = students[("proreflow-II-mixture", 4, 0)]  # 2 windows sampled at 4 steps (two per window)
+    assert two["windows"] == [8, 4, 2] and two["time_sampling"] == "mixture-0.5"
+    assert students[("proreflow", 4, 0)]["time_sampling"] == "start"
+    assert students[("2-rectified-flow", 4, 0)]["time_sampling"] == "uniform"
+    # pairs of stage 2 from stage 1's student: half the pairs cost the teacher 1 step, none cost it 2
+    prev = students[("proreflow-prev-stage", 4, 0)]
+    assert prev["pair_source"] == "previous_stage" and prev["teacher_nfe_per_pair"] == 0.5
+    assert prev["student_nfe_per_pair"] == 1.0 and students[("proreflow", 4, 0)]["teacher_nfe_per_pair"] == 1.5
     # real training images are far closer to the held-out ones than any 8-step-trained model
     assert res["real"]["fd_train_images"] < min(r["fd"] for r in res["students"])
     assert ("vp", "ddim", 4) in solvers and not any(r[0] == "flow" and r[1] == "ddim" for r in solvers)

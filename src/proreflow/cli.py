@@ -1,4 +1,4 @@
-"""The `proreflow` command. Errors of ours print one line and exit with status 2 (DESIGN §5)."""
+"""The `proreflow` command. Errors of ours print one line and exit with status 2 (docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -54,11 +54,14 @@ def demo(
     dataset: Optional[str] = typer.Option(None, help="Built-in 2-D set: gmm (exact teacher, default), moons, "
                                                      "checkerboard, 8gaussians, spirals, circles."),
     data: Optional[Path] = typer.Option(None, help="Your own points: a .npy array of shape N x D, D >= 2."),
-    steps: str = typer.Option("2,4", help="Comma-separated sampling step counts of the students."),
+    steps: str = typer.Option("1,2,4", help="Comma-separated sampling step counts of the students."),
     out: Path = typer.Option(Path("demo-out"), help="Output folder for results.json, results.md and plots."),
     seed: int = typer.Option(0, help="Seed for data, initialisation, training and evaluation."),
     config: Optional[Path] = typer.Option(None, help="A toy preset YAML (default: the packaged configs/toy.yaml)."),
     budget: Optional[int] = typer.Option(None, help="Override optimizer steps per method (all stages)."),
+    time_sampling: Optional[str] = typer.Option(None, help="Where students train on each chord: uniform, start, "
+                                                "mixture or mixture:P (P of the batch at window starts); the "
+                                                "preset's default for methods that name none."),
     base_steps: Optional[int] = typer.Option(None, help="Override flow-matching steps of the shared init."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
@@ -67,7 +70,7 @@ def demo(
 
     try:
         ks = parse_steps(steps)
-        cfg = _load(config, budget, base_steps)
+        cfg = _load(config, budget, base_steps, time_sampling)
         if out.exists() and not out.is_dir():
             raise ProReflowError(f"--out {str(out)!r} exists and is not a folder")
         rows = run_demo(cfg, ks, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
@@ -89,6 +92,9 @@ def train(
     seed: int = typer.Option(0, help="Seed for data, initialisation and training."),
     config: Optional[Path] = typer.Option(None, help="A toy preset YAML (default: the packaged configs/toy.yaml)."),
     budget: Optional[int] = typer.Option(None, help="Override optimizer steps (all stages)."),
+    time_sampling: Optional[str] = typer.Option(None, help="Where students train on each chord: uniform, start, "
+                                                "mixture or mixture:P (P of the batch at window starts); the "
+                                                "preset's default for methods that name none."),
     base_steps: Optional[int] = typer.Option(None, help="Override flow-matching steps of the shared init."),
     checkpoint_every: int = typer.Option(200, help="Checkpoint every N optimizer steps."),
     keep: int = typer.Option(2, help="Keep the last N checkpoints of each stage."),
@@ -104,7 +110,7 @@ def train(
         resume_latest = _resume_latest(resume)
         if cached_pairs < 0:
             raise ProReflowError(f"--cached-pairs must be >= 0, got {cached_pairs}")
-        cfg = _load(config, budget, base_steps)
+        cfg = _load(config, budget, base_steps, time_sampling)
         row = train_single(cfg, method, steps, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
                            every=checkpoint_every, keep=keep, resume=resume_latest, progress=not quiet,
                            cached_pairs=cached_pairs)
@@ -127,6 +133,8 @@ def distill(
     model: Optional[str] = typer.Option(None, help="Teacher: a diffusers folder or hub id (overrides the preset)."),
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (0: full fine-tuning)."),
     budget: Optional[int] = typer.Option(None, help="Optimizer steps over all stages."),
+    time_sampling: Optional[str] = typer.Option(None, help="Where students train on each chord: uniform, start, "
+                                                "mixture or mixture:P (P of the batch at window starts); the preset's."),
     resolution: Optional[int] = typer.Option(None, help="Training resolution in pixels."),
     seed: int = typer.Option(0, help="Seed for data order, caption dropout and training."),
     checkpoint_every: int = typer.Option(500, help="Checkpoint every N optimizer steps (in OUT/checkpoints)."),
@@ -146,7 +154,11 @@ def distill(
 
     try:
         resume_latest = _resume_latest(resume)
-        cfg = load_distill_config(preset, model=model, lora_rank=lora_rank, budget_steps=budget, resolution=resolution)
+        from proreflow.time_sampling import TimeSampling
+
+        rule = TimeSampling.parse(time_sampling) if time_sampling is not None else None
+        cfg = load_distill_config(preset, model=model, lora_rank=lora_rank, budget_steps=budget, resolution=resolution,
+                                  time_sampling=rule)
         cfg = replace(cfg, train=replace(cfg.train, seed=seed, progress=not quiet))
         ckpt = CheckpointConfig(out / "checkpoints", checkpoint_every, 2, resume_latest)
         if not ckpt.resume and (out / "model_index.json").exists():
@@ -358,12 +370,14 @@ def _settings(pairs: Optional[list[str]]) -> Optional[dict]:
     return out
 
 
-def _load(config: Optional[Path], budget: Optional[int], base_steps: Optional[int]):
+def _load(config: Optional[Path], budget: Optional[int], base_steps: Optional[int], time_sampling: Optional[str] = None):
     from dataclasses import replace
 
     from proreflow.demo import load_config
+    from proreflow.time_sampling import TimeSampling
 
-    cfg = load_config(config, budget_steps=budget)
+    rule = TimeSampling.parse(time_sampling) if time_sampling is not None else None
+    cfg = load_config(config, budget_steps=budget, time_sampling=rule)
     return replace(cfg, base=replace(cfg.base, steps=base_steps)) if base_steps is not None else cfg
 
 

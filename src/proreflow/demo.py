@@ -2,7 +2,7 @@
 
 Default teacher: an exact Gaussian mixture (closed-form velocity). With a dataset (built-in
 name or a user .npy), the teacher is an MLP trained here by flow matching on that data.
-All methods start from one shared network (DESIGN §2), get the same optimizer steps, batch
+All methods start from one shared network (docs/design.md §2), get the same optimizer steps, batch
 size and teacher evaluations per pair, and are sampled and scored by the same code.
 """
 
@@ -32,6 +32,7 @@ from proreflow.sampling import sample
 from proreflow.solvers import VelocityField
 from proreflow.teachers.flow import NetworkTeacher
 from proreflow.teachers.gmm import GaussianMixture
+from proreflow.time_sampling import TimeSampling
 from proreflow.training import PlanResult, TrainConfig, fit, flow_matching_batches, PairCacheConfig, process_state, stop_on_sigterm, train_plan
 from proreflow.windows import WindowSchedule
 
@@ -77,7 +78,7 @@ class ToyConfig:
     base: BaseConfig = field(default_factory=BaseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     budget_steps: int = 1500
-    window_margin: float = 0.1
+    time_sampling: TimeSampling = field(default_factory=TimeSampling)  # methods may name their own
     teacher_solver: TeacherSolver = field(default_factory=TeacherSolver)
     eval: EvalConfig = field(default_factory=EvalConfig)
     methods: list[MethodSpec] = field(default_factory=list)
@@ -85,8 +86,6 @@ class ToyConfig:
     def __post_init__(self) -> None:
         if not self.methods:
             raise ProReflowError("the config lists no methods")
-        if not 0.0 <= self.window_margin < 1.0:
-            raise ProReflowError(f"window_margin must be in [0, 1), got {self.window_margin}")
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ProReflowError(f"method names must be unique, got {names}")
@@ -101,7 +100,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ToyConfig:
     data = load_yaml(DEFAULT_CONFIG)
     if path is not None:
         data = merge(data, load_yaml(path))
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data = merge(data, {k: v for k, v in overrides.items() if v is not None})
     return from_dict(ToyConfig, data, where=str(path or "toy config"))
 
 
@@ -197,24 +196,25 @@ class Comparison:
     def field_for(self, m: MethodSpec, k: int) -> tuple[VelocityField, WindowSchedule, dict]:
         """The velocity field a method samples with at k steps, its windows, and its training cost."""
         if not m.train:
-            return self.setup.teacher, WindowSchedule.uniform(k), {"teacher_nfe_per_pair": 0.0, "optimizer_steps": 0,
+            return self.setup.teacher, WindowSchedule.uniform(k), {"teacher_nfe_per_pair": 0.0,
+                                                                    "student_nfe_per_pair": 0.0, "optimizer_steps": 0,
                                                                     "train_seconds": 0.0}
         plan = m.plan(k, self.cfg.budget_steps)
-        key = m.plan_key(k)
+        key = m.plan_key(k, self.cfg.time_sampling)
         if key not in self._trained:
             started = time.perf_counter()
             res = train_plan(self.setup.base, self.setup.teacher, _data_fn(self.setup.data.train), plan, self.solver,
                              self.cfg.train, m.lam, desc=f"{m.name} k={k}",
-                             margin=self.cfg.window_margin)
+                             sampling=m.sampling(self.cfg.time_sampling), pair_source=m.pair_source)
             self._trained[key] = (res.student, res, time.perf_counter() - started)
         student, res, seconds = self._trained[key]
-        cost = {"teacher_nfe_per_pair": res.nfe_per_pair, "optimizer_steps": res.optimizer_steps,
-                "train_seconds": round(seconds, 2)}
+        cost = {"teacher_nfe_per_pair": res.nfe_per_pair, "student_nfe_per_pair": res.student_nfe_per_pair,
+                "optimizer_steps": res.optimizer_steps, "train_seconds": round(seconds, 2)}
         return _as_field(student), plan.final, cost
 
     def add_trained(self, m: MethodSpec, k: int, res: PlanResult, seconds: float) -> None:
         """Score a student trained elsewhere (e.g. a checkpointed `proreflow train` run)."""
-        self._trained[m.plan_key(k)] = (res.student, res, seconds)
+        self._trained[m.plan_key(k, self.cfg.time_sampling)] = (res.student, res, seconds)
 
     def score(self, m: MethodSpec, k: int) -> tuple[dict, Tensor, tuple]:
         """One results row for method m at k steps, its samples, and (field, schedule, steps per window)."""
@@ -231,6 +231,8 @@ class Comparison:
             **cost,
             "windows": m.window_counts(k) if m.train else None,
             "lam": m.lam if m.train else None,
+            "time_sampling": m.sampling(self.cfg.time_sampling).label() if m.train else None,
+            "pair_source": m.pair_source if m.train else None,
             "seed": self.seed,
         }
         return row, x, (field_, sched, per_window)
@@ -271,8 +273,8 @@ def run_demo(cfg: ToyConfig, steps: list[int], out: Path, seed: int = 0, dataset
     return rows
 
 
-COLUMNS = ["method", "steps", "fidelity_rmse", "distance_swd", "distance_energy", "straightness",
-           "teacher_nfe_per_pair", "optimizer_steps", "seed"]
+COLUMNS = ["method", "steps", "time_sampling", "fidelity_rmse", "distance_swd", "distance_energy", "straightness",
+           "teacher_nfe_per_pair", "student_nfe_per_pair", "optimizer_steps", "seed"]
 
 
 def results_markdown(rows: list[dict], teacher_name: str, cfg: ToyConfig) -> str:
@@ -294,7 +296,7 @@ def results_markdown(rows: list[dict], teacher_name: str, cfg: ToyConfig) -> str
         cells = []
         for c in COLUMNS:
             v = r[c]
-            text = f"{v:.4f}" if isinstance(v, float) else str(v)
+            text = f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
             if c == "fidelity_rmse" and v == best.get(r["steps"]):
                 text = f"**{text}**"
             cells.append(text)
@@ -351,7 +353,8 @@ def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, 
         setup = prepare(cfg, dataset, data_file, seed, ckpt)
         started = time.perf_counter()
         res = train_plan(setup.base, setup.teacher, _data_fn(setup.data.train), plan, cfg.teacher_solver, cfg.train,
-                         spec.lam, desc=f"{spec.name} k={k}", margin=cfg.window_margin, checkpoints=ckpt,
+                         spec.lam, desc=f"{spec.name} k={k}", sampling=spec.sampling(cfg.time_sampling),
+                         pair_source=spec.pair_source, checkpoints=ckpt,
                          pair_cache=PairCacheConfig(out / "pairs", cached_pairs) if cached_pairs else None)
     cmp = Comparison(cfg, setup, seed)
     cmp.add_trained(spec, k, res, time.perf_counter() - started)
@@ -359,7 +362,9 @@ def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, 
     state = process_state()
     if state.is_main_process:  # every process holds the same student; one writes it
         atomic_save_tensors(res.student.state_dict(), out / "student.safetensors",
-                            metadata={"method": spec.name, "steps": str(k), "windows": json.dumps(plan.final.boundaries)})
+                            metadata={"method": spec.name, "steps": str(k), "windows": json.dumps(plan.final.boundaries),
+                                      "time_sampling": spec.sampling(cfg.time_sampling).label(),
+                                      "pair_source": spec.pair_source})
         atomic_write_text(out / "metrics.json", json.dumps(row, indent=2) + "\n")
     state.wait_for_everyone()
     return row

@@ -40,6 +40,7 @@ from proreflow.pairs import TeacherSolver
 from proreflow.sampling import sample
 from proreflow.teachers.flow import FlowVelocity, NetworkTeacher
 from proreflow.teachers.vp import VPSchedule, VPVelocity
+from proreflow.time_sampling import TimeSampling
 from proreflow.training import (PairCacheConfig, PlanResult, TrainConfig, check_stop, fit, flow_matching_batches,
                                 train_plan)
 from proreflow.windows import WindowSchedule
@@ -47,7 +48,8 @@ from proreflow.windows import WindowSchedule
 TEACHER_KINDS = ("vp", "flow")
 #: paper table 4 row label of each ablation method of the preset
 ABLATION_LABELS = {"perflow": "w/o both (PeRFlow)", "proreflow-no-aligned": "w/o aligned",
-                   "proreflow-no-progressive": "w/o progressive", "proreflow": "full"}
+                   "proreflow-no-progressive": "w/o progressive", "proreflow": "full",
+                   "perflow-uniform": "w/o both, uniform t (old rule)", "proreflow-uniform": "full, uniform t (old rule)"}
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class DigitsConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     budget_steps: int = 300
-    window_margin: float = 0.0
+    time_sampling: TimeSampling = field(default_factory=TimeSampling)  # methods may name their own
     teacher_solver: TeacherSolver = field(default_factory=TeacherSolver)
     pair_shard_size: int = 2048
     steps: list[int] = field(default_factory=lambda: [2, 4])
@@ -150,11 +152,21 @@ class DigitsConfig:
             (self.budget_steps >= 1 and self.teacher.steps >= 1, "budget_steps and teacher.steps must be >= 1"),
             (self.eval.samples >= 20 and self.sweep.samples >= 20 and self.analysis.samples >= 20,
              "eval/sweep/analysis samples must be >= 20 (FD needs a covariance)"),
-            (0.0 <= self.window_margin < 1.0, f"window_margin must be in [0, 1), got {self.window_margin}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ProReflowError(msg)
+        for m in self.methods:  # every plan resolves before anything is trained or written
+            if not m.train:
+                continue
+            runs = [k for k in self.steps if samples_at(m, k)]
+            if not runs:
+                raise ProReflowError(f"method {m.name!r} has {m.window_counts(self.steps[0])[-1]} final windows, "
+                                     f"which divide none of steps {self.steps}")
+            for k in runs:
+                m.plan(k, self.budget_steps)
+            if m.name in self.table_methods and self.table_steps not in runs:
+                raise ProReflowError(f"table method {m.name!r} cannot sample at table_steps {self.table_steps}")
 
 
 def load_digits_config(path: str | Path | None = None, **overrides: Any) -> DigitsConfig:
@@ -192,7 +204,7 @@ class DigitsBench:
         self.data: DigitsData = load_digits_images(d.size, d.test_fraction, d.split_seed)
         self.classifier = self._classifier()
         self.classifier_accuracy = accuracy(self.classifier, self.data.test_x, self.data.test_y)
-        # the reference is held-out data (DESIGN §4): FD to the training split would reward memorising it
+        # the reference is held-out data (docs/design.md §4): FD to the training split would reward memorising it
         self.fd = FrechetDistance(FeatureExtractor(self.classifier), self.data.test_x)
         from diffusers import DDPMScheduler
 
@@ -347,17 +359,25 @@ def train_student(bench: DigitsBench, spec: MethodSpec, k: int, seed: int) -> St
     teacher = bench.teachers[kind]
     plan = spec.plan(k, cfg.budget_steps)
     train = replace(cfg.train, seed=seed, progress=bench.progress)
-    common = (bench.teacher_key(kind), asdict(cfg.teacher_solver), cfg.window_margin,
-              asdict(replace(train, progress=True)), seed,
+    sampling = spec.sampling(cfg.time_sampling)
+    common = (bench.teacher_key(kind), asdict(cfg.teacher_solver), asdict(replace(train, progress=True)), seed,
               [(s.schedule.boundaries, s.steps) for s in plan.stages], cfg.label_dropout)
-    pairs_dir = bench.cache / "pairs" / _key(*common)  # shared by plans that differ only in lam
-    ckpt = CheckpointConfig(bench.cache / "students" / f"{spec.name}-k{k}-s{seed}-{_key(*common, spec.lam)}",
-                            every=100, resume=True)
+    # pairs are shared by plans that differ only in lam or time sampling (a pair cache's manifest also
+    # names the weights that made it, so previous-stage pairs are rebuilt whenever the student differs)
+    pairs_dir = bench.cache / "pairs" / _key(*common, spec.pair_source if spec.pair_source != "teacher" else None)
+    ckpt = CheckpointConfig(bench.cache / "students" / f"{spec.name}-k{k}-s{seed}-"
+                            f"{_key(*common, spec.lam, asdict(sampling), spec.pair_source)}", every=100, resume=True)
     started = time.perf_counter()
     res = train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), plan, cfg.teacher_solver, train, spec.lam,
-                     desc=f"{spec.name} k={k} seed={seed}", margin=cfg.window_margin, checkpoints=ckpt,
-                     pair_cache=PairCacheConfig(pairs_dir, None, cfg.pair_shard_size))
+                     desc=f"{spec.name} k={k} seed={seed}", sampling=sampling, pair_source=spec.pair_source,
+                     checkpoints=ckpt, pair_cache=PairCacheConfig(pairs_dir, None, cfg.pair_shard_size))
     return StudentRun(spec, k, seed, res, time.perf_counter() - started)
+
+
+def samples_at(m: MethodSpec, k: int) -> bool:
+    """Whether method m makes a k-step student: its final windows must divide k (a 2-window student
+    samples at 2 or 4 steps, not at 1); methods whose windows follow k ("k", "8->k") run at every k."""
+    return k % m.window_counts(k)[-1] == 0
 
 
 def _student_row(bench: DigitsBench, run: StudentRun) -> dict:
@@ -366,7 +386,9 @@ def _student_row(bench: DigitsBench, run: StudentRun) -> dict:
     out = bench.generate(run.result.student, final, run.k // final.num_windows, guidance=cfg.eval.guidance)
     return {"method": run.method.name, "steps": run.k, "seed": run.seed,
             "windows": [s.schedule.num_windows for s in run.method.plan(run.k, cfg.budget_steps).stages],
-            "lam": run.method.lam, "teacher_nfe_per_pair": round(run.result.nfe_per_pair, 3),
+            "lam": run.method.lam, "time_sampling": run.method.sampling(cfg.time_sampling).label(),
+            "pair_source": run.method.pair_source, "teacher_nfe_per_pair": round(run.result.nfe_per_pair, 3),
+            "student_nfe_per_pair": round(run.result.student_nfe_per_pair, 3),
             "optimizer_steps": run.result.optimizer_steps, "train_seconds": round(run.seconds, 1),
             **bench.score(out, bench.reference(cfg.teacher.distill, cfg.eval.guidance))}
 
@@ -394,11 +416,11 @@ def run_digits(cfg: DigitsConfig, out: Path, progress: bool = True, analyses: bo
     every_k = set(cfg.steps_methods if cfg.steps_methods is not None else [m.name for m in cfg.methods])
     table = set(cfg.table_methods)
     jobs = [(m, k, s) for s in cfg.seeds for k in cfg.steps for m in cfg.methods
-            if m.train and ((s == cfg.seeds[0] and (m.name in every_k or k == cfg.table_steps))
+            if m.train and samples_at(m, k) and ((s == cfg.seeds[0] and (m.name in every_k or k == cfg.table_steps))
                             or (k == cfg.table_steps and m.name in table))]
     for i, (m, k, s) in enumerate(jobs):
         check_stop(f"before student {i + 1}/{len(jobs)}")
-        key = (m.plan_key(k), s)
+        key = (m.plan_key(k, cfg.time_sampling), s)
         if key not in trained:
             log(f"student {i + 1}/{len(jobs)}: {m.name}, {k} steps, seed {s}")
             trained[key] = train_student(bench, m, k, s)
@@ -553,13 +575,16 @@ def results_markdown(res: dict) -> str:
                      f"{_f(r['fidelity_std'], 4)} |")
     lines += ["", f"## Students (seed {cfg['seeds'][0]}), {cfg['teacher']['distill']} teacher, "
                   f"{cfg['budget_steps']} optimizer steps each", "",
-              "| method | steps | windows per stage | λ | teacher NFE/pair | FD | class acc. | fidelity RMSE | train s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| method | steps | windows per stage | λ | time sampling | pairs from | teacher NFE/pair | "
+              "student NFE/pair | FD | class acc. | fidelity RMSE | train s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["students"]:
         if r["seed"] == cfg["seeds"][0]:
             lines.append(f"| {r['method']} | {r['steps']} | {'→'.join(map(str, r['windows']))} | {r['lam']} | "
-                         f"{_f(r['teacher_nfe_per_pair'], 1)} | {_f(r['fd'])} | {_f(r['class_accuracy'], 3)} | "
-                         f"{_f(r['fidelity_rmse'], 4)} | {_f(r['train_seconds'], 0)} |")
+                         f"{r.get('time_sampling', '–')} | {r.get('pair_source', 'teacher')} | "
+                         f"{_f(r['teacher_nfe_per_pair'], 1)} | {_f(r.get('student_nfe_per_pair', 0.0), 1)} | "
+                         f"{_f(r['fd'])} | {_f(r['class_accuracy'], 3)} | {_f(r['fidelity_rmse'], 4)} | "
+                         f"{_f(r['train_seconds'], 0)} |")
     lines += ["", "## ODE solvers on the teachers (same NFE as the students)", "",
               "| teacher | solver | NFE | FD | class acc. | fidelity RMSE |", "|---|---|---|---|---|---|"]
     for r in res["solvers"]:

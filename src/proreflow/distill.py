@@ -13,7 +13,7 @@ import copy
 import hashlib
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,6 +27,7 @@ from proreflow.errors import ProReflowError
 from proreflow.methods import MethodSpec
 from proreflow.pairs import ShardStore, TeacherSolver, flatten_cond, unflatten_cond
 from proreflow.teachers.vp import VPSchedule, VPVelocity
+from proreflow.time_sampling import TimeSampling
 from proreflow.training import TrainConfig, process_state, stop_on_sigterm, train_plan
 from proreflow.windows import ProgressivePlan
 
@@ -42,7 +43,7 @@ class DistillConfig:
     steps: int = 4
     method: MethodSpec = field(default_factory=lambda: MethodSpec("proreflow", windows="8->k", lam=1.0))
     budget_steps: int = 8000
-    window_margin: float = 0.0
+    time_sampling: TimeSampling = field(default_factory=TimeSampling)  # unless the method names its own
     teacher_solver: TeacherSolver = field(default_factory=lambda: TeacherSolver("euler", 8, "per_window"))
     teacher_guidance: float = 1.0
     caption_dropout: float = 0.1
@@ -59,7 +60,6 @@ class DistillConfig:
             (0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
             (self.lora_rank >= 0, f"lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}"),
             (self.teacher_guidance >= 1.0, f"teacher_guidance must be >= 1, got {self.teacher_guidance}"),
-            (0.0 <= self.window_margin < 1.0, f"window_margin must be in [0, 1), got {self.window_margin}"),
             (self.weights_dtype in ("float32", "float16", "bfloat16"),
              f"weights_dtype must be float32, float16 or bfloat16, got {self.weights_dtype!r}"),
         ]
@@ -380,6 +380,7 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
     from proreflow.diffusers_export import export_pipeline
 
     plan = cfg.method.plan(cfg.steps, cfg.budget_steps)
+    sampling = cfg.method.sampling(cfg.time_sampling)
     if data.prompt_only:
         check_prompt_only(plan)
     teacher, student = build_teacher_student(pipe, cfg)
@@ -387,12 +388,14 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
     data_fn = data.data_fn(cfg.caption_dropout, with_uncond=cfg.teacher_guidance != 1.0)
     with stop_on_sigterm():
         res = train_plan(student, teacher, data_fn, plan, cfg.teacher_solver, cfg.train, cfg.method.lam,
-                         desc=f"{cfg.method.name} k={cfg.steps}", margin=cfg.window_margin,
+                         desc=f"{cfg.method.name} k={cfg.steps}", sampling=sampling, pair_source=cfg.method.pair_source,
                          checkpoints=checkpoints, copy_model=False, on_step=on_step)
     unet = res.student.unet
     summary = {"method": cfg.method.name, "steps": cfg.steps, "windows": list(plan.final.boundaries),
                "stage_windows": [s.schedule.num_windows for s in plan.stages], "lam": cfg.method.lam,
+               "time_sampling": asdict(sampling), "pair_source": cfg.method.pair_source,
                "optimizer_steps": res.optimizer_steps, "teacher_nfe_per_pair": res.nfe_per_pair,
+               "student_nfe_per_pair": res.student_nfe_per_pair,
                "final_loss": res.stages[-1].losses[-1], "lora_rank": cfg.lora_rank}
     state = process_state()
     from accelerate.utils import gather_object
