@@ -83,6 +83,27 @@ def test_distill_lowers_the_loss_and_exports_a_loadable_student(tmp_path, teache
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
 
 
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_distill_with_previous_stage_pairs_and_mixture_sampling_records_its_recipe(tmp_path, teacher_dir, image_folder,
+                                                                                  lora_rank):
+    from proreflow.time_sampling import TimeSampling
+
+    method = MethodSpec("proreflow", windows="4->k", lam=1.0, pair_source="previous_stage")
+    cfg = _cfg(teacher_dir, lora_rank=lora_rank, method=method, budget_steps=8,
+               time_sampling=TimeSampling("mixture", 0.5))
+    pipe = load_pipeline(cfg.model)
+    summary = distill(cfg, pipe, encode_folder(pipe, image_folder, cfg.resolution), tmp_path / "student")
+    assert summary["pair_source"] == "previous_stage"
+    assert summary["time_sampling"] == {"rule": "mixture", "start_fraction": 0.5, "margin": 0.0}
+    # stage 1 (4 windows): 2 teacher Euler steps per pair; stage 2 (2 windows): 2 student steps per pair
+    assert summary["teacher_nfe_per_pair"] == pytest.approx(1.0) and summary["student_nfe_per_pair"] == pytest.approx(1.0)
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "student")
+    for steps in (2, 4):  # one and two steps per window
+        images = loaded(["a red cat"], num_inference_steps=steps, guidance_scale=1.0, height=16, width=16,
+                        output_type="np", generator=torch.Generator().manual_seed(0)).images
+        assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+
 def replace_lora(cfg, rank):
     from dataclasses import replace
 
