@@ -143,7 +143,7 @@ def sampling_rows(bench: Any, repeats: int) -> list[dict]:
     for k in cfg.steps:
         run = train_student(bench, spec, k, cfg.seeds[0])  # the cached student of `proreflow run`
         final = spec.plan(k, cfg.budget_steps).final
-        per = k // final.num_windows
+        per = final.steps_per_window(k)
         fd = bench.score(bench.generate(run.result.student, final, per))["fd"]
         match = teacher_steps_at(fd)
         t_student = median_time(lambda: bench.generate(run.result.student, final, per), repeats)

@@ -154,12 +154,13 @@ def toy(seeds: list[int], k: int, every: int) -> tuple[dict, str]:
 
             def score(model: torch.nn.Module, final=final) -> float:
                 with torch.no_grad():
-                    x = sample(lambda x, t, c=None: model(x, t, c), cmp.noise, final, k // final.num_windows)
+                    x = sample(lambda x, t, c=None: model(x, t, c), cmp.noise, final, final.steps_per_window(k))
                 return fidelity_rmse(x, cmp.reference)
 
-            def train(plan, lam, on_step, seed, cfg=cfg, setup=setup):
+            def train(plan, lam, on_step, seed, cfg=cfg, setup=setup, spec=spec):
                 train_plan(setup.base, setup.teacher, _data_fn(setup.data.train), plan, cfg.teacher_solver,
-                           replace(cfg.train, seed=seed), lam, margin=cfg.window_margin, on_step=on_step)
+                           replace(cfg.train, seed=seed), lam, sampling=spec.sampling(cfg.time_sampling),
+                           pair_source=spec.pair_source, on_step=on_step)
 
             curves[name].append(curve(spec, k, cfg.budget_steps, every, seed, train, score, setup.base))
             print(f"toy seed {seed} {name}: final fidelity {curves[name][-1][-1]['score']:.4f}", flush=True)
@@ -183,13 +184,13 @@ def digits(seeds: list[int], k: int, every: int, out: Path, samples: int) -> tup
             final = spec.plan(k, cfg.budget_steps).final
 
             def score(model: torch.nn.Module, final=final) -> float:
-                imgs = bench.generate(model, final, k // final.num_windows, guidance=cfg.eval.guidance, n=samples)
+                imgs = bench.generate(model, final, final.steps_per_window(k), guidance=cfg.eval.guidance, n=samples)
                 return bench.score(imgs)["fd"]
 
-            def train(plan, lam, on_step, seed):
+            def train(plan, lam, on_step, seed, spec=spec):
                 train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), plan, cfg.teacher_solver,
-                           replace(cfg.train, seed=seed, progress=False), lam, margin=cfg.window_margin,
-                           on_step=on_step)
+                           replace(cfg.train, seed=seed, progress=False), lam, sampling=spec.sampling(cfg.time_sampling),
+                           pair_source=spec.pair_source, on_step=on_step)
 
             curves[name].append(curve(spec, k, cfg.budget_steps, every, seed, train, score, teacher))
             print(f"digits seed {seed} {name}: final FD {curves[name][-1][-1]['score']:.3f}", flush=True)

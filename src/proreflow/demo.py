@@ -219,7 +219,7 @@ class Comparison:
     def score(self, m: MethodSpec, k: int) -> tuple[dict, Tensor, tuple]:
         """One results row for method m at k steps, its samples, and (field, schedule, steps per window)."""
         field_, sched, cost = self.field_for(m, k)
-        per_window = k // sched.num_windows
+        per_window = sched.steps_per_window(k)
         x = sample(field_, self.noise, sched, per_window)
         row = {
             "method": m.name,

@@ -383,7 +383,7 @@ def samples_at(m: MethodSpec, k: int) -> bool:
 def _student_row(bench: DigitsBench, run: StudentRun) -> dict:
     cfg = bench.cfg
     final = run.method.plan(run.k, cfg.budget_steps).final
-    out = bench.generate(run.result.student, final, run.k // final.num_windows, guidance=cfg.eval.guidance)
+    out = bench.generate(run.result.student, final, final.steps_per_window(run.k), guidance=cfg.eval.guidance)
     return {"method": run.method.name, "steps": run.k, "seed": run.seed,
             "windows": [s.schedule.num_windows for s in run.method.plan(run.k, cfg.budget_steps).stages],
             "lam": run.method.lam, "time_sampling": run.method.sampling(cfg.time_sampling).label(),
@@ -470,7 +470,7 @@ def _cfg_sweep(bench: DigitsBench, students: dict[tuple[str, int, int], StudentR
             continue
         final = run.method.plan(k, cfg.budget_steps).final
         for g in cfg.sweep.scales:
-            out = bench.generate(run.result.student, final, k // final.num_windows, guidance=g, n=cfg.sweep.samples)
+            out = bench.generate(run.result.student, final, final.steps_per_window(k), guidance=g, n=cfg.sweep.samples)
             rows.append({"method": run.method.name, "steps": k, "guidance": g, **bench.score(out)})
     from proreflow.plotting import plot_guidance_sweep
 
@@ -537,7 +537,7 @@ def _plot_samples(bench: DigitsBench, students: dict[tuple[str, int, int], Stude
     for (name, k, s), run in students.items():
         if s == cfg.seeds[0]:
             final = run.method.plan(k, cfg.budget_steps).final
-            panels[f"{name}, {k} steps"] = bench.generate(run.result.student, final, k // final.num_windows, n=n)
+            panels[f"{name}, {k} steps"] = bench.generate(run.result.student, final, final.steps_per_window(k), n=n)
     plot_image_grid(panels, path)
 
 

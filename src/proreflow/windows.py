@@ -60,6 +60,14 @@ class WindowSchedule:
         """Window ends t_{i+1}, shape (K,)."""
         return torch.tensor(self.boundaries[1:], device=device, dtype=dtype)
 
+    def steps_per_window(self, steps: int) -> int:
+        """Euler steps per window when the whole schedule is sampled in `steps` steps (a multiple of K)."""
+        k = self.num_windows
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or steps % k:
+            raise ProReflowError(f"{steps!r} sampling steps cannot cross {k} windows: the step count must be a "
+                                 f"positive multiple of the student's {k} windows")
+        return steps // k
+
     def lengths(self) -> Tensor:
         return self.starts(dtype=torch.float64) - self.ends(dtype=torch.float64)
 
