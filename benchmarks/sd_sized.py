@@ -148,8 +148,8 @@ def train_row(arch: str, lora_rank: int, args: argparse.Namespace, device: torch
 
 
 def sampling_rows(arch: str, args: argparse.Namespace, device: torch.device, tmp: Path) -> list[dict]:
-    from proreflow import baselines
-    from proreflow.diffusers_export import scheduler_for
+    from proreflow.schedulers import make_scheduler
+    from proreflow.schedulers.proreflow import scheduler_for
     from proreflow.models.sd_shapes import build_pipeline
     from proreflow.windows import WindowSchedule
 
@@ -158,8 +158,8 @@ def sampling_rows(arch: str, args: argparse.Namespace, device: torch.device, tmp
     pipe = build_pipeline(arch, tmp / f"{arch}-sampling", device=device).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     teacher_sched = pipe.scheduler
-    runs = [("ProReflow student, windowed Euler", scheduler_for(teacher_sched, WindowSchedule.uniform(4)), 4, 4.0),
-            ("teacher, DDIM (trailing)", baselines.make_scheduler("ddim", teacher_sched.config), 25, 7.5)]
+    runs = [("ProReflow student, windowed Euler", scheduler_for(teacher_sched.config, WindowSchedule.uniform(4)), 4, 4.0),
+            ("teacher, DDIM (trailing)", make_scheduler("ddim", teacher_sched.config), 25, 7.5)]
     rows = []
     reset_peak(device)
     for name, sched, steps, guidance in runs:

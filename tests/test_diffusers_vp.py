@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from proreflow.diffusers_export import ProReflowScheduler, export_pipeline, scheduler_for
+from proreflow.diffusers_export import export_pipeline
+from proreflow.schedulers.proreflow import ProReflowScheduler, scheduler_for
 from proreflow.errors import ProReflowError
 from proreflow.sampling import sample
 from proreflow.teachers.vp import VPSchedule, VPVelocity, output_to_velocity, velocity_to_output
@@ -77,7 +78,7 @@ def test_scheduler_steps_equal_the_windowed_sampler_and_round_trip_config(tmp_pa
     torch.manual_seed(0)
     unet = tiny_unet().eval()
     windows = WindowSchedule((1.0, 0.6, 0.0))
-    sched = scheduler_for(_ddim(), windows)
+    sched = scheduler_for(_ddim().config, windows)
     sched.save_pretrained(tmp_path)
     sched = ProReflowScheduler.from_pretrained(tmp_path)
     assert sched.windows == windows and sched.config.prediction_type == "epsilon"

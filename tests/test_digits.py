@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from proreflow.analysis import perturb, perturbed_field, velocity_discrepancy
-from proreflow.baselines import make_scheduler, scheduler_sample
+from proreflow.baselines import scheduler_sample
+from proreflow.schedulers import make_scheduler
 from proreflow.cli import app
 from proreflow.data.digits import NULL_CLASS, class_cond, label_dropout, load_digits_images
 from proreflow.errors import ProReflowError

@@ -175,7 +175,8 @@ def test_exported_scheduler_config_states_the_students_window_count(tmp_path):
     """Regression: a 2-window student's scheduler_config.json said num_windows: 4 (the unused default)."""
     import json
 
-    from proreflow.diffusers_export import ProReflowScheduler, export_pipeline
+    from proreflow.diffusers_export import export_pipeline
+    from proreflow.schedulers.proreflow import ProReflowScheduler
     from proreflow.windows import WindowSchedule
 
     pipe = tiny_pipeline(tmp_path / "parts")

@@ -18,7 +18,7 @@ from proreflow.data.coco import load_caption_set, load_coco_captions
 from proreflow.diffusers_export import export_pipeline
 from proreflow.errors import ProReflowError
 from proreflow.evaluate import (SCHEDULERS, EvalConfig, RunSpec, evaluate, generate_images, image_name,
-                                load_eval_pipeline, load_suite, make_scheduler, pipeline_generate_fn)
+                                load_eval_pipeline, load_suite, pipeline_generate_fn, run_scheduler)
 from proreflow.windows import WindowSchedule
 from tiny_sd import tiny_pipeline, tiny_tokenizer
 
@@ -211,7 +211,7 @@ def test_schedulers_by_name(assets):
     assert pipe.scheduler.config.beta_schedule == "scaled_linear"  # built from the pipeline's own config
     for name, cls in [("ddim", "DDIMScheduler"), ("unipc", "UniPCMultistepScheduler"),
                       ("euler", "EulerDiscreteScheduler"), ("proreflow", "ProReflowScheduler")]:
-        assert type(make_scheduler(name, pipe.scheduler, 2)).__name__ == cls
+        assert type(run_scheduler(name, pipe.scheduler, 2)).__name__ == cls
     with pytest.raises(ProReflowError, match="unknown scheduler 'heun'"):
         RunSpec("t", "m", scheduler="heun")
 
@@ -235,13 +235,13 @@ def test_every_named_scheduler_builds_from_sd_configs_and_starts_at_pure_noise(b
     from SDXL's Euler config clipped latents (clip_sample defaulted to True), and the SD configs' 'leading'
     spacing started 4-step baselines at timestep 751 (SD1.5 DDIM; all solvers on SDXL) instead of 999."""
     current = _sd_scheduler_configs()[base]
-    sched = make_scheduler(name, current, 4)
+    sched = run_scheduler(name, current, 4)
     sched.set_timesteps(4)
     assert len(sched.timesteps) == 4 and float(sched.timesteps[0]) == pytest.approx(999, abs=0.5)
     if name == "ddim":
         assert sched.config.clip_sample is False
     if name == "ddim":  # the pipeline's own spacing on request
-        own = make_scheduler(name, current, 4, timestep_spacing=None)
+        own = run_scheduler(name, current, 4, timestep_spacing=None)
         own.set_timesteps(4)
         assert own.timesteps.tolist() == [751, 501, 251, 1]
     with pytest.raises(ProReflowError, match="timestep_spacing must be"):
@@ -253,7 +253,7 @@ def test_scheduler_that_cannot_be_built_is_a_named_error():
 
     odd = SimpleNamespace(config={"beta_schedule": "cosine-ish", "num_train_timesteps": 1000})
     with pytest.raises(ProReflowError, match="cannot build the 'dpmsolver' scheduler .* cosine-ish"):
-        make_scheduler("dpmsolver", odd, 4)
+        run_scheduler("dpmsolver", odd, 4)
 
 
 def test_generation_resumes_and_regenerates_half_written_images(assets, tmp_path):

@@ -10,8 +10,10 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from proreflow.errors import ProReflowError
-from proreflow.evaluate import EvalConfig, RunSpec, evaluate, load_eval_pipeline, make_scheduler
-from proreflow.published import PiecewiseFlowScheduler, RectifiedFlowScheduler, merge_unet_delta, perflow_scheduler
+from proreflow.evaluate import EvalConfig, RunSpec, evaluate, load_eval_pipeline, run_scheduler
+from proreflow.published import merge_unet_delta
+from proreflow.schedulers.perflow import PiecewiseFlowScheduler, perflow_scheduler
+from proreflow.schedulers.rectified_flow import RectifiedFlowScheduler
 from tiny_sd import tiny_pipeline, tiny_sdxl_pipeline, tiny_unet
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -111,14 +113,14 @@ def test_perflow_velocity_is_plain_euler_in_tau():
 
 def test_perflow_scheduler_reads_a_pipelines_betas_and_round_trips(tmp_path):
     pipe = tiny_pipeline(tmp_path / "p")
-    s = make_scheduler("perflow-ddim-eps", pipe.scheduler, 4)
+    s = run_scheduler("perflow-ddim-eps", pipe.scheduler, 4)
     assert isinstance(s, PiecewiseFlowScheduler) and s.config.prediction_type == "ddim_eps"
     assert torch.allclose(s.alphas_cumprod.float(), pipe.scheduler.alphas_cumprod)
     s.save_pretrained(tmp_path / "sched")
     back = PiecewiseFlowScheduler.from_pretrained(tmp_path / "sched")
     assert back.config.prediction_type == "ddim_eps" and back.config.num_windows == 4
-    assert make_scheduler("perflow", pipe.scheduler, 4).config.prediction_type == "diff_eps"
-    assert isinstance(make_scheduler("rectified-flow", pipe.scheduler, 1), RectifiedFlowScheduler)
+    assert run_scheduler("perflow", pipe.scheduler, 4).config.prediction_type == "diff_eps"
+    assert isinstance(run_scheduler("rectified-flow", pipe.scheduler, 1), RectifiedFlowScheduler)
 
 
 # ----------------------------------------------------------------------------- InstaFlow / 2-RF
@@ -196,7 +198,7 @@ def test_stock_pipeline_with_perflow_scheduler_is_the_window_ddim_loop(tmp_path)
 @torch.no_grad()
 def test_sdxl_pipeline_samples_with_the_perflow_scheduler(tmp_path):
     pipe = tiny_sdxl_pipeline(tmp_path / "x")
-    pipe.scheduler = make_scheduler("perflow-ddim-eps", pipe.scheduler, 4)
+    pipe.scheduler = run_scheduler("perflow-ddim-eps", pipe.scheduler, 4)
     pipe.set_progress_bar_config(disable=True)
     img = pipe(["a red cat"], num_inference_steps=6, guidance_scale=2.0, height=64, width=64,
                generator=torch.Generator().manual_seed(0), output_type="np").images
@@ -348,7 +350,7 @@ def test_scheduler_overrides_must_name_settings_of_the_scheduler(tmp_path):
     plain DDIM under the student's name: unknown keys stop the run when the suite row is read."""
     from typer.testing import CliRunner
 
-    from proreflow import baselines
+    from proreflow import schedulers
     from proreflow.cli import app
 
     with pytest.raises(ProReflowError, match=r"unknown setting 'beta_shedule' of the 'ddim' scheduler \(DDIMScheduler\)"
@@ -359,7 +361,7 @@ def test_scheduler_overrides_must_name_settings_of_the_scheduler(tmp_path):
     assert RunSpec("rd", "m", scheduler="ddim", scheduler_overrides={"beta_schedule": "linear"}).scheduler_overrides
     config = tiny_pipeline(tmp_path / "p").scheduler.config
     with pytest.raises(ProReflowError, match="unknown setting 'set_alpha_to_1' of the 'ddim' scheduler"):
-        baselines.make_scheduler("ddim", config, overrides={"set_alpha_to_1": False})
+        schedulers.make_scheduler("ddim", config, overrides={"set_alpha_to_1": False})
     (tmp_path / "p.txt").write_text("a red cat\n")
     r = CliRunner().invoke(app, ["evaluate", "--model", "m", "--captions", "prompts", "--prompts", str(tmp_path / "p.txt"),
                                  "--no-fid", "--no-clip", "--quiet", "--out", str(tmp_path / "o"), "--scheduler", "ddim",

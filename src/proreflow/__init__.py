@@ -1,8 +1,9 @@
 """proreflow: few-step students from diffusion/flow teachers by progressive reflow
 with aligned v-prediction (Ke et al., "ProReflow", arXiv 2503.04824).
 
-The algorithm modules (`conventions`, `windows`, `losses`, `solvers`, `pairs`,
-`sampling`) depend only on torch; training, teachers, metrics and the CLI build on them.
+The algorithm modules (`conventions`, `windows`, `time_sampling`, `losses`, `solvers`, `pairs`,
+`sampling`, `methods`) depend only on torch; training, teachers, schedulers, metrics, the applications and
+the CLI build on them (docs/design.md §3).
 """
 
 from proreflow.errors import ProReflowError
@@ -15,7 +16,7 @@ def __getattr__(name: str):
     # Lazy, so the core never imports diffusers; diffusers' loaders find the scheduler of a saved
     # pipeline as `proreflow.ProReflowScheduler` (model_index.json names this package).
     if name == "ProReflowScheduler":
-        from proreflow.diffusers_export import ProReflowScheduler
+        from proreflow.schedulers.proreflow import ProReflowScheduler
 
         return ProReflowScheduler
     raise AttributeError(f"module 'proreflow' has no attribute {name!r}")

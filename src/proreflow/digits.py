@@ -315,7 +315,8 @@ class DigitsBench:
 
 def _solver_rows(bench: DigitsBench, kind: str) -> list[dict]:
     """The teacher at each student step count with each ODE solver, at equal NFE."""
-    from proreflow.baselines import make_scheduler, scheduler_sample
+    from proreflow.baselines import scheduler_sample
+    from proreflow.schedulers import make_scheduler
 
     cfg, teacher = bench.cfg, bench.teachers[kind]
     ref = bench.reference(kind, cfg.eval.guidance)

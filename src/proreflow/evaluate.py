@@ -25,22 +25,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from proreflow import baselines
+from proreflow import schedulers
 from proreflow.checkpoint import atomic_write_text
 from proreflow.config import from_dict, load_yaml, merge, resolve_preset
 from proreflow.data.coco import CAPTION_SETS, CaptionSet, load_caption_set
 from proreflow.errors import ProReflowError
 
 
-#: samplers of published students that diffusers lacks (`published`): name -> PeRFlow prediction type, or
-#: None for InstaFlow / 2-rectified flow
-PUBLISHED_SCHEDULERS: dict[str, str | None] = {"perflow": "diff_eps", "perflow-ddim-eps": "ddim_eps",
-                                               "perflow-velocity": "velocity", "rectified-flow": None}
-#: the window count of PeRFlow's released checkpoints (all of them: SD1.5, SD2.1, SDXL)
-PERFLOW_WINDOWS = 4
+PUBLISHED_SCHEDULERS, PERFLOW_WINDOWS, SPACED = schedulers.PUBLISHED, schedulers.PERFLOW_WINDOWS, schedulers.SPACED
 #: the scheduler names of `--scheduler`: diffusers' solvers, our windowed Euler, published students' samplers
-SCHEDULERS: tuple[str, ...] = (*baselines.SCHEDULERS, "proreflow", *PUBLISHED_SCHEDULERS)
-SPACED = baselines.SPACED
+SCHEDULERS = schedulers.NAMES
 
 
 @dataclass(frozen=True)
@@ -90,13 +84,13 @@ class RunSpec:
         if self.scheduler_overrides is not None and not isinstance(self.scheduler_overrides, dict):
             raise ProReflowError(f"run {self.name!r}: scheduler_overrides must be a mapping of scheduler settings, "
                                  f"e.g. {{beta_schedule: linear}}, got {self.scheduler_overrides!r}")
-        if self.scheduler_overrides is not None and self.scheduler not in baselines.SCHEDULERS:
+        if self.scheduler_overrides is not None and self.scheduler not in schedulers.SOLVERS:
             which = repr(self.scheduler) if self.scheduler else "the pipeline's own"
             raise ProReflowError(f"run {self.name!r}: scheduler_overrides apply to a named diffusers scheduler "
-                                 f"({', '.join(baselines.SCHEDULERS)}), not to {which}")
+                                 f"({', '.join(schedulers.SOLVERS)}), not to {which}")
         if self.scheduler_overrides:
             try:
-                baselines.check_overrides(self.scheduler, self.scheduler_overrides)
+                schedulers.check_overrides(self.scheduler, self.scheduler_overrides)
             except ProReflowError as exc:
                 raise ProReflowError(f"run {self.name!r}: {exc}") from None
         if self.delta_variant is not None and self.unet_delta is None:
@@ -231,32 +225,21 @@ def load_eval_pipeline(spec: RunSpec, dtype: str = "auto", device: torch.device 
             raise ProReflowError(f"cannot load the LoRA {spec.lora!r} of run {spec.name!r}: "
                                  f"{str(exc).splitlines()[0][:200]}") from None
     if spec.scheduler is not None:
-        pipe.scheduler = make_scheduler(spec.scheduler, pipe.scheduler, spec.steps, spec.timestep_spacing,
-                                        spec.scheduler_overrides)
+        pipe.scheduler = run_scheduler(spec.scheduler, pipe.scheduler, spec.steps, spec.timestep_spacing,
+                                       spec.scheduler_overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def make_scheduler(name: str, current: Any, steps: int, timestep_spacing: str | None = "trailing",
-                   overrides: dict[str, Any] | None = None) -> Any:
-    """Scheduler `name` for a pipeline whose scheduler is `current` (see `baselines.make_scheduler`);
-    "proreflow" is our windowed Euler over `steps` uniform windows (= DDIM for a VP teacher); the
-    PUBLISHED_SCHEDULERS sample PeRFlow's and InstaFlow's checkpoints (`published`)."""
-    if name in PUBLISHED_SCHEDULERS:
-        from proreflow.published import RectifiedFlowScheduler, perflow_scheduler
+def run_scheduler(name: str, current: Any, steps: int, timestep_spacing: str | None = "trailing",
+                  overrides: dict[str, Any] | None = None) -> Any:
+    """Scheduler `name` for a pipeline whose scheduler is `current` (`schedulers.make_scheduler` on its config);
+    an exported student's own ProReflowScheduler is kept for "proreflow" (it knows the student's windows)."""
+    from proreflow.schedulers.proreflow import ProReflowScheduler
 
-        kind = PUBLISHED_SCHEDULERS[name]
-        if kind is None:
-            return RectifiedFlowScheduler(num_train_timesteps=current.config.get("num_train_timesteps", 1000))
-        return perflow_scheduler(current.config, prediction_type=kind, num_windows=PERFLOW_WINDOWS)
-    if name == "proreflow":
-        from proreflow.diffusers_export import ProReflowScheduler, scheduler_for
-        from proreflow.windows import WindowSchedule
-
-        if isinstance(current, ProReflowScheduler):
-            return current
-        return scheduler_for(current, WindowSchedule.uniform(steps))
-    return baselines.make_scheduler(name, current.config, timestep_spacing, overrides=overrides)
+    if name == "proreflow" and isinstance(current, ProReflowScheduler):
+        return current
+    return schedulers.make_scheduler(name, current.config, steps, timestep_spacing, overrides=overrides)
 
 
 GenerateFn = Callable[[list[str], list[torch.Generator]], np.ndarray]
