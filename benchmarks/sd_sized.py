@@ -226,7 +226,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     import diffusers
 
-    from proreflow.checkpoint import atomic_write_text
+    from proreflow.store import atomic_write_text
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", nargs="+", choices=list(PRESETS), default=["sd15"])

@@ -151,3 +151,30 @@ def test_train_plans_stage_cache_passes_the_sigterm_check_to_the_build(tmp_path)
     with stop_on_sigterm(), pytest.raises(TrainingInterrupted, match="while caching the pairs of stage 2"):
         _stage_cache(PairCacheConfig(tmp_path, None, 100), 2, 250, teacher, data, SCHED, SOLVER, 7, False)
     assert data.calls == 1 and [p.name for p in (tmp_path / "stage-2").glob("shard-*")] == ["shard-00000.safetensors"]
+
+
+def test_shards_and_manifest_are_fsynced_before_they_are_renamed(tmp_path, monkeypatch):
+    """Regression: pair-cache shards and manifests were renamed into place without an fsync (checkpoints had one),
+    so a power cut could leave a renamed but empty shard. Now every file goes through store's atomic writes."""
+    import os
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    _build(tmp_path / "c", Data())
+    names = [os.path.basename(p) for p in synced]
+    assert names.count(".manifest.json.tmp") == 3  # once per shard (250 pairs in shards of 100)
+    assert sorted(n for n in names if n.startswith(".shard")) == [f".shard-0000{i}.safetensors.tmp" for i in range(3)]
+
+
+def test_module_digest_separates_frozen_and_trainable_weights():
+    from proreflow.store import module_digest
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    net[0].requires_grad_(False)
+    frozen, trainable = module_digest(net, "frozen"), module_digest(net, "trainable")
+    with torch.no_grad():
+        net[1].weight.add_(1.0)  # a trainable weight: the frozen digest (a teacher's identity) stays
+    assert module_digest(net, "frozen") == frozen and module_digest(net, "trainable") != trainable
+    net[1].running_mean.add_(1.0)  # buffers count as frozen
+    assert module_digest(net, "frozen") != frozen

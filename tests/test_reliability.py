@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from proreflow.checkpoint import CheckpointConfig, atomic_save_tensors, load_tensors
+from proreflow.checkpoint import CheckpointConfig, load_tensors
+from proreflow.store import atomic_save_tensors
 from proreflow.errors import ProReflowError
 
 BUDGET, BASE, EVERY = 60, 30, 3

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from proreflow.errors import ProReflowError
+from proreflow.store import atomic_save_tensors, atomic_write_text
 
 STEP_PREFIX = "step-"
 
@@ -51,23 +52,6 @@ class CheckpointConfig:
         return FitCheckpoints(self, fit_id)
 
 
-def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors file written to a temp name, fsynced and renamed over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
 def load_tensors(path: Path) -> dict[str, Tensor]:
     """Load a safetensors file, turning any corruption into one clear error."""
     if not path.is_file():
@@ -77,11 +61,6 @@ def load_tensors(path: Path) -> dict[str, Tensor]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ProReflowError(f"checkpoint file {str(path)!r} is corrupt or not safetensors ({exc}); "
                              f"delete it to fall back to an earlier checkpoint") from None
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def rng_state() -> dict[str, Any]:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from proreflow.checkpoint import CheckpointConfig, atomic_save_tensors, atomic_write_text
+from proreflow.checkpoint import CheckpointConfig
+from proreflow.store import atomic_save_tensors, atomic_write_text
 from proreflow.config import from_dict, load_yaml, merge
 from proreflow.data.toy import MIN_POINTS, PointData, builtin_points, load_points, split_points
 from proreflow.errors import ProReflowError

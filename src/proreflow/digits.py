@@ -15,7 +15,6 @@ killed run resumes and a rerun with a changed setting retrains only what that se
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import statistics
@@ -28,7 +27,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from proreflow.checkpoint import CheckpointConfig, atomic_save_tensors, atomic_write_text, load_tensors
+from proreflow.checkpoint import CheckpointConfig, load_tensors
+from proreflow.store import atomic_save_tensors, atomic_write_text, json_key
 from proreflow.config import PRESET_DIR, from_dict, load_yaml, merge, resolve_preset
 from proreflow.data.digits import NUM_CLASSES, DigitsData, class_cond, label_dropout, load_digits_images
 from proreflow.errors import ProReflowError
@@ -179,11 +179,6 @@ def load_digits_config(path: str | Path | None = None, **overrides: Any) -> Digi
     return from_dict(DigitsConfig, base, where=str(path or "digits config"))
 
 
-def _key(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 class _Log:
     def __init__(self, enabled: bool) -> None:
         self.enabled, self.start = enabled, time.perf_counter()
@@ -223,7 +218,7 @@ class DigitsBench:
 
     # -- cached components ---------------------------------------------------------------------
     def _classifier(self) -> DigitsClassifier:
-        path = self.cache / f"classifier-{_key(asdict(self.cfg.data), self.cfg.classifier_steps)}.safetensors"
+        path = self.cache / f"classifier-{json_key(asdict(self.cfg.data), self.cfg.classifier_steps)}.safetensors"
         net = DigitsClassifier(NUM_CLASSES)
         if path.is_file():
             net.load_state_dict(load_tensors(path))
@@ -245,7 +240,7 @@ class DigitsBench:
         c = self.cfg
         training = {k: v for k, v in asdict(c.teacher).items() if k not in ("kinds", "distill")}
         schedule = asdict(c.vp) if kind == "vp" else None  # the flow teacher has no noise schedule
-        return _key(kind, asdict(c.data), asdict(c.unet), schedule, c.label_dropout, training)
+        return json_key(kind, asdict(c.data), asdict(c.unet), schedule, c.label_dropout, training)
 
     def _teacher(self, kind: str) -> torch.nn.Module:
         c = self.cfg
@@ -365,9 +360,9 @@ def train_student(bench: DigitsBench, spec: MethodSpec, k: int, seed: int) -> St
               [(s.schedule.boundaries, s.steps) for s in plan.stages], cfg.label_dropout)
     # pairs are shared by plans that differ only in lam or time sampling (a pair cache's manifest also
     # names the weights that made it, so previous-stage pairs are rebuilt whenever the student differs)
-    pairs_dir = bench.cache / "pairs" / _key(*common, spec.pair_source if spec.pair_source != "teacher" else None)
+    pairs_dir = bench.cache / "pairs" / json_key(*common, spec.pair_source if spec.pair_source != "teacher" else None)
     ckpt = CheckpointConfig(bench.cache / "students" / f"{spec.name}-k{k}-s{seed}-"
-                            f"{_key(*common, spec.lam, asdict(sampling), spec.pair_source)}", every=100, resume=True)
+                            f"{json_key(*common, spec.lam, asdict(sampling), spec.pair_source)}", every=100, resume=True)
     started = time.perf_counter()
     res = train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), plan, cfg.teacher_solver, train, spec.lam,
                      desc=f"{spec.name} k={k} seed={seed}", sampling=sampling, pair_source=spec.pair_source,

@@ -20,12 +20,13 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from proreflow.checkpoint import CheckpointConfig, atomic_write_text
+from proreflow.checkpoint import CheckpointConfig
+from proreflow.store import ShardStore, atomic_write_text, module_digest
 from proreflow.config import from_dict, load_yaml, merge, resolve_preset
 from proreflow.data.captions import find_pairs, prepare_image
 from proreflow.errors import ProReflowError
 from proreflow.methods import MethodSpec
-from proreflow.pairs import ShardStore, TeacherSolver, flatten_cond, unflatten_cond
+from proreflow.pairs import TeacherSolver, flatten_cond, unflatten_cond
 from proreflow.teachers.vp import VPSchedule, VPVelocity
 from proreflow.time_sampling import TimeSampling
 from proreflow.training import TrainConfig, process_state, stop_on_sigterm, train_plan
@@ -326,12 +327,7 @@ def check_prompt_only(plan: ProgressivePlan) -> None:
 
 def param_digest(module: torch.nn.Module) -> str:
     """sha256 of the trainable parameters (names and bytes), to check that all processes agree."""
-    h = hashlib.sha256()
-    for name, p in sorted(module.named_parameters()):
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return module_digest(module, "trainable")
 
 
 class AdaptersOffVelocity(VPVelocity):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from proreflow import schedulers
-from proreflow.checkpoint import atomic_write_text
+from proreflow.store import atomic_write_text
 from proreflow.config import from_dict, load_yaml, merge, resolve_preset
 from proreflow.data.coco import CAPTION_SETS, CaptionSet, load_caption_set
 from proreflow.errors import ProReflowError

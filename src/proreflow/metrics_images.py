@@ -118,7 +118,7 @@ class FIDStats:
     n: int
 
     def save(self, path: str | Path) -> Path:
-        from proreflow.checkpoint import atomic_save_tensors
+        from proreflow.store import atomic_save_tensors
 
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)

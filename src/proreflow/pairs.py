@@ -7,21 +7,17 @@ is the chord velocity (x_a - x_b) / (t_a - t_b), constant inside the window.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from proreflow.conventions import chord_velocity, expand_time, interpolate
 from proreflow.errors import ProReflowError
 from proreflow.solvers import NFE_PER_STEP, VelocityField, check_solver, solve
+from proreflow.store import ShardStore, module_digest
 from proreflow.windows import WindowSchedule
 
 
@@ -200,92 +196,13 @@ def unflatten_cond(tensors: dict[str, Tensor], prefix: str = "cond") -> Any:
     return out or None
 
 
-class ShardStore:
-    """Tensors in safetensors shards under `root` with a checksummed manifest tied to a spec.
-
-    Shards and the manifest are written atomically (temp file + rename), the manifest after every
-    shard, so a crash loses at most the shard in flight; a shard whose sha256 does not match the
-    manifest, or a manifest written for another spec, is never used. Callers make each shard from
-    its own seed so that a missing or damaged shard is rebuilt bit for bit.
-    """
-
-    MANIFEST = "manifest.json"
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-
-    def _manifest(self) -> dict | None:
-        try:
-            return json.loads((self.root / self.MANIFEST).read_text())
-        except FileNotFoundError:
-            return None
-        except json.JSONDecodeError:
-            return None  # a manifest is only ever replaced atomically; unreadable means start over
-
-    def _write_manifest(self, manifest: dict) -> None:
-        tmp = self.root / f".{self.MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, self.root / self.MANIFEST)
-
-    def valid_shards(self, spec: dict) -> set[int]:
-        """Indices of shards present on disk whose bytes match the manifest's checksum."""
-        manifest = self._manifest()
-        if manifest is None or manifest.get("spec") != spec:
-            return set()
-        ok = set()
-        for idx, entry in manifest["shards"].items():
-            path = self.root / entry["file"]
-            if path.is_file() and _sha256(path) == entry["sha256"]:
-                ok.add(int(idx))
-        return ok
-
-    def build(self, spec: dict, n_shards: int, make: Callable[[int], tuple[dict[str, Tensor], dict]],
-              progress: bool = False, desc: str = "shards", after_each: Callable[[], None] | None = None) -> None:
-        """Make (with `make(i) -> (tensors, metadata)`) and write every shard not valid on disk.
-        `after_each()` runs once each shard is safely on disk; it may raise to stop the build there
-        (a SIGTERM between shards), and the next build resumes at the first missing shard."""
-        from tqdm.auto import tqdm
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        manifest = self._manifest()
-        if manifest is None or manifest.get("spec") != spec:
-            manifest = {"spec": spec, "shards": {}}
-        good = self.valid_shards(spec)
-        for i in tqdm([i for i in range(n_shards) if i not in good], desc=desc, disable=not progress, leave=False):
-            tensors, meta = make(i)
-            name = f"shard-{i:05d}.safetensors"
-            tmp = self.root / f".{name}.tmp"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-            os.replace(tmp, self.root / name)
-            manifest["shards"][str(i)] = {"file": name, "sha256": _sha256(self.root / name), **meta}
-            self._write_manifest(manifest)
-            if after_each is not None:
-                after_each()
-
-    def load(self, spec: dict, n_shards: int) -> tuple[list[dict[str, Tensor]], list[dict]]:
-        """Every shard's tensors and manifest entry, in order; an error if any is missing or damaged."""
-        manifest = self._manifest()
-        if manifest is None or len(self.valid_shards(spec) & set(range(n_shards))) != n_shards:
-            raise ProReflowError(f"cache {str(self.root)!r} is incomplete or damaged; rebuild it")
-        entries = [manifest["shards"][str(i)] for i in range(n_shards)]
-        return [load_file(str(self.root / e["file"])) for e in entries], entries
-
-
 def teacher_fingerprint(teacher: Any) -> str | None:
-    """sha256 of a teacher network's frozen weights (the field itself or its `.net`), so that a pair cache
-    made by other weights is never reused; None for fields without a network (analytic teachers).
-    Trainable parameters are left out: a LoRA student's adapters ride on its adapters-off teacher."""
+    """A digest of a teacher network's frozen weights (the field itself or its `.net`), so that a pair cache
+    made by other weights is never reused; None for fields without a network (analytic teachers)."""
     module = teacher if isinstance(teacher, torch.nn.Module) else getattr(teacher, "net", None)
     if not isinstance(module, torch.nn.Module):
         return None
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        if name in trainable:
-            continue
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
+    return module_digest(module, "frozen")[:16]
 
 
 class PairCache(ShardStore):
@@ -340,11 +257,3 @@ class CachedPairs:
     def batch(self, idx: Tensor) -> WindowPairs:
         p = self.pairs
         return WindowPairs(p.x_a[idx], p.x_b[idx], p.t_a[idx], p.t_b[idx], map_cond(p.cond, lambda c: c[idx]), 0)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

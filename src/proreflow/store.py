@@ -1,0 +1,138 @@
+"""Files that survive a crash, and the fingerprints that key caches.
+
+Every file is written atomically (temp file, fsync, rename), so a reader sees the old file or the new one,
+never a torn one. `ShardStore` keeps tensors in safetensors shards under a checksummed manifest (pair caches,
+distill's latent cache). `json_key` and `module_digest` name caches by what made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from proreflow.errors import ProReflowError
+
+
+def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written to a temp name, fsynced and renamed over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Text file written to a temp name, fsynced and renamed over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_key(*parts: Any, length: int = 12) -> str:
+    """A short name for settings (anything JSON can print): equal settings, equal key."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def module_digest(module: torch.nn.Module, which: Literal["frozen", "trainable"] = "frozen") -> str:
+    """sha256 of a network's tensors, names included. "frozen": every weight and buffer that does not require
+    grad (a teacher's identity: a LoRA student's adapters ride on its adapters-off teacher); "trainable": the
+    parameters being trained (to check that all processes agree)."""
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if (name in trainable) != (which == "trainable"):
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class ShardStore:
+    """Tensors in safetensors shards under `root` with a checksummed manifest tied to a spec.
+
+    Shards and the manifest are written atomically (temp file + rename), the manifest after every
+    shard, so a crash loses at most the shard in flight; a shard whose sha256 does not match the
+    manifest, or a manifest written for another spec, is never used. Callers make each shard from
+    its own seed so that a missing or damaged shard is rebuilt bit for bit.
+    """
+
+    MANIFEST = "manifest.json"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _manifest(self) -> dict | None:
+        try:
+            return json.loads((self.root / self.MANIFEST).read_text())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:
+            return None  # a manifest is only ever replaced atomically; unreadable means start over
+
+    def _write_manifest(self, manifest: dict) -> None:
+        atomic_write_text(self.root / self.MANIFEST, json.dumps(manifest, indent=1))
+
+    def valid_shards(self, spec: dict) -> set[int]:
+        """Indices of shards present on disk whose bytes match the manifest's checksum."""
+        manifest = self._manifest()
+        if manifest is None or manifest.get("spec") != spec:
+            return set()
+        ok = set()
+        for idx, entry in manifest["shards"].items():
+            path = self.root / entry["file"]
+            if path.is_file() and sha256_file(path) == entry["sha256"]:
+                ok.add(int(idx))
+        return ok
+
+    def build(self, spec: dict, n_shards: int, make: Callable[[int], tuple[dict[str, Tensor], dict]],
+              progress: bool = False, desc: str = "shards", after_each: Callable[[], None] | None = None) -> None:
+        """Make (with `make(i) -> (tensors, metadata)`) and write every shard not valid on disk.
+        `after_each()` runs once each shard is safely on disk; it may raise to stop the build there
+        (a SIGTERM between shards), and the next build resumes at the first missing shard."""
+        from tqdm.auto import tqdm
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        manifest = self._manifest()
+        if manifest is None or manifest.get("spec") != spec:
+            manifest = {"spec": spec, "shards": {}}
+        good = self.valid_shards(spec)
+        for i in tqdm([i for i in range(n_shards) if i not in good], desc=desc, disable=not progress, leave=False):
+            tensors, meta = make(i)
+            name = f"shard-{i:05d}.safetensors"
+            atomic_save_tensors(tensors, self.root / name)
+            manifest["shards"][str(i)] = {"file": name, "sha256": sha256_file(self.root / name), **meta}
+            self._write_manifest(manifest)
+            if after_each is not None:
+                after_each()
+
+    def load(self, spec: dict, n_shards: int) -> tuple[list[dict[str, Tensor]], list[dict]]:
+        """Every shard's tensors and manifest entry, in order; an error if any is missing or damaged."""
+        manifest = self._manifest()
+        if manifest is None or len(self.valid_shards(spec) & set(range(n_shards))) != n_shards:
+            raise ProReflowError(f"cache {str(self.root)!r} is incomplete or damaged; rebuild it")
+        entries = [manifest["shards"][str(i)] for i in range(n_shards)]
+        return [load_file(str(self.root / e["file"])) for e in entries], entries
