@@ -278,3 +278,29 @@ def test_sigterm_between_students_exits_143_and_the_rerun_continues(smoke_run, m
     result = runner.invoke(app, ["run", "digits-smoke", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "results.json").read_text())["table4"] == res["table4"]
+
+
+def test_budget_sweep_script_scores_every_budget_and_reuses_finished_runs(smoke_run, tmp_path, monkeypatch):
+    """benchmarks/budget_sweep.py on the smoke preset, with the teacher cached by the smoke run."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("budget_sweep", Path(__file__).parents[1] / "benchmarks" / "budget_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out, _ = smoke_run
+    args = ["--budgets", "4,2", "--seeds", "0", "--samples", "30", "--pairs", "64", "--config", "digits-smoke",
+            "--digits-out", str(out), "--out", str(tmp_path)]
+    teachers = sorted((out / "cache").glob("teacher-*"))
+    first = sweep.main(args)
+    rows = first["rows"]
+    assert {(r["method"], r["budget"]) for r in rows} == {(m, b) for m in sweep.METHODS for b in (2, 4)}
+    assert all(math.isfinite(r["fidelity_rmse"]) and math.isfinite(r["fd"]) for r in rows)
+    assert sorted((out / "cache").glob("teacher-*")) == teachers  # the smoke run's teacher, no new one
+    assert (tmp_path / "budget_sweep.png").stat().st_size > 10_000 and "| proreflow |" in (tmp_path / "budget_sweep.md").read_text()
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(sweep, "run_method", no_training)
+    assert sweep.main(args)["rows"] == rows
