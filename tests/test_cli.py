@@ -55,6 +55,13 @@ BAD_INPUTS = [
     ([*TRAIN, "--checkpoint-every", "0"], "checkpoint interval"),
     ([*TRAIN, "--keep", "0"], "at least 1 checkpoint"),
     ([*TRAIN, "--data", "{nan}"], "NaN or infinite"),
+    (["demo", "--seed", "99999999999999999999"], "--seed must be between 0 and"),
+    ([*TRAIN, "--seed", "-1"], "--seed must be between 0 and"),
+    (["demo", "--config", "{binary}"], "is not UTF-8 text"),
+    (["demo", "--config", "{nomodes}"], "gmm needs n_modes >= 1"),
+    (["demo", "--config", "{nanlam}"], "lam must be a number >= 0"),
+    (["demo", "--time-sampling", "middle"], "--time-sampling must be uniform, start, mixture or mixture:P"),
+    ([*TRAIN, "--time-sampling", "mixture:1.5"], "start_fraction must be in [0, 1]"),
 ]
 
 
@@ -72,9 +79,12 @@ def test_bad_input_exits_2_with_one_clear_line_and_touches_nothing(tmp_path, arg
         "few": _bad_npy(tmp_path, "few.npy", rng.normal(size=(5, 2))),
     }
     for key, text in {"badkey": "budget_step: 10\n", "badtype": "train: {lr: fast}\n", "badyaml": "train: [\n",
-                      "badmargin": "time_sampling: {margin: 1.5}\n", "badsolver": "teacher_solver: {steps: 0}\n"}.items():
+                      "badmargin": "time_sampling: {margin: 1.5}\n", "badsolver": "teacher_solver: {steps: 0}\n",
+                      "nomodes": "gmm: {n_modes: 0}\n", "nanlam": "methods: [{name: p, lam: .nan}]\n"}.items():
         (tmp_path / f"{key}.yaml").write_text(text)
         files[key] = str(tmp_path / f"{key}.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00garbage\x80")
+    files["binary"] = str(tmp_path / "binary.yaml")
     args = [a.format(**files) for a in args]
     out = tmp_path / "out"
     out.mkdir()

@@ -149,6 +149,8 @@ def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder, monkeypatch
     assert r.exit_code == 2 and "multiple of the student's 2 windows" in r.stderr
     r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--height", "12"])  # was a traceback
     assert r.exit_code == 2 and "--height must be a positive multiple of 8, got 12" in r.stderr, r.output
+    r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--guidance", "nan"])  # was accepted
+    assert r.exit_code == 2 and "--guidance must be a finite number >= 0, got nan" in r.stderr, r.output
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -159,6 +161,9 @@ def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder, monkeypatch
     (["--model", "{tmp}/no-such-model"], "cannot load the teacher"),
     (["--lora-rank", "-1"], "lora_rank must be >= 0"),
     (["--resolution", "12"], "multiple of 8"),
+    (["--resume", "latest"], "holds no run to resume"),  # it used to start a fresh run silently
+    (["--seed", "99999999999999999999"], "--seed must be between 0 and"),
+    (["--time-sampling", "start:0.5"], "--time-sampling must be"),
 ])
 def test_cli_distill_bad_input(tmp_path, image_folder, teacher_dir, args, needle):
     (tmp_path / "nocap").mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,15 @@ def _resume_latest(resume: Optional[str]) -> bool:
     if resume not in (None, "latest"):
         raise ProReflowError(f"--resume takes 'latest', got {resume!r}")
     return resume == "latest"
+
+
+#: seeds are combined into generator seeds (seed * 1_000_003 + ...), which must stay below 2**63
+MAX_SEED = 2**31 - 1
+
+
+def _check_seed(seed: Optional[int]) -> None:
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ProReflowError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
 def _interrupted(exc: Exception, hint: str) -> None:
@@ -69,6 +79,7 @@ def demo(
     from proreflow.demo import parse_steps, run_demo
 
     try:
+        _check_seed(seed)
         ks = parse_steps(steps)
         cfg = _load(config, budget, base_steps, time_sampling)
         if out.exists() and not out.is_dir():
@@ -107,6 +118,7 @@ def train(
     from proreflow.training import TrainingInterrupted
 
     try:
+        _check_seed(seed)
         resume_latest = _resume_latest(resume)
         if cached_pairs < 0:
             raise ProReflowError(f"--cached-pairs must be >= 0, got {cached_pairs}")
@@ -154,6 +166,7 @@ def distill(
 
     try:
         resume_latest = _resume_latest(resume)
+        _check_seed(seed)
         from proreflow.time_sampling import TimeSampling
 
         rule = TimeSampling.parse(time_sampling) if time_sampling is not None else None
@@ -163,6 +176,9 @@ def distill(
         ckpt = CheckpointConfig(out / "checkpoints", checkpoint_every, 2, resume_latest)
         if not ckpt.resume and (out / "model_index.json").exists():
             raise ProReflowError(f"{str(out)!r} already holds a pipeline; choose another --out")
+        if ckpt.resume and not ckpt.dir.is_dir():
+            raise ProReflowError(f"--resume latest: {str(out)!r} holds no run to resume (no checkpoints/); "
+                                 f"drop --resume to start one")
         if (data is None) == (prompts is None):
             raise ProReflowError("pass exactly one of --data (images + captions) or --prompts (prompt-only mode)")
         records = read_source(data) if data is not None else read_prompts(prompts)
@@ -193,8 +209,11 @@ def sample(
     import torch
 
     try:
+        _check_seed(seed)
         if steps < 1:
             raise ProReflowError(f"--steps must be >= 1, got {steps}")
+        if not math.isfinite(guidance) or guidance < 0:
+            raise ProReflowError(f"--guidance must be a finite number >= 0, got {guidance}")
         for flag, v in (("--height", height), ("--width", width)):
             if v is not None and (v < 8 or v % 8):
                 raise ProReflowError(f"{flag} must be a positive multiple of 8, got {v}")
@@ -323,6 +342,7 @@ def evaluate(
                      timing_batches=timing_batches, timing_batch_size=timing_batch_size,
                      progress=False if quiet else None)
     try:
+        _check_seed(seed)
         if suite is not None:
             per_run = {"--model": model, "--name": name, "--scheduler": scheduler, "--steps": steps,
                        "--guidance": guidance, "--lora": lora, "--variant": variant, "--pipeline": pipeline,
@@ -339,8 +359,10 @@ def evaluate(
                 raise ProReflowError("give --model (a diffusers pipeline) or --suite (a suite YAML)")
             try:
                 scales = [float(g) for g in (guidance or "4.0").split(",") if g.strip()]
+                if not all(math.isfinite(g) and g >= 0 for g in scales):
+                    raise ValueError
             except ValueError:
-                raise ProReflowError(f"--guidance takes comma-separated numbers, got {guidance!r}") from None
+                raise ProReflowError(f"--guidance takes comma-separated finite numbers >= 0, got {guidance!r}") from None
             spacing = {"own": None, None: "trailing"}.get(timestep_spacing, timestep_spacing)
             runs = [RunSpec(name=name or model.rstrip("/").split("/")[-1], model=model, steps=4 if steps is None else steps,
                             guidance=scales, scheduler=scheduler, lora=lora, variant=variant, timestep_spacing=spacing,

@@ -85,7 +85,11 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ProReflowError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ProReflowError(f"config file {str(p)!r} is not UTF-8 text (a YAML file is expected)") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -47,6 +47,11 @@ class GMMConfig:
     radius: float = 3.0
     std: float = 0.3
 
+    def __post_init__(self) -> None:
+        if self.n_modes < 1 or not (math.isfinite(self.radius) and self.radius >= 0) or not (self.std > 0 and math.isfinite(self.std)):
+            raise ProReflowError(f"gmm needs n_modes >= 1, a finite radius >= 0 and a finite std > 0, got "
+                                 f"n_modes={self.n_modes}, radius={self.radius}, std={self.std}")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
