@@ -18,7 +18,6 @@ from proreflow.errors import ProReflowError
 from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver
 from proreflow.training import TrainConfig
-from test_distill import image_folder, teacher_dir  # noqa: F401  (module fixtures)
 from tiny_sd import CAPTIONS, tiny_sdxl_pipeline
 
 runner = CliRunner()

@@ -13,21 +13,9 @@ from proreflow.losses import aligned_loss
 from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver, make_window_pairs
 from proreflow.training import TrainConfig
-from tiny_sd import caption_folder, tiny_pipeline
+from tiny_sd import tiny_pipeline
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd")
-    tiny_pipeline(root / "parts").save_pretrained(root / "teacher")
-    return root / "teacher"
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    return caption_folder(tmp_path_factory.mktemp("images"), size=(20, 24))
 
 
 def _cfg(teacher_dir, **kw):

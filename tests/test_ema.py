@@ -8,7 +8,6 @@ from proreflow.distill import DistillConfig, build_teacher_student, distill, enc
 from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver
 from proreflow.training import TrainableEMA, TrainConfig
-from test_distill import image_folder, teacher_dir  # noqa: F401  (module fixtures)
 
 
 def _cfg(model, **kw):
