@@ -68,7 +68,7 @@ class BaseConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class ToyEvalConfig:
     samples: int = 2000
     reference_solver: str = "rk4"
     reference_steps: int = 64
@@ -86,7 +86,7 @@ class ToyConfig:
     budget_steps: int = 1500
     time_sampling: TimeSampling = field(default_factory=TimeSampling)  # methods may name their own
     teacher_solver: TeacherSolver = field(default_factory=TeacherSolver)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: ToyEvalConfig = field(default_factory=ToyEvalConfig)
     methods: list[MethodSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:

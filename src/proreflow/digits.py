@@ -81,7 +81,7 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class DigitsEvalConfig:
     samples: int = 1000
     reference_steps: int = 32  # the teacher's Euler (= DDIM) steps for the reference outputs
     guidance: float = 1.0  # CFG scale of the scored samples (students are trained at scale 1)
@@ -124,7 +124,7 @@ class DigitsConfig:
     steps_methods: list[str] | None = None  # trained at every step count (None: all methods); others at table_steps
     baselines: list[str] = field(default_factory=lambda: ["euler", "heun", "ddim", "dpmsolver++", "unipc"])
     methods: list[MethodSpec] = field(default_factory=list)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: DigitsEvalConfig = field(default_factory=DigitsEvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
