@@ -138,7 +138,7 @@ def plot(curves: dict[str, list[list[dict]]], metric: str, path: Path) -> None:
 
 
 def toy(seeds: list[int], k: int, every: int) -> tuple[dict, str]:
-    from proreflow.demo import Comparison, _data_fn, find_method, load_config, prepare, with_run_settings
+    from proreflow.demo import Comparison, find_method, points_data_fn, load_config, prepare, with_run_settings
     from proreflow.metrics import fidelity_rmse
     from proreflow.sampling import sample
     from proreflow.training import train_plan
@@ -158,7 +158,7 @@ def toy(seeds: list[int], k: int, every: int) -> tuple[dict, str]:
                 return fidelity_rmse(x, cmp.reference)
 
             def train(plan, lam, on_step, seed, cfg=cfg, setup=setup, spec=spec):
-                train_plan(setup.base, setup.teacher, _data_fn(setup.data.train), plan, cfg.teacher_solver,
+                train_plan(setup.base, setup.teacher, points_data_fn(setup.data.train), plan, cfg.teacher_solver,
                            replace(cfg.train, seed=seed), lam, sampling=spec.sampling(cfg.time_sampling),
                            pair_source=spec.pair_source, on_step=on_step)
 

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -162,7 +162,7 @@ def prepare(cfg: ToyConfig, dataset: str | None, data_file: str | None, seed: in
                             test_fraction=cfg.test_points / (cfg.train_points + cfg.test_points))
         exact, name = None, f"flow-matching MLP on {data.name}"
     net = VelocityMLP(data.dim, cfg.model.hidden, cfg.model.depth)
-    res = fit(net, flow_matching_batches(_data_fn(data.train), cfg.train.batch_size, exact), cfg.base.steps,
+    res = fit(net, flow_matching_batches(points_data_fn(data.train), cfg.train.batch_size, exact), cfg.base.steps,
               base_cfg, desc="1-rectified flow (shared init)",
               checkpoints=checkpoints.for_fit("base") if checkpoints else None)
     base = res.model
@@ -171,7 +171,9 @@ def prepare(cfg: ToyConfig, dataset: str | None, data_file: str | None, seed: in
     return Setup(data, teacher, base, name)
 
 
-def _data_fn(train: Tensor):
+def points_data_fn(train: Tensor) -> Callable[[int, torch.Generator], tuple[Tensor, None]]:
+    """A `DataFn` drawing training points uniformly with replacement (the pairs' real data)."""
+
     def draw(n: int, gen: torch.Generator) -> tuple[Tensor, None]:
         return train[torch.randint(0, train.shape[0], (n,), generator=gen)], None
 
@@ -209,7 +211,7 @@ class Comparison:
         key = m.plan_key(k, self.cfg.time_sampling)
         if key not in self._trained:
             started = time.perf_counter()
-            res = train_plan(self.setup.base, self.setup.teacher, _data_fn(self.setup.data.train), plan, self.solver,
+            res = train_plan(self.setup.base, self.setup.teacher, points_data_fn(self.setup.data.train), plan, self.solver,
                              self.cfg.train, m.lam, desc=f"{m.name} k={k}",
                              sampling=m.sampling(self.cfg.time_sampling), pair_source=m.pair_source)
             self._trained[key] = (res.student, res, time.perf_counter() - started)
@@ -358,7 +360,7 @@ def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, 
     with stop_on_sigterm():
         setup = prepare(cfg, dataset, data_file, seed, ckpt)
         started = time.perf_counter()
-        res = train_plan(setup.base, setup.teacher, _data_fn(setup.data.train), plan, cfg.teacher_solver, cfg.train,
+        res = train_plan(setup.base, setup.teacher, points_data_fn(setup.data.train), plan, cfg.teacher_solver, cfg.train,
                          spec.lam, desc=f"{spec.name} k={k}", sampling=spec.sampling(cfg.time_sampling),
                          pair_source=spec.pair_source, checkpoints=ckpt,
                          pair_cache=PairCacheConfig(out / "pairs", cached_pairs) if cached_pairs else None)
