@@ -1,4 +1,4 @@
-"""The paper's velocity analyses, for any velocity field (DESIGN §3).
+"""The paper's velocity analyses, for any velocity field (docs/design.md §3).
 
 - `velocity_discrepancy` (fig. 1a): along the same teacher trajectories, how far apart the velocities
   at different timesteps are (RMS L2) and how aligned (cosine). Large off-diagonal distances are why

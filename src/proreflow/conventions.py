@@ -1,4 +1,4 @@
-"""The single owner of the time/velocity convention (DESIGN §1).
+"""The single owner of the time/velocity convention (docs/design.md §1).
 
 t = 0 is data, t = 1 is noise; the straight path is x_t = (1 - t) x0 + t eps and its
 velocity is v = dx/dt = eps - x0. Sampling integrates from t = 1 down to t = 0.

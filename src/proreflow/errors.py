@@ -1,4 +1,4 @@
-"""The one exception type users see for bad input (DESIGN §5).
+"""The one exception type users see for bad input (docs/design.md §5).
 
 It subclasses ValueError so callers that already catch ValueError keep working; the CLI
 prints its message without a traceback and exits with status 2.

@@ -1,4 +1,4 @@
-"""Quality and cost measures (DESIGN §4).
+"""Quality and cost measures (docs/design.md §4).
 
 - teacher fidelity: RMSE between a k-step output and the teacher's finely solved ODE output
   from the same noise (0 is the physical limit);

@@ -1,5 +1,5 @@
 """Small class-conditional diffusers UNets for image benchmarks (digits): teacher and student share
-the architecture, since the first stage's student starts as a copy of the teacher (DESIGN §2)."""
+the architecture, since the first stage's student starts as a copy of the teacher (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gaussian diffusion (VP) teachers in our flow convention (DESIGN §1).
+"""Gaussian diffusion (VP) teachers in our flow convention (docs/design.md §1).
 
 A model trained on x_tau = alpha_tau x0 + sigma_tau eps (SD1.5/SDXL: eps-prediction; SD2.x:
 v-prediction) is our straight flow after y = x_tau / (alpha + sigma), t = sigma / (alpha + sigma).
