@@ -169,9 +169,8 @@ def distill(
         _check_seed(seed)
         from proreflow.time_sampling import TimeSampling
 
-        rule = TimeSampling.parse(time_sampling) if time_sampling is not None else None
         cfg = load_distill_config(preset, model=model, lora_rank=lora_rank, budget_steps=budget, resolution=resolution,
-                                  time_sampling=rule)
+                                  time_sampling=TimeSampling.parse(time_sampling))
         cfg = replace(cfg, train=replace(cfg.train, seed=seed, progress=not quiet))
         ckpt = CheckpointConfig(out / "checkpoints", checkpoint_every, 2, resume_latest)
         if not ckpt.resume and (out / "model_index.json").exists():
@@ -398,8 +397,7 @@ def _load(config: Optional[Path], budget: Optional[int], base_steps: Optional[in
     from proreflow.demo import load_config
     from proreflow.time_sampling import TimeSampling
 
-    rule = TimeSampling.parse(time_sampling) if time_sampling is not None else None
-    cfg = load_config(config, budget_steps=budget, time_sampling=rule)
+    cfg = load_config(config, budget_steps=budget, time_sampling=TimeSampling.parse(time_sampling))
     return replace(cfg, base=replace(cfg.base, steps=base_steps)) if base_steps is not None else cfg
 
 

@@ -54,9 +54,11 @@ class TimeSampling:
         return torch.where(at_start, torch.zeros_like(u), u)
 
     @staticmethod
-    def parse(text: str) -> dict:
+    def parse(text: str | None) -> dict | None:
         """A command-line rule, 'uniform', 'start', 'mixture' or 'mixture:P', as config keys (laid over the
-        preset's `time_sampling`, so its margin stays)."""
+        preset's `time_sampling`, so its margin stays); None (no flag) stays None."""
+        if text is None:
+            return None
         rule, _, frac = str(text).strip().partition(":")
         if rule not in TIME_RULES or (frac and rule != "mixture"):
             raise ProReflowError(f"--time-sampling must be uniform, start, mixture or mixture:P, got {text!r}")

@@ -25,7 +25,7 @@ from proreflow.checkpoint import CheckpointConfig, FitCheckpoints, optimizer_fro
 from proreflow.errors import ProReflowError
 from proreflow.losses import LossFn, aligned
 from proreflow.conventions import interpolate, path_velocity
-from proreflow.methods import PairSource
+from proreflow.methods import PAIR_SOURCES, PairSource
 from proreflow.pairs import CachedPairs, PairCache, TeacherSolver, grid_solver, make_window_pairs, map_cond
 from proreflow.solvers import VelocityField
 from proreflow.time_sampling import TimeSampling
@@ -532,8 +532,8 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, plan: P
     `sampling` places the training points on each chord. `on_step(stage, done, ema_model_fn, result)`
     is `fit`'s callback with the 0-based stage index in front.
     """
-    if pair_source not in ("teacher", "previous_stage"):
-        raise ProReflowError(f"pair_source must be 'teacher' or 'previous_stage', got {pair_source!r}")
+    if pair_source not in PAIR_SOURCES:
+        raise ProReflowError(f"pair_source must be one of {list(PAIR_SOURCES)}, got {pair_source!r}")
     student, stages, sources = init, [], []
     for k, stage in enumerate(plan.stages):
         source, stage_solver, kind = teacher, solver, "teacher"

@@ -8,6 +8,7 @@ with one or several (m) Euler steps per window.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -57,11 +58,7 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
         self.set_timesteps(self.windows.num_windows)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        k = self.windows.num_windows
-        if num_inference_steps < 1 or num_inference_steps % k:
-            raise ProReflowError(f"num_inference_steps must be a positive multiple of the student's {k} windows, "
-                                 f"got {num_inference_steps}")
-        per = num_inference_steps // k
+        per = self.windows.steps_per_window(operator.index(num_inference_steps))  # numpy ints too, not floats
         b = self.windows.boundaries
         times = [t_a + (t_b - t_a) * j / per for t_a, t_b in zip(b[:-1], b[1:]) for j in range(per)] + [0.0]
         self.flow_times = torch.tensor(times, dtype=torch.float64)
