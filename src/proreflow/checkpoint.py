@@ -4,11 +4,15 @@ Layout of a run directory:
 
     <run>/<fit-id>/step-00000200/state.safetensors   model, EMA, optimizer tensors, generator state
     <run>/<fit-id>/step-00000200/meta.json           counters, losses, optimizer/scheduler scalars, RNG
-    <run>/<fit-id>/final.safetensors (+ final.json)  the finished fit's EMA weights
+    <run>/<fit-id>/step-00000200/checksums.json      sha256 of every file above, written last
+    <run>/<fit-id>/final.safetensors (+ final.json, final.checksums.json)  the finished fit's EMA weights
 
 A checkpoint directory is first written as `.tmp-step-…` and renamed into place, so a
 kill at any instant leaves either the previous complete checkpoint or the new one, never
-a half-written one. Nothing here unpickles: tensors come from safetensors, the rest is JSON.
+a half-written one. The checksums catch what a rename cannot: bit rot, a truncated copy, an
+edited file. Resume uses the newest checkpoint that verifies, says which damaged ones it
+skipped, and stops when none verifies. Nothing here unpickles: tensors come from safetensors,
+the rest is JSON.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,9 +33,17 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from proreflow.errors import ProReflowError
-from proreflow.store import atomic_save_tensors, atomic_write_text
+from proreflow.store import atomic_save_tensors, atomic_write_text, checksum_problem, read_json_object, write_checksums
 
 STEP_PREFIX = "step-"
+CHECKSUMS = "checksums.json"
+FINAL_CHECKSUMS = "final.checksums.json"
+#: where resume reports the damaged checkpoints it skips
+Report = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -59,8 +72,7 @@ def load_tensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ProReflowError(f"checkpoint file {str(path)!r} is corrupt or not safetensors ({exc}); "
-                             f"delete it to fall back to an earlier checkpoint") from None
+        raise ProReflowError(f"file {str(path)!r} is corrupt or not safetensors ({exc})") from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -70,11 +82,14 @@ def rng_state() -> dict[str, Any]:
     return {"python": [v, list(state), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    v, st, gauss = state["python"]
-    random.setstate((v, tuple(st), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+def set_rng_state(state: dict[str, Any], where: str = "checkpoint") -> None:
+    try:
+        v, st, gauss = state["python"]
+        random.setstate((v, tuple(st), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise ProReflowError(f"the RNG state in {where} is damaged ({type(exc).__name__}: {exc})") from None
 
 
 class FitCheckpoints:
@@ -82,6 +97,7 @@ class FitCheckpoints:
 
     def __init__(self, cfg: CheckpointConfig, fit_id: str) -> None:
         self.cfg, self.root = cfg, Path(cfg.dir) / fit_id
+        self._latest: tuple[Path | None] | None = None  # latest()'s answer, so each skip is reported once
 
     # -- finished fits -------------------------------------------------------------------
     @property
@@ -90,12 +106,29 @@ class FitCheckpoints:
 
     def save_final(self, weights: dict[str, Tensor], meta: dict[str, Any]) -> None:
         atomic_write_text(self.root / "final.json", json.dumps(meta))
-        atomic_save_tensors(weights, self.final_path)  # written last: its presence marks the fit done
 
-    def load_final(self) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        def record(tmp: Path) -> None:  # the checksums exist before the weights count as written
+            write_checksums(self.root, FINAL_CHECKSUMS, {"final.json": self.root / "final.json",
+                                                         "final.safetensors": tmp})
+
+        atomic_save_tensors(weights, self.final_path, before_replace=record)  # last: its presence marks the fit done
+
+    def load_final(self, report: Report = _stderr) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        """The finished fit's weights and summary; None when the fit has not finished, or when its final
+        files are damaged and an intact step checkpoint can redo its end (which is reported)."""
         if not self.final_path.is_file():
             return None
-        return load_tensors(self.final_path), _read_json(self.root / "final.json")
+        problem = checksum_problem(self.root, FINAL_CHECKSUMS)
+        if problem is None:
+            return load_tensors(self.final_path), _read_json(self.root / "final.json")
+        fallback = self.latest(report)
+        if fallback is None:
+            raise ProReflowError(f"the finished stage in {str(self.root)!r} is damaged ({problem}) and has no step "
+                                 f"checkpoint to fall back to; delete the folder {str(self.root)!r} to retrain that "
+                                 f"stage, or start a new run")
+        report(f"warning: {str(self.final_path)!r} is damaged ({problem}); redoing the end of that stage from "
+               f"{str(fallback)!r}")
+        return None
 
     # -- in-progress checkpoints ---------------------------------------------------------
     def steps(self) -> list[Path]:
@@ -103,13 +136,32 @@ class FitCheckpoints:
             return []
         return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
 
-    def latest(self) -> Path | None:
-        s = self.steps()
-        return s[-1] if s else None
+    def latest(self, report: Report = _stderr) -> Path | None:
+        """The newest step checkpoint whose checksums verify (None if there is none at all). Damaged newer ones
+        are reported and skipped; if every one is damaged, a ProReflowError says so."""
+        if self._latest is not None:
+            return self._latest[0]
+        damaged = []
+        for path in reversed(self.steps()):
+            problem = checksum_problem(path, CHECKSUMS)
+            if problem is None:
+                for bad, why in damaged:
+                    report(f"warning: checkpoint {str(bad)!r} is damaged ({why}); resuming from {str(path)!r}")
+                self._latest = (path,)
+                return path
+            damaged.append((path, problem))
+        if damaged:
+            bad, why = damaged[0]
+            raise ProReflowError(f"no intact checkpoint in {str(self.root)!r}: {len(damaged)} damaged, the newest "
+                                 f"{bad.name} because {why}; delete the folder {str(self.root)!r} to retrain that "
+                                 f"stage from its start, or start a new run")
+        self._latest = (None,)
+        return None
 
     def save(self, step: int, tensors: dict[str, Tensor], meta: dict[str, Any], is_main: bool,
              rank: int, rank_state: dict[str, Any], barrier) -> Path:
         """Every rank writes its RNG file into a temp dir; the main rank writes the rest and renames it."""
+        self._latest = None
         final = self.root / f"{STEP_PREFIX}{step:08d}"
         tmp = self.root / f".tmp-{STEP_PREFIX}{step:08d}"
         if is_main:
@@ -122,7 +174,9 @@ class FitCheckpoints:
             atomic_save_tensors(tensors, tmp / "state.safetensors")
             atomic_write_text(tmp / "meta.json", json.dumps(meta))
         barrier()
-        if is_main:
+        if is_main:  # checksums last: a folder without them never verifies
+            write_checksums(tmp, CHECKSUMS, {p.name: p for p in sorted(tmp.iterdir())
+                                             if p.is_file() and not p.name.startswith(".")})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -142,12 +196,7 @@ class FitCheckpoints:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ProReflowError(f"checkpoint metadata {str(path)!r} is missing") from None
-    except json.JSONDecodeError as exc:
-        raise ProReflowError(f"checkpoint metadata {str(path)!r} is corrupt ({exc})") from None
+    return read_json_object(path, "checkpoint metadata", "resume cannot use it")
 
 
 def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:

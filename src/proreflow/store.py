@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -20,12 +21,16 @@ from torch import Tensor
 from proreflow.errors import ProReflowError
 
 
-def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors file written to a temp name, fsynced and renamed over `path`."""
+def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None,
+                        before_replace: Callable[[Path], None] | None = None) -> None:
+    """safetensors file written to a temp name, fsynced and renamed over `path`. `before_replace(tmp)` runs
+    on the complete temp file just before the rename (to record its checksum before the file counts)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     _fsync(tmp)
+    if before_replace is not None:
+        before_replace(tmp)
     os.replace(tmp, path)
 
 
@@ -38,9 +43,42 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_output_dir(path: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output folder that cannot be made or written: an existing file, a path
+    below a file, a read-only or virtual file system. Probes by making (and removing) a temporary folder
+    in the nearest existing ancestor, so nothing is left behind and the folder itself is not created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ProReflowError(f"{flag} {str(path)!r} exists and is not a folder")
+    base = path.absolute()
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise ProReflowError(f"{flag} {str(path)!r} cannot be created: {str(base)!r} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".proreflow-write-test-", dir=base))
+    except OSError as exc:
+        raise ProReflowError(f"{flag} {str(path)!r} cannot be written ({exc.strerror or type(exc).__name__} in "
+                             f"{str(base)!r})") from None
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def read_json_object(path: Path, what: str, advice: str) -> dict[str, Any]:
+    """A JSON object from `path`, or one ProReflowError naming `what` is damaged and what to do (`advice`)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProReflowError(f"{what} {str(path)!r} is missing; {advice}") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ProReflowError(f"{what} {str(path)!r} is damaged ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120]}); {advice}") from None
+    if not isinstance(data, dict):
+        raise ProReflowError(f"{what} {str(path)!r} is damaged (not a JSON object); {advice}")
+    return data
 
 
 def sha256_file(path: Path) -> str:
@@ -49,6 +87,32 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def write_checksums(folder: Path, name: str, files: dict[str, Path]) -> None:
+    """Record in `folder/name`, atomically, the sha256 of each file under the name it has (or will have once
+    renamed into place) in `folder`. `checksum_problem` verifies them."""
+    sums = {f: sha256_file(path) for f, path in files.items()}
+    atomic_write_text(folder / name, json.dumps({"sha256": sums}, indent=1, sort_keys=True))
+
+
+def checksum_problem(folder: Path, name: str) -> str | None:
+    """None when every file listed in `folder/name` is present with its recorded sha256, else why not."""
+    try:
+        listed = json.loads((folder / name).read_text())["sha256"]
+        if not isinstance(listed, dict) or not listed:
+            raise TypeError
+    except FileNotFoundError:
+        return f"it has no {name} (written by an older proreflow, or damaged)"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"its {name} is unreadable"
+    for file, digest in sorted(listed.items()):
+        path = folder / str(file)
+        if not path.is_file():
+            return f"{file} is missing"
+        if sha256_file(path) != digest:
+            return f"{file} does not match its checksum"
+    return None
 
 
 def json_key(*parts: Any, length: int = 12) -> str:

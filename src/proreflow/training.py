@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -260,13 +261,19 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
         raise ProReflowError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     per = cfg.batch_size // world
     rows = slice(rank * per, (rank + 1) * per)
+    report = (lambda m: print(m, file=sys.stderr)) if acc.is_main_process else (lambda m: None)
     if checkpoints is not None and checkpoints.cfg.resume:
-        done_fit = checkpoints.load_final()
+        done_fit = checkpoints.load_final(report)
         if done_fit is not None:  # this stage finished before the interruption
             weights, meta = done_fit
             net = copy.deepcopy(model) if copy_model else model
-            net.load_state_dict(weights)
-            return FitResult(model=net.eval(), **meta)
+            try:
+                net.load_state_dict(weights)
+                return FitResult(model=net.eval(), **meta)
+            except (RuntimeError, TypeError) as exc:
+                raise ProReflowError(f"the finished stage in {str(checkpoints.root)!r} does not match this model "
+                                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); resume with the "
+                                     f"config that wrote it or start a new run") from None
     net = (copy.deepcopy(model) if copy_model else model).train()
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -278,8 +285,8 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + seed_offset * 7919)
     result = FitResult(model=model)
     done, micro, last_ckpt = 0, 0, None
-    if checkpoints is not None and checkpoints.cfg.resume and checkpoints.latest() is not None:
-        last_ckpt = checkpoints.latest()
+    if checkpoints is not None and checkpoints.cfg.resume and checkpoints.latest(report) is not None:
+        last_ckpt = checkpoints.latest(report)
         done, micro = _restore(last_ckpt, checkpoints, rank, net, ema, opt, sched, gen, result)
     loss_weight = getattr(net, "loss_weight", None)  # students that define how their output errors count
     net, opt, sched = acc.prepare(net, opt, sched)
@@ -400,16 +407,23 @@ def _restore(path: Path, ck: FitCheckpoints, rank: int, net, ema, opt, sched, ge
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         optimizer_from_flat(opt, tensors, meta["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise ProReflowError(f"checkpoint {str(path)!r} does not match this model/config ({exc}); "
-                             f"resume with the config that wrote it or start a new run") from None
-    sched.load_state_dict({**sched.state_dict(), **meta["scheduler"]})
-    gen.set_state(tensors["rng.generator"])
-    set_rng_state(rank_state)
-    torch.set_rng_state(torch.tensor(rank_state["torch"], dtype=torch.uint8))
-    for k, v in meta["result"].items():
-        setattr(result, k, v)
-    return int(meta["done"]), int(meta["micro"])
+        sched.load_state_dict({**sched.state_dict(), **meta["scheduler"]})
+        gen.set_state(tensors["rng.generator"])
+        for k, v in meta["result"].items():
+            if k not in FitResult.__dataclass_fields__ or k == "model":
+                raise KeyError(k)
+            setattr(result, k, v)
+        done, micro = int(meta["done"]), int(meta["micro"])
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise ProReflowError(f"checkpoint {str(path)!r} does not match this model/config ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]}); resume with the config that wrote it or start "
+                             f"a new run") from None
+    set_rng_state(rank_state, where=str(path))
+    try:
+        torch.set_rng_state(torch.tensor(rank_state["torch"], dtype=torch.uint8))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ProReflowError(f"the RNG state in {str(path)!r} is damaged ({type(exc).__name__})") from None
+    return done, micro
 
 
 #: (n, generator) -> (real data x0, conditioning or None)
