@@ -8,10 +8,36 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer._click import exceptions as click_errors  # typer's own copy of click (typer >= 0.20)
+from typer.core import TyperGroup
 
 from proreflow.errors import ProReflowError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _Commands(TyperGroup):
+    """Usage errors (an unknown flag, a bad value, a missing option) get the one-line `error:` form and exit 2
+    like our own errors, instead of click's framed box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+            sys.exit(2)
+        except click_errors.UsageError as exc:
+            where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx else ""
+            message = " ".join(exc.format_message().split()).rstrip(".")
+            typer.echo(f"error: {message}{where}", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Few-step students by progressive reflow with aligned v-prediction.")
 
 
@@ -34,6 +60,12 @@ MAX_SEED = 2**31 - 1
 def _check_seed(seed: Optional[int]) -> None:
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ProReflowError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
+
+
+def _check_out(out: Path, flag: str = "--out") -> None:
+    from proreflow.store import check_output_dir
+
+    check_output_dir(out, flag)
 
 
 def _interrupted(exc: Exception, hint: str) -> None:
@@ -73,6 +105,8 @@ def demo(
                                                 "mixture or mixture:P (P of the batch at window starts); the "
                                                 "preset's default for methods that name none."),
     base_steps: Optional[int] = typer.Option(None, help="Override flow-matching steps of the shared init."),
+    allow_outliers: bool = typer.Option(False, help="Train on --data even with points more than 1e6 robust scales "
+                                                    "from the median (refused by default: they wreck standardisation)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Compare teacher Euler, 2-rectified flow, PeRFlow, the two ablations and ProReflow at equal budget."""
@@ -82,10 +116,9 @@ def demo(
         _check_seed(seed)
         ks = parse_steps(steps)
         cfg = _load(config, budget, base_steps, time_sampling)
-        if out.exists() and not out.is_dir():
-            raise ProReflowError(f"--out {str(out)!r} exists and is not a folder")
+        _check_out(out)
         rows = run_demo(cfg, ks, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
-                        progress=not quiet)
+                        progress=not quiet, allow_outliers=allow_outliers)
     except ProReflowError as exc:
         _fail(exc)
     typer.echo((out / "results.md").read_text())
@@ -111,6 +144,8 @@ def train(
     keep: int = typer.Option(2, help="Keep the last N checkpoints of each stage."),
     resume: Optional[str] = typer.Option(None, help="'latest': continue the run in --out from its last checkpoint."),
     cached_pairs: int = typer.Option(0, help="Cache N teacher pairs per stage in --out/pairs (0: on the fly)."),
+    allow_outliers: bool = typer.Option(False, help="Train on --data even with points more than 1e6 robust scales "
+                                                    "from the median (refused by default: they wreck standardisation)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Train one method's student with crash-safe checkpoints (SIGTERM saves one; --resume latest continues)."""
@@ -123,9 +158,10 @@ def train(
         if cached_pairs < 0:
             raise ProReflowError(f"--cached-pairs must be >= 0, got {cached_pairs}")
         cfg = _load(config, budget, base_steps, time_sampling)
+        _check_out(out)
         row = train_single(cfg, method, steps, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
                            every=checkpoint_every, keep=keep, resume=resume_latest, progress=not quiet,
-                           cached_pairs=cached_pairs)
+                           cached_pairs=cached_pairs, allow_outliers=allow_outliers)
     except ProReflowError as exc:
         _fail(exc)
     except TrainingInterrupted as exc:
@@ -172,6 +208,9 @@ def distill(
         cfg = load_distill_config(preset, model=model, lora_rank=lora_rank, budget_steps=budget, resolution=resolution,
                                   time_sampling=TimeSampling.parse(time_sampling))
         cfg = replace(cfg, train=replace(cfg.train, seed=seed, progress=not quiet))
+        _check_out(out)
+        if encode_cache is not None:
+            _check_out(encode_cache, "--encode-cache")
         ckpt = CheckpointConfig(out / "checkpoints", checkpoint_every, 2, resume_latest)
         if not ckpt.resume and (out / "model_index.json").exists():
             raise ProReflowError(f"{str(out)!r} already holds a pipeline; choose another --out")
@@ -216,6 +255,7 @@ def sample(
         for flag, v in (("--height", height), ("--width", width)):
             if v is not None and (v < 8 or v % 8):
                 raise ProReflowError(f"{flag} must be a positive multiple of 8, got {v}")
+        _check_out(out)
         from proreflow.diffusers_export import load_diffusers_pipeline
 
         pipe = load_diffusers_pipeline(model)
@@ -248,8 +288,7 @@ def run(
 
     try:
         cfg = load_digits_config(config)
-        if out.exists() and not out.is_dir():
-            raise ProReflowError(f"--out {str(out)!r} exists and is not a folder")
+        _check_out(out)
         with stop_on_sigterm():
             run_digits(cfg, out, progress=not quiet, analyses=analyses)
     except ProReflowError as exc:
@@ -270,6 +309,7 @@ def analyze(
 
     try:
         cfg = load_digits_config(config)
+        _check_out(out)
         res = analyze_digits(cfg, out, progress=not quiet)
     except ProReflowError as exc:
         _fail(exc)
@@ -369,6 +409,7 @@ def evaluate(
                             unet_weights=unet_weights, scheduler_overrides=_settings(scheduler_setting))]
             cfg = from_dict(EvalConfig, {k: v for k, v in overrides.items() if v is not None}, where="evaluate")
             title = ""
+        _check_out(out)
         rows = run_evaluate(runs, cfg, out, title=title)
     except ProReflowError as exc:
         _fail(exc)

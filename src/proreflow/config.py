@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -64,6 +65,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ProReflowError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # no setting of ours means anything at NaN or infinity
+            raise ProReflowError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -82,6 +85,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise ProReflowError(f"config file {str(p)!r} is a folder; pass a YAML file")
     if not p.is_file():
         raise ProReflowError(f"config file {str(p)!r} does not exist")
     try:

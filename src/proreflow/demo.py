@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from proreflow.checkpoint import CheckpointConfig
-from proreflow.store import atomic_save_tensors, atomic_write_text
+from proreflow.store import atomic_save_tensors, atomic_write_text, read_json_object
 from proreflow.config import from_dict, load_yaml, merge
 from proreflow.data.toy import MIN_POINTS, PointData, builtin_points, load_points, split_points
 from proreflow.errors import ProReflowError
@@ -30,7 +30,7 @@ from proreflow.metrics import energy_distance, fidelity_rmse, sliced_wasserstein
 from proreflow.models.mlp import VelocityMLP
 from proreflow.pairs import TeacherSolver
 from proreflow.sampling import sample
-from proreflow.solvers import VelocityField
+from proreflow.solvers import VelocityField, check_solver
 from proreflow.teachers.flow import NetworkTeacher
 from proreflow.teachers.gmm import GaussianMixture
 from proreflow.time_sampling import TimeSampling
@@ -58,6 +58,10 @@ class ModelConfig:
     hidden: int = 256
     depth: int = 4
 
+    def __post_init__(self) -> None:
+        if self.hidden < 1 or self.depth < 1:
+            raise ProReflowError(f"model needs hidden >= 1 and depth >= 1, got hidden={self.hidden}, depth={self.depth}")
+
 
 @dataclass(frozen=True)
 class BaseConfig:
@@ -66,6 +70,12 @@ class BaseConfig:
     steps: int = 2000
     lr: float = 2e-3
 
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ProReflowError(f"base.steps (--base-steps) must be >= 1, got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ProReflowError(f"base.lr must be a positive number, got {self.lr}")
+
 
 @dataclass(frozen=True)
 class ToyEvalConfig:
@@ -73,6 +83,14 @@ class ToyEvalConfig:
     reference_solver: str = "rk4"
     reference_steps: int = 64
     straightness_substeps: int = 16
+
+    def __post_init__(self) -> None:
+        try:
+            check_solver(self.reference_solver, self.reference_steps)
+        except ProReflowError as exc:
+            raise ProReflowError(f"eval.reference_solver/reference_steps: {exc}") from None
+        if self.straightness_substeps < 1:
+            raise ProReflowError(f"eval.straightness_substeps must be >= 1, got {self.straightness_substeps}")
 
 
 @dataclass(frozen=True)
@@ -133,20 +151,20 @@ class Setup:
     teacher_name: str
 
 
-def validate_source(dataset: str | None, data_file: str | None) -> None:
+def validate_source(dataset: str | None, data_file: str | None, allow_outliers: bool = False) -> None:
     """Fail on a bad data source before anything is trained or written."""
     if dataset and data_file:
         raise ProReflowError("give either --dataset or --data, not both")
-    if data_file:
-        load_points(data_file)
+    if data_file:  # read and standardise once, so every data error comes before a run folder exists
+        split_points(Path(data_file).name, load_points(data_file, allow_outliers), 0)
     elif dataset not in (None, "gmm"):
         builtin_points(dataset, MIN_POINTS, 0)
 
 
 def prepare(cfg: ToyConfig, dataset: str | None, data_file: str | None, seed: int,
-            checkpoints: CheckpointConfig | None = None) -> Setup:
+            checkpoints: CheckpointConfig | None = None, allow_outliers: bool = False) -> Setup:
     """Build the data split, the teacher and the shared initial network (1-rectified flow)."""
-    validate_source(dataset, data_file)
+    validate_source(dataset, data_file, allow_outliers)
     torch.manual_seed(seed)
     base_cfg = replace(cfg.train, lr=cfg.base.lr, seed=seed)
     if dataset in (None, "gmm") and not data_file:
@@ -157,7 +175,7 @@ def prepare(cfg: ToyConfig, dataset: str | None, data_file: str | None, seed: in
         teacher: VelocityField = lambda x, t, cond=None: gmm.velocity(x.double(), t.double()).to(x.dtype)
         exact, name = teacher, f"exact GMM ({cfg.gmm.n_modes} modes)"
     else:
-        pts = load_points(data_file) if data_file else builtin_points(dataset, cfg.train_points + cfg.test_points, seed)
+        pts = load_points(data_file, allow_outliers) if data_file else builtin_points(dataset, cfg.train_points + cfg.test_points, seed)
         data = split_points(Path(data_file).name if data_file else dataset, pts, seed,
                             test_fraction=cfg.test_points / (cfg.train_points + cfg.test_points))
         exact, name = None, f"flow-matching MLP on {data.name}"
@@ -259,11 +277,11 @@ def validate_plans(cfg: ToyConfig, steps: list[int]) -> None:
 
 
 def run_demo(cfg: ToyConfig, steps: list[int], out: Path, seed: int = 0, dataset: str | None = None,
-             data_file: str | None = None, progress: bool = True) -> list[dict]:
+             data_file: str | None = None, progress: bool = True, allow_outliers: bool = False) -> list[dict]:
     """Train and score every method for every step count; write results.json/.md and plots to `out`."""
     cfg = with_run_settings(cfg, seed, progress)
     validate_plans(cfg, steps)
-    setup = prepare(cfg, dataset, data_file, seed)
+    setup = prepare(cfg, dataset, data_file, seed, allow_outliers=allow_outliers)
     cmp = Comparison(cfg, setup, seed)
     rows, outputs, fields = [], {}, {}
     jobs = [(k, m) for k in steps for m in cfg.methods]
@@ -329,7 +347,7 @@ def find_method(cfg: ToyConfig, name: str) -> MethodSpec:
 
 def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, dataset: str | None = None,
                  data_file: str | None = None, every: int = 200, keep: int = 2, resume: bool = False,
-                 progress: bool = True, cached_pairs: int = 0) -> dict:
+                 progress: bool = True, cached_pairs: int = 0, allow_outliers: bool = False) -> dict:
     """Train one method's k-step student with checkpoints; save it and its scores to `out`.
 
     A killed run continues with resume=True (`--resume latest`) from its last checkpoint and
@@ -339,14 +357,16 @@ def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, 
     if not spec.train:
         raise ProReflowError(f"method {method!r} is the teacher itself; there is nothing to train")
     plan = spec.plan(k, cfg.budget_steps)
-    validate_source(dataset, data_file)
+    validate_source(dataset, data_file, allow_outliers)
     ckpt = CheckpointConfig(out / "checkpoints", every, keep, resume)
     run_args = {"method": method, "steps": k, "seed": seed, "dataset": dataset, "cached_pairs": cached_pairs,
-                "data": str(Path(data_file).resolve()) if data_file else None, "config": config_to_dict(cfg)}
+                "data": str(Path(data_file).resolve()) if data_file else None, "config": config_to_dict(cfg),
+                "allow_outliers": allow_outliers}
     if resume:
         if not (out / "run.json").is_file():
             raise ProReflowError(f"--resume latest: {str(out)!r} holds no run to resume (no run.json)")
-        previous = json.loads((out / "run.json").read_text())
+        previous = read_json_object(out / "run.json", "the run's settings",
+                                    "it cannot be resumed; start a new run with another --out")
         if previous != run_args:
             changed = sorted(key for key in run_args if previous.get(key) != run_args[key])
             raise ProReflowError(f"--resume latest: the run in {str(out)!r} was started with different "
@@ -358,7 +378,7 @@ def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, 
         atomic_write_text(out / "run.json", json.dumps(run_args, indent=2) + "\n")
     cfg = with_run_settings(cfg, seed, progress)
     with stop_on_sigterm():
-        setup = prepare(cfg, dataset, data_file, seed, ckpt)
+        setup = prepare(cfg, dataset, data_file, seed, ckpt, allow_outliers)
         started = time.perf_counter()
         res = train_plan(setup.base, setup.teacher, points_data_fn(setup.data.train), plan, cfg.teacher_solver, cfg.train,
                          spec.lam, desc=f"{spec.name} k={k}", sampling=spec.sampling(cfg.time_sampling),

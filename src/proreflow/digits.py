@@ -58,6 +58,11 @@ class DataConfig:
     test_fraction: float = 1 / 6
     split_seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not (8 <= self.size <= 64 and self.size % 4 == 0) or not 0 < self.test_fraction < 1:
+            raise ProReflowError(f"data needs size a multiple of 4 in [8, 64] and test_fraction in (0, 1), got "
+                                 f"size={self.size}, test_fraction={self.test_fraction}")
+
 
 @dataclass(frozen=True)
 class VPConfig:
@@ -67,6 +72,15 @@ class VPConfig:
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
+
+    def __post_init__(self) -> None:
+        schedules = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")  # DDPMScheduler's
+        if self.beta_schedule not in schedules:
+            raise ProReflowError(f"vp.beta_schedule must be one of {list(schedules)}, got {self.beta_schedule!r}")
+        if self.num_train_timesteps < 2:
+            raise ProReflowError(f"vp.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ProReflowError(f"vp needs 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,12 @@ class TeacherConfig:
     seed: int = 0
     distill: str = "vp"  # the teacher the students are distilled from
 
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and self.batch_size >= 1 and 0 <= self.ema_decay < 1 and self.steps >= 1):
+            raise ProReflowError(f"teacher needs steps >= 1, lr > 0, batch_size >= 1 and ema_decay in [0, 1), got "
+                                 f"steps={self.steps}, lr={self.lr}, batch_size={self.batch_size}, "
+                                 f"ema_decay={self.ema_decay}")
+
 
 @dataclass(frozen=True)
 class DigitsEvalConfig:
@@ -87,12 +107,21 @@ class DigitsEvalConfig:
     guidance: float = 1.0  # CFG scale of the scored samples (students are trained at scale 1)
     seed: int = 1234
 
+    def __post_init__(self) -> None:
+        if self.reference_steps < 1 or self.guidance < 0:
+            raise ProReflowError(f"eval needs reference_steps >= 1 and guidance >= 0, got {self.reference_steps}, "
+                                 f"{self.guidance}")
+
 
 @dataclass(frozen=True)
 class SweepConfig:
     scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
     method: str = "proreflow"
     samples: int = 500
+
+    def __post_init__(self) -> None:
+        if not self.scales or any(g < 0 for g in self.scales):
+            raise ProReflowError(f"sweep.scales must be guidance scales >= 0, got {self.scales}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +131,11 @@ class AnalysisConfig:
     perturb_levels: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
     perturb_steps: int = 8
     samples: int = 500
+
+    def __post_init__(self) -> None:
+        if min(self.trajectories, self.steps, self.perturb_steps) < 1 or any(v <= 0 for v in self.perturb_levels):
+            raise ProReflowError("analysis needs trajectories, steps and perturb_steps >= 1 and perturb_levels > 0, "
+                                 f"got {self.trajectories}, {self.steps}, {self.perturb_steps}, {self.perturb_levels}")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from proreflow import schedulers
-from proreflow.store import atomic_write_text
+from proreflow.store import atomic_write_text, read_json_object
 from proreflow.config import from_dict, load_yaml, merge, resolve_preset
 from proreflow.data.coco import CAPTION_SETS, CaptionSet, load_caption_set
 from proreflow.errors import ProReflowError
@@ -446,7 +446,7 @@ def _check_run_folder(folder: Path, meta: dict[str, Any]) -> None:
     """Images on disk may be reused only if they were made with the same settings and captions."""
     f = folder / "run.json"
     if f.is_file():
-        old = json.loads(f.read_text())
+        old = read_json_object(f, "the settings of the images", "choose another --out or delete that folder")
         if old != meta:
             diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
             raise ProReflowError(f"{str(folder)!r} holds images made with other settings ({', '.join(diff)} differ); "

@@ -40,7 +40,16 @@ def find_pairs(root: str | Path) -> list[tuple[Path, str]]:
     missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
     if missing:
         raise ProReflowError(f"{len(missing)} image(s) in {str(r)!r} have no .txt caption, e.g. {missing[:3]}")
-    return [(p, p.with_suffix(".txt").read_text().strip()) for p in images]
+    return [(p, read_caption(p.with_suffix(".txt"))) for p in images]
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text (UTF-8), stripped."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ProReflowError(f"caption {str(path)!r} is not UTF-8 text (byte {exc.start}); "
+                             f"re-save it as UTF-8") from None
 
 
 def tar_shards(spec: str | Path) -> list[Path]:
@@ -76,11 +85,16 @@ def read_tar_shards(spec: str | Path) -> list[tuple[bytes, str]]:
                     if ext in IMAGE_SUFFIXES or ext == ".txt":
                         data = tar.extractfile(m).read()  # type: ignore[union-attr]
                         if ext == ".txt":
-                            captions[key] = data.decode("utf-8").strip()
+                            try:
+                                captions[key] = data.decode("utf-8").strip()
+                            except UnicodeDecodeError:
+                                raise ProReflowError(f"caption {m.name!r} in tar shard {str(shard)!r} is not "
+                                                     f"UTF-8 text; re-save it as UTF-8") from None
                         else:
                             images[key] = data
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise ProReflowError(f"cannot read tar shard {str(shard)!r}: {exc}") from None
+            why = "not a tar archive" if isinstance(exc, tarfile.ReadError) else str(exc).splitlines()[0][:200]
+            raise ProReflowError(f"cannot read tar shard {str(shard)!r}: {why}") from None
         missing = sorted(set(images) - set(captions))
         if missing:
             raise ProReflowError(f"{len(missing)} image(s) in shard {str(shard)!r} have no .txt member, "
@@ -202,9 +216,15 @@ def prepare_image(src: Any, resolution: int) -> PreparedImage:
 def read_prompts(path: str | Path) -> list[str]:
     """Non-empty lines of a text file."""
     p = Path(path)
+    if p.is_dir():
+        raise ProReflowError(f"prompt file {str(p)!r} is a folder; pass a text file, one prompt a line")
     if not p.is_file():
         raise ProReflowError(f"prompt file {str(p)!r} does not exist")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ProReflowError(f"prompt file {str(p)!r} is not UTF-8 text") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ProReflowError(f"prompt file {str(p)!r} holds no prompts")
     return prompts

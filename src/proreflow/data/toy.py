@@ -84,15 +84,35 @@ def builtin_points(name: str, n: int, seed: int) -> np.ndarray:
     return BUILTIN[name](n, np.random.default_rng(seed))
 
 
-def load_points(path: str | Path) -> np.ndarray:
-    """Read and validate an N x D (D >= 2) finite numeric array from a .npy file (no pickles)."""
+#: a point this many robust scales from the median is an outlier (a unit or parsing error, not data)
+OUTLIER_SCALES = 1e6
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_points(path: str | Path, allow_outliers: bool = False) -> np.ndarray:
+    """Read and validate an N x D (D >= 2) finite numeric array from a .npy file (no pickles).
+
+    Standardisation divides by the points' overall scale, so one point at 1e30 would squeeze all others
+    into one; such outliers are refused unless `allow_outliers` (see `count_outliers`)."""
     p = Path(path)
+    if p.is_dir():
+        raise ProReflowError(f"data file {str(p)!r} is a folder; pass a .npy file")
     if not p.is_file():
         raise ProReflowError(f"data file {str(p)!r} does not exist")
+    with open(p, "rb") as f:
+        if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise ProReflowError(f"{str(p)!r} is not a readable .npy array (no NumPy header); save points with "
+                                 f"numpy.save")
     try:
         arr = np.load(p, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise ProReflowError(f"{str(p)!r} is not a readable .npy array: it holds Python objects, which "
+                                 f"proreflow never unpickles; save a numeric array") from None
+        raise ProReflowError(f"{str(p)!r} is not a readable .npy array ({str(exc).splitlines()[0][:200]})") from None
     except Exception as exc:  # numpy raises several types for malformed files
-        raise ProReflowError(f"{str(p)!r} is not a readable .npy array ({type(exc).__name__}: {exc})") from None
+        raise ProReflowError(f"{str(p)!r} is not a readable .npy array ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]})") from None
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
         raise ProReflowError(f"{str(p)!r} must hold a numeric array, got dtype {getattr(arr, 'dtype', type(arr))}")
     if arr.ndim != 2:
@@ -101,9 +121,29 @@ def load_points(path: str | Path) -> np.ndarray:
         raise ProReflowError(f"{str(p)!r} has D={arr.shape[1]}; points need at least 2 dimensions")
     if arr.shape[0] < MIN_POINTS:
         raise ProReflowError(f"{str(p)!r} has {arr.shape[0]} points; need at least {MIN_POINTS}")
+    arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)):
         raise ProReflowError(f"{str(p)!r} contains NaN or infinite values")
-    return arr.astype(np.float64)
+    if np.all(arr == arr[0]):
+        raise ProReflowError(f"{str(p)!r} has all points identical; nothing to learn")
+    n_out, worst = count_outliers(arr)
+    if n_out and not allow_outliers:
+        raise ProReflowError(f"{str(p)!r}: {n_out} of {len(arr)} points lie more than {OUTLIER_SCALES:.0e} robust "
+                             f"scales from the median (the farthest {worst:.3g} scales), which standardisation "
+                             f"would turn into a collapsed data set; remove them, or pass --allow-outliers")
+    return arr
+
+
+def count_outliers(pts: np.ndarray) -> tuple[int, float]:
+    """How many points lie more than OUTLIER_SCALES robust scales from the coordinate-wise median, and the
+    largest such distance in scales. Distance: the largest coordinate difference (no overflow at 1e200);
+    robust scale: the median of those distances (0 when most points coincide: then no point is counted)."""
+    dist = np.max(np.abs(pts - np.median(pts, axis=0)), axis=1)
+    scale = float(np.median(dist))
+    if scale == 0.0 or not math.isfinite(scale):
+        return 0, 0.0
+    ratio = dist / scale
+    return int(np.sum(ratio > OUTLIER_SCALES)), float(ratio.max())
 
 
 def split_points(name: str, pts: np.ndarray, seed: int, test_fraction: float = 0.2,
@@ -112,9 +152,13 @@ def split_points(name: str, pts: np.ndarray, seed: int, test_fraction: float = 0
     rng = np.random.default_rng(seed)
     pts = pts[rng.permutation(len(pts))]
     shift = pts.mean(0) if standardise else np.zeros(pts.shape[1])
-    scale = float(np.sqrt(((pts - shift) ** 2).mean())) if standardise else 1.0
+    with np.errstate(over="ignore"):
+        scale = float(np.sqrt(((pts - shift) ** 2).mean())) if standardise else 1.0
     if scale == 0.0:
         raise ProReflowError(f"dataset {name!r} has all points identical; nothing to learn")
+    if not math.isfinite(scale):
+        raise ProReflowError(f"dataset {name!r}: the points' scale overflows float64 (values near 1e154 or "
+                             f"beyond); rescale the data")
     z = torch.from_numpy((pts - shift) / scale).float()
     n_test = max(1, int(round(test_fraction * len(z))))
     return PointData(name, z[n_test:], z[:n_test], torch.from_numpy(shift).float(), scale)

@@ -17,6 +17,8 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         chans = tuple(self.block_out_channels)
+        if self.norm_num_groups < 1:
+            raise ProReflowError(f"norm_num_groups must be >= 1, got {self.norm_num_groups}")
         if not chans or any(c < 1 or c % self.norm_num_groups for c in chans):
             raise ProReflowError(f"block_out_channels {chans} must be positive multiples of norm_num_groups "
                                  f"{self.norm_num_groups}")
