@@ -38,7 +38,7 @@ METHODS = ["2-rectified-flow", "perflow", "proreflow-no-aligned", "proreflow-no-
 
 def run_method(bench: Any, spec: MethodSpec, k: int, budgets: list[int], seed: int, pairs: int) -> dict[int, dict]:
     """Scores of `spec`'s k-step student at every budget for one seed: {budget: row}."""
-    from proreflow.teachers.flow import NetworkTeacher
+    from proreflow.fields.network import NetworkTeacher
     from proreflow.training import PairCacheConfig, train_plan
 
     cfg = bench.cfg
@@ -59,9 +59,9 @@ def run_method(bench: Any, spec: MethodSpec, k: int, budgets: list[int], seed: i
                         **bench.score(imgs, reference)}
 
     def fit_plan(budget: int, on_step: Any = None) -> Any:
-        return train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), spec.plan(k, budget), cfg.teacher_solver,
-                          train, spec.lam, desc=f"{spec.name} B={budget}", sampling=sampling,
-                          pair_source=spec.pair_source, pair_cache=cache, on_step=on_step)
+        recipe = replace(cfg.recipe(spec), budget_steps=budget, train=train)
+        return train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), recipe, k, desc=f"{spec.name} B={budget}",
+                          pair_cache=cache, on_step=on_step)
 
     started = time.perf_counter()
     if len(counts) == 1:  # one run, scored at every budget on the way
@@ -134,7 +134,7 @@ def plot(rows: list[dict], methods: list[str], budgets: list[int], teacher_rows:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from proreflow.digits import DigitsBench, load_digits_config
+    from proreflow.apps.digits import DigitsBench, load_digits_config
     from proreflow.windows import WindowSchedule
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,7 +24,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from proreflow.distill import LORA_TARGETS, load_distill_config
+from proreflow.apps.sd import LORA_TARGETS, load_distill_config
 
 HERE = Path(__file__).parent
 GB = 1e9

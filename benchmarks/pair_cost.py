@@ -20,8 +20,8 @@ import torch
 
 from proreflow.models.mlp import VelocityMLP
 from proreflow.pairs import TeacherSolver, make_window_pairs
-from proreflow.teachers.flow import NetworkTeacher
-from proreflow.teachers.gmm import GaussianMixture
+from proreflow.fields.network import NetworkTeacher
+from proreflow.fields.gmm import GaussianMixture
 from proreflow.windows import ProgressivePlan
 
 HERE = Path(__file__).parent

@@ -6,7 +6,7 @@ hub and no downloaded weights, and every number comes from the code users run.
     python benchmarks/sd_sized.py --arch sdxl             # 1024 px; one command per architecture
     python benchmarks/sd_sized.py --smoke                 # a check of this script on CPU: sd15, 64 px, LoRA
 
-For each architecture and LoRA rank (0 = full fine-tuning) it runs `proreflow.distill.distill` with the
+For each architecture and LoRA rank (0 = full fine-tuning) it runs `proreflow.apps.sd.distill` with the
 preset (`sd15-proreflow-I`, `sdxl-proreflow`: method, teacher solver, precision, gradient checkpointing)
 on random images encoded by the VAE, and records the median seconds per optimizer step of each stage
 (pair generation by the teacher included; the run's first steps and the switch between stages left out:
@@ -102,7 +102,7 @@ def stage_step_seconds(stamps: list[tuple[int, float]], skip: int) -> tuple[list
 
 
 def train_row(arch: str, lora_rank: int, args: argparse.Namespace, device: torch.device, tmp: Path) -> dict:
-    from proreflow.distill import distill, encode_folder, load_distill_config
+    from proreflow.apps.sd import distill, encode_folder, load_distill_config
     from proreflow.models.sd_shapes import build_pipeline
 
     cfg = load_distill_config(PRESETS[arch], resolution=args.resolution or None, lora_rank=lora_rank,
@@ -181,7 +181,7 @@ def sampling_rows(arch: str, args: argparse.Namespace, device: torch.device, tmp
 
 
 def device_label(device: torch.device) -> str:
-    from proreflow.evaluate import device_name
+    from proreflow.apps.coco_eval import device_name
 
     return device_name(device)
 

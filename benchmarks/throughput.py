@@ -49,12 +49,12 @@ def step_rate(run: Callable[[Callable[..., None]], Any], skip: int = 3) -> float
 
 def training_rows(steps: int, digits_out: Path) -> tuple[list[dict], Any]:
     from proreflow.data.toy import builtin_points
-    from proreflow.digits import DigitsBench, load_digits_config
+    from proreflow.apps.digits import DigitsBench, load_digits_config
     from proreflow.models.mlp import VelocityMLP
     from proreflow.pairs import TeacherSolver
-    from proreflow.teachers.flow import NetworkTeacher
-    from proreflow.training import (PairCacheConfig, TrainConfig, fit, flow_matching_batches, train_plan)
-    from proreflow.windows import ProgressivePlan
+    from proreflow.fields.network import NetworkTeacher
+    from proreflow.training import PairCacheConfig, Recipe, TrainConfig, fit, flow_matching_batches, train_plan
+    from proreflow.methods import MethodSpec
 
     rows = []
     # toy: MLP 256x4 student, batch 256, an MLP teacher of the same size, RK4 teacher (the demo's solver)
@@ -80,12 +80,12 @@ def training_rows(steps: int, digits_out: Path) -> tuple[list[dict], Any]:
         for name, init, teacher, data_fn, tcfg, tsolver in setups:
             def plan_run(windows: int, cache: bool, init=init, teacher=teacher, data_fn=data_fn, tcfg=tcfg,
                          tsolver=tsolver, name=name):
-                plan = ProgressivePlan.from_window_counts([windows], steps)
+                recipe = Recipe(MethodSpec("reflow", windows=[windows], lam=0.0), steps, teacher_solver=tsolver,
+                                train=tcfg)
                 pc = PairCacheConfig(Path(tmp) / f"{name[:4]}-{windows}", None, 4096) if cache else None
                 if cache:  # build the cache first: its cost is paid once, up front
-                    train_plan(init, teacher, data_fn, ProgressivePlan.from_window_counts([windows], steps), tsolver,
-                               tcfg, 0.0, pair_cache=pc)
-                return lambda cb: train_plan(init, teacher, data_fn, plan, tsolver, tcfg, 0.0, pair_cache=pc,
+                    train_plan(init, teacher, data_fn, recipe, windows, pair_cache=pc)
+                return lambda cb: train_plan(init, teacher, data_fn, recipe, windows, pair_cache=pc,
                                              on_step=lambda s, d, m, r: cb())
 
             variants = {
@@ -122,7 +122,7 @@ def grad_mode_row(bench: Any, repeats: int) -> dict:
 
 
 def sampling_rows(bench: Any, repeats: int) -> list[dict]:
-    from proreflow.digits import train_student
+    from proreflow.apps.digits import train_student
     from proreflow.windows import WindowSchedule
 
     cfg = bench.cfg

@@ -27,20 +27,19 @@ from typing import Any, Callable
 
 import torch
 
-from proreflow.methods import MethodSpec
-from proreflow.windows import ProgressivePlan
+from proreflow.training import Recipe
 
 HERE = Path(__file__).parent
 METHODS = ["2-rectified-flow", "perflow", "proreflow"]
 #: train(plan, lam, on_step, seed) -> None ; score(model) -> float (lower is better)
-Trainer = Callable[[ProgressivePlan, float, Callable[..., None], int], Any]
+Trainer = Callable[[Recipe, Callable[..., None]], Any]  # (recipe, on_step) -> trains
 
 
-def curve(spec: MethodSpec, k: int, budget: int, every: int, seed: int, train: Trainer,
-          score: Callable[[torch.nn.Module], float], init: torch.nn.Module) -> list[dict]:
+def curve(recipe: Recipe, k: int, every: int, train: Trainer, score: Callable[[torch.nn.Module], float],
+          init: torch.nn.Module) -> list[dict]:
     """Scores of one training run at step 0 (`init`) and every `every` optimizer steps, with the teacher
     NFE and the training seconds (evaluation excluded) spent up to that point."""
-    plan = spec.plan(k, budget)
+    plan = recipe.plan(k)
     offsets = [sum(s.steps for s in plan.stages[:i]) for i in range(len(plan.stages))]
     stage_nfe: dict[int, int] = {}
     points: list[dict] = [{"step": 0, "teacher_nfe": 0, "seconds": 0.0, "score": score(init)}]
@@ -57,7 +56,7 @@ def curve(spec: MethodSpec, k: int, budget: int, every: int, seed: int, train: T
                        "seconds": t0 - clock["start"] - clock["eval"], "score": value})
         clock["eval"] += time.perf_counter() - t0
 
-    train(plan, spec.lam, on_step, seed)
+    train(recipe, on_step)
     return points
 
 
@@ -138,7 +137,7 @@ def plot(curves: dict[str, list[list[dict]]], metric: str, path: Path) -> None:
 
 
 def toy(seeds: list[int], k: int, every: int) -> tuple[dict, str]:
-    from proreflow.demo import Comparison, find_method, points_data_fn, load_config, prepare, with_run_settings
+    from proreflow.apps.toy import Comparison, find_method, points_data_fn, load_config, prepare, with_run_settings
     from proreflow.metrics import fidelity_rmse
     from proreflow.sampling import sample
     from proreflow.training import train_plan
@@ -157,19 +156,18 @@ def toy(seeds: list[int], k: int, every: int) -> tuple[dict, str]:
                     x = sample(lambda x, t, c=None: model(x, t, c), cmp.noise, final, final.steps_per_window(k))
                 return fidelity_rmse(x, cmp.reference)
 
-            def train(plan, lam, on_step, seed, cfg=cfg, setup=setup, spec=spec):
-                train_plan(setup.base, setup.teacher, points_data_fn(setup.data.train), plan, cfg.teacher_solver,
-                           replace(cfg.train, seed=seed), lam, sampling=spec.sampling(cfg.time_sampling),
-                           pair_source=spec.pair_source, on_step=on_step)
+            def train(recipe, on_step, setup=setup):
+                train_plan(setup.base, setup.teacher, points_data_fn(setup.data.train), recipe, k, on_step=on_step)
 
-            curves[name].append(curve(spec, k, cfg.budget_steps, every, seed, train, score, setup.base))
+            recipe = replace(cfg.recipe(spec), train=replace(cfg.train, seed=seed))
+            curves[name].append(curve(recipe, k, every, train, score, setup.base))
             print(f"toy seed {seed} {name}: final fidelity {curves[name][-1][-1]['score']:.4f}", flush=True)
     return curves, "fidelity RMSE"
 
 
 def digits(seeds: list[int], k: int, every: int, out: Path, samples: int) -> tuple[dict, str]:
-    from proreflow.digits import DigitsBench, load_digits_config
-    from proreflow.teachers.flow import NetworkTeacher
+    from proreflow.apps.digits import DigitsBench, load_digits_config
+    from proreflow.fields.network import NetworkTeacher
     from proreflow.training import train_plan
 
     cfg = load_digits_config("digits")
@@ -187,12 +185,11 @@ def digits(seeds: list[int], k: int, every: int, out: Path, samples: int) -> tup
                 imgs = bench.generate(model, final, final.steps_per_window(k), guidance=cfg.eval.guidance, n=samples)
                 return bench.score(imgs)["fd"]
 
-            def train(plan, lam, on_step, seed, spec=spec):
-                train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), plan, cfg.teacher_solver,
-                           replace(cfg.train, seed=seed, progress=False), lam, sampling=spec.sampling(cfg.time_sampling),
-                           pair_source=spec.pair_source, on_step=on_step)
+            def train(recipe, on_step):
+                train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), recipe, k, on_step=on_step)
 
-            curves[name].append(curve(spec, k, cfg.budget_steps, every, seed, train, score, teacher))
+            recipe = replace(cfg.recipe(spec), train=replace(cfg.train, seed=seed, progress=False))
+            curves[name].append(curve(recipe, k, every, train, score, teacher))
             print(f"digits seed {seed} {name}: final FD {curves[name][-1][-1]['score']:.3f}", flush=True)
     return curves, "FD"
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from proreflow.demo import BaseConfig, Comparison, load_config, prepare, with_run_settings
+from proreflow.apps.toy import BaseConfig, Comparison, load_config, prepare, with_run_settings
 from proreflow.methods import MethodSpec
 from proreflow.time_sampling import TimeSampling
 

@@ -2,7 +2,6 @@ import os
 
 import pytest
 import torch
-
 from tiny_sd import caption_folder, tiny_pipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -104,7 +104,7 @@ def test_plan_stages_nest():
 
 def test_pair_targets_equal_the_chord_and_one_step_lands_on_x_b(gen):
     """x_a is data noised to the window start; x_b the teacher's ODE solution; target is the chord."""
-    from proreflow.teachers.gmm import GaussianMixture
+    from proreflow.fields.gmm import GaussianMixture
 
     gmm = GaussianMixture.ring(4, 2.0, 0.3)
     x0 = gmm.sample(256, gen)
@@ -167,7 +167,7 @@ def test_aligned_loss_reduces_to_mse_and_its_gradient_shrinks_the_angle(gen):
 
 
 def test_teacher_max_batch_chunks_calls_without_changing_pairs():
-    from proreflow.teachers.gmm import GaussianMixture
+    from proreflow.fields.gmm import GaussianMixture
 
     gmm = GaussianMixture.ring(8, 3.0, 0.3)
     sizes = []

@@ -8,7 +8,6 @@ files made by `_files` (bad configs, bad point sets, bad captions) or a damaged 
 import hashlib
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from proreflow.checkpoint import CHECKSUMS, CheckpointConfig, set_rng_state
 from proreflow.cli import app
 from proreflow.errors import ProReflowError
+from proreflow.training.checkpoint import CHECKSUMS, CheckpointConfig, set_rng_state
 
 runner = CliRunner()
 # perflow at 2 steps: a 4-step base fit (checkpoint at step 2) and one 6-step stage (checkpoints at 2 and 4)

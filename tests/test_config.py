@@ -2,8 +2,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from proreflow.apps.toy import ToyConfig, load_config
 from proreflow.config import from_dict
-from proreflow.demo import ToyConfig, load_config
 from proreflow.errors import ProReflowError
 from proreflow.methods import MethodSpec
 
@@ -80,3 +80,30 @@ def test_user_config_overrides_only_what_it_names(tmp_path):
     assert cfg.train.lr == 0.01 and cfg.budget_steps == 77
     assert cfg.train.batch_size == default.train.batch_size and cfg.methods == default.methods
     assert load_config(p, budget_steps=5).budget_steps == 5
+
+
+def test_distill_config_defaults_are_the_default_preset_and_a_partial_yaml_changes_only_its_keys(tmp_path):
+    """Regression: DistillConfig's defaults matched no preset, so a partial user YAML got another teacher solver."""
+    from proreflow.apps.sd import DistillConfig, load_distill_config
+
+    assert DistillConfig() == load_distill_config()
+    partial = tmp_path / "mine.yaml"
+    partial.write_text("lora_rank: 8\n")
+    mine = load_distill_config(partial)
+    assert mine.lora_rank == 8 and mine.teacher_solver == DistillConfig().teacher_solver
+    assert mine.budget_steps == load_distill_config("sd15-proreflow-I").budget_steps
+
+
+def test_one_recipe_joins_a_method_and_the_preset_settings():
+    from proreflow.time_sampling import TimeSampling
+    from proreflow.training import Recipe
+
+    cfg = load_config()
+    m = next(m for m in cfg.methods if m.name == "proreflow")
+    r = cfg.recipe(m)
+    assert isinstance(r, Recipe) and r.train == cfg.train and r.teacher_solver == cfg.teacher_solver
+    assert r.plan(2).total_steps == cfg.budget_steps and r.sampling == m.sampling(cfg.time_sampling)
+    assert r.describe(2) == {"windows": m.window_counts(2), "lam": m.lam, "time_sampling": r.sampling.label(),
+                             "pair_source": m.pair_source}
+    uniform = Recipe(m, 10, TimeSampling("uniform"))
+    assert uniform.key(2) != Recipe(m, 10, TimeSampling("start")).key(2) or m.time_sampling is not None

@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_sd import CAPTIONS, tiny_sdxl_pipeline
 from typer.testing import CliRunner
 
+from proreflow.apps.sd import DistillConfig, distill, encode_prompts_only, encode_records, load_pipeline
 from proreflow.cli import app
 from proreflow.data.captions import load_hf_dataset, prepare_image, read_hf_dataset, read_source, read_tar_shards
-from proreflow.distill import (DistillConfig, distill, encode_prompts_only, encode_records, load_pipeline)
 from proreflow.errors import ProReflowError
 from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver
+from proreflow.time_sampling import TimeSampling
 from proreflow.training import TrainConfig
-from tiny_sd import CAPTIONS, tiny_sdxl_pipeline
 
 runner = CliRunner()
 
@@ -113,7 +114,8 @@ def test_hf_dataset_adapter_and_missing_dependency(monkeypatch):
 
 
 def _cfg(teacher_dir, windows, **kw):  # noqa: F811
-    return DistillConfig(model=str(teacher_dir), resolution=16, steps=2, method=MethodSpec("proreflow", windows=windows),
+    return DistillConfig(gradient_checkpointing=False, time_sampling=TimeSampling(),
+                         model=str(teacher_dir), resolution=16, steps=2, method=MethodSpec("proreflow", windows=windows),
                          budget_steps=4, teacher_solver=TeacherSolver("euler", 2),
                          train=TrainConfig(lr=1e-3, batch_size=2, progress=False), **kw)
 

@@ -3,14 +3,14 @@
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-from proreflow.diffusers_export import export_pipeline
-from proreflow.schedulers.proreflow import ProReflowScheduler, scheduler_for
-from proreflow.errors import ProReflowError
-from proreflow.sampling import sample
-from proreflow.teachers.vp import VPSchedule, VPVelocity, output_to_velocity, velocity_to_output
-from proreflow.windows import WindowSchedule
 from tiny_sd import tiny_pipeline, tiny_unet
+
+from proreflow.apps.sd.export import export_pipeline
+from proreflow.errors import ProReflowError
+from proreflow.fields.vp import VPSchedule, VPVelocity, output_to_velocity, velocity_to_output
+from proreflow.sampling import sample
+from proreflow.schedulers.proreflow import ProReflowScheduler, scheduler_for
+from proreflow.windows import WindowSchedule
 
 
 def _ddim(prediction_type="epsilon"):

@@ -9,15 +9,15 @@ import torch
 from typer.testing import CliRunner
 
 from proreflow.analysis import perturb, perturbed_field, velocity_discrepancy
-from proreflow.baselines import scheduler_sample
-from proreflow.schedulers import make_scheduler
 from proreflow.cli import app
 from proreflow.data.digits import NULL_CLASS, class_cond, label_dropout, load_digits_images
 from proreflow.errors import ProReflowError
+from proreflow.fields.gmm import GaussianMixture
+from proreflow.fields.network import FlowVelocity, guided_call
 from proreflow.metrics import FrechetDistance
 from proreflow.pairs import PairCache, TeacherSolver, flatten_cond, unflatten_cond
-from proreflow.teachers.flow import FlowVelocity, guided_call
-from proreflow.teachers.gmm import GaussianMixture
+from proreflow.schedulers import make_scheduler
+from proreflow.schedulers.sample import scheduler_sample
 from proreflow.windows import WindowSchedule
 
 runner = CliRunner()
@@ -259,7 +259,7 @@ def test_sigterm_between_students_exits_143_and_the_rerun_continues(smoke_run, m
     import os
     import signal
 
-    import proreflow.digits as digits
+    import proreflow.apps.digits.run as digits
 
     out, res = smoke_run
     real, calls = digits.train_student, []

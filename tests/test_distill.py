@@ -5,21 +5,23 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from tiny_sd import tiny_pipeline
 from typer.testing import CliRunner
 
+from proreflow.apps.sd import DistillConfig, build_teacher_student, distill, encode_folder, load_pipeline
 from proreflow.cli import app
-from proreflow.distill import DistillConfig, build_teacher_student, distill, encode_folder, load_pipeline
 from proreflow.losses import aligned_loss
 from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver, make_window_pairs
+from proreflow.time_sampling import TimeSampling
 from proreflow.training import TrainConfig
-from tiny_sd import tiny_pipeline
 
 runner = CliRunner()
 
 
 def _cfg(teacher_dir, **kw):
-    base = dict(model=str(teacher_dir), resolution=16, steps=2, method=MethodSpec("proreflow", windows="4->k", lam=1.0),
+    base = dict(gradient_checkpointing=False, time_sampling=TimeSampling(),
+                model=str(teacher_dir), resolution=16, steps=2, method=MethodSpec("proreflow", windows="4->k", lam=1.0),
                 budget_steps=40, teacher_solver=TeacherSolver("euler", 2), caption_dropout=0.2,
                 train=TrainConfig(lr=1e-3, batch_size=6, ema_decay=0.9, progress=False, seed=0))
     base.update(kw)
@@ -60,7 +62,7 @@ def test_distill_lowers_the_loss_and_exports_a_loadable_student(tmp_path, teache
         frozen = [k for k in teacher_unet if not any(t in k for t in ("to_k", "to_q", "to_v", "to_out"))]
         assert all(torch.equal(student_unet[k], teacher_unet[k]) for k in frozen)  # only adapted layers moved
     _, fresh_teacher = build_teacher_student(load_pipeline(cfg.model), replace_lora(cfg, 0))
-    from proreflow.teachers.vp import VPVelocity
+    from proreflow.fields.vp import VPVelocity
 
     trained = VPVelocity(loaded.unet, fresh_teacher.schedule)
     after = _pair_loss(trained, probe_teacher, data, cfg)
@@ -101,7 +103,7 @@ def replace_lora(cfg, rank):
 def test_lora_teacher_is_the_unet_with_adapters_off(teacher_dir):
     cfg = _cfg(teacher_dir, lora_rank=4)
     teacher, student = build_teacher_student(load_pipeline(cfg.model), cfg)
-    assert teacher.unet is student.unet  # one UNet in memory
+    assert teacher.field.unet is student.unet  # one UNet in memory
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
     y, t = torch.randn(2, 4, 8, 8), torch.tensor([0.7, 0.3])
@@ -124,7 +126,7 @@ def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder, monkeypatch
     preset = tmp_path / "tiny.yaml"
     preset.write_text(f"model: {teacher_dir}\nresolution: 16\nsteps: 2\nmethod: {{name: proreflow, windows: '4->k'}}\n"
                       "budget_steps: 4\nteacher_solver: {method: euler, steps: 2}\n"
-                      "train: {batch_size: 2, lr: 1.0e-3}\n")
+                      "train: {batch_size: 2, lr: 1.0e-3, mixed_precision: \"no\", warmup_steps: 0}\n")
     r = runner.invoke(app, ["distill", "--data", str(image_folder), "--out", str(out), "--preset", str(preset), "--quiet"])
     assert r.exit_code == 0, r.output
     assert ended == [1]
@@ -168,7 +170,7 @@ def test_exported_scheduler_config_states_the_students_window_count(tmp_path):
     """Regression: a 2-window student's scheduler_config.json said num_windows: 4 (the unused default)."""
     import json
 
-    from proreflow.diffusers_export import export_pipeline
+    from proreflow.apps.sd.export import export_pipeline
     from proreflow.schedulers.proreflow import ProReflowScheduler
     from proreflow.windows import WindowSchedule
 

@@ -4,14 +4,16 @@ import torch
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from proreflow.distill import DistillConfig, build_teacher_student, distill, encode_folder, load_pipeline
+from proreflow.apps.sd import DistillConfig, build_teacher_student, distill, encode_folder, load_pipeline
 from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver
+from proreflow.time_sampling import TimeSampling
 from proreflow.training import TrainableEMA, TrainConfig
 
 
 def _cfg(model, **kw):
-    base = dict(model=str(model), resolution=16, steps=2, method=MethodSpec("proreflow", windows=[2], lam=1.0),
+    base = dict(gradient_checkpointing=False, time_sampling=TimeSampling(),
+                model=str(model), resolution=16, steps=2, method=MethodSpec("proreflow", windows=[2], lam=1.0),
                 budget_steps=6, teacher_solver=TeacherSolver("euler", 2), lora_rank=4,
                 train=TrainConfig(lr=1e-2, batch_size=4, ema_decay=0.9, progress=False, seed=0))
     base.update(kw)

@@ -9,18 +9,28 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_sd import tiny_pipeline, tiny_tokenizer
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 from typer.testing import CliRunner
 
 from proreflow import metrics_images as mi
+from proreflow.apps.coco_eval import (
+    SCHEDULERS,
+    EvalConfig,
+    RunSpec,
+    evaluate,
+    generate_images,
+    image_name,
+    load_eval_pipeline,
+    load_suite,
+    pipeline_generate_fn,
+    run_scheduler,
+)
+from proreflow.apps.sd.export import export_pipeline
 from proreflow.cli import app
 from proreflow.data.coco import load_caption_set, load_coco_captions
-from proreflow.diffusers_export import export_pipeline
 from proreflow.errors import ProReflowError
-from proreflow.evaluate import (SCHEDULERS, EvalConfig, RunSpec, evaluate, generate_images, image_name,
-                                load_eval_pipeline, load_suite, pipeline_generate_fn, run_scheduler)
 from proreflow.windows import WindowSchedule
-from tiny_sd import tiny_pipeline, tiny_tokenizer
 
 runner = CliRunner()
 RES = 16
@@ -287,7 +297,7 @@ def test_generation_resumes_and_regenerates_half_written_images(assets, tmp_path
 
 def test_timing_is_the_median_per_image_after_warm_up(monkeypatch):
     """The clock is the test's: each call 'takes' a programmed time, so the expected number is exact."""
-    import proreflow.evaluate as ev
+    import proreflow.apps.coco_eval.generate as ev
 
     clock = [0.0]
     durations = iter([9.0, 7.0, 0.4, 3.0, 0.2])  # two warm-up calls (slow), then three timed ones
@@ -366,7 +376,7 @@ def test_evaluate_end_to_end_student_baselines_and_sweep(assets, tmp_path, monke
     assert f"| ProReflow (tiny) | own | 2 | 3 | {rows[0]['seconds_per_image']:.3f} | {rows[0]['fid']:.2f} |" in md
     assert (out / "cfg_sweep.png").stat().st_size > 1000
     # a rerun generates nothing and, with the saved statistics, gives the same numbers (without loading the model)
-    import proreflow.evaluate as ev
+    import proreflow.apps.coco_eval.generate as ev
 
     def no_model(*a, **k):
         raise AssertionError("a finished run without timing must not load its model")
@@ -393,7 +403,7 @@ def test_model_loading_is_never_timed(assets, tmp_path, monkeypatch):
     """Pipelines load lazily (finished runs need none), but before the clock starts, even without warm-up."""
     from types import SimpleNamespace
 
-    import proreflow.evaluate as ev
+    import proreflow.apps.coco_eval.generate as ev
 
     clock = [0.0]
     monkeypatch.setattr(ev.time, "perf_counter", lambda: clock[0])

@@ -5,8 +5,8 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from proreflow.errors import ProReflowError
+from proreflow.fields.network import FlowVelocity
 from proreflow.sampling import sample
-from proreflow.teachers.flow import FlowVelocity
 from proreflow.windows import WindowSchedule
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from proreflow.errors import ProReflowError
+from proreflow.fields.gmm import GaussianMixture
 from proreflow.sampling import sample
-from proreflow.teachers.gmm import GaussianMixture
 from proreflow.windows import WindowSchedule
 
 

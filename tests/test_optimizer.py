@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from proreflow.distill import load_distill_config
+from proreflow.apps.sd import load_distill_config
 from proreflow.errors import ProReflowError
 from proreflow.training import TrainBatch, TrainConfig, fit, make_optimizer
 

@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from proreflow.time_sampling import TimeSampling
-
 from proreflow.errors import ProReflowError
+from proreflow.fields.gmm import GaussianMixture
 from proreflow.pairs import PairCache, TeacherSolver
-from proreflow.teachers.gmm import GaussianMixture
+from proreflow.time_sampling import TimeSampling
 from proreflow.training import cached_reflow_batches
 from proreflow.windows import WindowSchedule
 
@@ -93,9 +92,9 @@ def test_batches_from_the_cache_follow_the_chords(tmp_path):
 
 def test_a_cache_made_by_other_teacher_weights_is_rebuilt(tmp_path):
     """Regression: the spec named no teacher, so a cache folder reused with another teacher was trusted."""
+    from proreflow.fields.network import NetworkTeacher
     from proreflow.models.mlp import VelocityMLP
     from proreflow.pairs import teacher_fingerprint
-    from proreflow.teachers.flow import NetworkTeacher
 
     torch.manual_seed(0)
     a, b = NetworkTeacher(VelocityMLP(2, 16, 2)), NetworkTeacher(VelocityMLP(2, 16, 2))
@@ -139,7 +138,8 @@ def test_train_plans_stage_cache_passes_the_sigterm_check_to_the_build(tmp_path)
     import os
     import signal
 
-    from proreflow.training import PairCacheConfig, TrainingInterrupted, _stage_cache, stop_on_sigterm
+    from proreflow.training import PairCacheConfig, TrainingInterrupted, stop_on_sigterm
+    from proreflow.training.plan import _stage_cache
 
     class TermOnFirst(Data):
         def __call__(self, n, gen):

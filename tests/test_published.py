@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from tiny_sd import tiny_pipeline, tiny_sdxl_pipeline, tiny_unet
 
+from proreflow.apps.coco_eval import EvalConfig, RunSpec, evaluate, load_eval_pipeline, run_scheduler
+from proreflow.apps.coco_eval.published import merge_unet_delta
 from proreflow.errors import ProReflowError
-from proreflow.evaluate import EvalConfig, RunSpec, evaluate, load_eval_pipeline, run_scheduler
-from proreflow.published import merge_unet_delta
 from proreflow.schedulers.perflow import PiecewiseFlowScheduler, perflow_scheduler
 from proreflow.schedulers.rectified_flow import RectifiedFlowScheduler
-from tiny_sd import tiny_pipeline, tiny_sdxl_pipeline, tiny_unet
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -372,7 +372,7 @@ def test_scheduler_overrides_must_name_settings_of_the_scheduler(tmp_path):
 def test_every_named_scheduler_samples_in_half_precision_like_float32(tmp_path):
     """What `evaluate` does on a GPU (dtype auto = float16): every scheduler's arithmetic in the pipeline's
     dtype; here on CPU, float16 and bfloat16 images agree with float32 ones to rounding."""
-    from proreflow.evaluate import SCHEDULERS, pipeline_generate_fn
+    from proreflow.apps.coco_eval import SCHEDULERS, pipeline_generate_fn
 
     tiny_pipeline(tmp_path / "parts").save_pretrained(tmp_path / "m")
     for name in SCHEDULERS:

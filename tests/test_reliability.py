@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from proreflow.checkpoint import CheckpointConfig, load_tensors
-from proreflow.store import atomic_save_tensors
 from proreflow.errors import ProReflowError
+from proreflow.store import atomic_save_tensors
+from proreflow.training.checkpoint import CheckpointConfig, load_tensors
 
 BUDGET, BASE, EVERY = 60, 30, 3
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from tiny_sd import caption_folder
 
-from proreflow.distill import DistillConfig, distill, encode_folder, load_pipeline
-from proreflow.evaluate import EvalConfig, RunSpec, evaluate
+from proreflow.apps.coco_eval import EvalConfig, RunSpec, evaluate
+from proreflow.apps.sd import DistillConfig, distill, encode_folder, load_pipeline
 from proreflow.methods import MethodSpec
 from proreflow.models.sd_shapes import build_pipeline
 from proreflow.pairs import TeacherSolver
+from proreflow.time_sampling import TimeSampling
 from proreflow.training import TrainConfig
-from tiny_sd import caption_folder
 
 pytestmark = pytest.mark.slow
 RES = 64
@@ -31,7 +32,8 @@ def test_sd15_sized_distill_export_sample_and_evaluate(tmp_path):
     assert sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tmp_path / "teacher", subfolder="unet")
                .parameters()) > 8.5e8
     images = caption_folder(tmp_path / "images", size=(RES, RES))
-    cfg = DistillConfig(model=str(tmp_path / "teacher"), resolution=RES, steps=4, lora_rank=4,
+    cfg = DistillConfig(gradient_checkpointing=False, time_sampling=TimeSampling(),
+                        model=str(tmp_path / "teacher"), resolution=RES, steps=4, lora_rank=4,
                         method=MethodSpec("proreflow", windows="4->k", lam=1.0), budget_steps=2,
                         teacher_solver=TeacherSolver("euler", 1),
                         train=TrainConfig(lr=1e-4, batch_size=2, progress=False, seed=0))

@@ -9,16 +9,25 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+from tiny_sd import caption_folder, tiny_sdxl_pipeline, tiny_sdxl_unet
 from typer.testing import CliRunner
 
+from proreflow.apps.sd import (
+    DistillConfig,
+    build_teacher_student,
+    distill,
+    encode_folder,
+    encode_text,
+    load_pipeline,
+    param_digest,
+    uncond_text,
+)
 from proreflow.cli import app
-from proreflow.distill import (DistillConfig, build_teacher_student, distill, encode_folder, encode_text,
-                               load_pipeline, param_digest, uncond_text)
+from proreflow.fields.vp import VPSchedule, VPVelocity
 from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver
-from proreflow.teachers.vp import VPSchedule, VPVelocity
+from proreflow.time_sampling import TimeSampling
 from proreflow.training import TrainConfig
-from tiny_sd import caption_folder, tiny_sdxl_pipeline, tiny_sdxl_unet
 
 runner = CliRunner()
 
@@ -100,7 +109,8 @@ def test_sdxl_data_has_size_ids_and_caption_dropout_drops_text_only(sdxl_dir, im
 
 
 def _cfg(model, **kw):
-    base = dict(model=str(model), resolution=16, steps=2, method=MethodSpec("proreflow", windows="4->k", lam=1.0),
+    base = dict(gradient_checkpointing=False, time_sampling=TimeSampling(),
+                model=str(model), resolution=16, steps=2, method=MethodSpec("proreflow", windows="4->k", lam=1.0),
                 budget_steps=30, teacher_solver=TeacherSolver("euler", 2), caption_dropout=0.2, teacher_guidance=2.0,
                 train=TrainConfig(lr=1e-3, batch_size=6, ema_decay=0.9, progress=False, seed=0))
     base.update(kw)
@@ -138,7 +148,7 @@ def test_cli_distill_and_sample_sdxl(tmp_path, sdxl_dir, image_folder):
     preset = tmp_path / "tiny.yaml"
     preset.write_text(f"model: {sdxl_dir}\nresolution: 16\nsteps: 2\nmethod: {{name: proreflow, windows: '4->k'}}\n"
                       "budget_steps: 4\nteacher_solver: {method: euler, steps: 2}\nlora_rank: 4\n"
-                      "train: {batch_size: 2, lr: 1.0e-3}\n")
+                      "train: {batch_size: 2, lr: 1.0e-3, mixed_precision: \"no\", warmup_steps: 0}\n")
     r = runner.invoke(app, ["distill", "--data", str(image_folder), "--out", str(out), "--preset", str(preset), "--quiet"])
     assert r.exit_code == 0, r.output
     # a fresh process, as users run it: diffusers must find ProReflowScheduler without the tests' imports
@@ -150,7 +160,7 @@ def test_cli_distill_and_sample_sdxl(tmp_path, sdxl_dir, image_folder):
 
 
 def test_sdxl_preset_loads():
-    from proreflow.distill import load_distill_config
+    from proreflow.apps.sd import load_distill_config
 
     cfg = load_distill_config("sdxl-proreflow")
     assert (cfg.model, cfg.resolution, cfg.steps) == ("stabilityai/stable-diffusion-xl-base-1.0", 1024, 4)
@@ -164,7 +174,7 @@ def test_sdxl_latents_are_what_the_sdxl_img2img_pipeline_encodes(tmp_path, stats
     decoding) were ignored, so the student trained on latents the pipeline would decode wrongly."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    from proreflow.distill import encode_images
+    from proreflow.apps.sd import encode_images
 
     pipe = tiny_sdxl_pipeline(tmp_path)
     if stats:
@@ -182,7 +192,7 @@ def test_sdxl_latents_are_what_the_sdxl_img2img_pipeline_encodes(tmp_path, stats
 
 def test_float16_vae_with_force_upcast_encodes_in_float32(tmp_path):
     """Regression: a float16 SDXL VAE (weights_dtype float16) encoded in float16, where SDXL's VAE overflows."""
-    from proreflow.distill import encode_images
+    from proreflow.apps.sd import encode_images
 
     pipe = tiny_sdxl_pipeline(tmp_path)
     assert pipe.vae.config.force_upcast

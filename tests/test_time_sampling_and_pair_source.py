@@ -5,15 +5,15 @@ import torch
 
 import proreflow.training as training
 from proreflow.errors import ProReflowError
+from proreflow.fields.gmm import GaussianMixture
 from proreflow.methods import MethodSpec
 from proreflow.models.mlp import VelocityMLP
 from proreflow.pairs import TeacherSolver, grid_solver, make_window_pairs
 from proreflow.sampling import sample
 from proreflow.solvers import solve
-from proreflow.teachers.gmm import GaussianMixture
 from proreflow.time_sampling import TimeSampling
-from proreflow.training import TrainConfig, reflow_batches, train_plan
-from proreflow.windows import ProgressivePlan, WindowSchedule
+from proreflow.training import Recipe, TrainConfig, reflow_batches, train_plan
+from proreflow.windows import WindowSchedule
 
 GMM = GaussianMixture.ring(4, 2.0, 0.3)
 
@@ -151,11 +151,12 @@ def test_previous_stage_plan_takes_stage_two_pairs_from_a_frozen_copy_of_stage_o
         sources.append((source, solver))
         return real(source, data_fn, schedule, solver, batch_size, sampling)
 
-    monkeypatch.setattr(training, "reflow_batches", spy)
+    monkeypatch.setattr(training.plan, "reflow_batches", spy)
     torch.manual_seed(0)
-    plan = ProgressivePlan.from_window_counts([4, 2], 6)
-    res = train_plan(VelocityMLP(2, 16, 2), _teacher, _data_fn, plan, TeacherSolver("rk4", 4), _cfg(), lam=0.0,
-                     pair_source="previous_stage", sampling=TimeSampling("start"))
+    method = MethodSpec("p", windows=[4, 2], lam=0.0, pair_source="previous_stage", time_sampling=TimeSampling("start"))
+    recipe = Recipe(method, 6, teacher_solver=TeacherSolver("rk4", 4), train=_cfg())
+    plan = recipe.plan(2)
+    res = train_plan(VelocityMLP(2, 16, 2), _teacher, _data_fn, recipe, 2)
     assert sources[0][0] is _teacher and sources[0][1].mode == "per_window"
     frozen, solver = sources[1]
     assert frozen is not res.stages[0].model and not any(p.requires_grad for p in frozen.parameters())
@@ -165,7 +166,7 @@ def test_previous_stage_plan_takes_stage_two_pairs_from_a_frozen_copy_of_stage_o
     # stage 1: 16 teacher evaluations per pair (rk4 x 4); stage 2: 2 student steps per pair
     assert res.nfe_per_pair == pytest.approx(16 / 2) and res.student_nfe_per_pair == pytest.approx(2 / 2)
     with pytest.raises(ProReflowError, match="pair_source"):
-        train_plan(VelocityMLP(2, 16, 2), _teacher, _data_fn, plan, TeacherSolver(), _cfg(), 0.0, pair_source="x")
+        MethodSpec("p", windows=[4, 2], pair_source="x")
 
 
 def test_start_sampling_trains_a_windowed_student_where_the_sampler_looks():
@@ -179,13 +180,12 @@ def test_start_sampling_trains_a_windowed_student_where_the_sampler_looks():
     base = fit(VelocityMLP(2, 64, 3), flow_matching_batches(_data_fn, 256, _teacher), 400, _cfg(lr=3e-3)).model
     noise = torch.randn(1000, 2, generator=torch.Generator().manual_seed(9))
     reference = sample(_teacher, noise, WindowSchedule.uniform(1), 64, method="rk4")
-    plan = ProgressivePlan.from_window_counts([4], 300)
     scores = {}
     for rule in ("uniform", "start"):
-        res = train_plan(base, _teacher, _data_fn, plan, TeacherSolver("rk4", 4), _cfg(lr=1e-3), 0.0,
-                         sampling=TimeSampling(rule))
-        with torch.no_grad():
-            scores[rule] = fidelity_rmse(sample(lambda x, t, c=None: res.student(x, t, c), noise, plan.final), reference)
+        recipe = Recipe(MethodSpec("perflow", windows=[4], lam=0.0), 300, TimeSampling(rule), TeacherSolver("rk4", 4),
+                        _cfg(lr=1e-3))
+        res = train_plan(base, _teacher, _data_fn, recipe, 4)
+        scores[rule] = fidelity_rmse(res.sample(noise), reference)
     assert scores["start"] < 0.8 * scores["uniform"], scores
 
 
@@ -216,8 +216,8 @@ def test_bad_command_line_time_sampling(text):
 
 
 def test_command_line_rule_keeps_the_presets_margin_and_reaches_the_distill_config():
-    from proreflow.demo import load_config
-    from proreflow.distill import load_distill_config
+    from proreflow.apps.sd import load_distill_config
+    from proreflow.apps.toy import load_config
 
     toy = load_config(None, time_sampling=TimeSampling.parse("mixture:0.3"))
     assert toy.time_sampling == TimeSampling("mixture", 0.3, 0.0)

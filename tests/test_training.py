@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from proreflow.time_sampling import TimeSampling
-
 import proreflow.training as training
 from proreflow.data.toy import BUILTIN, builtin_points, load_points, split_points
 from proreflow.errors import ProReflowError
+from proreflow.fields.gmm import GaussianMixture
+from proreflow.methods import MethodSpec
 from proreflow.models.mlp import VelocityMLP
 from proreflow.pairs import TeacherSolver
-from proreflow.teachers.gmm import GaussianMixture
-from proreflow.training import TrainConfig, fit, flow_matching_batches, reflow_batches, train_plan
+from proreflow.time_sampling import TimeSampling
+from proreflow.training import Recipe, TrainConfig, fit, flow_matching_batches, reflow_batches, train_plan
 from proreflow.windows import ProgressivePlan
 
 GMM = GaussianMixture.ring(4, 2.0, 0.3)
@@ -120,11 +120,12 @@ def test_each_stage_starts_from_the_previous_student(monkeypatch):
         seen.append(model)
         return real_fit(model, *a, **kw)
 
-    monkeypatch.setattr(training, "fit", spy)
+    monkeypatch.setattr(training.plan, "fit", spy)
     torch.manual_seed(0)
     init = VelocityMLP(2, 16, 2)
-    plan = ProgressivePlan.from_window_counts([4, 2, 1], 6)
-    res = train_plan(init, _teacher, _data_fn, plan, TeacherSolver("euler", 2), _cfg(), lam=1.0)
+    recipe = Recipe(MethodSpec("p", windows=[4, 2, 1], lam=1.0), 6, teacher_solver=TeacherSolver("euler", 2), train=_cfg())
+    res = train_plan(init, _teacher, _data_fn, recipe, 1)
+    assert res.plan == ProgressivePlan.from_window_counts([4, 2, 1], 6)
     assert seen[0] is init
     assert seen[1] is res.stages[0].model and seen[2] is res.stages[1].model
     assert res.student is res.stages[2].model and res.optimizer_steps == 6
@@ -183,8 +184,8 @@ def test_compile_fast_path_trains_the_same_model():
 
 def test_channels_last_trains_a_conv_unet_to_the_same_weights():
     """NHWC weights (what GPU convolutions in bf16 prefer) change the memory layout, not the result."""
+    from proreflow.fields.network import FlowVelocity
     from proreflow.models.unet import UNetConfig, class_unet
-    from proreflow.teachers.flow import FlowVelocity
 
     torch.manual_seed(0)
     init = FlowVelocity(class_unet(UNetConfig(block_out_channels=(8, 16), norm_num_groups=4), 8, 3))
@@ -223,8 +224,8 @@ def test_a_stop_requested_during_the_last_step_ends_the_fit_on_every_process(tmp
     signalled a moment after the others could stop while they went on into the next stage, whose first
     collective (DDP's broadcast, `wait_for_everyone`) then waited for it. The check is now agreed on by all
     processes; here `_all_ranks` plays a peer whose SIGTERM arrived after the last step's vote."""
-    from proreflow.checkpoint import CheckpointConfig
     from proreflow.training import TrainingInterrupted
+    from proreflow.training.checkpoint import CheckpointConfig
 
     votes = []
 
@@ -232,7 +233,7 @@ def test_a_stop_requested_during_the_last_step_ends_the_fit_on_every_process(tmp
         votes.append(ok)
         return ok if len(votes) <= 4 else False  # 2 steps x (finite, stop); then the peer has a stop request
 
-    monkeypatch.setattr(training, "_all_ranks", all_ranks)
+    monkeypatch.setattr(training.loop, "_all_ranks", all_ranks)
     ck = CheckpointConfig(tmp_path / "ck", every=100).for_fit("stage-1")
     with pytest.raises(TrainingInterrupted, match="after its last step"):
         fit(VelocityMLP(2, 8, 1), flow_matching_batches(_data_fn, 64), 2, _cfg(), checkpoints=ck)

@@ -2,7 +2,7 @@
 with aligned v-prediction (Ke et al., "ProReflow", arXiv 2503.04824).
 
 The algorithm modules (`conventions`, `windows`, `time_sampling`, `losses`, `solvers`, `pairs`,
-`sampling`, `methods`) depend only on torch; training, teachers, schedulers, metrics, the applications and
+`sampling`, `methods`) depend only on torch; velocity fields, schedulers, training, the applications (`apps/`) and
 the CLI build on them (docs/design.md §3).
 """
 
@@ -20,4 +20,6 @@ def __getattr__(name: str):
 
         return ProReflowScheduler
     raise AttributeError(f"module 'proreflow' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Optional
+from contextlib import contextmanager
+from typing import Annotated, Iterator, Optional
 
 import typer
 from typer._click import exceptions as click_errors  # typer's own copy of click (typer >= 0.20)
@@ -36,6 +37,17 @@ class _Commands(TyperGroup):
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
 
+
+# options shared by `demo` and `train`, declared once
+DataOpt = Annotated[Optional[Path], typer.Option(help="Your own points: a .npy array of shape N x D, D >= 2.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(help="A toy preset YAML (default: the packaged configs/toy.yaml).")]
+TimeSamplingOpt = Annotated[Optional[str], typer.Option(
+    help="Where students train on each chord: uniform, start, mixture or mixture:P (P of the batch at window "
+         "starts); the preset's default for methods that name none.")]
+BaseStepsOpt = Annotated[Optional[int], typer.Option(help="Override flow-matching steps of the shared init.")]
+OutliersOpt = Annotated[bool, typer.Option(help="Train on --data even with points more than 1e6 robust scales from "
+                                                "the median (refused by default: they wreck standardisation).")]
+QuietOpt = Annotated[bool, typer.Option(help="No progress bars.")]
 
 app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Few-step students by progressive reflow with aligned v-prediction.")
@@ -68,6 +80,19 @@ def _check_out(out: Path, flag: str = "--out") -> None:
     check_output_dir(out, flag)
 
 
+@contextmanager
+def _errors(resume_hint: str = "continue with --resume latest") -> Iterator[None]:
+    """Our errors as one `error:` line and exit 2; a SIGTERM-stopped run as exit 143 with how to continue."""
+    from proreflow.training import TrainingInterrupted
+
+    try:
+        yield
+    except ProReflowError as exc:
+        _fail(exc)
+    except TrainingInterrupted as exc:
+        _interrupted(exc, resume_hint)
+
+
 def _interrupted(exc: Exception, hint: str) -> None:
     """SIGTERM stopped training after a checkpoint: say how to continue, exit 143 like a terminated job."""
     typer.echo(f"interrupted: {exc}; {hint}", err=True)
@@ -95,32 +120,25 @@ def _root() -> None:
 def demo(
     dataset: Optional[str] = typer.Option(None, help="Built-in 2-D set: gmm (exact teacher, default), moons, "
                                                      "checkerboard, 8gaussians, spirals, circles."),
-    data: Optional[Path] = typer.Option(None, help="Your own points: a .npy array of shape N x D, D >= 2."),
+    data: DataOpt = None,
     steps: str = typer.Option("1,2,4", help="Comma-separated sampling step counts of the students."),
     out: Path = typer.Option(Path("demo-out"), help="Output folder for results.json, results.md and plots."),
     seed: int = typer.Option(0, help="Seed for data, initialisation, training and evaluation."),
-    config: Optional[Path] = typer.Option(None, help="A toy preset YAML (default: the packaged configs/toy.yaml)."),
+    config: ConfigOpt = None,
     budget: Optional[int] = typer.Option(None, help="Override optimizer steps per method (all stages)."),
-    time_sampling: Optional[str] = typer.Option(None, help="Where students train on each chord: uniform, start, "
-                                                "mixture or mixture:P (P of the batch at window starts); the "
-                                                "preset's default for methods that name none."),
-    base_steps: Optional[int] = typer.Option(None, help="Override flow-matching steps of the shared init."),
-    allow_outliers: bool = typer.Option(False, help="Train on --data even with points more than 1e6 robust scales "
-                                                    "from the median (refused by default: they wreck standardisation)."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    time_sampling: TimeSamplingOpt = None,
+    base_steps: BaseStepsOpt = None,
+    allow_outliers: OutliersOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Compare teacher Euler, 2-rectified flow, PeRFlow, the two ablations and ProReflow at equal budget."""
-    from proreflow.demo import parse_steps, run_demo
+    from proreflow.apps.toy import parse_steps, run_demo
 
-    try:
-        _check_seed(seed)
+    with _errors():
         ks = parse_steps(steps)
-        cfg = _load(config, budget, base_steps, time_sampling)
-        _check_out(out)
+        cfg = _toy_config(seed, out, config, budget, base_steps, time_sampling)
         rows = run_demo(cfg, ks, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
                         progress=not quiet, allow_outliers=allow_outliers)
-    except ProReflowError as exc:
-        _fail(exc)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'samples.png'}, {out / 'trajectories.png'}")
     del rows
@@ -132,40 +150,30 @@ def train(
     steps: int = typer.Option(4, help="Sampling steps of the student (resolves 'k' in the preset's windows)."),
     out: Path = typer.Option(..., help="Run folder: checkpoints/, student.safetensors, metrics.json, run.json."),
     dataset: Optional[str] = typer.Option(None, help="Built-in 2-D set (default: the exact GMM teacher)."),
-    data: Optional[Path] = typer.Option(None, help="Your own points: a .npy array of shape N x D, D >= 2."),
+    data: DataOpt = None,
     seed: int = typer.Option(0, help="Seed for data, initialisation and training."),
-    config: Optional[Path] = typer.Option(None, help="A toy preset YAML (default: the packaged configs/toy.yaml)."),
+    config: ConfigOpt = None,
     budget: Optional[int] = typer.Option(None, help="Override optimizer steps (all stages)."),
-    time_sampling: Optional[str] = typer.Option(None, help="Where students train on each chord: uniform, start, "
-                                                "mixture or mixture:P (P of the batch at window starts); the "
-                                                "preset's default for methods that name none."),
-    base_steps: Optional[int] = typer.Option(None, help="Override flow-matching steps of the shared init."),
+    time_sampling: TimeSamplingOpt = None,
+    base_steps: BaseStepsOpt = None,
     checkpoint_every: int = typer.Option(200, help="Checkpoint every N optimizer steps."),
     keep: int = typer.Option(2, help="Keep the last N checkpoints of each stage."),
     resume: Optional[str] = typer.Option(None, help="'latest': continue the run in --out from its last checkpoint."),
     cached_pairs: int = typer.Option(0, help="Cache N teacher pairs per stage in --out/pairs (0: on the fly)."),
-    allow_outliers: bool = typer.Option(False, help="Train on --data even with points more than 1e6 robust scales "
-                                                    "from the median (refused by default: they wreck standardisation)."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    allow_outliers: OutliersOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train one method's student with crash-safe checkpoints (SIGTERM saves one; --resume latest continues)."""
-    from proreflow.demo import train_single
-    from proreflow.training import TrainingInterrupted
+    from proreflow.apps.toy import train_single
 
-    try:
-        _check_seed(seed)
+    with _errors():
         resume_latest = _resume_latest(resume)
         if cached_pairs < 0:
             raise ProReflowError(f"--cached-pairs must be >= 0, got {cached_pairs}")
-        cfg = _load(config, budget, base_steps, time_sampling)
-        _check_out(out)
+        cfg = _toy_config(seed, out, config, budget, base_steps, time_sampling)
         row = train_single(cfg, method, steps, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
                            every=checkpoint_every, keep=keep, resume=resume_latest, progress=not quiet,
                            cached_pairs=cached_pairs, allow_outliers=allow_outliers)
-    except ProReflowError as exc:
-        _fail(exc)
-    except TrainingInterrupted as exc:
-        _interrupted(exc, "continue with --resume latest")
     _finish(f"{row['method']} at {row['steps']} steps: fidelity RMSE {row['fidelity_rmse']:.4f}, "
             f"SW2 {row['distance_swd']:.4f}; wrote {out / 'student.safetensors'} and {out / 'metrics.json'}")
 
@@ -192,42 +200,16 @@ def distill(
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Distill a Stable Diffusion teacher into a few-step student (run under `accelerate launch` for GPUs)."""
-    from dataclasses import replace
+    from proreflow.apps.sd import load_distill_config, run_distill
+    from proreflow.time_sampling import TimeSampling
 
-    from proreflow.checkpoint import CheckpointConfig
-    from proreflow.distill import distill as run_distill
-    from proreflow.data.captions import read_prompts, read_source
-    from proreflow.distill import encode_prompts_only, encode_records, load_distill_config, load_pipeline
-    from proreflow.training import TrainingInterrupted
-
-    try:
+    with _errors():
         resume_latest = _resume_latest(resume)
         _check_seed(seed)
-        from proreflow.time_sampling import TimeSampling
-
         cfg = load_distill_config(preset, model=model, lora_rank=lora_rank, budget_steps=budget, resolution=resolution,
                                   time_sampling=TimeSampling.parse(time_sampling))
-        cfg = replace(cfg, train=replace(cfg.train, seed=seed, progress=not quiet))
-        _check_out(out)
-        if encode_cache is not None:
-            _check_out(encode_cache, "--encode-cache")
-        ckpt = CheckpointConfig(out / "checkpoints", checkpoint_every, 2, resume_latest)
-        if not ckpt.resume and (out / "model_index.json").exists():
-            raise ProReflowError(f"{str(out)!r} already holds a pipeline; choose another --out")
-        if ckpt.resume and not ckpt.dir.is_dir():
-            raise ProReflowError(f"--resume latest: {str(out)!r} holds no run to resume (no checkpoints/); "
-                                 f"drop --resume to start one")
-        if (data is None) == (prompts is None):
-            raise ProReflowError("pass exactly one of --data (images + captions) or --prompts (prompt-only mode)")
-        records = read_source(data) if data is not None else read_prompts(prompts)
-        pipe = load_pipeline(cfg.model)  # float32: build_teacher_student casts only the frozen weights
-        data_ = (encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=not quiet) if data is not None
-                 else encode_prompts_only(pipe, records, cfg.resolution))
-        summary = run_distill(cfg, pipe, data_, out, ckpt)
-    except ProReflowError as exc:
-        _fail(exc)
-    except TrainingInterrupted as exc:
-        _interrupted(exc, "continue with --resume latest")
+        summary = run_distill(cfg, out, data=data, prompts=prompts, seed=seed, encode_cache=encode_cache,
+                              checkpoint_every=checkpoint_every, resume=resume_latest, progress=not quiet)
     _finish(f"{summary['method']}: {summary['steps']}-step student written to {out} "
             f"(load with DiffusionPipeline.from_pretrained)")
 
@@ -246,7 +228,7 @@ def sample(
     """Generate images with a (student) pipeline and write them as PNGs."""
     import torch
 
-    try:
+    with _errors():
         _check_seed(seed)
         if steps < 1:
             raise ProReflowError(f"--steps must be >= 1, got {steps}")
@@ -256,7 +238,7 @@ def sample(
             if v is not None and (v < 8 or v % 8):
                 raise ProReflowError(f"{flag} must be a positive multiple of 8, got {v}")
         _check_out(out)
-        from proreflow.diffusers_export import load_diffusers_pipeline
+        from proreflow.apps.sd.export import load_diffusers_pipeline
 
         pipe = load_diffusers_pipeline(model)
         pipe.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -265,8 +247,6 @@ def sample(
                           width=width, generator=torch.Generator().manual_seed(seed)).images
         except ValueError as exc:  # diffusers' check_inputs: a bad argument for this pipeline
             raise ProReflowError(f"{type(pipe).__name__} refused the arguments: {str(exc).splitlines()[0][:300]}") from None
-    except ProReflowError as exc:
-        _fail(exc)
     out.mkdir(parents=True, exist_ok=True)
     for i, (img, text) in enumerate(zip(images, prompt)):
         img.save(out / f"{i:03d}.png")
@@ -283,18 +263,14 @@ def run(
     quiet: bool = typer.Option(False, help="No progress bars or log lines."),
 ) -> None:
     """Run the digits benchmark: teachers, solver baselines, every method over seeds, table 4, figs. 1a/1b/3."""
-    from proreflow.digits import load_digits_config, run_digits
-    from proreflow.training import TrainingInterrupted, stop_on_sigterm
+    from proreflow.apps.digits import load_digits_config, run_digits
+    from proreflow.training import stop_on_sigterm
 
-    try:
+    with _errors("rerun the same command to continue from the cache"):
         cfg = load_digits_config(config)
         _check_out(out)
         with stop_on_sigterm():
             run_digits(cfg, out, progress=not quiet, analyses=analyses)
-    except ProReflowError as exc:
-        _fail(exc)
-    except TrainingInterrupted as exc:
-        _interrupted(exc, "rerun the same command to continue from the cache")
     typer.echo((out / "results.md").read_text())
 
 
@@ -305,14 +281,12 @@ def analyze(
     quiet: bool = typer.Option(False, help="No progress bars or log lines."),
 ) -> None:
     """The teacher analyses only: velocity discrepancy across timesteps (fig. 1a), direction vs magnitude (fig. 1b)."""
-    from proreflow.digits import analysis_markdown, analyze_digits, load_digits_config
+    from proreflow.apps.digits import analysis_markdown, analyze_digits, load_digits_config
 
-    try:
+    with _errors():
         cfg = load_digits_config(config)
         _check_out(out)
         res = analyze_digits(cfg, out, progress=not quiet)
-    except ProReflowError as exc:
-        _fail(exc)
     typer.echo(analysis_markdown(res))
 
 
@@ -369,9 +343,8 @@ def evaluate(
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Generate images (resumable), time them, and compute FID and CLIP score: one paper table per suite."""
-    from proreflow.config import from_dict
-    from proreflow.evaluate import EvalConfig, RunSpec, load_suite
-    from proreflow.evaluate import evaluate as run_evaluate
+    from proreflow.apps.coco_eval import evaluate as run_evaluate
+    from proreflow.apps.coco_eval import plan_evaluation
 
     overrides = dict(captions=captions, annotations=annotations, prompts=prompts, num_images=num_images,
                      resolution=resolution, seed=seed, batch_size=batch_size, dtype=dtype, reference=reference,
@@ -380,65 +353,30 @@ def evaluate(
                      clip_model=clip_model, fid=fid, clip=clip, warmup_batches=warmup_batches,
                      timing_batches=timing_batches, timing_batch_size=timing_batch_size,
                      progress=False if quiet else None)
-    try:
+    single = {"--model": model, "--name": name, "--scheduler": scheduler, "--steps": steps, "--guidance": guidance,
+              "--lora": lora, "--variant": variant, "--pipeline": pipeline, "--unet-delta": unet_delta,
+              "--delta-variant": delta_variant, "--unet-weights": unet_weights,
+              "--scheduler-setting": scheduler_setting or None, "--timestep-spacing": timestep_spacing}
+    with _errors():
         _check_seed(seed)
-        if suite is not None:
-            per_run = {"--model": model, "--name": name, "--scheduler": scheduler, "--steps": steps,
-                       "--guidance": guidance, "--lora": lora, "--variant": variant, "--pipeline": pipeline,
-                       "--unet-delta": unet_delta, "--delta-variant": delta_variant, "--unet-weights": unet_weights,
-                       "--scheduler-setting": scheduler_setting or None,
-                       "--timestep-spacing": timestep_spacing}
-            given = [flag for flag, v in per_run.items() if v is not None]
-            if given:  # they describe one run; a suite's runs are in its YAML
-                raise ProReflowError(f"{', '.join(given)} describe a single --model run and cannot be combined with "
-                                     f"--suite; edit the suite's runs instead")
-            runs, cfg, title = load_suite(suite, overrides)
-        else:
-            if model is None:
-                raise ProReflowError("give --model (a diffusers pipeline) or --suite (a suite YAML)")
-            try:
-                scales = [float(g) for g in (guidance or "4.0").split(",") if g.strip()]
-                if not all(math.isfinite(g) and g >= 0 for g in scales):
-                    raise ValueError
-            except ValueError:
-                raise ProReflowError(f"--guidance takes comma-separated finite numbers >= 0, got {guidance!r}") from None
-            spacing = {"own": None, None: "trailing"}.get(timestep_spacing, timestep_spacing)
-            runs = [RunSpec(name=name or model.rstrip("/").split("/")[-1], model=model, steps=4 if steps is None else steps,
-                            guidance=scales, scheduler=scheduler, lora=lora, variant=variant, timestep_spacing=spacing,
-                            pipeline=pipeline, unet_delta=unet_delta, delta_variant=delta_variant,
-                            unet_weights=unet_weights, scheduler_overrides=_settings(scheduler_setting))]
-            cfg = from_dict(EvalConfig, {k: v for k, v in overrides.items() if v is not None}, where="evaluate")
-            title = ""
+        runs, cfg, title = plan_evaluation(suite, single, overrides)
         _check_out(out)
         rows = run_evaluate(runs, cfg, out, title=title)
-    except ProReflowError as exc:
-        _fail(exc)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"wrote {out / 'results.json'} and {out / 'results.md'} ({len(rows)} row(s))")
 
 
-def _settings(pairs: Optional[list[str]]) -> Optional[dict]:
-    """KEY=VALUE strings -> a dict, values read as YAML scalars (numbers, booleans, strings)."""
-    import yaml
-
-    if not pairs:
-        return None
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ProReflowError(f"--scheduler-setting takes KEY=VALUE, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-    return out
-
-
-def _load(config: Optional[Path], budget: Optional[int], base_steps: Optional[int], time_sampling: Optional[str] = None):
+def _toy_config(seed: int, out: Path, config: Optional[Path], budget: Optional[int], base_steps: Optional[int],
+                time_sampling: Optional[str]):
+    """`demo` and `train`: the seed, the toy preset with the flags' overrides, and the output folder, checked."""
     from dataclasses import replace
 
-    from proreflow.demo import load_config
+    from proreflow.apps.toy import load_config
     from proreflow.time_sampling import TimeSampling
 
+    _check_seed(seed)
     cfg = load_config(config, budget_steps=budget, time_sampling=TimeSampling.parse(time_sampling))
+    _check_out(out)
     return replace(cfg, base=replace(cfg.base, steps=base_steps)) if base_steps is not None else cfg
 
 

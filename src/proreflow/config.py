@@ -83,16 +83,23 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def load_yaml(path: str | Path) -> dict:
+def read_text_file(path: str | Path, what: str, expected: str) -> str:
+    """A user's text file (UTF-8), or one clear error: missing, a folder, or not text (`expected` says what
+    should be there)."""
     p = Path(path)
     if p.is_dir():
-        raise ProReflowError(f"config file {str(p)!r} is a folder; pass a YAML file")
+        raise ProReflowError(f"{what} {str(p)!r} is a folder; pass {expected}")
     if not p.is_file():
-        raise ProReflowError(f"config file {str(p)!r} does not exist")
+        raise ProReflowError(f"{what} {str(p)!r} does not exist")
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ProReflowError(f"config file {str(p)!r} is not UTF-8 text (a YAML file is expected)") from None
+        raise ProReflowError(f"{what} {str(p)!r} is not UTF-8 text ({expected} is expected)") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    text = read_text_file(p, "config file", "a YAML file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -103,6 +110,17 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ProReflowError(f"config file {str(p)!r} must hold a mapping at the top level")
     return data
+
+
+def load_preset(cls: type[T], default: str | Path, path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None, where: str = "config") -> T:
+    """The one preset loader: the packaged `default` YAML, then a user YAML or preset name (`path`, only the
+    keys it changes), then overrides (None values skipped), as the typed config `cls`."""
+    data = load_yaml(default)
+    if path is not None:
+        data = merge(data, load_yaml(resolve_preset(path)))
+    data = merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return from_dict(cls, data, where=str(path or where))
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from proreflow.config import read_text_file
 from proreflow.errors import ProReflowError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -216,14 +217,7 @@ def prepare_image(src: Any, resolution: int) -> PreparedImage:
 def read_prompts(path: str | Path) -> list[str]:
     """Non-empty lines of a text file."""
     p = Path(path)
-    if p.is_dir():
-        raise ProReflowError(f"prompt file {str(p)!r} is a folder; pass a text file, one prompt a line")
-    if not p.is_file():
-        raise ProReflowError(f"prompt file {str(p)!r} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ProReflowError(f"prompt file {str(p)!r} is not UTF-8 text") from None
+    text = read_text_file(p, "prompt file", "a text file, one prompt a line")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ProReflowError(f"prompt file {str(p)!r} holds no prompts")

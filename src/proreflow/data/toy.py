@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from proreflow.errors import ProReflowError
-from proreflow.teachers.gmm import GaussianMixture
+from proreflow.fields.gmm import GaussianMixture
 
 MIN_POINTS = 20
 

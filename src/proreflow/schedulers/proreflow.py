@@ -20,7 +20,7 @@ from diffusers.utils import BaseOutput
 from torch import Tensor
 
 from proreflow.errors import ProReflowError
-from proreflow.teachers.vp import VPSchedule, output_to_velocity
+from proreflow.fields.vp import VPSchedule, output_to_velocity
 from proreflow.windows import WindowSchedule
 
 

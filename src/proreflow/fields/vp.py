@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from proreflow.conventions import expand_time
 from proreflow.errors import ProReflowError
-from proreflow.teachers.flow import call_network, guided_call
+from proreflow.fields.network import call_network, guided_call
 
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
 

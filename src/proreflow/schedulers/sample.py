@@ -1,6 +1,6 @@
-"""ODE-solver baselines on a teacher network: a diffusers scheduler's loop, as a pipeline runs it, at the
-same number of network evaluations (NFE) as a few-step student. The schedulers themselves are built by
-name in `proreflow.schedulers`.
+"""A diffusers scheduler's loop on a network, as a pipeline runs it: the ODE-solver baselines on a teacher at the
+same number of network evaluations (NFE) as a few-step student. The schedulers are built by name in
+`proreflow.schedulers`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from proreflow.errors import ProReflowError
-from proreflow.teachers.flow import call_network, guided_call
+from proreflow.fields.network import call_network, guided_call
 
 @torch.no_grad()
 def scheduler_sample(net: nn.Module, scheduler: Any, noise: Tensor, steps: int, cond: Any = None,

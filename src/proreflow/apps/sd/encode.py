@@ -1,89 +1,29 @@
-"""Text-to-image distillation of a diffusers Stable Diffusion teacher by progressive reflow.
-
-The same stage loop as the toy (`training.train_plan`): the teacher and the student are
-`VPVelocity` views of UNets, the data are VAE latents with their caption embeddings, and the
-student is exported as a diffusers pipeline with a `ProReflowScheduler`. With `lora_rank > 0`
-the student is LoRA adapters (peft) on the teacher's own UNet and the teacher is that UNet with
-the adapters disabled, so one UNet's weights are held; otherwise the UNet is fully fine-tuned.
-"""
+"""Pipelines and their inputs: load a teacher pipeline, encode images (VAE latents) and captions (text
+embeddings, SDXL's pooled embeddings and size conditioning) once, optionally into a checksummed cache."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 
-from proreflow.checkpoint import CheckpointConfig
-from proreflow.store import ShardStore, atomic_write_text, module_digest
-from proreflow.config import from_dict, load_yaml, merge, resolve_preset
 from proreflow.data.captions import find_pairs, prepare_image
 from proreflow.errors import ProReflowError
-from proreflow.methods import MethodSpec
-from proreflow.pairs import TeacherSolver, flatten_cond, unflatten_cond
-from proreflow.teachers.vp import VPSchedule, VPVelocity
-from proreflow.time_sampling import TimeSampling
-from proreflow.training import TrainConfig, process_state, stop_on_sigterm, train_plan
-from proreflow.windows import ProgressivePlan
-
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """A distillation preset (configs/sd15-proreflow-*.yaml)."""
-
-    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    resolution: int = 512
-    steps: int = 4
-    method: MethodSpec = field(default_factory=lambda: MethodSpec("proreflow", windows="8->k", lam=1.0))
-    budget_steps: int = 8000
-    time_sampling: TimeSampling = field(default_factory=TimeSampling)  # unless the method names its own
-    teacher_solver: TeacherSolver = field(default_factory=lambda: TeacherSolver("euler", 8, "per_window"))
-    teacher_guidance: float = 1.0
-    caption_dropout: float = 0.1
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    gradient_checkpointing: bool = False
-    weights_dtype: str = "float32"  # frozen weights only (teacher copy, LoRA base); trained ones are float32
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.resolution >= 8 and self.resolution % 8 == 0, f"resolution must be a multiple of 8, got {self.resolution}"),
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
-            (self.lora_rank >= 0, f"lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}"),
-            (self.teacher_guidance >= 1.0, f"teacher_guidance must be >= 1, got {self.teacher_guidance}"),
-            (self.weights_dtype in ("float32", "float16", "bfloat16"),
-             f"weights_dtype must be float32, float16 or bfloat16, got {self.weights_dtype!r}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ProReflowError(msg)
-        self.method.plan(self.steps, self.budget_steps)  # windows must fit the step count
-
-
-def load_distill_config(path: str | Path | None = None, **overrides: Any) -> DistillConfig:
-    """A preset (name in configs/ or a YAML path) with CLI overrides on top."""
-    data: dict = {}
-    if path is not None:
-        data = load_yaml(resolve_preset(path))
-    data = merge(data, {k: v for k, v in overrides.items() if v is not None})
-    return from_dict(DistillConfig, data, where=str(path or "distill config"))
+from proreflow.pairs import flatten_cond, unflatten_cond
+from proreflow.store import ShardStore
+from proreflow.training import process_state
 
 
 def load_pipeline(model: str, weights_dtype: str = "float32") -> Any:
     """`DiffusionPipeline.from_pretrained` (SD1.x/2.x or SDXL) with a clear error when the weights are not available."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from proreflow.diffusers_export import load_diffusers_pipeline
+    from proreflow.apps.sd.export import load_diffusers_pipeline
 
     pipe = load_diffusers_pipeline(model, "the teacher", torch_dtype=getattr(torch, weights_dtype))
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
@@ -312,104 +252,3 @@ def encode_prompts_only(pipe: Any, prompts: list[str], resolution: int) -> Capti
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     shape = (pipe.unet.config.in_channels, resolution // f, resolution // f)
     return CaptionedLatents(cond, uncond, None, shape)
-
-
-def check_prompt_only(plan: ProgressivePlan) -> None:
-    """Prompt-only data can only train windows that start at pure noise (t_a = 1)."""
-    for k, stage in enumerate(plan.stages):
-        late = stage.schedule.boundaries[1:-1]
-        if late:
-            raise ProReflowError(
-                f"stage {k + 1} has {stage.schedule.num_windows} windows; those starting at t = "
-                f"{', '.join(f'{t:.3g}' for t in late)} < 1 start from noised real images, which prompt-only data "
-                f"lack: pass image data (--data), or use a one-window plan (e.g. method windows: '1') for prompts only")
-
-
-def param_digest(module: torch.nn.Module) -> str:
-    """sha256 of the trainable parameters (names and bytes), to check that all processes agree."""
-    return module_digest(module, "trainable")
-
-
-class AdaptersOffVelocity(VPVelocity):
-    """The teacher when the student is LoRA on the same UNet: the UNet with its adapters disabled."""
-
-    def _call(self, x_tau: Tensor, timestep: Tensor, cond: Any) -> Tensor:
-        self.unet.disable_adapters()
-        try:
-            return super()._call(x_tau, timestep, cond)
-        finally:
-            self.unet.enable_adapters()
-
-
-def build_teacher_student(pipe: Any, cfg: DistillConfig) -> tuple[VPVelocity, VPVelocity]:
-    vp = VPSchedule.from_scheduler(pipe.scheduler)
-    pt = pipe.scheduler.config.get("prediction_type", "epsilon")
-    unet = pipe.unet
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    frozen = getattr(torch, cfg.weights_dtype)  # the dtype of the weights that are not trained
-    if cfg.lora_rank:
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.to(frozen)  # the frozen base, which is also the teacher (adapters off)
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                                    init_lora_weights=True, target_modules=LORA_TARGETS))
-        teacher: VPVelocity = AdaptersOffVelocity(unet, vp, pt, cfg.teacher_guidance)
-    else:
-        teacher = VPVelocity(copy.deepcopy(unet).to(frozen).requires_grad_(False).eval(), vp, pt,
-                             cfg.teacher_guidance)
-    # the trained weights in float32 whatever `weights_dtype` holds the frozen ones in: AdamW's updates
-    # (lr ~1e-4 of a weight) are below bfloat16's resolution (~4e-3) and would round away. A full fine-tune
-    # starts from the weights as loaded: load the pipeline in float32 (`load_pipeline`'s default, what the
-    # CLI does) so that only the teacher's copy is rounded to `weights_dtype`
-    from diffusers.training_utils import cast_training_params
-
-    cast_training_params(unet, dtype=torch.float32)
-    return teacher, VPVelocity(unet, vp, pt)
-
-
-def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
-            checkpoints: CheckpointConfig | None = None, on_step: Callable[..., None] | None = None) -> dict:
-    """Train the student by the preset's plan and export it as a diffusers pipeline in `out`.
-    `on_step(stage, done, ema_model_fn, result)` runs after every optimizer step (`train_plan`)."""
-    from proreflow.diffusers_export import export_pipeline
-
-    plan = cfg.method.plan(cfg.steps, cfg.budget_steps)
-    sampling = cfg.method.sampling(cfg.time_sampling)
-    if data.prompt_only:
-        check_prompt_only(plan)
-    teacher, student = build_teacher_student(pipe, cfg)
-    teacher.to(process_state().device)  # the student is placed by accelerate; a frozen copy must follow it
-    data_fn = data.data_fn(cfg.caption_dropout, with_uncond=cfg.teacher_guidance != 1.0)
-    with stop_on_sigterm():
-        res = train_plan(student, teacher, data_fn, plan, cfg.teacher_solver, cfg.train, cfg.method.lam,
-                         desc=f"{cfg.method.name} k={cfg.steps}", sampling=sampling, pair_source=cfg.method.pair_source,
-                         checkpoints=checkpoints, copy_model=False, on_step=on_step)
-    unet = res.student.unet
-    summary = {"method": cfg.method.name, "steps": cfg.steps, "windows": list(plan.final.boundaries),
-               "stage_windows": [s.schedule.num_windows for s in plan.stages], "lam": cfg.method.lam,
-               "time_sampling": asdict(sampling), "pair_source": cfg.method.pair_source,
-               "optimizer_steps": res.optimizer_steps, "teacher_nfe_per_pair": res.nfe_per_pair,
-               "student_nfe_per_pair": res.student_nfe_per_pair,
-               "final_loss": res.stages[-1].losses[-1], "lora_rank": cfg.lora_rank}
-    state = process_state()
-    from accelerate.utils import gather_object
-
-    digests = gather_object([param_digest(res.student)]) if state.num_processes > 1 else [param_digest(res.student)]
-    summary["rank_param_sha256"] = digests
-    if len(set(digests)) != 1:  # DDP keeps replicas equal; a mismatch means a broken launch or nondeterminism
-        raise ProReflowError(f"the {len(digests)} processes ended with different trained weights ({digests}); "
-                             f"nothing was exported. Check the accelerate launch settings")
-    if state.is_main_process:
-        if cfg.lora_rank:
-            from peft.utils import get_peft_model_state_dict
-
-            pipe.save_lora_weights(out / "lora", unet_lora_layers=get_peft_model_state_dict(unet),
-                                   safe_serialization=True)
-            unet.fuse_lora()
-            unet.unload_lora()  # a plain UNet: the exported pipeline needs no peft to load
-        export_pipeline(pipe, unet, plan.final, out)
-        atomic_write_text(out / "proreflow.json", json.dumps(summary, indent=2) + "\n")
-    state.wait_for_everyone()
-    return summary

@@ -1,0 +1,30 @@
+"""Evaluation results as a markdown table in the paper's format, and the CFG sweeps to plot."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """method | steps | guidance | time | FID | CLIP, like the paper's tables."""
+    def num(v: float | None, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    devices = sorted({r["device"] for r in rows if r["seconds_per_image"] is not None})
+    head = (f"{summary['title'] + ': ' if summary['title'] else ''}{summary['captions']}, {summary['num_images']} "
+            f"images at {summary['resolution']}px, seed {summary['seed']}; FID against {summary['reference']}; "
+            f"CLIP score with {summary['clip_model']}. Time: median seconds per image over timed batches after "
+            f"warm-up, on {', '.join(devices) or 'n/a'}.\n\n")
+    lines = ["| method | scheduler | steps | guidance | time (s/img) | FID | CLIP |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['scheduler']} | {r['steps']} | {r['guidance']:g} | "
+                     f"{num(r['seconds_per_image'], '.3f')} | {num(r['fid'], '.2f')} | {num(r['clip'], '.2f')} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def guidance_sweeps(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows grouped by method, scheduler and steps: the rows of one group differ in guidance only."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['method']} ({r['scheduler']}, {r['steps']} steps)", []).append(r)
+    return groups

@@ -1,0 +1,185 @@
+"""What one digits benchmark run shares: data, classifier, teachers, evaluation noise and references (all
+cached under <out>/cache by the settings they depend on), and one student's training."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from proreflow.apps.digits.config import DigitsConfig
+from proreflow.data.digits import NUM_CLASSES, DigitsData, class_cond, label_dropout, load_digits_images
+from proreflow.fields.network import FlowVelocity, NetworkTeacher
+from proreflow.fields.vp import VPSchedule, VPVelocity
+from proreflow.methods import MethodSpec
+from proreflow.metrics import FrechetDistance, fidelity_rmse
+from proreflow.models.classifier import DigitsClassifier, FeatureExtractor, accuracy, train_classifier
+from proreflow.models.unet import class_unet
+from proreflow.sampling import sample
+from proreflow.store import atomic_save_tensors, json_key
+from proreflow.training import PairCacheConfig, PlanResult, TrainConfig, fit, flow_matching_batches, train_plan
+from proreflow.training.checkpoint import CheckpointConfig, load_tensors
+from proreflow.windows import WindowSchedule
+
+
+class Log:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.start = enabled, time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            print(f"[digits {time.perf_counter() - self.start:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+class DigitsBench:
+    """Data, classifier, teachers and shared evaluation inputs of one benchmark run (all cached)."""
+
+    def __init__(self, cfg: DigitsConfig, out: Path, progress: bool = True) -> None:
+        self.cfg, self.out, self.progress = cfg, out, progress
+        self.cache = out / "cache"
+        self.log = Log(progress)
+        d = cfg.data
+        self.data: DigitsData = load_digits_images(d.size, d.test_fraction, d.split_seed)
+        self.classifier = self._classifier()
+        self.classifier_accuracy = accuracy(self.classifier, self.data.test_x, self.data.test_y)
+        # the reference is held-out data (docs/design.md §4): FD to the training split would reward memorising it
+        self.fd = FrechetDistance(FeatureExtractor(self.classifier), self.data.test_x)
+        from diffusers import DDPMScheduler
+
+        ddpm = DDPMScheduler(**asdict(cfg.vp))
+        self.ddpm_config = dict(ddpm.config)
+        self.vp_schedule = VPSchedule.from_scheduler(ddpm)
+        self.teachers: dict[str, torch.nn.Module] = {}
+        self.teacher_seconds: dict[str, float] = {}
+        for kind in cfg.teacher.kinds:
+            self.teachers[kind] = self._teacher(kind)
+        n = cfg.eval.samples
+        gen = torch.Generator().manual_seed(cfg.eval.seed)
+        self.noise = torch.randn(n, 1, d.size, d.size, generator=gen)
+        self.labels = torch.arange(n) % NUM_CLASSES
+        self._references: dict[tuple[str, float], Tensor] = {}
+
+    # -- cached components ---------------------------------------------------------------------
+    def _classifier(self) -> DigitsClassifier:
+        path = self.cache / f"classifier-{json_key(asdict(self.cfg.data), self.cfg.classifier_steps)}.safetensors"
+        net = DigitsClassifier(NUM_CLASSES)
+        if path.is_file():
+            net.load_state_dict(load_tensors(path))
+            return net.eval()
+        self.log("training the digits classifier (FD features)")
+        net = train_classifier(self.data.train_x, self.data.train_y, steps=self.cfg.classifier_steps, seed=0,
+                               progress=self.progress)
+        atomic_save_tensors(net.state_dict(), path)
+        return net
+
+    def wrap(self, kind: str, unet: torch.nn.Module) -> torch.nn.Module:
+        """The velocity-field view of a digits UNet: VP (eps-prediction) or flow (velocity)."""
+        if kind == "vp":
+            return VPVelocity(unet, self.vp_schedule, "epsilon")
+        return FlowVelocity(unet, time_scale=float(self.cfg.vp.num_train_timesteps))
+
+    def teacher_key(self, kind: str) -> str:
+        """Hash of what the teacher's weights depend on (not which teachers a run lists or distills)."""
+        c = self.cfg
+        training = {k: v for k, v in asdict(c.teacher).items() if k not in ("kinds", "distill")}
+        schedule = asdict(c.vp) if kind == "vp" else None  # the flow teacher has no noise schedule
+        return json_key(kind, asdict(c.data), asdict(c.unet), schedule, c.label_dropout, training)
+
+    def _teacher(self, kind: str) -> torch.nn.Module:
+        c = self.cfg
+        tc = c.teacher
+        torch.manual_seed(tc.seed)
+        init = self.wrap(kind, class_unet(c.unet, c.data.size, NUM_CLASSES))
+        train = TrainConfig(lr=tc.lr, batch_size=tc.batch_size, ema_decay=tc.ema_decay, grad_clip=1.0, seed=tc.seed,
+                            progress=self.progress)
+        ckpt = CheckpointConfig(self.cache / f"teacher-{kind}-{self.teacher_key(kind)}", every=250, resume=True)
+        fits = ckpt.for_fit("fit")
+        cached = fits.final_path.is_file()
+        self.log(f"{kind} teacher: " + ("from the cache" if cached else f"{tc.steps} flow-matching steps"))
+        started = time.perf_counter()
+        res = fit(init, flow_matching_batches(self.data_fn(), tc.batch_size), tc.steps, train,
+                  desc=f"{kind} teacher", checkpoints=fits)
+        if not cached:
+            self.teacher_seconds[kind] = time.perf_counter() - started
+        return res.model.eval().requires_grad_(False)
+
+    def data_fn(self) -> Callable[[int, torch.Generator], tuple[Tensor, Any]]:
+        """Training images with labels dropped to the null class at `label_dropout` (for CFG)."""
+        x, y, p = self.data.train_x, self.data.train_y, self.cfg.label_dropout
+
+        def draw(n: int, gen: torch.Generator) -> tuple[Tensor, Any]:
+            idx = torch.randint(0, x.shape[0], (n,), generator=gen)
+            return x[idx], class_cond(label_dropout(y[idx], p, gen))
+
+        return draw
+
+    # -- sampling and scoring ------------------------------------------------------------------
+    def cond(self, n: int | None = None) -> dict:
+        return class_cond(self.labels[: n or self.labels.shape[0]])
+
+    @torch.no_grad()
+    def batched(self, sampler: Callable[[Tensor, dict], Tensor], n: int | None = None, batch: int = 128) -> Tensor:
+        """`sampler(noise, cond)` over the shared evaluation noise and cycling labels 0..9, in batches of
+        `batch` (CPU UNets are fastest per sample near 128)."""
+        noise, labels = self.noise[: n or self.noise.shape[0]], self.labels[: n or self.labels.shape[0]]
+        return torch.cat([sampler(noise[i:i + batch], class_cond(labels[i:i + batch]))
+                          for i in range(0, noise.shape[0], batch)])
+
+    def generate(self, net: torch.nn.Module, schedule: WindowSchedule, per_window: int = 1, method: str = "euler",
+                 guidance: float = 1.0, n: int | None = None) -> Tensor:
+        """Class-conditional samples of a velocity network with our windowed sampler."""
+        old = net.guidance_scale
+        net.guidance_scale = guidance
+        try:
+            field = NetworkTeacher(net)
+            return self.batched(lambda x, cond: sample(field, x, schedule, per_window, method=method, cond=cond), n)
+        finally:
+            net.guidance_scale = old
+
+    def reference(self, kind: str, guidance: float) -> Tensor:
+        key = (kind, guidance)
+        if key not in self._references:
+            self._references[key] = self.generate(self.teachers[kind], WindowSchedule.uniform(1),
+                                                  self.cfg.eval.reference_steps, guidance=guidance)
+        return self._references[key]
+
+    def score(self, images: Tensor, reference: Tensor | None = None) -> dict[str, float]:
+        labels = self.labels[: images.shape[0]]
+        row = {"fd": self.fd(images.clamp(-1, 1)), "class_accuracy": accuracy(self.classifier, images.clamp(-1, 1), labels)}
+        if reference is not None:
+            row["fidelity_rmse"] = fidelity_rmse(images, reference[: images.shape[0]])
+        return row
+
+
+@dataclass
+class StudentRun:
+    method: MethodSpec
+    k: int
+    seed: int
+    result: PlanResult
+    seconds: float
+
+
+def train_student(bench: DigitsBench, spec: MethodSpec, k: int, seed: int) -> StudentRun:
+    """One method's k-step student from the distillation teacher; cached and resumable."""
+    cfg = bench.cfg
+    kind = cfg.teacher.distill
+    teacher = bench.teachers[kind]
+    recipe = replace(cfg.recipe(spec), train=replace(cfg.train, seed=seed, progress=bench.progress))
+    plan, train, sampling = recipe.plan(k), recipe.train, recipe.sampling
+    common = (bench.teacher_key(kind), asdict(cfg.teacher_solver), asdict(replace(train, progress=True)), seed,
+              [(s.schedule.boundaries, s.steps) for s in plan.stages], cfg.label_dropout)
+    # pairs are shared by plans that differ only in lam or time sampling (a pair cache's manifest also
+    # names the weights that made it, so previous-stage pairs are rebuilt whenever the student differs)
+    pairs_dir = bench.cache / "pairs" / json_key(*common, spec.pair_source if spec.pair_source != "teacher" else None)
+    ckpt = CheckpointConfig(bench.cache / "students" / f"{spec.name}-k{k}-s{seed}-"
+                            f"{json_key(*common, spec.lam, asdict(sampling), spec.pair_source)}", every=100, resume=True)
+    started = time.perf_counter()
+    res = train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), recipe, k, desc=f"{spec.name} k={k} seed={seed}",
+                     checkpoints=ckpt, pair_cache=PairCacheConfig(pairs_dir, None, cfg.pair_shard_size))
+    return StudentRun(spec, k, seed, res, time.perf_counter() - started)

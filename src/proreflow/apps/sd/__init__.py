@@ -1,0 +1,25 @@
+"""Stable Diffusion (SD1.x/2.x/SDXL) distillation and export: `proreflow distill` and `proreflow sample`."""
+
+from proreflow.apps.sd.config import DistillConfig, load_distill_config
+from proreflow.apps.sd.distill import LORA_TARGETS, build_teacher_student, check_prompt_only, distill, param_digest
+from proreflow.apps.sd.encode import (
+                                      CaptionedLatents,
+                                      encode_folder,
+                                      encode_images,
+                                      encode_prompts_only,
+                                      encode_records,
+                                      encode_text,
+                                      encoders_on_device,
+                                      is_sdxl,
+                                      load_pipeline,
+                                      time_ids,
+                                      uncond_text,
+)
+from proreflow.apps.sd.export import ProReflowScheduler, export_pipeline, load_diffusers_pipeline, scheduler_for
+from proreflow.apps.sd.run import run_distill
+
+__all__ = ["CaptionedLatents", "DistillConfig", "LORA_TARGETS", "ProReflowScheduler", "build_teacher_student",
+           "check_prompt_only", "distill", "encode_folder", "encode_images", "encode_prompts_only", "encode_records",
+           "encode_text", "encoders_on_device", "export_pipeline", "is_sdxl", "load_diffusers_pipeline",
+           "load_distill_config", "load_pipeline", "param_digest", "run_distill", "scheduler_for", "time_ids",
+           "uncond_text"]

@@ -1,0 +1,40 @@
+"""`proreflow distill` end to end: check everything, read the data, load and encode, distil, export.
+The CLI maps flags onto `run_distill`; benchmarks call the same function."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from proreflow.apps.sd.config import DistillConfig
+from proreflow.apps.sd.distill import distill
+from proreflow.apps.sd.encode import encode_prompts_only, encode_records, load_pipeline
+from proreflow.data.captions import read_prompts, read_source
+from proreflow.errors import ProReflowError
+from proreflow.store import check_output_dir
+from proreflow.training.checkpoint import CheckpointConfig
+
+
+def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts: Path | None = None, seed: int = 0,
+                encode_cache: Path | None = None, checkpoint_every: int = 500, resume: bool = False,
+                progress: bool = True, on_step: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Distil `cfg`'s teacher on images + captions (`data`: folder, tar shards or hf:NAME) or on prompts only,
+    into the diffusers pipeline `out`. Every input is checked before the pipeline is loaded."""
+    cfg = replace(cfg, train=replace(cfg.train, seed=seed, progress=progress))
+    check_output_dir(out)
+    if encode_cache is not None:
+        check_output_dir(encode_cache, "--encode-cache")
+    ckpt = CheckpointConfig(out / "checkpoints", checkpoint_every, 2, resume)
+    if not resume and (out / "model_index.json").exists():
+        raise ProReflowError(f"{str(out)!r} already holds a pipeline; choose another --out")
+    if resume and not ckpt.dir.is_dir():
+        raise ProReflowError(f"--resume latest: {str(out)!r} holds no run to resume (no checkpoints/); "
+                             f"drop --resume to start one")
+    if (data is None) == (prompts is None):
+        raise ProReflowError("pass exactly one of --data (images + captions) or --prompts (prompt-only mode)")
+    records = read_source(data) if data is not None else read_prompts(prompts)
+    pipe = load_pipeline(cfg.model)  # float32: build_teacher_student casts only the frozen weights
+    encoded = (encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=progress)
+               if data is not None else encode_prompts_only(pipe, records, cfg.resolution))
+    return distill(cfg, pipe, encoded, out, ckpt, on_step=on_step)

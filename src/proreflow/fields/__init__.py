@@ -1,0 +1,41 @@
+"""Velocity fields in our convention (t = 0 data, t = 1 noise, v = eps - x0; docs/design.md §1): teachers
+and students alike. Add a teacher here.
+
+- `GaussianMixture` (`gmm.py`): analytic data distribution with its exact marginal velocity (a test oracle).
+- `NetworkTeacher` (`network.py`): any trained velocity network, frozen and called without autograd.
+- `FlowVelocity` (`network.py`): networks that predict our velocity (SD3-style transformers, digits UNets).
+- `VPVelocity` (`vp.py`): eps / v-prediction diffusers UNets (SD1.x/2.x/SDXL) through a change of variables.
+- `AdaptersOff` (`lora.py`): a LoRA student's network with its adapters disabled, as its teacher.
+- `from_pipeline`: the right adapter for a diffusers pipeline, chosen by its scheduler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from proreflow.fields.gmm import GaussianMixture
+from proreflow.fields.lora import AdaptersOff
+from proreflow.fields.network import FlowVelocity, NetworkTeacher
+from proreflow.fields.vp import VPSchedule, VPVelocity
+
+
+def is_flow_matching(scheduler: Any) -> bool:
+    """FlowMatchEulerDiscreteScheduler and its kin (SD3, FLUX): sigmas in [0, 1] and a time `shift`."""
+    return hasattr(scheduler, "sigmas") and "shift" in scheduler.config
+
+
+def from_pipeline(pipe: Any, guidance_scale: float = 1.0, network: nn.Module | None = None) -> nn.Module:
+    """A velocity-field view of a diffusers pipeline's denoiser (`network`, default the pipeline's UNet or
+    transformer): `FlowVelocity` for flow-matching schedulers, else `VPVelocity` with the scheduler's
+    noise schedule and prediction type (epsilon or v_prediction)."""
+    net = network if network is not None else getattr(pipe, "unet", None) or getattr(pipe, "transformer")
+    if is_flow_matching(pipe.scheduler):
+        return FlowVelocity.from_scheduler(net, pipe.scheduler, guidance_scale)
+    return VPVelocity(net, VPSchedule.from_scheduler(pipe.scheduler),
+                      pipe.scheduler.config.get("prediction_type", "epsilon"), guidance_scale)
+
+
+__all__ = ["AdaptersOff", "FlowVelocity", "GaussianMixture", "NetworkTeacher", "VPSchedule", "VPVelocity",
+           "from_pipeline", "is_flow_matching"]

@@ -1,0 +1,28 @@
+"""The teacher of a LoRA student: the student's own network with its adapters switched off.
+
+One network's weights serve both: the student trains adapters (peft) on the frozen base, and the teacher
+is the same field evaluated with the adapters disabled, so no second copy of a 1-3B-parameter network
+is held.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+
+class AdaptersOff(nn.Module):
+    """`field` (a velocity field over `network`) called with `network`'s adapters disabled."""
+
+    def __init__(self, field: nn.Module, network: nn.Module) -> None:
+        super().__init__()
+        self.field = field
+        object.__setattr__(self, "_network", network)  # not a second submodule: `field` already holds it
+
+    def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        self._network.disable_adapters()
+        try:
+            return self.field(x, t, cond)
+        finally:
+            self._network.enable_adapters()

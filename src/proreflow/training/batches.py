@@ -1,0 +1,72 @@
+"""Batch builders: where the method meets the loop (which points on which path, with which target)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from proreflow.conventions import interpolate, path_velocity
+from proreflow.pairs import CachedPairs, TeacherSolver, make_window_pairs, map_cond
+from proreflow.solvers import VelocityField
+from proreflow.time_sampling import TimeSampling
+from proreflow.training.loop import BatchFn, TrainBatch
+from proreflow.windows import WindowSchedule
+
+#: (n, generator) -> (real data x0, conditioning or None)
+DataFn = Callable[[int, torch.Generator], tuple[Tensor, Any]]
+
+
+def flow_matching_batches(data_fn: DataFn, batch_size: int, exact_velocity: VelocityField | None = None) -> BatchFn:
+    """1-rectified flow: x_t on the straight path at t ~ U(0, 1), target eps - x0.
+
+    With `exact_velocity` (an analytic teacher), the target is the exact marginal velocity at
+    x_t instead, which has no sampling variance.
+    """
+
+    def batch(_: int, gen: torch.Generator, rows: slice = slice(None)) -> TrainBatch:
+        x0, cond = data_fn(batch_size, gen)
+        eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+        t = torch.rand(x0.shape[0], generator=gen, dtype=x0.dtype)
+        x0, cond, eps, t = x0[rows], map_cond(cond, lambda c: c[rows]), eps[rows], t[rows]
+        x_t = interpolate(x0, eps, t)
+        target = exact_velocity(x_t, t, cond) if exact_velocity is not None else path_velocity(x0, eps)
+        return TrainBatch(x_t, t, target.to(x0.dtype), cond)
+
+    return batch
+
+
+def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule: WindowSchedule, solver: TeacherSolver,
+                   batch_size: int, sampling: TimeSampling = TimeSampling()) -> BatchFn:
+    """Windowed reflow: fresh teacher pairs for `schedule` each micro-step, a point on each chord.
+
+    Points are drawn at t = t_a - u (t_a - t_b) with u from `sampling` (see `proreflow.time_sampling`:
+    the one-step sampler queries each window only at its start). All randomness is drawn for the
+    global batch; the teacher only solves this process's rows.
+    """
+
+    def batch(_: int, gen: torch.Generator, rows: slice = slice(None)) -> TrainBatch:
+        x0, cond = data_fn(batch_size, gen)
+        noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+        windows = schedule.sample_windows(x0.shape[0], gen)
+        u = sampling.draw(x0.shape[0], gen, x0.dtype)
+        x0, cond, noise, windows, u = x0[rows], map_cond(cond, lambda c: c[rows]), noise[rows], windows[rows], u[rows]
+        pairs = make_window_pairs(teacher, x0, schedule, solver, cond=cond, windows=windows, noise=noise)
+        x_t, t = pairs.point(u)
+        return TrainBatch(x_t, t, pairs.target(), cond, pairs.teacher_nfe)
+
+    return batch
+
+
+def cached_reflow_batches(cache: CachedPairs, batch_size: int, sampling: TimeSampling = TimeSampling()) -> BatchFn:
+    """Like `reflow_batches`, but drawing pairs from a disk cache (teacher cost paid up front)."""
+
+    def batch(_: int, gen: torch.Generator, rows: slice = slice(None)) -> TrainBatch:
+        idx = torch.randint(0, len(cache), (batch_size,), generator=gen)
+        u = sampling.draw(batch_size, gen, cache.pairs.x_a.dtype)
+        pairs = cache.batch(idx[rows])
+        x_t, t = pairs.point(u[rows])
+        return TrainBatch(x_t, t, pairs.target(), pairs.cond, 0)
+
+    return batch

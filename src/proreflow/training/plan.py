@@ -1,0 +1,137 @@
+"""A progressive plan trained stage by stage: pairs (teacher or previous stage), batches, loss, fit."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from proreflow.pairs import CachedPairs, PairCache, TeacherSolver, grid_solver
+from proreflow.sampling import sample
+from proreflow.solvers import VelocityField
+from proreflow.training.batches import DataFn, cached_reflow_batches, reflow_batches
+from proreflow.training.checkpoint import CheckpointConfig
+from proreflow.training.loop import FitResult, fit, process_state
+from proreflow.training.recipe import Recipe
+from proreflow.training.signals import check_stop
+from proreflow.windows import ProgressivePlan, WindowSchedule
+
+
+@dataclass(frozen=True)
+class PairCacheConfig:
+    """Cache teacher pairs per stage under `dir` instead of generating them on the fly.
+
+    `pairs` per stage; None: one pair per training sample of the stage (steps x global batch). Runs
+    whose plans share a stage schedule and seed share its cache (e.g. PeRFlow and its aligned variant).
+    """
+
+    dir: Path
+    pairs: int | None
+    shard_size: int = 10_000
+
+
+@dataclass
+class PlanResult:
+    """A trained plan: the student, every stage's fit, where each stage's pairs came from, and the plan itself
+    (so the result can sample the way it was trained)."""
+
+    student: nn.Module
+    stages: list[FitResult]
+    sources: list[str]  # per stage: what made its pairs, "teacher" or "previous_stage"
+    plan: ProgressivePlan
+
+    def sample(self, noise: Tensor, steps: int | None = None, cond: Any = None) -> Tensor:
+        """The student's samples from `noise` in `steps` Euler steps (default: one per final window; any
+        multiple of the window count)."""
+        schedule = self.plan.final
+        per_window = schedule.steps_per_window(schedule.num_windows if steps is None else steps)
+        self.student.eval()
+        return sample(lambda x, t, c=None: self.student(x, t, c), noise, schedule, per_window, cond=cond)
+
+    def _nfe(self, source: str) -> int:
+        return sum(s.teacher_nfe for s, src in zip(self.stages, self.sources) if src == source)
+
+    @property
+    def teacher_nfe(self) -> int:
+        """Teacher evaluations spent on pairs (stages whose pairs the teacher made)."""
+        return self._nfe("teacher")
+
+    @property
+    def student_nfe(self) -> int:
+        """Student evaluations spent on pairs (stages whose pairs the previous stage's student made)."""
+        return self._nfe("previous_stage")
+
+    @property
+    def nfe_per_pair(self) -> float:
+        """Teacher evaluations per training pair, over all stages."""
+        pairs = sum(s.pairs for s in self.stages)
+        return self.teacher_nfe / pairs if pairs else 0.0
+
+    @property
+    def student_nfe_per_pair(self) -> float:
+        pairs = sum(s.pairs for s in self.stages)
+        return self.student_nfe / pairs if pairs else 0.0
+
+    @property
+    def optimizer_steps(self) -> int:
+        return sum(len(s.losses) for s in self.stages)
+
+
+def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe: Recipe, k: int,
+               accelerator: Accelerator | None = None, desc: str | None = None,
+               checkpoints: CheckpointConfig | None = None, pair_cache: PairCacheConfig | None = None,
+               copy_model: bool = True, on_step: Callable[[int, int, Callable[[], nn.Module], FitResult], None] | None = None
+               ) -> PlanResult:
+    """Train `recipe`'s k-step student: stage k+1 starts from stage k's (EMA) student, the first from `init`.
+
+    Pair source "teacher": every stage's pairs come from the fixed teacher's ODE over that stage's (wider)
+    windows. "previous_stage": stage k+1's pairs come from a frozen copy of stage k's student, one Euler step
+    per stage-k window (the first stage still uses the teacher). The recipe's time sampling places the
+    training points on each chord. `on_step(stage, done, ema_model_fn, result)` is `fit`'s callback with the
+    0-based stage index in front.
+    """
+    plan, cfg, solver = recipe.plan(k), recipe.train, recipe.teacher_solver
+    pair_source, sampling, desc = recipe.method.pair_source, recipe.sampling, desc or f"{recipe.method.name} k={k}"
+    student, stages, sources = init, [], []
+    for k, stage in enumerate(plan.stages):  # k: the stage index from here on
+        source, stage_solver, kind = teacher, solver, "teacher"
+        if pair_source == "previous_stage" and k > 0:
+            # a frozen copy: the next stage may train `student` in place (copy_model=False)
+            source = copy.deepcopy(student).eval().requires_grad_(False)
+            stage_solver, kind = grid_solver(plan.stages[k - 1].schedule, max_batch=solver.max_batch), "previous_stage"
+        cached = None
+        if pair_cache is not None:
+            n_pairs = pair_cache.pairs or stage.steps * cfg.batch_size * cfg.grad_accum
+            cached = _stage_cache(pair_cache, k + 1, n_pairs, source, data_fn, stage.schedule, stage_solver,
+                                  cfg.seed + k + 1, cfg.progress)
+            batches = cached_reflow_batches(cached, cfg.batch_size, sampling)
+        else:
+            batches = reflow_batches(source, data_fn, stage.schedule, stage_solver, cfg.batch_size, sampling)
+        res = fit(student, batches, stage.steps, cfg, loss=recipe.loss, accelerator=accelerator,
+                  desc=f"{desc} stage {k + 1}/{len(plan.stages)} (K={stage.schedule.num_windows})", seed_offset=k + 1,
+                  checkpoints=checkpoints.for_fit(f"stage-{k + 1}") if checkpoints else None, copy_model=copy_model,
+                  on_step=(lambda d, m, r, k=k: on_step(k, d, m, r)) if on_step else None)
+        if cached is not None:  # report the teacher cost of the cache, not of the (free) batches drawn from it
+            res.teacher_nfe, res.pairs = cached.pairs.teacher_nfe, len(cached)
+        stages.append(res)
+        sources.append(kind)
+        student = res.model
+        del source
+    return PlanResult(student=student, stages=stages, sources=sources, plan=plan)
+
+
+def _stage_cache(cfg: PairCacheConfig, stage: int, n_pairs: int, teacher: VelocityField, data_fn: DataFn,
+                 schedule: WindowSchedule, solver: TeacherSolver, seed: int, progress: bool) -> CachedPairs:
+    """The main process builds (or repairs) the stage's cache; then every process loads it."""
+    cache = PairCache(Path(cfg.dir) / f"stage-{stage}")
+    state = process_state()
+    # one process may stop between shards; with several, the others would wait for it at the barrier
+    after_each = (lambda: check_stop(f"while caching the pairs of stage {stage}")) if state.num_processes == 1 else None
+    if state.is_main_process:
+        cache.ensure(teacher, data_fn, schedule, solver, n_pairs, cfg.shard_size, seed, progress, after_each)
+    state.wait_for_everyone()
+    return cache.ensure(teacher, data_fn, schedule, solver, n_pairs, cfg.shard_size, seed)
