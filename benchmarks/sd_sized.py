@@ -107,7 +107,9 @@ def train_row(arch: str, lora_rank: int, args: argparse.Namespace, device: torch
 
     cfg = load_distill_config(PRESETS[arch], resolution=args.resolution or None, lora_rank=lora_rank,
                               budget_steps=args.train_steps)
-    train = replace(cfg.train, batch_size=args.batch or cfg.train.batch_size, progress=False,
+    # one device's micro-batch (the preset's per_device_batch), no accumulation: what memory and speed depend on
+    train = replace(cfg.train, batch_size=args.batch or cfg.train.per_device_batch or cfg.train.batch_size,
+                    per_device_batch=None, progress=False,
                     mixed_precision=cfg.train.mixed_precision if device.type == "cuda" else "no")
     cfg = replace(cfg, train=train, model=f"random weights, {arch} shapes",
                   weights_dtype=args.weights_dtype or cfg.weights_dtype)

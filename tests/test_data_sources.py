@@ -114,7 +114,7 @@ def test_hf_dataset_adapter_and_missing_dependency(monkeypatch):
 
 
 def _cfg(teacher_dir, windows, **kw):  # noqa: F811
-    return DistillConfig(gradient_checkpointing=False, time_sampling=TimeSampling(),
+    return DistillConfig(gradient_checkpointing=False, time_sampling=TimeSampling(), window_placement="flow",
                          model=str(teacher_dir), resolution=16, steps=2, method=MethodSpec("proreflow", windows=windows),
                          budget_steps=4, teacher_solver=TeacherSolver("euler", 2),
                          train=TrainConfig(lr=1e-3, batch_size=2, progress=False), **kw)

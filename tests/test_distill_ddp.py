@@ -30,7 +30,7 @@ def test_two_process_distill_ends_with_identical_weights_on_both_ranks(tmp_path)
     preset.write_text(f"model: {tmp_path / 'teacher'}\nresolution: 16\nsteps: 2\n"
                       "method: {name: proreflow, windows: '4->k'}\nbudget_steps: 4\n"
                       "teacher_solver: {method: euler, steps: 2}\nteacher_guidance: 2.0\n"
-                      "train: {batch_size: 4, lr: 1.0e-3, ema_decay: 0.5, mixed_precision: \"no\", warmup_steps: 0}\n")
+                      "train: {batch_size: 4, per_device_batch: null, lr: 1.0e-3, ema_decay: 0.5, mixed_precision: \"no\", warmup_steps: 0}\n")
     out = tmp_path / "student"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "proreflow.cli",

@@ -12,7 +12,7 @@ from proreflow.training import TrainableEMA, TrainConfig
 
 
 def _cfg(model, **kw):
-    base = dict(gradient_checkpointing=False, time_sampling=TimeSampling(),
+    base = dict(gradient_checkpointing=False, time_sampling=TimeSampling(), window_placement="flow",
                 model=str(model), resolution=16, steps=2, method=MethodSpec("proreflow", windows=[2], lam=1.0),
                 budget_steps=6, teacher_solver=TeacherSolver("euler", 2), lora_rank=4,
                 train=TrainConfig(lr=1e-2, batch_size=4, ema_decay=0.9, progress=False, seed=0))

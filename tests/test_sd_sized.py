@@ -32,7 +32,7 @@ def test_sd15_sized_distill_export_sample_and_evaluate(tmp_path):
     assert sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tmp_path / "teacher", subfolder="unet")
                .parameters()) > 8.5e8
     images = caption_folder(tmp_path / "images", size=(RES, RES))
-    cfg = DistillConfig(gradient_checkpointing=False, time_sampling=TimeSampling(),
+    cfg = DistillConfig(gradient_checkpointing=False, time_sampling=TimeSampling(), window_placement="flow",
                         model=str(tmp_path / "teacher"), resolution=RES, steps=4, lora_rank=4,
                         method=MethodSpec("proreflow", windows="4->k", lam=1.0), budget_steps=2,
                         teacher_solver=TeacherSolver("euler", 1),

@@ -109,7 +109,7 @@ def test_sdxl_data_has_size_ids_and_caption_dropout_drops_text_only(sdxl_dir, im
 
 
 def _cfg(model, **kw):
-    base = dict(gradient_checkpointing=False, time_sampling=TimeSampling(),
+    base = dict(gradient_checkpointing=False, time_sampling=TimeSampling(), window_placement="flow",
                 model=str(model), resolution=16, steps=2, method=MethodSpec("proreflow", windows="4->k", lam=1.0),
                 budget_steps=30, teacher_solver=TeacherSolver("euler", 2), caption_dropout=0.2, teacher_guidance=2.0,
                 train=TrainConfig(lr=1e-3, batch_size=6, ema_decay=0.9, progress=False, seed=0))
@@ -148,7 +148,7 @@ def test_cli_distill_and_sample_sdxl(tmp_path, sdxl_dir, image_folder):
     preset = tmp_path / "tiny.yaml"
     preset.write_text(f"model: {sdxl_dir}\nresolution: 16\nsteps: 2\nmethod: {{name: proreflow, windows: '4->k'}}\n"
                       "budget_steps: 4\nteacher_solver: {method: euler, steps: 2}\nlora_rank: 4\n"
-                      "train: {batch_size: 2, lr: 1.0e-3, mixed_precision: \"no\", warmup_steps: 0}\n")
+                      "train: {batch_size: 2, per_device_batch: null, lr: 1.0e-3, mixed_precision: \"no\", warmup_steps: 0}\n")
     r = runner.invoke(app, ["distill", "--data", str(image_folder), "--out", str(out), "--preset", str(preset), "--quiet"])
     assert r.exit_code == 0, r.output
     # a fresh process, as users run it: diffusers must find ProReflowScheduler without the tests' imports

@@ -192,6 +192,8 @@ def distill(
     time_sampling: Optional[str] = typer.Option(None, help="Where students train on each chord: uniform, start, "
                                                 "mixture or mixture:P (P of the batch at window starts); the preset's."),
     resolution: Optional[int] = typer.Option(None, help="Training resolution in pixels."),
+    window_placement: Optional[str] = typer.Option(None, help="Windows uniform in the teacher's timesteps "
+                                                   "('timesteps', PeRFlow's, the presets') or in flow time ('flow')."),
     seed: int = typer.Option(0, help="Seed for data order, caption dropout and training."),
     checkpoint_every: int = typer.Option(500, help="Checkpoint every N optimizer steps (in OUT/checkpoints)."),
     resume: Optional[str] = typer.Option(None, help="'latest': continue from the last checkpoint in OUT."),
@@ -199,7 +201,14 @@ def distill(
                                                            "folder (checksummed shards) and reuse them next time."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
-    """Distill a Stable Diffusion teacher into a few-step student (run under `accelerate launch` for GPUs)."""
+    """Distill a Stable Diffusion teacher into a few-step student (run under `accelerate launch` for GPUs).
+
+    The SD presets train PeRFlow's budget: 4000 optimizer steps at a global batch of 1024 (train.batch_size),
+    made of train.per_device_batch samples per GPU and gradient accumulation, on any number of GPUs. On 8 GPUs:
+    accelerate launch --multi_gpu --num_processes 8 -m proreflow.cli distill --preset sd15-proreflow-I
+    --data DATA --out OUT (16 per GPU x 8 processes x 8 accumulation steps). The run prints its global batch
+    and the samples each stage sees; a resumed run may use another number of processes.
+    """
     from proreflow.apps.sd import load_distill_config, run_distill
     from proreflow.time_sampling import TimeSampling
 
@@ -207,7 +216,7 @@ def distill(
         resume_latest = _resume_latest(resume)
         _check_seed(seed)
         cfg = load_distill_config(preset, model=model, lora_rank=lora_rank, budget_steps=budget, resolution=resolution,
-                                  time_sampling=TimeSampling.parse(time_sampling))
+                                  time_sampling=TimeSampling.parse(time_sampling), window_placement=window_placement)
         summary = run_distill(cfg, out, data=data, prompts=prompts, seed=seed, encode_cache=encode_cache,
                               checkpoint_every=checkpoint_every, resume=resume_latest, progress=not quiet)
     _finish(f"{summary['method']}: {summary['steps']}-step student written to {out} "

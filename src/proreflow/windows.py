@@ -10,7 +10,7 @@ one-stage plan with fixed K; 2-rectified flow is one stage with K = 1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -19,6 +19,11 @@ from proreflow.errors import ProReflowError
 
 _TOL = 1e-9
 
+
+#: where uniformly spaced window boundaries u in (0, 1) go in flow time: an increasing map with 0 -> 0 and
+#: 1 -> 1 (identity: windows uniform in flow time; `fields.vp.timestep_placement`: uniform in a VP teacher's
+#: timesteps, PeRFlow's placement)
+BoundaryMap = Callable[[float], float]
 
 @dataclass(frozen=True)
 class WindowSchedule:
@@ -59,6 +64,11 @@ class WindowSchedule:
     def ends(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """Window ends t_{i+1}, shape (K,)."""
         return torch.tensor(self.boundaries[1:], device=device, dtype=dtype)
+
+    def mapped(self, place: "BoundaryMap") -> "WindowSchedule":
+        """The same windows with their interior boundaries moved by `place` (1 and 0 stay)."""
+        b = self.boundaries
+        return WindowSchedule((b[0], *(float(place(x)) for x in b[1:-1]), b[-1]))
 
     def steps_per_window(self, steps: int) -> int:
         """Euler steps per window when the whole schedule is sampled in `steps` steps (a multiple of K)."""
@@ -153,6 +163,10 @@ class ProgressivePlan:
         if steps[-1] < 1:
             raise ProReflowError(f"total steps {total_steps} too small for fractions {fractions}")
         return cls(tuple(Stage(WindowSchedule.uniform(c), s) for c, s in zip(counts, steps)))
+
+    def mapped(self, place: "BoundaryMap") -> "ProgressivePlan":
+        """Every stage's windows moved by `place`; nesting is kept (the same boundary maps to the same time)."""
+        return ProgressivePlan(tuple(Stage(s.schedule.mapped(place), s.steps) for s in self.stages))
 
     @property
     def total_steps(self) -> int:

@@ -11,14 +11,16 @@ and students alike. Add a teacher here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
+
+from proreflow.errors import ProReflowError
 
 from proreflow.fields.gmm import GaussianMixture
 from proreflow.fields.lora import AdaptersOff
 from proreflow.fields.network import FlowVelocity, NetworkTeacher
-from proreflow.fields.vp import VPSchedule, VPVelocity
+from proreflow.fields.vp import VPSchedule, VPVelocity, timestep_placement
 
 
 def is_flow_matching(scheduler: Any) -> bool:
@@ -37,5 +39,20 @@ def from_pipeline(pipe: Any, guidance_scale: float = 1.0, network: nn.Module | N
                       pipe.scheduler.config.get("prediction_type", "epsilon"), guidance_scale)
 
 
+#: `window_placement` values: windows uniform in our flow time, or in the teacher's timesteps (PeRFlow's)
+PLACEMENTS = ("flow", "timesteps")
+
+
+def window_placement(pipe: Any, placement: str) -> Callable[[float], float] | None:
+    """The boundary map of `placement` for a pipeline's teacher (None: uniform in flow time). A flow-matching
+    teacher's timesteps are its flow time (t * T), so both placements agree there."""
+    if placement not in PLACEMENTS:
+        raise ProReflowError(f"window_placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    if placement == "flow" or is_flow_matching(pipe.scheduler):
+        return None
+    return timestep_placement(VPSchedule.from_scheduler(pipe.scheduler))
+
+
 __all__ = ["AdaptersOff", "FlowVelocity", "GaussianMixture", "NetworkTeacher", "VPSchedule", "VPVelocity",
-           "from_pipeline", "is_flow_matching"]
+           "PLACEMENTS", "from_pipeline", "is_flow_matching", "timestep_placement",
+           "window_placement"]

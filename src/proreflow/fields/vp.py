@@ -13,7 +13,7 @@ timestep, as every SD sampler does when it starts from pure noise at timestep 99
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -171,3 +171,11 @@ class VPVelocity(nn.Module):
         ts = timestep.to(y.device, torch.float32)
         out = guided_call(lambda c: self._call(x_tau, ts, c), cond, self.guidance_scale)
         return output_to_velocity(out.to(y.dtype), x_tau, alpha, sigma, self.prediction_type)
+
+
+def timestep_placement(schedule: VPSchedule) -> Callable[[float], float]:
+    """PeRFlow's window placement: boundaries uniform in the teacher's discrete timesteps instead of in flow time.
+    A boundary at u in (0, 1) sits at timestep u * T - 1, so K windows start at T - 1, T - 1 - T/K, ...
+    (999/749/499/249 for SD1.5 and K = 4); the first window still starts at pure noise (t = 1)."""
+    T = schedule.num_train_timesteps
+    return lambda u: float(schedule.t_of_timestep(torch.tensor(u * T - 1.0, dtype=torch.float64)))

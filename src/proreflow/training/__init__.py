@@ -2,7 +2,7 @@
 EMA, crash-safe checkpoints and SIGTERM handling (docs/design.md §3). The public names are re-exported here."""
 
 from proreflow.training.batches import DataFn, cached_reflow_batches, flow_matching_batches, reflow_batches
-from proreflow.training.config import TrainConfig
+from proreflow.training.config import TrainConfig, describe_batch, resolve_batch
 from proreflow.training.ema import TrainableEMA, ema_with_warmup
 from proreflow.training.loop import (
                                      BatchFn,
@@ -19,6 +19,6 @@ from proreflow.training.recipe import Recipe, RecipeSettings
 from proreflow.training.signals import TrainingInterrupted, check_stop, stop_on_sigterm
 
 __all__ = ["BatchFn", "DataFn", "FitResult", "PairCacheConfig", "PlanResult", "Recipe", "RecipeSettings", "StepCallback", "TrainBatch",
-           "TrainConfig", "TrainableEMA", "TrainingInterrupted", "cached_reflow_batches", "check_stop",
+           "TrainConfig", "TrainableEMA", "TrainingInterrupted", "cached_reflow_batches", "check_stop", "describe_batch",
            "ema_with_warmup", "fit", "flow_matching_batches", "make_accelerator", "make_optimizer",
-           "process_state", "reflow_batches", "stop_on_sigterm", "train_plan"]
+           "process_state", "reflow_batches", "resolve_batch", "stop_on_sigterm", "train_plan"]

@@ -189,9 +189,8 @@ class FitCheckpoints:
         tensors = load_tensors(path / "state.safetensors")
         meta = _read_json(path / "meta.json")
         rank_file = path / f"rng-rank{rank}.json"
-        if not rank_file.is_file():
-            raise ProReflowError(f"checkpoint {str(path)!r} has no RNG state for rank {rank}: it was written by a "
-                                 f"run with fewer processes; resume with the same number of processes")
+        if not rank_file.is_file():  # written by fewer processes: the new ones start from rank 0's RNG state
+            rank_file = path / "rng-rank0.json"
         return tensors, meta, _read_json(rank_file)
 
 

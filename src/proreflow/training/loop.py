@@ -28,7 +28,7 @@ from proreflow.training.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from proreflow.training.config import TrainConfig
+from proreflow.training.config import TrainConfig, resolve_batch
 from proreflow.training.ema import TrainableEMA
 from proreflow.training.signals import TrainingInterrupted, stop_requested
 
@@ -122,6 +122,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ProReflowError(f"training steps must be a positive integer, got {steps!r}")
+    cfg = resolve_batch(cfg, accelerator.num_processes if accelerator else process_state().num_processes)
     acc = accelerator or make_accelerator(cfg)
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % world:
@@ -154,7 +155,10 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
     done, micro, last_ckpt = 0, 0, None
     if checkpoints is not None and checkpoints.cfg.resume and checkpoints.latest(report) is not None:
         last_ckpt = checkpoints.latest(report)
-        done, micro = _restore(last_ckpt, checkpoints, rank, net, ema, opt, sched, gen, result)
+        done, micro, written_by = _restore(last_ckpt, checkpoints, rank, net, ema, opt, sched, gen, result)
+        if written_by != world:
+            report(f"note: resuming on {world} process(es) from {str(last_ckpt)!r}, written by {written_by}: the "
+                   f"global batch per optimizer step is kept, the run is not bitwise equal to one without the change")
     loss_weight = getattr(net, "loss_weight", None)  # students that define how their output errors count
     net, opt, sched = acc.prepare(net, opt, sched)
     ema.to(acc.device)
@@ -268,7 +272,9 @@ def _sched_state(sched) -> dict[str, Any]:
 
 
 def _restore(path: Path, ck: FitCheckpoints, rank: int, net, ema, opt, sched, gen: torch.Generator,
-             result: FitResult) -> tuple[int, int]:
+             result: FitResult) -> tuple[int, int, int | str]:
+    """Load a checkpoint into the live objects; returns (optimizer steps done, micro-steps done, processes that
+    wrote it)."""
     tensors, meta, rank_state = ck.load(path, rank)
     try:
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
@@ -280,7 +286,7 @@ def _restore(path: Path, ck: FitCheckpoints, rank: int, net, ema, opt, sched, ge
             if k not in FitResult.__dataclass_fields__ or k == "model":
                 raise KeyError(k)
             setattr(result, k, v)
-        done, micro = int(meta["done"]), int(meta["micro"])
+        done, micro, world = int(meta["done"]), int(meta["micro"]), meta.get("world", "an unknown number of")
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise ProReflowError(f"checkpoint {str(path)!r} does not match this model/config ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200]}); resume with the config that wrote it or start "
@@ -290,4 +296,4 @@ def _restore(path: Path, ck: FitCheckpoints, rank: int, net, ema, opt, sched, ge
         torch.set_rng_state(torch.tensor(rank_state["torch"], dtype=torch.uint8))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ProReflowError(f"the RNG state in {str(path)!r} is damaged ({type(exc).__name__})") from None
-    return done, micro
+    return done, micro, world

@@ -15,6 +15,7 @@ from proreflow.sampling import sample
 from proreflow.solvers import VelocityField
 from proreflow.training.batches import DataFn, cached_reflow_batches, reflow_batches
 from proreflow.training.checkpoint import CheckpointConfig
+from proreflow.training.config import resolve_batch
 from proreflow.training.loop import FitResult, fit, process_state
 from proreflow.training.recipe import Recipe
 from proreflow.training.signals import check_stop
@@ -94,7 +95,8 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
     training points on each chord. `on_step(stage, done, ema_model_fn, result)` is `fit`'s callback with the
     0-based stage index in front.
     """
-    plan, cfg, solver = recipe.plan(k), recipe.train, recipe.teacher_solver
+    world = accelerator.num_processes if accelerator else process_state().num_processes
+    plan, cfg, solver = recipe.plan(k), resolve_batch(recipe.train, world), recipe.teacher_solver
     pair_source, sampling, desc = recipe.method.pair_source, recipe.sampling, desc or f"{recipe.method.name} k={k}"
     student, stages, sources = init, [], []
     for k, stage in enumerate(plan.stages):  # k: the stage index from here on

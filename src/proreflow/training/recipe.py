@@ -17,7 +17,7 @@ from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver
 from proreflow.time_sampling import TimeSampling
 from proreflow.training.config import TrainConfig
-from proreflow.windows import ProgressivePlan
+from proreflow.windows import BoundaryMap, ProgressivePlan
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class Recipe:
     time_sampling: TimeSampling = field(default_factory=TimeSampling)  # unless the method names its own
     teacher_solver: TeacherSolver = field(default_factory=TeacherSolver)
     train: TrainConfig = field(default_factory=TrainConfig)
+    placement: BoundaryMap | None = None  # where the windows go (None: uniform in flow time)
 
     def __post_init__(self) -> None:
         if isinstance(self.budget_steps, bool) or not isinstance(self.budget_steps, int) or self.budget_steps < 1:
@@ -36,7 +37,8 @@ class Recipe:
 
     def plan(self, k: int) -> ProgressivePlan:
         """The stages that make a k-step student."""
-        return self.method.plan(k, self.budget_steps)
+        plan = self.method.plan(k, self.budget_steps)
+        return plan.mapped(self.placement) if self.placement is not None else plan
 
     @property
     def sampling(self) -> TimeSampling:

@@ -8,6 +8,7 @@ from typing import Any
 
 from proreflow.config import PRESET_DIR, load_preset
 from proreflow.errors import ProReflowError
+from proreflow.fields import PLACEMENTS
 from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver
 from proreflow.time_sampling import TimeSampling
@@ -30,6 +31,9 @@ class DistillConfig(RecipeSettings):
     budget_steps: int = 4000
     time_sampling: TimeSampling = field(default_factory=lambda: TimeSampling("mixture", 0.5))
     teacher_solver: TeacherSolver = field(default_factory=lambda: TeacherSolver("euler", 32, "per_unit_time"))
+    # windows uniform in the teacher's timesteps (PeRFlow's: 4 windows start at 999/749/499/249 for SD1.5) or
+    # in our flow time (999/674/354/96); the exported scheduler samples the placement the student trained on
+    window_placement: str = "timesteps"
     teacher_guidance: float = 1.0
     caption_dropout: float = 0.1
     lora_rank: int = 0
@@ -37,8 +41,8 @@ class DistillConfig(RecipeSettings):
     gradient_checkpointing: bool = True
     weights_dtype: str = "float32"  # frozen weights only (teacher copy, LoRA base); trained ones are float32
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        lr=8e-5, batch_size=16, warmup_steps=1000, weight_decay=1e-5, ema_decay=0.999, mixed_precision="bf16",
-        grad_clip=1.0))
+        lr=8e-5, batch_size=1024, per_device_batch=16, warmup_steps=1000, weight_decay=1e-5, ema_decay=0.999,
+        mixed_precision="bf16", grad_clip=1.0))
 
     def __post_init__(self) -> None:
         checks = [
@@ -47,6 +51,8 @@ class DistillConfig(RecipeSettings):
             (0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
             (self.lora_rank >= 0, f"lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}"),
             (self.teacher_guidance >= 1.0, f"teacher_guidance must be >= 1, got {self.teacher_guidance}"),
+            (self.window_placement in PLACEMENTS,
+             f"window_placement must be one of {list(PLACEMENTS)}, got {self.window_placement!r}"),
             (self.weights_dtype in ("float32", "float16", "bfloat16"),
              f"weights_dtype must be float32, float16 or bfloat16, got {self.weights_dtype!r}"),
         ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,9 +20,9 @@ import torch
 from proreflow.apps.sd.config import DistillConfig
 from proreflow.apps.sd.encode import CaptionedLatents
 from proreflow.errors import ProReflowError
-from proreflow.fields import AdaptersOff, from_pipeline
+from proreflow.fields import AdaptersOff, from_pipeline, window_placement
 from proreflow.store import atomic_write_text, module_digest
-from proreflow.training import process_state, stop_on_sigterm, train_plan
+from proreflow.training import describe_batch, process_state, stop_on_sigterm, train_plan
 from proreflow.training.checkpoint import CheckpointConfig
 from proreflow.windows import ProgressivePlan
 
@@ -77,10 +77,13 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
     `on_step(stage, done, ema_model_fn, result)` runs after every optimizer step (`train_plan`)."""
     from proreflow.apps.sd.export import export_pipeline
 
-    recipe = cfg.recipe(cfg.method)
+    recipe = replace(cfg.recipe(cfg.method), placement=window_placement(pipe, cfg.window_placement))
     plan, sampling = recipe.plan(cfg.steps), recipe.sampling
     if data.prompt_only:
         check_prompt_only(plan)
+    state = process_state()
+    if state.is_main_process:
+        print(describe_batch(cfg.train, state.num_processes, [s.steps for s in plan.stages]), flush=True)
     teacher, student = build_teacher_student(pipe, cfg)
     teacher.to(process_state().device)  # the student is placed by accelerate; a frozen copy must follow it
     data_fn = data.data_fn(cfg.caption_dropout, with_uncond=cfg.teacher_guidance != 1.0)
@@ -91,10 +94,10 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
     summary = {"method": cfg.method.name, "steps": cfg.steps, "windows": list(plan.final.boundaries),
                "stage_windows": [s.schedule.num_windows for s in plan.stages], "lam": cfg.method.lam,
                "time_sampling": asdict(sampling), "pair_source": cfg.method.pair_source,
+               "window_placement": cfg.window_placement,
                "optimizer_steps": res.optimizer_steps, "teacher_nfe_per_pair": res.nfe_per_pair,
                "student_nfe_per_pair": res.student_nfe_per_pair,
                "final_loss": res.stages[-1].losses[-1], "lora_rank": cfg.lora_rank}
-    state = process_state()
     from accelerate.utils import gather_object
 
     digests = gather_object([param_digest(res.student)]) if state.num_processes > 1 else [param_digest(res.student)]
