@@ -113,6 +113,43 @@ def build_pipeline(arch: str, folder: str | Path, seed: int = 0, device: str | t
         scheduler=EulerDiscreteScheduler(**betas, timestep_spacing="leading"))
 
 
+def tiny_tokenizer(tmp: Path) -> Any:
+    """The `WORDS` tokenizer with 16-token prompts (the tiny text encoders' positions)."""
+    return word_tokenizer(tmp, WORDS, model_max_length=16)
+
+
+def tiny_unet(seed: int = 0, prediction_channels: int = 4) -> Any:
+    """A two-block SD-like UNet with 16-wide cross-attention (tests, the input-pipeline benchmark)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=prediction_channels, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
+        norm_num_groups=8)
+
+
+def tiny_pipeline(tmp: Path, prediction_type: str = "epsilon", seed: int = 0) -> Any:
+    """A StableDiffusionPipeline of tiny random parts (a 1-level VAE: latents at half the image size)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = tiny_tokenizer(tmp / "tokenizer")
+    torch.manual_seed(seed)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                        num_attention_heads=2, num_hidden_layers=1, max_position_embeddings=16,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False,
+                          steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=tiny_unet(seed), scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 def parameter_counts(pipe: Any) -> dict[str, int]:
     """Parameters per network component of a pipeline (unet, vae, text encoders)."""
     return {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.components.items()

@@ -108,8 +108,9 @@ class FitCheckpoints:
         atomic_write_text(self.root / "final.json", json.dumps(meta))
 
         def record(tmp: Path) -> None:  # the checksums exist before the weights count as written
+            data = {p.name: p for p in sorted(self.root.glob("final-data-rank*.json"))}
             write_checksums(self.root, FINAL_CHECKSUMS, {"final.json": self.root / "final.json",
-                                                         "final.safetensors": tmp})
+                                                         "final.safetensors": tmp, **data})
 
         atomic_save_tensors(weights, self.final_path, before_replace=record)  # last: its presence marks the fit done
 
@@ -129,6 +130,14 @@ class FitCheckpoints:
         report(f"warning: {str(self.final_path)!r} is damaged ({problem}); redoing the end of that stage from "
                f"{str(fallback)!r}")
         return None
+
+    def save_final_data(self, rank: int, state: dict[str, Any]) -> None:
+        """A data stream's position at the end of the fit (each process its own; before `save_final`)."""
+        atomic_write_text(self.root / f"final-data-rank{rank}.json", json.dumps(state))
+
+    def load_final_data(self, rank: int) -> dict[str, Any] | None:
+        path = self.root / f"final-data-rank{rank}.json"
+        return _read_json(path) if path.is_file() else None
 
     # -- in-progress checkpoints ---------------------------------------------------------
     def steps(self) -> list[Path]:

@@ -11,7 +11,7 @@ import copy
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -68,6 +68,14 @@ class FitResult:
                 "pairs": self.pairs, "skipped": self.skipped}
 
 
+class Stateful(Protocol):
+    """A data source whose position is part of the training state (a stream)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 #: (optimizer steps done in this fit, a function returning a copy of the EMA model, the fit's running
 #: result) -> None; the copy is made only when the callback asks for it
 StepCallback = Callable[[int, Callable[[], nn.Module], "FitResult"], None]
@@ -107,7 +115,7 @@ def make_accelerator(cfg: TrainConfig, cpu: bool | None = None) -> Accelerator:
 def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss: LossFn = aligned(0.0),
         accelerator: Accelerator | None = None, desc: str = "train", seed_offset: int = 0,
         checkpoints: FitCheckpoints | None = None, copy_model: bool = True,
-        on_step: StepCallback | None = None) -> FitResult:
+        on_step: StepCallback | None = None, data_state: Stateful | None = None) -> FitResult:
     """Train `model` for `steps` optimizer steps on batches from `batch_fn` minimising `loss` (default: the
     velocity MSE); returns EMA weights.
 
@@ -116,9 +124,10 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
     UNets, LoRA on a UNet shared with the teacher). Parameters that require grad are trained; if
     none do (a frozen teacher's copy), all are; only they have an EMA (`TrainableEMA`). With `checkpoints`, the full training state
     is saved every `checkpoints.cfg.every` steps (and on SIGTERM inside `stop_on_sigterm`), and
-    a resumed fit continues bit for bit where the last checkpoint left off. `on_step(done, ema_model_fn,
-    result)` runs after every optimizer step (time-to-quality curves); `ema_model_fn()` returns a copy
-    of the EMA model, so the callback cannot disturb training.
+    a resumed fit continues bit for bit where the last checkpoint left off. `data_state` (a data stream with
+    `state_dict` / `load_state_dict`) has its position saved per process with every checkpoint and restored.
+    `on_step(done, ema_model_fn, result)` runs after every optimizer step (time-to-quality curves);
+    `ema_model_fn()` returns a copy of the EMA model, so the callback cannot disturb training.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ProReflowError(f"training steps must be a positive integer, got {steps!r}")
@@ -134,6 +143,9 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
         done_fit = checkpoints.load_final(report)
         if done_fit is not None:  # this stage finished before the interruption
             weights, meta = done_fit
+            position = checkpoints.load_final_data(rank) if data_state is not None else None
+            if position is not None:
+                data_state.load_state_dict(position)
             net = copy.deepcopy(model) if copy_model else model
             try:
                 net.load_state_dict(weights)
@@ -155,7 +167,8 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
     done, micro, last_ckpt = 0, 0, None
     if checkpoints is not None and checkpoints.cfg.resume and checkpoints.latest(report) is not None:
         last_ckpt = checkpoints.latest(report)
-        done, micro, written_by = _restore(last_ckpt, checkpoints, rank, net, ema, opt, sched, gen, result)
+        done, micro, written_by = _restore(last_ckpt, checkpoints, rank, net, ema, opt, sched, gen, result,
+                                           data_state)
         if written_by != world:
             report(f"note: resuming on {world} process(es) from {str(last_ckpt)!r}, written by {written_by}: the "
                    f"global batch per optimizer step is kept, the run is not bitwise equal to one without the change")
@@ -167,7 +180,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
 
     def save() -> Path:
         assert checkpoints is not None
-        return _checkpoint(checkpoints, acc, done, micro, net, ema, opt, sched, gen, result)
+        return _checkpoint(checkpoints, acc, done, micro, net, ema, opt, sched, gen, result, data_state)
 
     while done < steps:
         batch = batch_fn(micro, gen, rows)
@@ -223,6 +236,9 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
     result.model.eval()
     stop = False
     if checkpoints is not None:
+        if data_state is not None:
+            checkpoints.save_final_data(rank, data_state.state_dict())
+            acc.wait_for_everyone()  # every position on disk before the checksums that cover them
         if acc.is_main_process:
             checkpoints.save_final(result.model.state_dict(), result.summary())
         acc.wait_for_everyone()
@@ -254,7 +270,7 @@ def _all_ranks(acc: Accelerator, ok: bool) -> bool:
 
 
 def _checkpoint(ck: FitCheckpoints, acc: Accelerator, done: int, micro: int, net, ema, opt, sched,
-                gen: torch.Generator, result: FitResult) -> Path:
+                gen: torch.Generator, result: FitResult, data_state: Stateful | None = None) -> Path:
     tensors = {f"net.{k}": v for k, v in acc.unwrap_model(net, keep_torch_compile=False).state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     opt_tensors, opt_meta = optimizer_to_flat(getattr(opt, "optimizer", opt))  # unwrap AcceleratedOptimizer
@@ -263,6 +279,8 @@ def _checkpoint(ck: FitCheckpoints, acc: Accelerator, done: int, micro: int, net
     meta = {"done": done, "micro": micro, "optimizer": opt_meta, "scheduler": _sched_state(sched),
             "result": result.summary(), "world": acc.num_processes}
     rank_state = {**rng_state(), "torch": torch.get_rng_state().tolist()}
+    if data_state is not None:
+        rank_state["data"] = data_state.state_dict()
     return ck.save(done, tensors, meta, acc.is_main_process, acc.process_index, rank_state, acc.wait_for_everyone)
 
 
@@ -272,7 +290,7 @@ def _sched_state(sched) -> dict[str, Any]:
 
 
 def _restore(path: Path, ck: FitCheckpoints, rank: int, net, ema, opt, sched, gen: torch.Generator,
-             result: FitResult) -> tuple[int, int, int | str]:
+             result: FitResult, data_state: Stateful | None = None) -> tuple[int, int, int | str]:
     """Load a checkpoint into the live objects; returns (optimizer steps done, micro-steps done, processes that
     wrote it)."""
     tensors, meta, rank_state = ck.load(path, rank)
@@ -296,4 +314,6 @@ def _restore(path: Path, ck: FitCheckpoints, rank: int, net, ema, opt, sched, ge
         torch.set_rng_state(torch.tensor(rank_state["torch"], dtype=torch.uint8))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ProReflowError(f"the RNG state in {str(path)!r} is damaged ({type(exc).__name__})") from None
+    if data_state is not None and "data" in rank_state:
+        data_state.load_state_dict(rank_state["data"])
     return done, micro, world

@@ -17,9 +17,10 @@ from proreflow.apps.sd.encode import (
 )
 from proreflow.apps.sd.export import ProReflowScheduler, export_pipeline, load_diffusers_pipeline, scheduler_for
 from proreflow.apps.sd.run import run_distill
+from proreflow.apps.sd.stream import StreamingDataFn, StreamingLatents
 
 __all__ = ["CaptionedLatents", "DistillConfig", "LORA_TARGETS", "ProReflowScheduler", "build_teacher_student",
            "check_prompt_only", "distill", "encode_folder", "encode_images", "encode_prompts_only", "encode_records",
            "encode_text", "encoders_on_device", "export_pipeline", "is_sdxl", "load_diffusers_pipeline",
-           "load_distill_config", "load_pipeline", "param_digest", "run_distill", "scheduler_for", "time_ids",
+           "load_distill_config", "load_pipeline", "param_digest", "run_distill", "scheduler_for", "StreamingDataFn", "StreamingLatents", "time_ids",
            "uncond_text"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -98,6 +99,11 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
                "optimizer_steps": res.optimizer_steps, "teacher_nfe_per_pair": res.nfe_per_pair,
                "student_nfe_per_pair": res.student_nfe_per_pair,
                "final_loss": res.stages[-1].losses[-1], "lora_rank": cfg.lora_rank}
+    stream = getattr(data, "stream", None)
+    if stream is not None:  # what the stream handed out and passed over (this process's shards)
+        summary["stream"] = {"samples": stream.seen, "skipped": stream.skipped, "epoch": stream.state.epoch}
+        if stream.skipped:
+            print(f"note: {stream.skipped} unreadable sample(s) skipped in the streamed data", file=sys.stderr)
     from accelerate.utils import gather_object
 
     digests = gather_object([param_digest(res.student)]) if state.num_processes > 1 else [param_digest(res.student)]

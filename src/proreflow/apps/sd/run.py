@@ -10,7 +10,9 @@ from typing import Any, Callable
 from proreflow.apps.sd.config import DistillConfig
 from proreflow.apps.sd.distill import distill
 from proreflow.apps.sd.encode import encode_prompts_only, encode_records, load_pipeline
+from proreflow.apps.sd.stream import StreamingLatents
 from proreflow.data.captions import read_prompts, read_source
+from proreflow.data.stream import find_shards
 from proreflow.errors import ProReflowError
 from proreflow.store import check_output_dir
 from proreflow.training.checkpoint import CheckpointConfig
@@ -18,9 +20,12 @@ from proreflow.training.checkpoint import CheckpointConfig
 
 def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts: Path | None = None, seed: int = 0,
                 encode_cache: Path | None = None, checkpoint_every: int = 500, resume: bool = False,
-                progress: bool = True, on_step: Callable[..., None] | None = None) -> dict[str, Any]:
+                progress: bool = True, on_step: Callable[..., None] | None = None, stream: bool = False,
+                data_workers: int = 2) -> dict[str, Any]:
     """Distil `cfg`'s teacher on images + captions (`data`: folder, tar shards or hf:NAME) or on prompts only,
-    into the diffusers pipeline `out`. Every input is checked before the pipeline is loaded."""
+    into the diffusers pipeline `out`. Every input is checked before the pipeline is loaded. With `stream`,
+    `data` (tar shards or an image folder) is read by `data_workers` DataLoader workers and encoded batch by
+    batch (`apps.sd.stream`) instead of being encoded up front and held in memory."""
     cfg = replace(cfg, train=replace(cfg.train, seed=seed, progress=progress))
     check_output_dir(out)
     if encode_cache is not None:
@@ -33,6 +38,16 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
                              f"drop --resume to start one")
     if (data is None) == (prompts is None):
         raise ProReflowError("pass exactly one of --data (images + captions) or --prompts (prompt-only mode)")
+    if stream:
+        if data is None or str(data).startswith("hf:") or encode_cache is not None:
+            raise ProReflowError("--stream reads --data tar shards or an image folder as it trains; it does not "
+                                 "take --prompts, hf: data sets or --encode-cache")
+        if data_workers < 0:
+            raise ProReflowError(f"--data-workers must be >= 0, got {data_workers}")
+        find_shards(data)  # the shards exist before anything is loaded
+        pipe = load_pipeline(cfg.model)
+        return distill(cfg, pipe, StreamingLatents(pipe, data, cfg.resolution, seed, data_workers), out, ckpt,
+                       on_step=on_step)
     records = read_source(data) if data is not None else read_prompts(prompts)
     pipe = load_pipeline(cfg.model)  # float32: build_teacher_student casts only the frozen weights
     encoded = (encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=progress)

@@ -1,0 +1,90 @@
+"""Distillation data as a stream (`proreflow distill --stream`): images and captions are read, decoded and
+resized by DataLoader workers (`data.stream`), and each micro-step encodes only this process's rows of the
+global batch (VAE latents, text embeddings) on the training device. Nothing grows with the data set; the
+stream's position is saved with every checkpoint, so a resumed run continues it exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from proreflow.apps.sd.encode import encode_images, encode_text, is_sdxl, time_ids, uncond_text
+from proreflow.data.stream import FOLDER_SHARD_SIZE, StreamIterator
+from proreflow.training import process_state
+
+
+class StreamingLatents:
+    """The streaming counterpart of `CaptionedLatents`: same `data_fn` interface, data encoded on the fly."""
+
+    prompt_only = False
+
+    def __init__(self, pipe: Any, spec: str | Path, resolution: int, seed: int = 0, workers: int = 2,
+                 folder_shard_size: int = FOLDER_SHARD_SIZE) -> None:
+        state = process_state()
+        self.pipe, self.resolution, self.seed = pipe, resolution, seed
+        self.rank, self.world, self.device = state.process_index, state.num_processes, state.device
+        self.stream = StreamIterator(spec, resolution, seed, self.rank, self.world, workers, folder_shard_size)
+        for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if m is not None:  # encoders stay on the device: every micro-step encodes its rows
+                m.to(self.device)
+        self.uncond = uncond_text(pipe)
+        f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.latent_shape = (pipe.vae.config.latent_channels, resolution // f, resolution // f)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+    def _encode(self, n: int) -> tuple[Tensor, dict[str, Tensor]]:
+        items = self.stream.take(n)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + self.stream.seen)
+        with torch.no_grad():
+            latents = encode_images(self.pipe, torch.stack([i["pixels"] for i in items]), gen)
+            cond = {k: v.cpu() for k, v in encode_text(self.pipe, [i["caption"] for i in items]).items()}
+        if is_sdxl(self.pipe):
+            cond["time_ids"] = torch.stack([time_ids(i["original_size"], i["crop_top_left"], self.resolution)
+                                            for i in items])
+        return latents, cond
+
+    def data_fn(self, caption_dropout: float, with_uncond: bool) -> "StreamingDataFn":
+        return StreamingDataFn(self, caption_dropout, with_uncond)
+
+
+class StreamingDataFn:
+    """(n, generator) -> (x0, cond) for a global batch of n: this process's rows come from its stream, the
+    others stay zero (the batch builders keep only this process's rows). Caption dropout is drawn for the
+    global batch from the shared generator, as for in-memory data."""
+
+    def __init__(self, data: StreamingLatents, caption_dropout: float, with_uncond: bool) -> None:
+        self.data, self.caption_dropout, self.with_uncond = data, caption_dropout, with_uncond
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.data.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.data.load_state_dict(state)
+
+    def __call__(self, n: int, gen: torch.Generator) -> tuple[Tensor, dict]:
+        d = self.data
+        per = n // d.world
+        rows = slice(d.rank * per, (d.rank + 1) * per)
+        latents, mine = d._encode(per)
+        drop = torch.rand(n, generator=gen) < self.caption_dropout
+        x0 = torch.zeros(n, *latents.shape[1:])
+        x0[rows] = latents
+        cond = {}
+        for k, v in mine.items():
+            cond[k] = torch.zeros(n, *v.shape[1:], dtype=v.dtype)
+            cond[k][rows] = v
+        for k, u in d.uncond.items():
+            cond[k][drop] = u[0].to(cond[k].dtype).cpu()
+        if self.with_uncond:
+            cond["uncond"] = {k: d.uncond[k].cpu().expand(n, *d.uncond[k].shape[1:]).clone()
+                              if k in d.uncond else cond[k].clone() for k in mine}
+        return x0, cond
