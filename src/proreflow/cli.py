@@ -199,16 +199,16 @@ def distill(
     resume: Optional[str] = typer.Option(None, help="'latest': continue from the last checkpoint in OUT."),
     encode_cache: Optional[Path] = typer.Option(None, help="Keep VAE latents + text embeddings of --data in this "
                                                            "folder (checksummed shards) and reuse them next time."),
+    stream: bool = typer.Option(False, help="Stream --data (tar shards or an image folder) through DataLoader "
+                                            "workers, encoding each batch on the device: memory does not grow "
+                                            "with the data set, and --resume continues the stream exactly."),
+    data_workers: int = typer.Option(2, help="DataLoader workers per process with --stream."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Distill a Stable Diffusion teacher into a few-step student (run under `accelerate launch` for GPUs).
-
-    The SD presets train PeRFlow's budget: 4000 optimizer steps at a global batch of 1024 (train.batch_size),
-    made of train.per_device_batch samples per GPU and gradient accumulation, on any number of GPUs. On 8 GPUs:
-    accelerate launch --multi_gpu --num_processes 8 -m proreflow.cli distill --preset sd15-proreflow-I
-    --data DATA --out OUT (16 per GPU x 8 processes x 8 accumulation steps). The run prints its global batch
-    and the samples each stage sees; a resumed run may use another number of processes.
-    """
+    SD presets: PeRFlow's 4000 steps at global batch 1024 (train.batch_size) from train.per_device_batch and
+    gradient accumulation on any GPU count; 8 GPUs: accelerate launch --multi_gpu --num_processes 8 -m
+    proreflow.cli distill --preset sd15-proreflow-I --data DATA --out OUT (16 x 8 GPUs x 8 accumulation)."""
     from proreflow.apps.sd import load_distill_config, run_distill
     from proreflow.time_sampling import TimeSampling
 
@@ -218,7 +218,8 @@ def distill(
         cfg = load_distill_config(preset, model=model, lora_rank=lora_rank, budget_steps=budget, resolution=resolution,
                                   time_sampling=TimeSampling.parse(time_sampling), window_placement=window_placement)
         summary = run_distill(cfg, out, data=data, prompts=prompts, seed=seed, encode_cache=encode_cache,
-                              checkpoint_every=checkpoint_every, resume=resume_latest, progress=not quiet)
+                              checkpoint_every=checkpoint_every, resume=resume_latest, progress=not quiet,
+                              stream=stream, data_workers=data_workers)
     _finish(f"{summary['method']}: {summary['steps']}-step student written to {out} "
             f"(load with DiffusionPipeline.from_pretrained)")
 
@@ -343,7 +344,8 @@ def evaluate(
     ref_same_images: Optional[bool] = typer.Option(None, "--ref-same-images/--all-ref-images",
                                                    help="Use only the reference images of the chosen COCO ids."),
     inception: Optional[str] = typer.Option(None, help="Path of inception-2015-12-05.pt (or set $PROREFLOW_INCEPTION)."),
-    clip_model: Optional[str] = typer.Option(None, help="CLIP model id or folder (default openai/clip-vit-large-patch14)."),
+    protocol: Optional[str] = typer.Option(None, help="ours (default) or rectified-diffusion (paper [40])."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIP model id or folder (default: the protocol's)."),
     fid: Optional[bool] = typer.Option(None, "--fid/--no-fid", help="Compute FID (default on)."),
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Compute CLIP score (default on)."),
     warmup_batches: Optional[int] = typer.Option(None, help="Untimed batches before timing (default 2)."),
@@ -359,7 +361,7 @@ def evaluate(
                      resolution=resolution, seed=seed, batch_size=batch_size, dtype=dtype, reference=reference,
                      ref_stats=ref_stats, save_ref_stats=save_ref_stats, ref_resize=ref_resize,
                      ref_same_images=ref_same_images, inception=inception,
-                     clip_model=clip_model, fid=fid, clip=clip, warmup_batches=warmup_batches,
+                     protocol=protocol, clip_model=clip_model, fid=fid, clip=clip, warmup_batches=warmup_batches,
                      timing_batches=timing_batches, timing_batch_size=timing_batch_size,
                      progress=False if quiet else None)
     single = {"--model": model, "--name": name, "--scheduler": scheduler, "--steps": steps, "--guidance": guidance,

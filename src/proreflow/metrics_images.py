@@ -244,15 +244,15 @@ def check_sizes(files: Sequence[Path], resolution: int, what: str = "reference i
                              f"resize them while reading")
 
 
-def read_image_uint8(path: Path, resize_to: int | None = None) -> Tensor:
-    """(3, H, W) uint8; with `resize_to`, centre-cropped to a square and resized (bicubic)."""
+def read_image_uint8(path: Path, resize_to: int | None = None, resample: str = "bicubic") -> Tensor:
+    """(3, H, W) uint8; with `resize_to`, centre-cropped to a square and resized with `resample`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
             if resize_to is not None:
-                im, _ = centre_crop_resize(im, resize_to)
+                im, _ = centre_crop_resize(im, resize_to, resample)
             arr = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as exc:
         raise ProReflowError(f"cannot read image {str(path)!r}: {exc}") from None
@@ -260,14 +260,14 @@ def read_image_uint8(path: Path, resize_to: int | None = None) -> Tensor:
 
 
 def image_batches(files: Sequence[Path], batch_size: int, resize_to: int | None = None,
-                  progress: bool = False, desc: str = "features") -> Iterable[Tensor]:
+                  progress: bool = False, desc: str = "features", resample: str = "bicubic") -> Iterable[Tensor]:
     """uint8 batches (N, 3, H, W) read lazily, with a progress bar."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(files), desc=desc, disable=not progress, unit="img")
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
-        batch = torch.stack([read_image_uint8(f, resize_to) for f in chunk])
+        batch = torch.stack([read_image_uint8(f, resize_to, resample) for f in chunk])
         bar.update(len(chunk))  # before the yield: a consumer that stops at the last batch still sees it counted
         if i + batch_size >= len(files):
             bar.close()

@@ -185,15 +185,22 @@ def _open(src: Any):
     return Image.open(src)
 
 
-def centre_crop_resize(im: Any, resolution: int) -> tuple[Any, tuple[int, int]]:
-    """The largest centred square of a PIL image, resized to resolution² (bicubic), and the crop corner
+#: resize filters by name: bicubic (ours), lanczos (Rectified Diffusion's COCO scripts)
+RESAMPLE = ("bicubic", "lanczos")
+
+
+def centre_crop_resize(im: Any, resolution: int, resample: str = "bicubic") -> tuple[Any, tuple[int, int]]:
+    """The largest centred square of a PIL image, resized to resolution² with `resample`, and the crop corner
     (top, left) in the resized image's pixels (SDXL's convention)."""
     from PIL import Image
 
+    if resample not in RESAMPLE:
+        raise ProReflowError(f"resize filter must be one of {list(RESAMPLE)}, got {resample!r}")
     w, h = im.size
     s = min(w, h)
     top, left = (h - s) // 2, (w - s) // 2
-    im = im.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.Resampling.BICUBIC)
+    im = im.crop((left, top, left + s, top + s)).resize(
+        (resolution, resolution), Image.Resampling.LANCZOS if resample == "lanczos" else Image.Resampling.BICUBIC)
     scale = resolution / s
     return im, (round(top * scale), round(left * scale))
 

@@ -35,8 +35,16 @@ class CaptionSet:
     image_ids: list[int | None]
 
 
-def load_coco_captions(annotations: str | Path, num_images: int, seed: int = 0, name: str = "coco") -> CaptionSet:
-    """`num_images` images drawn without replacement by `seed`, one seeded caption each, by image id."""
+#: which of an image's captions a row uses: one drawn from the seed (ours), or the image's first in the
+#: annotations file (Rectified Diffusion's COCO scripts)
+CAPTION_CHOICES = ("random", "first")
+
+
+def load_coco_captions(annotations: str | Path, num_images: int, seed: int = 0, name: str = "coco",
+                       choice: str = "random") -> CaptionSet:
+    """`num_images` images drawn without replacement by `seed`, one caption each (`choice`), by image id."""
+    if choice not in CAPTION_CHOICES:
+        raise ProReflowError(f"caption choice must be one of {list(CAPTION_CHOICES)}, got {choice!r}")
     p = Path(annotations)
     if not p.is_file():
         raise ProReflowError(f"COCO annotations file {str(p)!r} does not exist; download the 'annotations' archive "
@@ -64,13 +72,16 @@ def load_coco_captions(annotations: str | Path, num_images: int, seed: int = 0, 
     chosen = sorted(ids[j] for j in rng.permutation(len(ids))[:num_images])
     captions = []
     for image_id in chosen:
+        if choice == "first":
+            captions.append(by_image[image_id][0][1])  # the file's order
+            continue
         options = sorted(by_image[image_id])  # by annotation id: independent of the file's order
         captions.append(options[int(rng.integers(len(options)))][1])
     return CaptionSet(name, captions, list(chosen))
 
 
 def load_caption_set(name: str, annotations: str | Path | None = None, prompts: str | Path | None = None,
-                     num_images: int | None = None, seed: int = 0) -> CaptionSet:
+                     num_images: int | None = None, seed: int = 0, choice: str = "random") -> CaptionSet:
     """A named COCO set (needs `annotations`) or 'prompts' (a text file, one prompt per line)."""
     if name == "prompts":
         if prompts is None:
@@ -86,4 +97,4 @@ def load_caption_set(name: str, annotations: str | Path | None = None, prompts: 
     file_name, n = COCO_SETS[name]
     if annotations is None:
         raise ProReflowError(f"caption set {name!r} needs the COCO annotations file {file_name} (--annotations PATH)")
-    return load_coco_captions(annotations, n if num_images is None else num_images, seed, name)
+    return load_coco_captions(annotations, n if num_images is None else num_images, seed, name, choice)

@@ -47,8 +47,12 @@ class RunSpec:
     delta_variant: str | None = None
     unet_weights: str | None = None
     scheduler_overrides: dict[str, Any] | None = None
+    paper: dict[str, float] | None = None  # the paper's numbers for this row ({fid: ..., clip: ...}), printed beside ours
 
     def __post_init__(self) -> None:
+        if self.paper is not None and (set(self.paper) - {"fid", "clip"} or
+                                       not all(isinstance(v, (int, float)) for v in self.paper.values())):
+            raise ProReflowError(f"run {self.name!r}: paper takes numbers for fid and clip, got {self.paper!r}")
         if self.steps < 1:
             raise ProReflowError(f"run {self.name!r}: steps must be >= 1, got {self.steps}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
@@ -95,6 +99,25 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class Protocol:
+    """How a table's numbers are made, beyond the rows: which caption per COCO image, the filter that resizes
+    the reference images, and the CLIP model of the CLIP score."""
+
+    caption: str  # data.coco.CAPTION_CHOICES
+    resample: str  # data.captions.RESAMPLE
+    clip_model: str
+
+
+#: "ours": a seeded caption per image, bicubic, CLIP ViT-L/14 (what SD-distillation papers commonly report);
+#: "rectified-diffusion": the setup of the paper's [40] (Rectified Diffusion's COCO scripts), which Tables 1 and
+#: 3 follow: each image's first caption, LANCZOS, CLIP ViT-g/14 (LAION-2B)
+PROTOCOLS = {
+    "ours": Protocol("random", "bicubic", "openai/clip-vit-large-patch14"),
+    "rectified-diffusion": Protocol("first", "lanczos", "laion/CLIP-ViT-g-14-laion2B-s12B-b42K"),
+}
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """What every run of a table shares: captions, resolution, seeds, reference and metric networks."""
 
@@ -112,7 +135,9 @@ class EvalConfig:
     ref_resize: bool = False
     ref_same_images: bool = False
     inception: str | None = None
-    clip_model: str = "openai/clip-vit-large-patch14"
+    # the evaluation protocol (PROTOCOLS): caption choice, reference resize filter and default CLIP model
+    protocol: str = "ours"
+    clip_model: str | None = None  # None: the protocol's
     fid: bool = True
     clip: bool = True
     warmup_batches: int = 2
@@ -121,6 +146,10 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ProReflowError(f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
+        if self.clip_model is None:
+            object.__setattr__(self, "clip_model", PROTOCOLS[self.protocol].clip_model)
         checks = [
             (self.captions in CAPTION_SETS, f"unknown caption set {self.captions!r}; use one of {list(CAPTION_SETS)}"),
             (self.resolution >= 8 and self.resolution % 8 == 0,

@@ -12,13 +12,21 @@ def markdown_table(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> s
 
     devices = sorted({r["device"] for r in rows if r["seconds_per_image"] is not None})
     head = (f"{summary['title'] + ': ' if summary['title'] else ''}{summary['captions']}, {summary['num_images']} "
-            f"images at {summary['resolution']}px, seed {summary['seed']}; FID against {summary['reference']}; "
+            f"images at {summary['resolution']}px, seed {summary['seed']}, protocol {summary.get('protocol', 'ours')}; "
+            f"FID against {summary['reference']}; "
             f"CLIP score with {summary['clip_model']}. Time: median seconds per image over timed batches after "
             f"warm-up, on {', '.join(devices) or 'n/a'}.\n\n")
-    lines = ["| method | scheduler | steps | guidance | time (s/img) | FID | CLIP |", "|---|---|---|---|---|---|---|"]
+    paper = any(r.get("paper") for r in rows)  # paper columns only for a suite that states the paper's numbers
+    cols = "| method | scheduler | steps | guidance | time (s/img) | FID | CLIP |" + (" FID (paper) | CLIP (paper) |"
+                                                                                  if paper else "")
+    lines = [cols, "|" + "---|" * (9 if paper else 7)]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['scheduler']} | {r['steps']} | {r['guidance']:g} | "
-                     f"{num(r['seconds_per_image'], '.3f')} | {num(r['fid'], '.2f')} | {num(r['clip'], '.2f')} |")
+        line = (f"| {r['method']} | {r['scheduler']} | {r['steps']} | {r['guidance']:g} | "
+                f"{num(r['seconds_per_image'], '.3f')} | {num(r['fid'], '.2f')} | {num(r['clip'], '.2f')} |")
+        if paper:
+            theirs = r.get("paper") or {}
+            line += f" {num(theirs.get('fid'), '.2f')} | {num(theirs.get('clip'), '.2f')} |"
+        lines.append(line)
     return head + "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from proreflow import schedulers
-from proreflow.apps.coco_eval.config import EvalConfig, RunSpec
+from proreflow.apps.coco_eval.config import PROTOCOLS, EvalConfig, RunSpec
 from proreflow.apps.coco_eval.generate import (
     LazyGenerate,
     device_name,
@@ -73,7 +73,7 @@ def prepare_metrics(cfg: EvalConfig, device: torch.device, inception: torch.nn.M
         m.inception = m.inception.to(device)
         if m.reference is None:
             batches = mi.image_batches(files, cfg.batch_size, cfg.resolution if cfg.ref_resize else None,
-                                       cfg.progress, "reference features")
+                                       cfg.progress, "reference features", PROTOCOLS[cfg.protocol].resample)
             m.reference = mi.image_stats(m.inception, batches, device)
         if cfg.save_ref_stats:
             m.reference.save(cfg.save_ref_stats)
@@ -108,7 +108,8 @@ _LATER_FIELDS = ("pipeline", "unet_delta", "delta_variant", "unet_weights", "sch
 
 
 def _spec_meta(spec: RunSpec) -> dict[str, Any]:
-    return {k: v for k, v in asdict(spec).items() if not (k in _LATER_FIELDS and v is None)}
+    """What made a row's images (the paper's numbers did not)."""
+    return {k: v for k, v in asdict(spec).items() if k != "paper" and not (k in _LATER_FIELDS and v is None)}
 
 
 def _check_run_folder(folder: Path, meta: dict[str, Any]) -> None:
@@ -136,7 +137,8 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
     if len(set(slugs)) != len(slugs):
         raise ProReflowError(f"two runs share name, scheduler, steps and guidance: {sorted({s for s in slugs if slugs.count(s) > 1})}")
     if captions is None:
-        captions = load_caption_set(cfg.captions, cfg.annotations, cfg.prompts, cfg.num_images, cfg.seed)
+        captions = load_caption_set(cfg.captions, cfg.annotations, cfg.prompts, cfg.num_images, cfg.seed,
+                                    PROTOCOLS[cfg.protocol].caption)
     if not captions.captions:
         raise ProReflowError("the caption set is empty")
     device = pick_device()
@@ -165,12 +167,14 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
                "guidance": spec.guidance, "images": len(captions.captions), "generated_now": made,
                "seconds_per_image": timing["seconds_per_image"] if timing else None,
                "device": timing["device"] if timing else device_name(device), "fid": scores["fid"],
-               "clip": scores["clip"], "timing": timing, "folder": str(folder)}
+               "clip": scores["clip"], "paper": spec.paper, "protocol": cfg.protocol, "clip_model": cfg.clip_model if cfg.clip else None,
+               "timing": timing, "folder": str(folder)}
         atomic_write_text(folder / "result.json", json.dumps(row, indent=1))
         rows.append(row)
         del generate
     summary = {"title": title, "captions": captions.name, "num_images": len(captions.captions),
-               "resolution": cfg.resolution, "seed": cfg.seed, "clip_model": cfg.clip_model if cfg.clip else None,
+               "resolution": cfg.resolution, "seed": cfg.seed, "protocol": cfg.protocol,
+               "clip_model": cfg.clip_model if cfg.clip else None,
                "reference": cfg.ref_stats or cfg.reference, "rows": rows}
     atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "results.md", markdown_table(rows, summary))

@@ -1,0 +1,99 @@
+"""Evaluation protocols: ours (a seeded caption per COCO image, bicubic, CLIP ViT-L/14) and the paper's [40]
+(Rectified Diffusion's: the first caption, LANCZOS, CLIP ViT-g/14), recorded in every results row."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from proreflow.apps.coco_eval import EvalConfig, RunSpec, evaluate, load_suite
+from proreflow.apps.coco_eval.config import PROTOCOLS
+from proreflow.data.captions import centre_crop_resize
+from proreflow.data.coco import load_coco_captions
+from proreflow.errors import ProReflowError
+from proreflow.metrics_images import read_image_uint8
+
+
+def _annotations(path: Path, n_images: int = 6) -> Path:
+    """Captions listed out of annotation-id order, so 'first in the file' and 'lowest id' differ."""
+    anns = [{"image_id": 100 + i, "id": 1000 + 10 * i + j, "caption": f"image {i} caption {j}"}
+            for i in range(n_images) for j in (2, 0, 1)]
+    path.write_text(json.dumps({"images": [{"id": 100 + i} for i in range(n_images)], "annotations": anns}))
+    return path
+
+
+def test_first_caption_is_the_files_first_and_the_image_subset_is_the_same(tmp_path):
+    ann = _annotations(tmp_path / "a.json")
+    first = load_coco_captions(ann, 4, seed=0, choice="first")
+    drawn = load_coco_captions(ann, 4, seed=0, choice="random")
+    assert first.image_ids == drawn.image_ids
+    assert first.captions == [f"image {i - 100} caption 2" for i in first.image_ids]
+    assert drawn.captions != first.captions  # seeded draws (fixed by seed 0) are not all the first caption
+    with pytest.raises(ProReflowError, match="caption choice must be one of"):
+        load_coco_captions(ann, 4, choice="last")
+
+
+def test_lanczos_and_bicubic_resizing_differ_and_are_named(tmp_path):
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    a, _ = centre_crop_resize(im, 16, "bicubic")
+    b, _ = centre_crop_resize(im, 16, "lanczos")
+    assert a.size == b.size == (16, 16) and not np.array_equal(np.asarray(a), np.asarray(b))
+    im.save(tmp_path / "x.png")
+    assert np.array_equal(read_image_uint8(tmp_path / "x.png", 16, "lanczos").permute(1, 2, 0).numpy(), np.asarray(b))
+    with pytest.raises(ProReflowError, match="resize filter must be one of"):
+        centre_crop_resize(im, 16, "nearest")
+
+
+def test_the_protocol_picks_the_default_clip_model_and_tables_1_and_3_use_the_papers():
+    assert EvalConfig(fid=False).clip_model == "openai/clip-vit-large-patch14"
+    assert EvalConfig(fid=False, protocol="rectified-diffusion").clip_model == "laion/CLIP-ViT-g-14-laion2B-s12B-b42K"
+    assert EvalConfig(fid=False, protocol="rectified-diffusion", clip_model="mine").clip_model == "mine"
+    with pytest.raises(ProReflowError, match="protocol must be one of"):
+        EvalConfig(fid=False, protocol="theirs")
+    assert [load_suite(t, {"fid": False})[1].protocol for t in ("eval-table1", "eval-table2", "eval-table3")] == \
+        ["rectified-diffusion", "ours", "rectified-diffusion"]
+    assert set(PROTOCOLS) == {"ours", "rectified-diffusion"}
+
+
+@pytest.mark.parametrize("protocol", ["ours", "rectified-diffusion"])
+def test_rows_record_the_protocol_and_its_captions(tmp_path, monkeypatch, protocol):
+    import proreflow.apps.coco_eval.generate as gen
+
+    prompts_seen: list[str] = []
+
+    def pipe(prompts, **kw):
+        prompts_seen.extend(prompts)
+        return SimpleNamespace(images=np.zeros((len(prompts), 16, 16, 3)))
+
+    monkeypatch.setattr(gen, "load_eval_pipeline", lambda spec, dtype, device: pipe)
+    cfg = EvalConfig(captions="coco2017-5k", annotations=str(_annotations(tmp_path / "a.json")), num_images=4,
+                     resolution=16, batch_size=2, fid=False, clip=False, timing_batches=0, progress=False,
+                     protocol=protocol)
+    rows = evaluate([RunSpec("fake", "nowhere", steps=2)], cfg, tmp_path / "out")
+    assert rows[0]["protocol"] == protocol
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["protocol"] == protocol
+    assert f"protocol {protocol}" in (tmp_path / "out" / "results.md").read_text()
+    expected = load_coco_captions(tmp_path / "a.json", 4, 0, choice=PROTOCOLS[protocol].caption).captions
+    assert prompts_seen == expected
+
+
+def test_results_print_the_papers_numbers_beside_ours():
+    from proreflow.apps.coco_eval import markdown_table
+
+    row = dict(method="ProReflow-II", scheduler="own", steps=4, guidance=4.0, seconds_per_image=None, fid=23.5,
+               clip=None, device="cpu", paper={"fid": 22.03})
+    other = {**row, "method": "PeRFlow", "paper": None}
+    summary = dict(title="t", captions="coco2017-5k", num_images=5, resolution=512, seed=0, protocol="ours",
+                   reference="ref", clip_model=None)
+    md = markdown_table([row, other], summary)
+    assert "| FID | CLIP | FID (paper) | CLIP (paper) |" in md
+    assert "| 23.50 | n/a | 22.03 | n/a |" in md and "| PeRFlow | own | 4 | 4 | n/a | 23.50 | n/a | n/a | n/a |" in md
+    assert "(paper)" not in markdown_table([other], summary)  # no paper columns when a suite states none
+    with pytest.raises(ProReflowError, match="paper takes numbers for fid and clip"):
+        RunSpec("x", "m", paper={"is": 1.0})
+    rows = {(r.name, r.steps): r.paper for r in load_suite("eval-table1", {"fid": False})[0]}
+    assert rows[("ProReflow-II", 2)] == {"fid": 27.59} and rows[("ProReflow-II", 4)] == {"fid": 22.03}
+    assert {r.steps for r in load_suite("eval-table1", {"fid": False})[0] if r.name == "InstaFlow-0.9B"} == {1, 2, 4}
