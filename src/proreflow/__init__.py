@@ -9,16 +9,16 @@ the CLI build on them (docs/design.md §3).
 from proreflow.errors import ProReflowError
 from proreflow.windows import ProgressivePlan, Stage, WindowSchedule
 
-__all__ = ["ProReflowError", "ProReflowScheduler", "ProgressivePlan", "Stage", "WindowSchedule"]
+__all__ = ["ProReflowError", "ProReflowFlowScheduler", "ProReflowScheduler", "ProgressivePlan", "Stage", "WindowSchedule"]
 
 
 def __getattr__(name: str):
     # Lazy, so the core never imports diffusers; diffusers' loaders find the scheduler of a saved
     # pipeline as `proreflow.ProReflowScheduler` (model_index.json names this package).
-    if name == "ProReflowScheduler":
-        from proreflow.schedulers.proreflow import ProReflowScheduler
+    if name in ("ProReflowScheduler", "ProReflowFlowScheduler"):
+        from proreflow.schedulers import proreflow
 
-        return ProReflowScheduler
+        return getattr(proreflow, name)
     raise AttributeError(f"module 'proreflow' has no attribute {name!r}")
 
 

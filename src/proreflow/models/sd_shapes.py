@@ -150,6 +150,30 @@ def tiny_pipeline(tmp: Path, prediction_type: str = "epsilon", seed: int = 0) ->
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def tiny_sd3_pipeline(tmp: Path, seed: int = 0) -> Any:
+    """A StableDiffusion3Pipeline of tiny random parts: an SD3 transformer (flow matching, velocity output), two
+    CLIP text encoders with projections and no T5 (SD3 runs without it: its part of the prompt is zeros), a VAE
+    with SD3's shift factor, and FlowMatchEulerDiscreteScheduler with SD3's time shift 3."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tok, tok2 = tiny_tokenizer(tmp / "tokenizer"), tiny_tokenizer(tmp / "tokenizer_2")
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                        pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
+    kw = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+              max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                        norm_num_groups=4, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**kw)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**kw)), tokenizer_2=tok2,
+        text_encoder_3=None, tokenizer_3=None)
+
+
 def parameter_counts(pipe: Any) -> dict[str, int]:
     """Parameters per network component of a pipeline (unet, vae, text encoders)."""
     return {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.components.items()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -107,3 +107,36 @@ def scheduler_for(config: Any, windows: WindowSchedule, prediction_type: str | N
         beta_end=config["beta_end"], beta_schedule=config["beta_schedule"], trained_betas=config.get("trained_betas"),
         prediction_type=prediction_type or config.get("prediction_type", "epsilon"),
         window_boundaries=list(windows.boundaries), num_windows=windows.num_windows)
+
+
+class ProReflowFlowScheduler(FlowMatchEulerDiscreteScheduler):
+    """Windowed Euler for students of flow-matching teachers (SD3-style transformers), as a diffusers scheduler.
+
+    Such a network predicts our velocity at sigma = flow time, and FlowMatchEulerDiscreteScheduler's step is
+    already an Euler step in sigma, so only the sigmas change: the student's window boundaries, m per window,
+    with no time shift (the windows are where the student was trained; `shift` would move them).
+    """
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, window_boundaries: Sequence[float] | None = None,
+                 num_windows: int = 4) -> None:
+        super().__init__(num_train_timesteps=num_train_timesteps, shift=1.0)
+        self.windows = (WindowSchedule(tuple(window_boundaries)) if window_boundaries is not None
+                        else WindowSchedule.uniform(num_windows))
+        self.set_timesteps(self.windows.num_windows)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      sigmas: Any = None, mu: float | None = None, timesteps: Any = None) -> None:
+        if sigmas is not None or timesteps is not None:
+            raise ProReflowError("ProReflowFlowScheduler samples its student's windows; it takes only a step count")
+        per = self.windows.steps_per_window(operator.index(num_inference_steps or self.windows.num_windows))
+        b = self.windows.boundaries
+        starts = [t_a + (t_b - t_a) * j / per for t_a, t_b in zip(b[:-1], b[1:]) for j in range(per)]
+        super().set_timesteps(sigmas=starts, device=device)
+        self.num_inference_steps = len(starts)
+
+
+def flow_scheduler_for(config: Any, windows: WindowSchedule) -> ProReflowFlowScheduler:
+    """A ProReflowFlowScheduler for a flow-matching teacher's scheduler `config` and the student's windows."""
+    return ProReflowFlowScheduler(num_train_timesteps=config["num_train_timesteps"],
+                                  window_boundaries=list(windows.boundaries), num_windows=windows.num_windows)

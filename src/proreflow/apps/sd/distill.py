@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from proreflow.apps.sd.config import DistillConfig
-from proreflow.apps.sd.encode import CaptionedLatents
+from proreflow.apps.sd.encode import CaptionedLatents, denoiser, is_sd3
 from proreflow.errors import ProReflowError
 from proreflow.fields import AdaptersOff, from_pipeline, window_placement
 from proreflow.store import atomic_write_text, module_digest
@@ -47,7 +47,7 @@ def param_digest(module: torch.nn.Module) -> str:
 
 
 def build_teacher_student(pipe: Any, cfg: DistillConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
-    unet = pipe.unet
+    unet = denoiser(pipe)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     frozen = getattr(torch, cfg.weights_dtype)  # the dtype of the weights that are not trained
@@ -91,7 +91,7 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
     with stop_on_sigterm():
         res = train_plan(student, teacher, data_fn, recipe, cfg.steps, checkpoints=checkpoints, copy_model=False,
                          on_step=on_step)
-    unet = res.student.unet
+    unet = denoiser(pipe)  # trained in place (copy_model=False): the student's network
     summary = {"method": cfg.method.name, "steps": cfg.steps, "windows": list(plan.final.boundaries),
                "stage_windows": [s.schedule.num_windows for s in plan.stages], "lam": cfg.method.lam,
                "time_sampling": asdict(sampling), "pair_source": cfg.method.pair_source,
@@ -115,7 +115,8 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
         if cfg.lora_rank:
             from peft.utils import get_peft_model_state_dict
 
-            pipe.save_lora_weights(out / "lora", unet_lora_layers=get_peft_model_state_dict(unet),
+            layers = "transformer_lora_layers" if is_sd3(pipe) else "unet_lora_layers"
+            pipe.save_lora_weights(out / "lora", **{layers: get_peft_model_state_dict(unet)},
                                    safe_serialization=True)
             unet.fuse_lora()
             unet.unload_lora()  # a plain UNet: the exported pipeline needs no peft to load

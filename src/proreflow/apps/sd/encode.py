@@ -21,20 +21,30 @@ from proreflow.training import process_state
 
 def load_pipeline(model: str, weights_dtype: str = "float32") -> Any:
     """`DiffusionPipeline.from_pretrained` (SD1.x/2.x or SDXL) with a clear error when the weights are not available."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from proreflow.apps.sd.export import load_diffusers_pipeline
 
     pipe = load_diffusers_pipeline(model, "the teacher", torch_dtype=getattr(torch, weights_dtype))
-    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)):
         raise ProReflowError(f"{model!r} is a {type(pipe).__name__}; proreflow distills StableDiffusionPipeline "
-                             f"(SD1.x/2.x) and StableDiffusionXLPipeline teachers")
+                             f"(SD1.x/2.x), StableDiffusionXLPipeline and StableDiffusion3Pipeline teachers")
     return pipe
+
+
+def is_sd3(pipe: Any) -> bool:
+    """Flow-matching transformer pipelines (SD3-style): a `transformer` instead of a `unet`."""
+    return getattr(pipe, "transformer", None) is not None
+
+
+def denoiser(pipe: Any) -> Any:
+    """The network that is distilled: the UNet, or an SD3-style pipeline's transformer."""
+    return pipe.transformer if is_sd3(pipe) else pipe.unet
 
 
 def is_sdxl(pipe: Any) -> bool:
     """SDXL pipelines have a second text encoder whose pooled output and size ids feed the UNet."""
-    return getattr(pipe, "text_encoder_2", None) is not None
+    return not is_sd3(pipe) and getattr(pipe, "text_encoder_2", None) is not None
 
 
 @torch.no_grad()
@@ -44,6 +54,15 @@ def encode_text(pipe: Any, prompts: list[str], batch: int = 64) -> dict[str, Ten
     SD1.x/2.x: the text encoder's last hidden states. SDXL (as `StableDiffusionXLPipeline.encode_prompt`):
     both encoders' penultimate hidden states concatenated, and text_encoder_2's pooled projection.
     """
+    if is_sd3(pipe):  # its own prompt encoding: two CLIPs (+ T5 when present), pooled projections
+        states, pooled = [], []
+        device = pipe.text_encoder.device
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            embeds, _, pool, _ = pipe.encode_prompt(chunk, chunk, chunk, device=device, do_classifier_free_guidance=False)
+            states.append(embeds.float().cpu())
+            pooled.append(pool.float().cpu())
+        return {"encoder_hidden_states": torch.cat(states), "pooled_projections": torch.cat(pooled)}
     encoders = [(pipe.tokenizer, pipe.text_encoder)]
     if is_sdxl(pipe):
         encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
@@ -105,6 +124,8 @@ def encode_images(pipe: Any, images: Tensor, generator: torch.Generator, batch: 
         if upcast:
             vae.to(dtype=dtype)
     z = torch.cat(out)
+    if cfg.get("shift_factor") is not None:  # SD3's VAE: the pipeline decodes z / scaling_factor + shift_factor
+        return (z - cfg.shift_factor) * cfg.scaling_factor
     mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
     if is_sdxl(pipe) and mean is not None and std is not None:
         shape = (1, -1) + (1,) * (z.ndim - 2)
@@ -164,7 +185,8 @@ def encoders_on_device(pipe: Any) -> Iterator[None]:
     """VAE and text encoders on this process's device while encoding, back on the CPU afterwards,
     so that during training the accelerator holds only the UNet(s)."""
     device = process_state().device
-    mods = [m for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    mods = [m for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                        getattr(pipe, "text_encoder_3", None)) if m is not None]
     for m in mods:
         m.to(device)
     try:
@@ -250,5 +272,5 @@ def encode_prompts_only(pipe: Any, prompts: list[str], resolution: int) -> Capti
     if is_sdxl(pipe):
         cond["time_ids"] = time_ids((resolution, resolution), (0, 0), resolution).expand(len(prompts), 6).clone()
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    shape = (pipe.unet.config.in_channels, resolution // f, resolution // f)
+    shape = (denoiser(pipe).config.in_channels, resolution // f, resolution // f)
     return CaptionedLatents(cond, uncond, None, shape)

@@ -7,14 +7,17 @@ and load pipelines with clear errors. Importing this module registers the schedu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from proreflow.errors import ProReflowError
-from proreflow.schedulers.proreflow import ProReflowScheduler, scheduler_for
+from proreflow.schedulers.proreflow import (ProReflowFlowScheduler, ProReflowScheduler, flow_scheduler_for,
+                                           scheduler_for)
 from proreflow.windows import WindowSchedule
 
-__all__ = ["ProReflowScheduler", "export_pipeline", "load_diffusers_pipeline", "scheduler_for"]
+__all__ = ["ProReflowFlowScheduler", "ProReflowScheduler", "export_pipeline", "flow_scheduler_for",
+           "load_diffusers_pipeline", "scheduler_for"]
 
 
 def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class: str | None = None,
@@ -27,8 +30,18 @@ def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class:
     cls = getattr(diffusers, pipeline_class or "DiffusionPipeline", None)
     if cls is None:
         raise ProReflowError(f"diffusers has no pipeline class {pipeline_class!r} (for {what} {model!r})")
+    index = Path(model) / "model_index.json"
+    if index.is_file():  # components saved as absent (SD3 without T5): say so, or diffusers looks for them
+        try:
+            entries = json.loads(index.read_text())
+        except (ValueError, UnicodeDecodeError):
+            entries = {}
+        kwargs = {**{k: None for k, v in entries.items() if isinstance(v, list) and v and v[0] is None
+                     and k not in ("safety_checker", "feature_extractor", "image_encoder")}, **kwargs}
+    if "StableDiffusion3" not in str(entries.get("_class_name", "")) if index.is_file() else True:
+        kwargs = {"safety_checker": None, "requires_safety_checker": False, **kwargs}
     try:
-        return cls.from_pretrained(model, safety_checker=None, requires_safety_checker=False, **kwargs)
+        return cls.from_pretrained(model, **kwargs)
     except AttributeError as exc:
         if "module diffusers has no attribute" not in str(exc):
             raise
@@ -43,11 +56,13 @@ def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class:
             f"HF_HUB_OFFLINE=1 to use the cache only)") from None
 
 
-def export_pipeline(pipe: Any, student_unet: Any, windows: WindowSchedule, out_dir: str | Path) -> Path:
-    """Save `pipe` with the student UNet and a ProReflowScheduler; load it back with `from_pretrained`."""
-    pipe.unet = student_unet
-    pipe.scheduler = scheduler_for(pipe.scheduler.config, windows)
-    pipe.register_modules(unet=student_unet, scheduler=pipe.scheduler)
+def export_pipeline(pipe: Any, student: Any, windows: WindowSchedule, out_dir: str | Path) -> Path:
+    """Save `pipe` with the student network and our scheduler for its windows (ProReflowScheduler for VP
+    teachers, ProReflowFlowScheduler for flow-matching transformers); load it back with `from_pretrained`."""
+    if getattr(pipe, "transformer", None) is not None:
+        pipe.register_modules(transformer=student, scheduler=flow_scheduler_for(pipe.scheduler.config, windows))
+    else:
+        pipe.register_modules(unet=student, scheduler=scheduler_for(pipe.scheduler.config, windows))
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
     return out

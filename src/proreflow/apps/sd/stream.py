@@ -28,7 +28,7 @@ class StreamingLatents:
         self.pipe, self.resolution, self.seed = pipe, resolution, seed
         self.rank, self.world, self.device = state.process_index, state.num_processes, state.device
         self.stream = StreamIterator(spec, resolution, seed, self.rank, self.world, workers, folder_shard_size)
-        for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None)):
             if m is not None:  # encoders stay on the device: every micro-step encodes its rows
                 m.to(self.device)
         self.uncond = uncond_text(pipe)
