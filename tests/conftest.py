@@ -25,3 +25,20 @@ def teacher_dir(tmp_path_factory):
 def image_folder(tmp_path_factory):
     """Six captioned images of an odd size (centre crop and resize are exercised)."""
     return caption_folder(tmp_path_factory.mktemp("images"), size=(20, 24))
+
+
+@pytest.fixture(scope="session")
+def finished_train(tmp_path_factory):
+    """`finished_train(name, args)`: the folder of a finished `proreflow train <args>` run, which tests copy and
+    damage or cut short."""
+    from typer.testing import CliRunner
+
+    from proreflow.cli import app
+
+    def run(name: str, args: list[str]):
+        out = tmp_path_factory.mktemp(name) / "run"
+        result = CliRunner().invoke(app, [*args, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        return out
+
+    return run

@@ -185,12 +185,9 @@ def _files(tmp: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
+def finished_run(finished_train) -> Path:
     """A finished `train` run (final weights per stage, no step checkpoints), for the resume rows to damage."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    result = runner.invoke(app, [*RUN_ARGS, "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return finished_train("finished", RUN_ARGS)
 
 
 def _damage(run: Path, row: str) -> None:

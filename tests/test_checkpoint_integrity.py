@@ -22,11 +22,8 @@ ARGS = ["train", "--method", "perflow", "--steps", "2", "--budget", "6", "--base
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "run"
-    result = runner.invoke(app, [*ARGS, "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+def reference(finished_train) -> Path:
+    return finished_train("ref", ARGS)
 
 
 def _killed_copy(reference: Path, dest: Path) -> Path:

@@ -97,3 +97,22 @@ def test_results_print_the_papers_numbers_beside_ours():
     rows = {(r.name, r.steps): r.paper for r in load_suite("eval-table1", {"fid": False})[0]}
     assert rows[("ProReflow-II", 2)] == {"fid": 27.59} and rows[("ProReflow-II", 4)] == {"fid": 22.03}
     assert {r.steps for r in load_suite("eval-table1", {"fid": False})[0] if r.name == "InstaFlow-0.9B"} == {1, 2, 4}
+
+
+def test_table_3_has_both_blocks_and_the_sdxl_rivals_as_their_cards_run_them():
+    from diffusers import LCMScheduler
+
+    from proreflow.schedulers import make_scheduler
+
+    runs, cfg, _ = load_suite("eval-table3", {"fid": False})
+    rows = {r.name: r for r in runs}
+    assert cfg.captions == "coco2017-5k" and cfg.protocol == "rectified-diffusion"
+    assert load_suite("eval-table3", {"fid": False, "captions": "coco2014-10k"})[1].captions == "coco2014-10k"
+    lightning, dmd2 = rows["SDXL-Lightning"], rows["DMD2"]
+    assert (lightning.scheduler, lightning.timestep_spacing, lightning.guidance) == ("euler", "trailing", 0.0)
+    assert (dmd2.scheduler, dmd2.scheduler_overrides, dmd2.guidance) == ("lcm", {"original_inference_steps": 4}, 0.0)
+    sdxl = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                timestep_spacing="leading", steps_offset=1)
+    lcm = make_scheduler("lcm", LCMScheduler(**sdxl).config, 4, overrides=dmd2.scheduler_overrides)
+    lcm.set_timesteps(4)
+    assert lcm.timesteps.tolist() == [999, 749, 499, 249]  # DMD2's training timesteps

@@ -9,8 +9,12 @@ from contextlib import contextmanager
 from typing import Annotated, Iterator, Optional
 
 import typer
-from typer._click import exceptions as click_errors  # typer's own copy of click (typer >= 0.20)
 from typer.core import TyperGroup
+
+try:  # typer's own copy of click (newer typer), else click itself
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
 
 from proreflow.errors import ProReflowError
 
@@ -38,7 +42,6 @@ class _Commands(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-# options shared by `demo` and `train`, declared once
 DataOpt = Annotated[Optional[Path], typer.Option(help="Your own points: a .npy array of shape N x D, D >= 2.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(help="A toy preset YAML (default: the packaged configs/toy.yaml).")]
 TimeSamplingOpt = Annotated[Optional[str], typer.Option(
@@ -74,10 +77,9 @@ def _check_seed(seed: Optional[int]) -> None:
         raise ProReflowError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
-def _check_out(out: Path, flag: str = "--out") -> None:
-    from proreflow.store import check_output_dir
-
-    check_output_dir(out, flag)
+def _check_out(out: Path) -> None:
+    from proreflow.store import check_output_dir  # lazily: `proreflow --help` starts without torch
+    check_output_dir(out)
 
 
 @contextmanager
@@ -137,11 +139,10 @@ def demo(
     with _errors():
         ks = parse_steps(steps)
         cfg = _toy_config(seed, out, config, budget, base_steps, time_sampling)
-        rows = run_demo(cfg, ks, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
-                        progress=not quiet, allow_outliers=allow_outliers)
+        run_demo(cfg, ks, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
+                 progress=not quiet, allow_outliers=allow_outliers)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'samples.png'}, {out / 'trajectories.png'}")
-    del rows
 
 
 @app.command()
