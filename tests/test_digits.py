@@ -304,3 +304,9 @@ def test_budget_sweep_script_scores_every_budget_and_reuses_finished_runs(smoke_
 
     monkeypatch.setattr(sweep, "run_method", no_training)
     assert sweep.main(args)["rows"] == rows
+    monkeypatch.undo()
+    # two worker processes, one seed each: the finished seed 0 carries over, seed 1 is trained by its worker
+    both = sweep.main([*args, "--seeds", "0,1", "--workers", "2"])
+    assert {(r["method"], r["budget"], r["seed"]) for r in both["rows"]} == \
+        {(m, b, s) for m in sweep.METHODS for b in (2, 4) for s in (0, 1)}
+    assert [r for r in both["rows"] if r["seed"] == 0] == rows and both["meta"]["workers"] == 2
