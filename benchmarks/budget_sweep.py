@@ -144,9 +144,12 @@ def _in_workers(args: argparse.Namespace, argv: list[str], seeds: list[int], row
     import subprocess
 
     shares = [seeds[w::args.workers] for w in range(args.workers) if seeds[w::args.workers]]
-    base = [a for i, a in enumerate(argv) if a != "--workers" and (i == 0 or argv[i - 1] != "--workers")]
-    base = [a for i, a in enumerate(base) if a != "--seeds" and (i == 0 or base[i - 1] != "--seeds")]
-    base = [a for i, a in enumerate(base) if a != "--out" and (i == 0 or base[i - 1] != "--out")]
+    base, it = [], iter(argv)  # the arguments without the ones each worker gets its own value of
+    for a in it:
+        if a in ("--workers", "--seeds", "--out"):
+            next(it, None)
+        else:
+            base.append(a)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = []
     for w, share in enumerate(shares):

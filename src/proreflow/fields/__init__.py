@@ -28,11 +28,16 @@ def is_flow_matching(scheduler: Any) -> bool:
     return hasattr(scheduler, "sigmas") and "shift" in scheduler.config
 
 
+def denoiser(pipe: Any) -> nn.Module:
+    """A pipeline's denoising network: an SD3-style pipeline's transformer, else its UNet."""
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
 def from_pipeline(pipe: Any, guidance_scale: float = 1.0, network: nn.Module | None = None) -> nn.Module:
     """A velocity-field view of a diffusers pipeline's denoiser (`network`, default the pipeline's UNet or
     transformer): `FlowVelocity` for flow-matching schedulers, else `VPVelocity` with the scheduler's
     noise schedule and prediction type (epsilon or v_prediction)."""
-    net = network if network is not None else getattr(pipe, "unet", None) or getattr(pipe, "transformer")
+    net = network if network is not None else denoiser(pipe)
     if is_flow_matching(pipe.scheduler):
         return FlowVelocity.from_scheduler(net, pipe.scheduler, guidance_scale)
     return VPVelocity(net, VPSchedule.from_scheduler(pipe.scheduler),
@@ -54,5 +59,5 @@ def window_placement(pipe: Any, placement: str) -> Callable[[float], float] | No
 
 
 __all__ = ["AdaptersOff", "FlowVelocity", "GaussianMixture", "NetworkTeacher", "VPSchedule", "VPVelocity",
-           "PLACEMENTS", "from_pipeline", "is_flow_matching", "timestep_placement",
+           "PLACEMENTS", "denoiser", "from_pipeline", "is_flow_matching", "timestep_placement",
            "window_placement"]

@@ -304,7 +304,7 @@ def _restore(path: Path, ck: FitCheckpoints, rank: int, net, ema, opt, sched, ge
             if k not in FitResult.__dataclass_fields__ or k == "model":
                 raise KeyError(k)
             setattr(result, k, v)
-        done, micro, world = int(meta["done"]), int(meta["micro"]), meta.get("world", "an unknown number of")
+        done, micro, world = int(meta["done"]), int(meta["micro"]), meta.get("world", "an unknown number of processes")
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise ProReflowError(f"checkpoint {str(path)!r} does not match this model/config ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200]}); resume with the config that wrote it or start "

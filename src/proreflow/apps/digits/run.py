@@ -68,10 +68,8 @@ def _student_row(bench: DigitsBench, run: StudentRun) -> dict:
     cfg = bench.cfg
     final = run.result.plan.final
     out = bench.generate(run.result.student, final, final.steps_per_window(run.k), guidance=cfg.eval.guidance)
-    return {"method": run.method.name, "steps": run.k, "seed": run.seed,
-            "windows": [s.schedule.num_windows for s in run.result.plan.stages],
-            "lam": run.method.lam, "time_sampling": cfg.recipe(run.method).sampling.label(),
-            "pair_source": run.method.pair_source, "teacher_nfe_per_pair": round(run.result.nfe_per_pair, 3),
+    return {"method": run.method.name, "steps": run.k, "seed": run.seed, **cfg.recipe(run.method).describe(run.k),
+            "teacher_nfe_per_pair": round(run.result.nfe_per_pair, 3),
             "student_nfe_per_pair": round(run.result.student_nfe_per_pair, 3),
             "optimizer_steps": run.result.optimizer_steps, "train_seconds": round(run.seconds, 1),
             **bench.score(out, bench.reference(cfg.teacher.distill, cfg.eval.guidance))}

@@ -19,9 +19,9 @@ from typing import Any, Callable
 import torch
 
 from proreflow.apps.sd.config import DistillConfig
-from proreflow.apps.sd.encode import CaptionedLatents, denoiser, is_sd3
+from proreflow.apps.sd.encode import CaptionedLatents, is_sd3
 from proreflow.errors import ProReflowError
-from proreflow.fields import AdaptersOff, from_pipeline, window_placement
+from proreflow.fields import AdaptersOff, denoiser, from_pipeline, window_placement
 from proreflow.store import atomic_write_text, module_digest
 from proreflow.training import describe_batch, process_state, stop_on_sigterm, train_plan
 from proreflow.training.checkpoint import CheckpointConfig

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from proreflow.data.captions import find_pairs, prepare_image
 from proreflow.errors import ProReflowError
+from proreflow.fields import denoiser
 from proreflow.pairs import flatten_cond, unflatten_cond
 from proreflow.store import ShardStore
 from proreflow.training import process_state
@@ -35,11 +36,6 @@ def load_pipeline(model: str, weights_dtype: str = "float32") -> Any:
 def is_sd3(pipe: Any) -> bool:
     """Flow-matching transformer pipelines (SD3-style): a `transformer` instead of a `unet`."""
     return getattr(pipe, "transformer", None) is not None
-
-
-def denoiser(pipe: Any) -> Any:
-    """The network that is distilled: the UNet, or an SD3-style pipeline's transformer."""
-    return pipe.transformer if is_sd3(pipe) else pipe.unet
 
 
 def is_sdxl(pipe: Any) -> bool:
@@ -180,13 +176,18 @@ class CaptionedLatents:
         return draw
 
 
+def encoder_modules(pipe: Any) -> list[Any]:
+    """The VAE and every text encoder the pipeline has (SDXL's second, SD3's second and third)."""
+    return [m for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                        getattr(pipe, "text_encoder_3", None)) if m is not None]
+
+
 @contextmanager
 def encoders_on_device(pipe: Any) -> Iterator[None]:
     """VAE and text encoders on this process's device while encoding, back on the CPU afterwards,
     so that during training the accelerator holds only the UNet(s)."""
     device = process_state().device
-    mods = [m for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
-                        getattr(pipe, "text_encoder_3", None)) if m is not None]
+    mods = encoder_modules(pipe)
     for m in mods:
         m.to(device)
     try:

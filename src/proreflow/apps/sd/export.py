@@ -30,16 +30,19 @@ def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class:
     cls = getattr(diffusers, pipeline_class or "DiffusionPipeline", None)
     if cls is None:
         raise ProReflowError(f"diffusers has no pipeline class {pipeline_class!r} (for {what} {model!r})")
+    entries: dict[str, Any] = {}
     index = Path(model) / "model_index.json"
-    if index.is_file():  # components saved as absent (SD3 without T5): say so, or diffusers looks for them
+    if index.is_file():
         try:
             entries = json.loads(index.read_text())
         except (ValueError, UnicodeDecodeError):
-            entries = {}
-        kwargs = {**{k: None for k, v in entries.items() if isinstance(v, list) and v and v[0] is None
-                     and k not in ("safety_checker", "feature_extractor", "image_encoder")}, **kwargs}
-    if "StableDiffusion3" not in str(entries.get("_class_name", "")) if index.is_file() else True:
-        kwargs = {"safety_checker": None, "requires_safety_checker": False, **kwargs}
+            pass  # from_pretrained names the problem
+    # components saved as absent (SD3 without T5) must be named, or diffusers looks for them
+    absent = {k: None for k, v in entries.items() if isinstance(v, list) and v and v[0] is None
+              and k not in ("safety_checker", "feature_extractor", "image_encoder")}
+    if "StableDiffusion3" not in str(entries.get("_class_name", "")):  # SD3 pipelines have no safety checker
+        absent.update(safety_checker=None, requires_safety_checker=False)
+    kwargs = {**absent, **kwargs}
     try:
         return cls.from_pretrained(model, **kwargs)
     except AttributeError as exc:

@@ -12,9 +12,10 @@ from proreflow.apps.sd.distill import distill
 from proreflow.apps.sd.encode import encode_prompts_only, encode_records, load_pipeline
 from proreflow.apps.sd.stream import StreamingLatents
 from proreflow.data.captions import read_prompts, read_source
-from proreflow.data.stream import find_shards
+from proreflow.data.stream import StreamIterator
 from proreflow.errors import ProReflowError
 from proreflow.store import check_output_dir
+from proreflow.training import process_state
 from proreflow.training.checkpoint import CheckpointConfig
 
 
@@ -44,10 +45,10 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
                                  "take --prompts, hf: data sets or --encode-cache")
         if data_workers < 0:
             raise ProReflowError(f"--data-workers must be >= 0, got {data_workers}")
-        find_shards(data)  # the shards exist before anything is loaded
+        state = process_state()  # the shards are found and split before anything is loaded
+        stream_ = StreamIterator(data, cfg.resolution, seed, state.process_index, state.num_processes, data_workers)
         pipe = load_pipeline(cfg.model)
-        return distill(cfg, pipe, StreamingLatents(pipe, data, cfg.resolution, seed, data_workers), out, ckpt,
-                       on_step=on_step)
+        return distill(cfg, pipe, StreamingLatents(pipe, stream_), out, ckpt, on_step=on_step)
     records = read_source(data) if data is not None else read_prompts(prompts)
     pipe = load_pipeline(cfg.model)  # float32: build_teacher_student casts only the frozen weights
     encoded = (encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=progress)

@@ -6,40 +6,30 @@ stream's position is saved with every checkpoint, so a resumed run continues it 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from proreflow.apps.sd.encode import encode_images, encode_text, is_sdxl, time_ids, uncond_text
-from proreflow.data.stream import FOLDER_SHARD_SIZE, StreamIterator
+from proreflow.apps.sd.encode import encode_images, encode_text, encoder_modules, is_sdxl, time_ids, uncond_text
+from proreflow.data.stream import StreamIterator
 from proreflow.training import process_state
 
 
 class StreamingLatents:
-    """The streaming counterpart of `CaptionedLatents`: same `data_fn` interface, data encoded on the fly."""
+    """The streaming counterpart of `CaptionedLatents`: same `data_fn` interface, data encoded on the fly from
+    `stream` (this process's `StreamIterator`)."""
 
     prompt_only = False
 
-    def __init__(self, pipe: Any, spec: str | Path, resolution: int, seed: int = 0, workers: int = 2,
-                 folder_shard_size: int = FOLDER_SHARD_SIZE) -> None:
-        state = process_state()
-        self.pipe, self.resolution, self.seed = pipe, resolution, seed
-        self.rank, self.world, self.device = state.process_index, state.num_processes, state.device
-        self.stream = StreamIterator(spec, resolution, seed, self.rank, self.world, workers, folder_shard_size)
-        for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None)):
-            if m is not None:  # encoders stay on the device: every micro-step encodes its rows
-                m.to(self.device)
+    def __init__(self, pipe: Any, stream: StreamIterator) -> None:
+        self.pipe, self.stream = pipe, stream
+        self.resolution, self.seed, self.rank, self.world = stream.resolution, stream.seed, stream.rank, stream.world
+        for m in encoder_modules(pipe):  # encoders stay on the device: every micro-step encodes its rows
+            m.to(process_state().device)
         self.uncond = uncond_text(pipe)
         f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        self.latent_shape = (pipe.vae.config.latent_channels, resolution // f, resolution // f)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stream.load_state_dict(state)
+        self.latent_shape = (pipe.vae.config.latent_channels, self.resolution // f, self.resolution // f)
 
     def _encode(self, n: int) -> tuple[Tensor, dict[str, Tensor]]:
         items = self.stream.take(n)
@@ -65,10 +55,10 @@ class StreamingDataFn:
         self.data, self.caption_dropout, self.with_uncond = data, caption_dropout, with_uncond
 
     def state_dict(self) -> dict[str, Any]:
-        return self.data.state_dict()
+        return self.data.stream.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.data.load_state_dict(state)
+        self.data.stream.load_state_dict(state)
 
     def __call__(self, n: int, gen: torch.Generator) -> tuple[Tensor, dict]:
         d = self.data
