@@ -5,14 +5,15 @@ reused from --digits-out), with the preset's recipe (time sampling, teacher solv
 Each stage draws its pairs from a fixed cache of `--pairs` teacher pairs, made once per stage schedule
 and seed, so a larger budget sees more passes over the same pairs, not more teacher evaluations.
 
-A single-stage method at budget B is the first B steps of one longer run: the learning rate is constant,
-the EMA's warm-up counts steps from the start, and the batches from the cache do not depend on the total
-(tested: `tests/test_time_sampling_and_pair_source.py`), so one run per seed scores every budget.
-Progressive plans split each budget over their stages, so they train once per budget.
+Stage 1 at budget B is the first steps of stage 1 at a larger budget: the learning rate is constant, the
+EMA's warm-up counts steps from the start, and the batches do not depend on the total (both tested in
+`tests/test_time_sampling_and_pair_source.py`). So one run per (method, seed) to the largest budget's stage 1
+scores every budget of a single-stage method on the way, and a progressive method trains only its later
+stages once per budget, from that run's EMA snapshots (bitwise the same students as training each budget's
+plan from scratch).
 
-    python benchmarks/budget_sweep.py                       # 3 seeds, 100..1000 steps (after the digits run)
-    python benchmarks/budget_sweep.py --budgets 100,200,500,1000,2000 --workers 2   # the longer sweep, seeds
-                                                            # split over 2 one-thread processes
+    python benchmarks/budget_sweep.py --workers 2          # 3 seeds, 100..2000 steps (after the digits run),
+                                                           # (method, seed) runs over 2 one-thread processes
     python benchmarks/budget_sweep.py --budgets 20,40 --seeds 0 --samples 100 --out /tmp/sweep  # smoke
 
 Results are written after every run (and reused on a rerun) to <out>/budget_sweep.{json,md,png}.
@@ -49,10 +50,15 @@ def run_method(bench: Any, spec: MethodSpec, k: int, budgets: list[int], seed: i
     sampling = spec.sampling(cfg.time_sampling)
     train = replace(cfg.train, seed=seed, progress=False)
     counts = spec.window_counts(k)
-    cache = PairCacheConfig(bench.cache / "sweep-pairs" / json_key(counts, spec.pair_source, asdict(cfg.teacher_solver),
-                                                              seed, bench.teacher_key(cfg.teacher.distill)),
-                            pairs, cfg.pair_shard_size)
     rows: dict[int, dict] = {}
+
+    def cache(budget: int) -> PairCacheConfig:
+        # teacher pairs depend on the stage schedule and seed only; previous-stage pairs also on the student
+        # that made them, i.e. on the budget
+        own = budget if spec.pair_source == "previous_stage" else None
+        return PairCacheConfig(bench.cache / "sweep-pairs" / json_key(counts, spec.pair_source, asdict(cfg.teacher_solver),
+                                                                  seed, bench.teacher_key(cfg.teacher.distill), own),
+                               pairs, cfg.pair_shard_size)
 
     def score(model: torch.nn.Module, final: Any, budget: int, seconds: float) -> None:
         imgs = bench.generate(model, final, final.steps_per_window(k), guidance=cfg.eval.guidance)
@@ -60,29 +66,43 @@ def run_method(bench: Any, spec: MethodSpec, k: int, budgets: list[int], seed: i
                         "time_sampling": sampling.label(), "train_seconds": round(seconds, 1),
                         **bench.score(imgs, reference)}
 
-    def fit_plan(budget: int, on_step: Any = None) -> Any:
+    def fit_plan(budget: int, on_step: Any = None, init: Any = teacher, stages: tuple = (0, None)) -> Any:
         recipe = replace(cfg.recipe(spec), budget_steps=budget, train=train)
-        return train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), recipe, k, desc=f"{spec.name} B={budget}",
-                          pair_cache=cache, on_step=on_step)
+        return train_plan(init, NetworkTeacher(teacher), bench.data_fn(), recipe, k, desc=f"{spec.name} B={budget}",
+                          pair_cache=cache(budget), on_step=on_step, stages=stages)
 
-    started = time.perf_counter()
-    if len(counts) == 1:  # one run, scored at every budget on the way
-        final = spec.plan(k, max(budgets)).final
-        clock = {"eval": 0.0}
+    # Stage 1 at budget B is the first steps of stage 1 at a larger budget (constant learning rate, EMA warm-up
+    # counted from the start, batches independent of the total; tested in tests/test_time_sampling_and_pair_source.py),
+    # so one run to the largest budget's stage 1 gives every budget's stage-1 student: a single-stage method is
+    # scored on the way, a progressive one trains its later stages from each snapshot.
+    first = {b: spec.plan(k, b).stages[0].steps for b in budgets}
+    snapshots: dict[int, tuple[Any, float]] = {}
+    started, clock = time.perf_counter(), {"eval": 0.0}
 
-        def on_step(stage: int, done: int, ema_model: Any, result: Any) -> None:
-            if done in budgets:
-                t0 = time.perf_counter()
-                score(ema_model(), final, done, t0 - started - clock["eval"])
-                clock["eval"] += time.perf_counter() - t0
+    def on_step(stage: int, done: int, ema_model: Any, result: Any) -> None:
+        if done not in first.values():
+            return
+        t0 = time.perf_counter()
+        seconds = t0 - started - clock["eval"]
+        if len(counts) == 1:
+            score(ema_model(), spec.plan(k, done).final, done, seconds)
+        else:
+            snapshots[done] = (ema_model(), seconds)
+        clock["eval"] += time.perf_counter() - t0
 
-        fit_plan(max(budgets), on_step)
-    else:
-        for budget in budgets:
-            t0 = time.perf_counter()
-            res = fit_plan(budget)
-            score(res.student, spec.plan(k, budget).final, budget, time.perf_counter() - t0)
+    fit_plan(max(budgets), on_step, stages=(0, 1))
+    for budget in budgets if len(counts) > 1 else []:
+        model, stage1_seconds = snapshots[first[budget]]
+        t0 = time.perf_counter()
+        res = fit_plan(budget, init=model, stages=(1, None))
+        score(res.student, spec.plan(k, budget).final, budget, stage1_seconds + time.perf_counter() - t0)
     return rows
+
+
+def job_cost(spec: MethodSpec, k: int, budgets: list[int]) -> int:
+    """Optimizer steps `run_method` takes: stage 1 once to the largest budget, later stages per budget."""
+    firsts = [spec.plan(k, b).stages[0].steps for b in budgets]
+    return max(firsts) + sum(b - f for b, f in zip(budgets, firsts))
 
 
 def markdown(rows: list[dict], methods: list[str], budgets: list[int], seeds: list[int], k: int, meta: dict) -> str:
@@ -135,18 +155,29 @@ def plot(rows: list[dict], methods: list[str], budgets: list[int], teacher_rows:
     plt.close(fig)
 
 
-def _in_workers(args: argparse.Namespace, argv: list[str], seeds: list[int], rows: list[dict],
+def split_jobs(jobs: list[tuple[str, int]], costs: dict[str, int], workers: int) -> list[list[tuple[str, int]]]:
+    """(method, seed) runs spread over `workers` so that their optimizer steps are as even as possible
+    (longest first, each to the least loaded worker)."""
+    shares: list[list[tuple[str, int]]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for job in sorted(jobs, key=lambda j: -costs[j[0]]):
+        w = load.index(min(load))
+        shares[w].append(job)
+        load[w] += costs[job[0]]
+    return [sorted(s, key=jobs.index) for s in shares if s]
+
+
+def _in_workers(args: argparse.Namespace, argv: list[str], shares: list[list[tuple[str, int]]], rows: list[dict],
                 settings: dict) -> list[dict]:
-    """Train the seeds in `args.workers` subprocesses (1 torch thread each, every worker its own seeds and its
-    own results folder) and return all rows. Each (method, seed) run is independent: its pair caches are keyed
-    by seed, and the teacher is read from the digits cache."""
+    """Run each share of (method, seed) jobs in its own subprocess (1 torch thread, its own results folder) and
+    return all rows. Each job is independent: its pair caches are keyed by seed, and the teacher is read from
+    the digits cache."""
     import os
     import subprocess
 
-    shares = [seeds[w::args.workers] for w in range(args.workers) if seeds[w::args.workers]]
     base, it = [], iter(argv)  # the arguments without the ones each worker gets its own value of
     for a in it:
-        if a in ("--workers", "--seeds", "--out"):
+        if a in ("--workers", "--seeds", "--out", "--jobs"):
             next(it, None)
         else:
             base.append(a)
@@ -155,9 +186,9 @@ def _in_workers(args: argparse.Namespace, argv: list[str], seeds: list[int], row
     for w, share in enumerate(shares):
         out = args.out / f"worker-{w}"
         out.mkdir(parents=True, exist_ok=True)
-        mine = [r for r in rows if r["seed"] in share]  # finished runs of these seeds carry over
+        mine = [r for r in rows if (r["method"], r["seed"]) in share]  # finished runs carry over
         atomic_write_text(out / "budget_sweep.json", json.dumps({"settings": settings, "rows": mine, "minutes": 0.0}))
-        cmd = [sys.executable, __file__, *base, "--seeds", ",".join(map(str, share)), "--out", str(out)]
+        cmd = [sys.executable, __file__, *base, "--jobs", ",".join(f"{m}@{s}" for m, s in share), "--out", str(out)]
         procs.append(subprocess.Popen(cmd, env=env))
     if any(p.wait() for p in procs):
         raise SystemExit("error: a sweep worker failed; rerun the same command to continue from its results")
@@ -172,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     from proreflow.windows import WindowSchedule
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budgets", default="100,200,500,1000")
+    ap.add_argument("--budgets", default="100,200,500,1000,2000")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=4, help="sampling steps of the students")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -185,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="the `proreflow run` folder whose cache holds the digits teacher")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--workers", type=int, default=1,
-                    help="split the seeds over this many processes of 1 torch thread each (2 on 2 cores)")
+                    help="split the (method, seed) runs over this many processes of 1 torch thread each (2 on 2 cores)")
+    ap.add_argument("--jobs", default=None, help=argparse.SUPPRESS)  # a worker's share: method@seed,...
     args = ap.parse_args(argv)
     budgets = sorted(int(b) for b in args.budgets.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -207,21 +239,27 @@ def main(argv: list[str] | None = None) -> dict:
     rows: list[dict] = previous.get("rows", []) if same else []
     carried = previous.get("minutes", 0.0) if same else 0.0  # minutes spent by earlier invocations
     started = time.perf_counter()
+    jobs = [(m, s) for s in seeds for m in methods]
+    if args.jobs:
+        jobs = [(j.rsplit("@", 1)[0], int(j.rsplit("@", 1)[1])) for j in args.jobs.split(",")]
     if args.workers > 1 and not args.report_only:
-        rows = _in_workers(args, sys.argv[1:] if argv is None else argv, seeds, rows, settings)
-        seeds = []  # trained by the workers
-    for seed in [] if args.report_only else seeds:
-        for name in methods:
-            if sum(1 for r in rows if r["method"] == name and r["seed"] == seed) == len(budgets):
-                continue  # finished in an earlier invocation
-            rows = [r for r in rows if not (r["method"] == name and r["seed"] == seed)]
-            got = run_method(bench, by_name[name], args.steps, budgets, seed, args.pairs)
-            rows += [got[b] for b in budgets]
-            print(f"seed {seed} {name}: " + ", ".join(f"B={b} fid {got[b]['fidelity_rmse']:.4f}" for b in budgets),
-                  flush=True)
-            minutes = carried + (time.perf_counter() - started) / 60
-            atomic_write_text(stem.with_suffix(".json"),
-                              json.dumps({"settings": settings, "rows": rows, "minutes": minutes}, indent=2) + "\n")
+        costs = {m: job_cost(by_name[m], args.steps, budgets) for m in methods}
+        rows = _in_workers(args, sys.argv[1:] if argv is None else argv, split_jobs(jobs, costs, args.workers),
+                           rows, settings)
+        order = {m: i for i, m in enumerate(methods)}
+        rows.sort(key=lambda r: (r["seed"], order.get(r["method"], len(order)), r["budget"]))
+        jobs = []  # trained by the workers
+    for name, seed in [] if args.report_only else jobs:
+        if sum(1 for r in rows if r["method"] == name and r["seed"] == seed) == len(budgets):
+            continue  # finished in an earlier invocation
+        rows = [r for r in rows if not (r["method"] == name and r["seed"] == seed)]
+        got = run_method(bench, by_name[name], args.steps, budgets, seed, args.pairs)
+        rows += [got[b] for b in budgets]
+        print(f"seed {seed} {name}: " + ", ".join(f"B={b} fid {got[b]['fidelity_rmse']:.4f}" for b in budgets),
+              flush=True)
+        minutes = carried + (time.perf_counter() - started) / 60
+        atomic_write_text(stem.with_suffix(".json"),
+                          json.dumps({"settings": settings, "rows": rows, "minutes": minutes}, indent=2) + "\n")
     ref = bench.reference(cfg.teacher.distill, cfg.eval.guidance)
     euler = bench.score(bench.generate(bench.teachers[cfg.teacher.distill], WindowSchedule.uniform(1), args.steps), ref)
     teacher_rows = {"fidelity_rmse": {f"teacher, {args.steps} Euler steps": euler["fidelity_rmse"]},

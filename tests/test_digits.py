@@ -12,6 +12,7 @@ from proreflow.analysis import perturb, perturbed_field, velocity_discrepancy
 from proreflow.cli import app
 from proreflow.data.digits import NULL_CLASS, class_cond, label_dropout, load_digits_images
 from proreflow.errors import ProReflowError
+from proreflow.methods import MethodSpec
 from proreflow.fields.gmm import GaussianMixture
 from proreflow.fields.network import FlowVelocity, guided_call
 from proreflow.metrics import FrechetDistance
@@ -310,3 +311,11 @@ def test_budget_sweep_script_scores_every_budget_and_reuses_finished_runs(smoke_
     assert {(r["method"], r["budget"], r["seed"]) for r in both["rows"]} == \
         {(m, b, s) for m in sweep.METHODS for b in (2, 4) for s in (0, 1)}
     assert [r for r in both["rows"] if r["seed"] == 0] == rows and both["meta"]["workers"] == 2
+    # workers get (method, seed) runs of nearly equal optimizer steps, longest first
+    costs = {m: sweep.job_cost(spec, 4, [100, 200, 500, 1000, 2000])
+             for m, spec in [("perflow", MethodSpec("perflow", windows=[4])),
+                             ("proreflow", MethodSpec("proreflow", windows="8->k", lam=1.0))]}
+    assert costs == {"perflow": 2000, "proreflow": 1000 + 1900}
+    shares = sweep.split_jobs([(m, s) for s in (0, 1, 2) for m in costs], costs, 2)
+    assert sorted(j for share in shares for j in share) == sorted((m, s) for s in (0, 1, 2) for m in costs)
+    assert sorted(sum(costs[m] for m, _ in share) for share in shares) == [2900 + 2 * 2000, 2 * 2900 + 2000]

@@ -202,6 +202,29 @@ def test_a_shorter_run_is_the_prefix_of_a_longer_one():
     assert all(torch.equal(a, b) for a, b in zip(short.model.state_dict().values(), seen[7].state_dict().values()))
 
 
+def test_a_progressive_plan_from_a_longer_first_stages_snapshot_equals_the_whole_plan():
+    """What budget_sweep.py relies on for progressive methods: stage 1 of budget B is the prefix of stage 1 of
+    a larger budget, so training the later stages from that run's EMA snapshot gives the same student."""
+    torch.manual_seed(0)
+    init = VelocityMLP(2, 16, 2)
+    method = MethodSpec("p", windows=[4, 2], lam=1.0, time_sampling=TimeSampling("mixture", 0.5))
+
+    def recipe(budget):
+        return Recipe(method, budget, teacher_solver=TeacherSolver("euler", 2), train=_cfg())
+
+    whole = train_plan(init, _teacher, _data_fn, recipe(10), 2)
+    assert [s.steps for s in recipe(10).plan(2).stages] == [5, 5] and recipe(24).plan(2).stages[0].steps == 12
+    seen = {}
+    longer = train_plan(init, _teacher, _data_fn, recipe(24), 2, stages=(0, 1),
+                        on_step=lambda stage, done, ema, res: seen.setdefault(done, ema()))
+    assert len(longer.stages) == 1 and len(longer.stages[0].losses) == 12
+    rest = train_plan(seen[5], _teacher, _data_fn, recipe(10), 2, stages=(1, None))
+    assert len(rest.stages) == 1
+    assert all(torch.equal(a, b) for a, b in zip(whole.student.state_dict().values(), rest.student.state_dict().values()))
+    with pytest.raises(ProReflowError, match="select no stage"):
+        train_plan(init, _teacher, _data_fn, recipe(10), 2, stages=(2, None))
+
+
 @pytest.mark.parametrize("text, expected", [("start", {"rule": "start"}), ("uniform", {"rule": "uniform"}),
                                             ("mixture", {"rule": "mixture"}),
                                             ("mixture:0.25", {"rule": "mixture", "start_fraction": 0.25})])

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from proreflow.errors import ProReflowError
 from proreflow.pairs import CachedPairs, PairCache, TeacherSolver, grid_solver
 from proreflow.sampling import sample
 from proreflow.solvers import VelocityField
@@ -85,8 +86,8 @@ class PlanResult:
 def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe: Recipe, k: int,
                accelerator: Accelerator | None = None, desc: str | None = None,
                checkpoints: CheckpointConfig | None = None, pair_cache: PairCacheConfig | None = None,
-               copy_model: bool = True, on_step: Callable[[int, int, Callable[[], nn.Module], FitResult], None] | None = None
-               ) -> PlanResult:
+               copy_model: bool = True, on_step: Callable[[int, int, Callable[[], nn.Module], FitResult], None] | None = None,
+               stages: tuple[int, int | None] = (0, None)) -> PlanResult:
     """Train `recipe`'s k-step student: stage k+1 starts from stage k's (EMA) student, the first from `init`.
 
     Pair source "teacher": every stage's pairs come from the fixed teacher's ODE over that stage's (wider)
@@ -94,12 +95,19 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
     per stage-k window (the first stage still uses the teacher). The recipe's time sampling places the
     training points on each chord. `on_step(stage, done, ema_model_fn, result)` is `fit`'s callback with the
     0-based stage index in front.
+
+    `stages=(a, b)` trains only `plan.stages[a:b]`, with `init` standing for stage a-1's student (a > 0). The
+    result is bitwise what the whole plan gives at those stages (every stage draws from its own seed), so a
+    budget sweep can take stage 1 of several budgets from one longer stage-1 run's EMA snapshots.
     """
     world = accelerator.num_processes if accelerator else process_state().num_processes
     plan, cfg, solver = recipe.plan(k), resolve_batch(recipe.train, world), recipe.teacher_solver
     pair_source, sampling, desc = recipe.method.pair_source, recipe.sampling, desc or f"{recipe.method.name} k={k}"
+    first, stop = stages
+    if not 0 <= first < (len(plan.stages) if stop is None else min(stop, len(plan.stages))):
+        raise ProReflowError(f"stages {stages} select no stage of a {len(plan.stages)}-stage plan")
     student, stages, sources = init, [], []
-    for k, stage in enumerate(plan.stages):  # k: the stage index from here on
+    for k, stage in list(enumerate(plan.stages))[first:stop]:  # k: the stage index from here on
         source, stage_solver, kind = teacher, solver, "teacher"
         if pair_source == "previous_stage" and k > 0:
             # a frozen copy: the next stage may train `student` in place (copy_model=False)
