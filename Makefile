@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
-	$(PY) -m pip install --quiet -e ".[diffusers,metrics,test]"
+	$(PY) -m pip install --quiet -e ".[diffusers,metrics,hf,test]"
 	@touch $(STAMP)
 
 install: $(STAMP)

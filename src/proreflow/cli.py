@@ -200,9 +200,9 @@ def distill(
     resume: Optional[str] = typer.Option(None, help="'latest': continue from the last checkpoint in OUT."),
     encode_cache: Optional[Path] = typer.Option(None, help="Keep VAE latents + text embeddings of --data in this "
                                                            "folder (checksummed shards) and reuse them next time."),
-    stream: bool = typer.Option(False, help="Stream --data (tar shards or an image folder) through DataLoader "
-                                            "workers, encoding each batch on the device: memory does not grow "
-                                            "with the data set, and --resume continues the stream exactly."),
+    stream: bool = typer.Option(False, help="Stream --data (tar shards, image folder or hf:) through DataLoader "
+                                            "workers, encoding each batch on the device: memory does not grow with "
+                                            "the data set; --resume continues the stream, on any process count."),
     data_workers: int = typer.Option(2, help="DataLoader workers per process with --stream."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:

@@ -1,8 +1,9 @@
-"""Streaming image + caption samples from webdataset tar shards or image folders: host memory does not grow
-with the data set, and a resumed stream continues exactly where it stopped.
+"""Streaming image + caption samples from webdataset tar shards, image folders or HF `datasets`: host memory
+does not grow with the data set, and a resumed stream continues exactly where it stopped.
 
 The order of an epoch is a function of the seed alone:
-- the shards (tar files; an image folder is cut into shards of `folder_shard_size` images) are permuted
+- the shards (tar files; an image folder is cut into shards of `folder_shard_size` images; an HF data set's
+  own shards, i.e. its data files in streaming mode, or pieces of a `save_to_disk` folder) are permuted
   per epoch; rank r of R takes every R-th shard of that order and worker w of W every W-th of those, so no
   sample reaches two ranks;
 - each shard's samples are shuffled per (seed, epoch, shard): a shuffle buffer of one shard, which bounds the
@@ -12,7 +13,10 @@ The order of an epoch is a function of the seed alone:
 A worker's samples reach the consumer in the worker's order, so what has been consumed is, per worker, a
 prefix: the shards it finished and how many samples of the current one. `state_dict()` holds exactly that
 (plus the epoch); a stream built with it skips those samples (their bytes are read, their images not
-decoded). Unreadable samples (a bad image, a caption that is not UTF-8, a damaged tar member) are skipped
+decoded). Given every rank's position (`"ranks"`, which the training loop gathers into each checkpoint), a
+stream split over another number of processes or workers continues the same epoch: the shards nobody
+finished, each from its first unconsumed sample, are dealt out to the new ranks and workers
+(`continue_split`), so within an epoch no sample is seen twice and none is skipped. Unreadable samples (a bad image, a caption that is not UTF-8, a damaged tar member) are skipped
 and counted, never fatal. Tar members are read with webdataset's iterators.
 """
 
@@ -37,17 +41,54 @@ FOLDER_SHARD_SIZE = 256
 
 @dataclass(frozen=True)
 class Shard:
-    """A tar file, or a slice of an image folder's sorted files."""
+    """A tar file, a slice of an image folder's sorted files, or one shard of an HF streaming data set (an
+    `IterableDataset` whose image column is not decoded, and the names of its image and caption columns)."""
 
     name: str
     tar: Path | None = None
     files: tuple[Path, ...] = ()
+    hf: tuple[Any, str, str] | None = field(default=None, compare=False)
+
+
+def hf_shards(name: str, split: str = "train", folder_shard_size: int = FOLDER_SHARD_SIZE,
+              image_column: str = "image", caption_column: str = "text") -> list[Shard]:
+    """An HF data set as shards without loading it: a hub name or data folder is opened with
+    `load_dataset(..., streaming=True)` (its shards are its data files); a `save_to_disk` folder is memory-mapped
+    and cut into pieces of about `folder_shard_size` rows (`to_iterable_dataset`)."""
+    from proreflow.data.captions import load_hf_dataset
+
+    try:
+        import datasets
+    except ImportError:
+        raise ProReflowError("HF datasets need the optional `datasets` package: pip install datasets") from None
+    saved = Path(name).is_dir() and any((Path(name) / f).is_file() for f in ("dataset_dict.json", "state.json"))
+    try:
+        if saved:
+            table = load_hf_dataset(name, split)
+            if len(table) == 0:
+                raise ProReflowError(f"the dataset {name!r} split {split!r} is empty")
+            ds = table.to_iterable_dataset(num_shards=min(len(table), -(-len(table) // folder_shard_size)))
+        else:
+            ds = datasets.load_dataset(name, split=split, streaming=True)
+    except (OSError, ValueError, KeyError, FileNotFoundError) as exc:
+        raise ProReflowError(f"cannot stream the dataset {name!r} split {split!r}: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+    cols = list(ds.column_names or [])
+    for col, what in ((image_column, "image"), (caption_column, "caption")):
+        if col not in cols:
+            raise ProReflowError(f"dataset {name!r} has no {what} column {col!r} (columns: {cols})")
+    ds = ds.cast_column(image_column, datasets.Image(decode=False))  # bytes to the workers, decoded there
+    return [Shard(f"hf:{name}:{split}#{i}", hf=(ds.shard(num_shards=ds.n_shards, index=i), image_column, caption_column))
+            for i in range(ds.n_shards)]
 
 
 def find_shards(spec: str | Path, folder_shard_size: int = FOLDER_SHARD_SIZE) -> list[Shard]:
-    """The shards of `spec`: a .tar file, a glob of them, a folder of .tar files, or an image folder (each image
-    with a same-named .txt caption)."""
+    """The shards of `spec`: `hf:NAME[:SPLIT]` (`hf_shards`), a .tar file, a glob of them, a folder of .tar
+    files, or an image folder (each image with a same-named .txt caption)."""
     s = str(spec)
+    if s.startswith("hf:"):
+        name, _, split = s[3:].partition(":")
+        return hf_shards(name, split or "train", folder_shard_size)
     p = Path(s)
     if any(c in s for c in "*?["):
         tars = sorted(Path(f) for f in glob.glob(s))
@@ -86,27 +127,93 @@ def write_shards(records: list[tuple[bytes, str]], folder: str | Path, per_shard
     return paths
 
 
+#: an epoch's shards in the order they are dealt out: (index into the shard list, first sample to read)
+Entries = list[tuple[int, int]]
+
+
 @dataclass
 class StreamState:
     """What a stream has handed out in its current epoch: per worker, shards finished and samples taken from
-    the next one. Valid only for the same shards, seed, ranks and workers."""
+    the next one. Valid only for the same shards, seed, ranks and workers. `plans`: epochs whose entries are
+    not the seed's permutation but what remained of them when the stream moved to another split."""
 
     epoch: int = 0
     workers: dict[int, list[int]] = field(default_factory=dict)  # worker -> [shards done, samples in the next]
+    plans: dict[int, Entries] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "positions": {str(k): v for k, v in self.workers.items()}}
+        return {"epoch": self.epoch, "positions": {str(k): v for k, v in self.workers.items()},
+                "plans": {str(e): [list(x) for x in p] for e, p in self.plans.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StreamState":
         try:
-            return cls(int(d["epoch"]), {int(k): [int(v[0]), int(v[1])] for k, v in d["positions"].items()})
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            return cls(int(d["epoch"]), {int(k): [int(v[0]), int(v[1])] for k, v in d["positions"].items()},
+                       {int(e): [(int(i), int(o)) for i, o in p] for e, p in d.get("plans", {}).items()})
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise ProReflowError(f"a saved stream position is damaged ({type(exc).__name__})") from None
+
+    def next_epoch(self) -> "StreamState":
+        return StreamState(self.epoch + 1, {}, {e: p for e, p in self.plans.items() if e > self.epoch})
+
+
+def epoch_entries(n_shards: int, seed: int, epoch: int, plans: dict[int, Entries]) -> Entries:
+    """Every shard of `epoch` in dealing order: a plan's remainder, or the seed's permutation from sample 0."""
+    if epoch in plans:
+        return list(plans[epoch])
+    order = torch.randperm(n_shards, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return [(i, 0) for i in order.tolist()]
+
+
+def deal(entries: Entries, rank: int, world: int, worker: int, workers: int) -> Entries:
+    """Rank r of R takes every R-th entry, worker w of W every W-th of those."""
+    return entries[rank::world][worker::workers]
+
+
+def continue_split(saved: list[dict[str, Any]], n_shards: int, seed: int) -> StreamState:
+    """The state that continues, on any split, the epochs that the ranks of `saved` (one `state_dict()` per rank,
+    in rank order) were in: for each epoch from the earliest rank's to the latest's, the shards not finished,
+    in dealing order, each from its first unconsumed sample."""
+    try:
+        world, epochs = len(saved), [int(s["epoch"]) for s in saved]
+        plans_before = StreamState.from_dict(saved[0]).plans  # the same on every rank
+        positions = [StreamState.from_dict(s).workers for s in saved]
+        workers = [int(s["workers"]) for s in saved]
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ProReflowError(f"a saved stream position is damaged ({type(exc).__name__})") from None
+    plans: dict[int, Entries] = {}
+    for epoch in range(min(epochs), max(epochs) + 1):
+        entries = epoch_entries(n_shards, seed, epoch, plans_before)
+        resume_at: dict[int, int | None] = {}  # shard -> first unconsumed sample; None: finished
+        for rank in range(world):
+            for worker in range(max(workers[rank], 1)):
+                mine = deal(entries, rank, world, worker, max(workers[rank], 1))
+                done, taken = ((len(mine), 0) if epochs[rank] > epoch else (0, 0) if epochs[rank] < epoch
+                               else positions[rank].get(worker, [0, 0]))
+                for pos, (shard, _) in enumerate(mine):
+                    if pos < done:
+                        resume_at[shard] = None
+                    elif pos == done and taken:
+                        resume_at[shard] = taken
+        plans[epoch] = [(i, resume_at.get(i, first)) for i, first in entries if resume_at.get(i, first) is not None]
+    return StreamState(min(epochs), {}, plans)
 
 
 def _samples_of(shard: Shard, skipped: list[int]) -> list[tuple[str, Any, bytes | None]]:
     """(key, image source, caption bytes) of every sample in `shard`, in a fixed order; bad members counted."""
+    if shard.hf is not None:
+        ds, image_column, caption_column = shard.hf
+        out = []
+        try:  # in batches: iterating the rows directly would split the shard again over DataLoader workers
+            for batch in ds.iter(batch_size=256):
+                for image, caption in zip(batch[image_column], batch[caption_column]):
+                    if image is None or not isinstance(caption, str):
+                        skipped[0] += 1
+                        continue
+                    out.append((f"{shard.name}/{len(out) + skipped[0]:09d}", image, caption.encode("utf-8")))
+        except Exception:  # an unreadable data file: the rest of the shard is skipped
+            skipped[0] += 1
+        return out
     if shard.tar is None:
         return [(str(f), f, None) for f in shard.files]
     from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -139,24 +246,24 @@ class ImageCaptionStream(IterableDataset):
         self.shards, self.resolution, self.seed, self.rank, self.world = shards, resolution, seed, rank, world
         self.state = state or StreamState()
 
-    def worker_shards(self, epoch: int, worker: int, workers: int) -> list[Shard]:
-        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-        mine = [self.shards[i] for i in order.tolist()][self.rank::self.world]
-        return mine[worker::workers]
+    def worker_shards(self, epoch: int, worker: int, workers: int) -> list[tuple[Shard, int]]:
+        """This worker's (shard, first sample) of `epoch`."""
+        entries = epoch_entries(len(self.shards), self.seed, epoch, self.state.plans)
+        return [(self.shards[i], first) for i, first in deal(entries, self.rank, self.world, worker, workers)]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.state.epoch
         done, taken = self.state.workers.get(worker, [0, 0])
-        for pos, shard in enumerate(self.worker_shards(epoch, worker, workers)):
+        for pos, (shard, first) in enumerate(self.worker_shards(epoch, worker, workers)):
             if pos < done:
                 continue
             skipped = [0]
             samples = _samples_of(shard, skipped)
             gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}|{epoch}|{shard.name}".encode()))
             order = torch.randperm(len(samples), generator=gen).tolist()
-            start = taken if pos == done else 0
+            start = max(first, taken) if pos == done else first
             for j in range(start, len(samples)):
                 key, image, caption = samples[order[j]]
                 item = {"worker": worker, "shard": pos, "index": j, "last": j == len(samples) - 1, "skipped": 0}
@@ -204,21 +311,29 @@ class StreamIterator:
                 "workers": self.workers, "seed": self.seed, "skipped": self.skipped, "seen": self.seen}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        same = {k: d.get(k) for k in ("shards", "rank", "world", "workers", "seed")} == \
-            {"shards": len(self.shards), "rank": self.rank, "world": self.world, "workers": self.workers,
-             "seed": self.seed}
-        if not same:  # another split: positions do not carry over; start the epoch's split afresh
-            print(f"note: the data stream was saved for another shard split ({d.get('world')} process(es), "
-                  f"{d.get('workers')} worker(s)); it restarts epoch {d.get('epoch', 0)}", file=sys.stderr)
-            self.state = StreamState(int(d.get("epoch", 0)))
-        else:
+        """Continue from a saved position: this rank's own on the same split; on another split, the epoch's
+        remainder from every rank's position (`d["ranks"]`); without those, the epoch restarts (said)."""
+        mine = {"shards": len(self.shards), "rank": self.rank, "world": self.world, "workers": self.workers,
+                "seed": self.seed}
+        ranks = d.get("ranks")
+        if {k: d.get(k) for k in mine} == mine:
             self.state = StreamState.from_dict(d)
+        elif (isinstance(ranks, list) and ranks and all(isinstance(r, dict) for r in ranks)
+              and [r.get("rank") for r in ranks] == list(range(len(ranks)))
+              and all(r.get("world") == len(ranks) and r.get("shards") == len(self.shards)
+                      and r.get("seed") == self.seed for r in ranks)):
+            self.state = continue_split(ranks, len(self.shards), self.seed)
+        else:  # another data set or seed, or positions from before ranks were gathered
+            print(f"note: the data stream was saved for another shard split ({d.get('world')} process(es), "
+                  f"{d.get('workers')} worker(s)) without every rank's position; it restarts epoch "
+                  f"{d.get('epoch', 0)}", file=sys.stderr)
+            self.state = StreamState(int(d.get("epoch", 0)))
         self.skipped, self.seen = int(d.get("skipped", 0)), int(d.get("seen", 0))
         self._it, self._epoch_seen = None, 0
 
     def _loader(self) -> Iterator[dict[str, Any]]:
         ds = ImageCaptionStream(self.shards, self.resolution, self.seed, self.rank, self.world,
-                                StreamState(self.state.epoch, {k: list(v) for k, v in self.state.workers.items()}))
+                                StreamState.from_dict(self.state.to_dict()))
         return iter(DataLoader(ds, batch_size=None, num_workers=self.workers, collate_fn=_collate,
                                persistent_workers=False, prefetch_factor=2 if self.workers else None))
 
@@ -231,10 +346,12 @@ class StreamIterator:
             try:
                 item = next(self._it)
             except StopIteration:
-                empty_epochs = empty_epochs + 1 if self._epoch_seen == 0 else 0
+                # an epoch continued from another split may hold nothing for this rank
+                empty = self._epoch_seen == 0 and self.state.epoch not in self.state.plans
+                empty_epochs = empty_epochs + 1 if empty else 0
                 if empty_epochs > 1:
                     raise ProReflowError(f"no readable sample in this process's data ({self.skipped} skipped)") from None
-                self.state, self._it, self._epoch_seen = StreamState(self.state.epoch + 1), None, 0
+                self.state, self._it, self._epoch_seen = self.state.next_epoch(), None, 0
                 continue
             w = item["worker"]
             self.state.workers[w] = [item["shard"] + 1, 0] if item["last"] else [item["shard"], item["index"] + 1]

@@ -136,7 +136,10 @@ class FitCheckpoints:
         atomic_write_text(self.root / f"final-data-rank{rank}.json", json.dumps(state))
 
     def load_final_data(self, rank: int) -> dict[str, Any] | None:
+        """This rank's saved position; a rank the run did not have takes rank 0's (it holds every rank's)."""
         path = self.root / f"final-data-rank{rank}.json"
+        if not path.is_file():
+            path = self.root / "final-data-rank0.json"
         return _read_json(path) if path.is_file() else None
 
     # -- in-progress checkpoints ---------------------------------------------------------

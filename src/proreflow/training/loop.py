@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -237,7 +238,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
     stop = False
     if checkpoints is not None:
         if data_state is not None:
-            checkpoints.save_final_data(rank, data_state.state_dict())
+            checkpoints.save_final_data(rank, _positions(acc, data_state))
             acc.wait_for_everyone()  # every position on disk before the checksums that cover them
         if acc.is_main_process:
             checkpoints.save_final(result.model.state_dict(), result.summary())
@@ -280,8 +281,15 @@ def _checkpoint(ck: FitCheckpoints, acc: Accelerator, done: int, micro: int, net
             "result": result.summary(), "world": acc.num_processes}
     rank_state = {**rng_state(), "torch": torch.get_rng_state().tolist()}
     if data_state is not None:
-        rank_state["data"] = data_state.state_dict()
+        rank_state["data"] = _positions(acc, data_state)
     return ck.save(done, tensors, meta, acc.is_main_process, acc.process_index, rank_state, acc.wait_for_everyone)
+
+
+def _positions(acc: Accelerator, data_state: Stateful) -> dict[str, Any]:
+    """This process's data position, with every process's under "ranks": a resume on another number of
+    processes continues the epoch from them (`proreflow.data.stream.continue_split`)."""
+    own = data_state.state_dict()
+    return {**own, "ranks": gather_object([own]) if acc.num_processes > 1 else [own]}
 
 
 def _sched_state(sched) -> dict[str, Any]:

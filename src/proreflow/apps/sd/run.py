@@ -25,8 +25,8 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
                 data_workers: int = 2) -> dict[str, Any]:
     """Distil `cfg`'s teacher on images + captions (`data`: folder, tar shards or hf:NAME) or on prompts only,
     into the diffusers pipeline `out`. Every input is checked before the pipeline is loaded. With `stream`,
-    `data` (tar shards or an image folder) is read by `data_workers` DataLoader workers and encoded batch by
-    batch (`apps.sd.stream`) instead of being encoded up front and held in memory."""
+    `data` (tar shards, an image folder or hf:NAME) is read by `data_workers` DataLoader workers and encoded
+    batch by batch (`apps.sd.stream`) instead of being encoded up front and held in memory."""
     cfg = replace(cfg, train=replace(cfg.train, seed=seed, progress=progress))
     check_output_dir(out)
     if encode_cache is not None:
@@ -40,9 +40,9 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
     if (data is None) == (prompts is None):
         raise ProReflowError("pass exactly one of --data (images + captions) or --prompts (prompt-only mode)")
     if stream:
-        if data is None or str(data).startswith("hf:") or encode_cache is not None:
-            raise ProReflowError("--stream reads --data tar shards or an image folder as it trains; it does not "
-                                 "take --prompts, hf: data sets or --encode-cache")
+        if data is None or encode_cache is not None:
+            raise ProReflowError("--stream reads --data (tar shards, an image folder or hf:NAME) as it trains; it "
+                                 "does not take --prompts or --encode-cache")
         if data_workers < 0:
             raise ProReflowError(f"--data-workers must be >= 0, got {data_workers}")
         state = process_state()  # the shards are found and split before anything is loaded
