@@ -95,7 +95,7 @@ def test_results_print_the_papers_numbers_beside_ours():
     with pytest.raises(ProReflowError, match="paper takes numbers for fid and clip"):
         RunSpec("x", "m", paper={"is": 1.0})
     rows = {(r.name, r.steps): r.paper for r in load_suite("eval-table1", {"fid": False})[0]}
-    assert rows[("ProReflow-II", 2)] == {"fid": 27.59} and rows[("ProReflow-II", 4)] == {"fid": 22.03}
+    assert rows[("ProReflow-II", 2)] == {"fid": 27.59} and rows[("ProReflow-II", 4)] == {"fid": 22.03, "clip": 29.95}
     assert {r.steps for r in load_suite("eval-table1", {"fid": False})[0] if r.name == "InstaFlow-0.9B"} == {1, 2, 4}
 
 
