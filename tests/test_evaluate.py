@@ -266,6 +266,23 @@ def test_scheduler_that_cannot_be_built_is_a_named_error():
         run_scheduler("dpmsolver", odd, 4)
 
 
+def test_a_run_at_its_own_resolution_is_resized_to_the_suites(assets):
+    """SDXL-Turbo-style rows generate at their size and are scored at the suite's, resized with the protocol's
+    filter; a size the VAE cannot make is refused."""
+    from proreflow.data.captions import centre_crop_resize
+
+    small = RunSpec("teacher", str(assets / "teacher"), steps=2, guidance=3.0, scheduler="ddim", resolution=8)
+    pipe = load_eval_pipeline(small)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    native = pipeline_generate_fn(pipe, small, 8)(PROMPTS[:2], gens())
+    scored = pipeline_generate_fn(pipe, small, RES, "lanczos")(PROMPTS[:2], gens())
+    assert native.shape == (2, 8, 8, 3) and scored.shape == (2, RES, RES, 3)
+    by_hand = centre_crop_resize(Image.fromarray(np.round(native[0] * 255).astype(np.uint8)), RES, "lanczos")[0]
+    assert np.allclose(scored[0], np.asarray(by_hand) / 255.0, atol=1e-6)
+    with pytest.raises(ProReflowError, match="multiple of 8"):
+        RunSpec("x", "m", resolution=500)
+
+
 def test_generation_resumes_and_regenerates_half_written_images(assets, tmp_path):
     spec = RunSpec("teacher", str(assets / "teacher"), steps=2, guidance=3.0, scheduler="ddim")
     call = pipeline_generate_fn(load_eval_pipeline(spec), spec, RES)

@@ -47,6 +47,7 @@ class RunSpec:
     delta_variant: str | None = None
     unet_weights: str | None = None
     scheduler_overrides: dict[str, Any] | None = None
+    resolution: int | None = None  # the size the model generates at (SDXL-Turbo: 512); resized to the suite's
     paper: dict[str, float] | None = None  # the paper's numbers for this row ({fid: ..., clip: ...}), printed beside ours
 
     def __post_init__(self) -> None:
@@ -55,6 +56,10 @@ class RunSpec:
             raise ProReflowError(f"run {self.name!r}: paper takes numbers for fid and clip, got {self.paper!r}")
         if self.steps < 1:
             raise ProReflowError(f"run {self.name!r}: steps must be >= 1, got {self.steps}")
+        if self.resolution is not None and (isinstance(self.resolution, bool) or not isinstance(self.resolution, int)
+                                            or self.resolution < 8 or self.resolution % 8):
+            raise ProReflowError(f"run {self.name!r}: resolution must be a multiple of 8 pixels (the VAE's), "
+                                 f"got {self.resolution!r}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ProReflowError(f"run {self.name!r}: unknown scheduler {self.scheduler!r}; use one of {list(SCHEDULERS)}")
         if self.timestep_spacing not in (None, "trailing", "leading", "linspace"):

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from proreflow import schedulers
-from proreflow.apps.coco_eval.config import EvalConfig, RunSpec
+from proreflow.apps.coco_eval.config import PROTOCOLS, EvalConfig, RunSpec
+from proreflow.data.captions import centre_crop_resize
 from proreflow.errors import ProReflowError
 
 
@@ -76,16 +77,30 @@ def run_scheduler(name: str, current: Any, steps: int, timestep_spacing: str | N
 GenerateFn = Callable[[list[str], list[torch.Generator]], np.ndarray]
 
 
-def pipeline_generate_fn(pipe: Any, spec: RunSpec, resolution: int) -> GenerateFn:
-    """prompts + one generator per image -> float images (N, H, W, 3) in [0, 1]."""
+def pipeline_generate_fn(pipe: Any, spec: RunSpec, resolution: int, resample: str = "bicubic") -> GenerateFn:
+    """prompts + one generator per image -> float images (N, resolution, resolution, 3) in [0, 1]. A run that
+    generates at its own size (`spec.resolution`, e.g. SDXL-Turbo's 512) is resized to `resolution` with the
+    protocol's filter, so every row of a table is scored at one size."""
+    size = spec.resolution or resolution
 
     def call(prompts: list[str], generators: list[torch.Generator]) -> np.ndarray:
         with torch.no_grad():
             out = pipe(prompts, num_inference_steps=spec.steps, guidance_scale=float(spec.guidance),
-                       height=resolution, width=resolution, generator=generators, output_type="np")
-        return np.asarray(out.images)
+                       height=size, width=size, generator=generators, output_type="np")
+        images = np.asarray(out.images)
+        return images if size == resolution else _resized(images, resolution, resample)
 
     return call
+
+
+def _resized(images: np.ndarray, resolution: int, resample: str) -> np.ndarray:
+    from PIL import Image
+
+    out = []
+    for im in images:
+        pil = Image.fromarray(np.clip(np.round(im * 255), 0, 255).astype(np.uint8))
+        out.append(np.asarray(centre_crop_resize(pil, resolution, resample)[0], dtype=np.float32) / 255.0)
+    return np.stack(out)
 
 
 class LazyGenerate:
@@ -98,7 +113,7 @@ class LazyGenerate:
     def load(self) -> GenerateFn:
         if self.fn is None:
             pipe = load_eval_pipeline(self.spec, self.cfg.dtype, self.device)
-            self.fn = pipeline_generate_fn(pipe, self.spec, self.cfg.resolution)
+            self.fn = pipeline_generate_fn(pipe, self.spec, self.cfg.resolution, PROTOCOLS[self.cfg.protocol].resample)
         return self.fn
 
     def __call__(self, prompts: list[str], generators: list[torch.Generator]) -> np.ndarray:

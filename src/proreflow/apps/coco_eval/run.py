@@ -104,7 +104,7 @@ def score_folder(folder: Path, captions: Sequence[str], metrics: Metrics, cfg: E
 
 #: RunSpec fields added after run folders were first written: left out of run.json while unset, so that
 #: earlier folders still resume
-_LATER_FIELDS = ("pipeline", "unet_delta", "delta_variant", "unet_weights", "scheduler_overrides")
+_LATER_FIELDS = ("pipeline", "unet_delta", "delta_variant", "unet_weights", "scheduler_overrides", "resolution")
 
 
 def _spec_meta(spec: RunSpec) -> dict[str, Any]:
@@ -164,7 +164,8 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
         row = {"method": spec.name, "model": spec.model, "unet_delta": spec.unet_delta, "unet_weights": spec.unet_weights,
                "scheduler": spec.scheduler or "own",
                "timestep_spacing": spec.timestep_spacing if spec.scheduler in schedulers.SPACED else None, "steps": spec.steps,
-               "guidance": spec.guidance, "images": len(captions.captions), "generated_now": made,
+               "guidance": spec.guidance, "generated_at": spec.resolution or cfg.resolution,
+               "images": len(captions.captions), "generated_now": made,
                "seconds_per_image": timing["seconds_per_image"] if timing else None,
                "device": timing["device"] if timing else device_name(device), "fid": scores["fid"],
                "clip": scores["clip"], "paper": spec.paper, "protocol": cfg.protocol, "clip_model": cfg.clip_model if cfg.clip else None,
