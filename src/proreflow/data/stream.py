@@ -16,8 +16,9 @@ prefix: the shards it finished and how many samples of the current one. `state_d
 decoded). Given every rank's position (`"ranks"`, which the training loop gathers into each checkpoint), a
 stream split over another number of processes or workers continues the same epoch: the shards nobody
 finished, each from its first unconsumed sample, are dealt out to the new ranks and workers
-(`continue_split`), so within an epoch no sample is seen twice and none is skipped. Unreadable samples (a bad image, a caption that is not UTF-8, a damaged tar member) are skipped
-and counted, never fatal. Tar members are read with webdataset's iterators.
+(`continue_split`), so within an epoch no sample is seen twice and none is skipped. Unreadable samples (a bad
+image, a caption that is not UTF-8, a damaged tar member) are skipped and counted, never fatal. Tar members are
+read with webdataset's iterators; HF shards with `datasets`' own streaming readers.
 """
 
 from __future__ import annotations
