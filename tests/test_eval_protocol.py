@@ -113,6 +113,9 @@ def test_table_3_has_both_blocks_and_the_sdxl_rivals_as_their_cards_run_them():
     assert (dmd2.scheduler, dmd2.scheduler_overrides, dmd2.guidance) == ("lcm", {"original_inference_steps": 4}, 0.0)
     turbo = rows["SDXL-Turbo"]  # its own Euler-ancestral scheduler and spacing, no guidance, at 512 px
     assert (turbo.scheduler, turbo.timestep_spacing, turbo.guidance, turbo.resolution) == (None, None, 0.0, 512)
+    pcm = rows["PCM"]  # the 4-step small-CFG LoRA file, TCD, no guidance (its authors' demo)
+    assert (pcm.lora, pcm.lora_weight, pcm.scheduler, pcm.guidance) == (
+        "wangfuyun/PCM_Weights", "sdxl/pcm_sdxl_smallcfg_4step_converted.safetensors", "tcd", 0.0)
     sdxl = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 timestep_spacing="leading", steps_offset=1)
     lcm = make_scheduler("lcm", LCMScheduler(**sdxl).config, 4, overrides=dmd2.scheduler_overrides)

@@ -3,6 +3,7 @@ file name in a cache dir, and a tiny CLIP saved to disk and loaded by path throu
 path that loads openai/clip-vit-large-patch14). The numbers are computed by the real code."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,50 @@ def test_a_run_at_its_own_resolution_is_resized_to_the_suites(assets):
     assert np.allclose(scored[0], np.asarray(by_hand) / 255.0, atol=1e-6)
     with pytest.raises(ProReflowError, match="multiple of 8"):
         RunSpec("x", "m", resolution=500)
+
+
+def test_a_lora_file_in_a_subfolder_of_a_lora_repository_is_loaded_and_fused(assets, tmp_path):
+    """PCM's LoRAs are files in subfolders of one repository (`lora` + `lora_weight`); a missing one is a named
+    error."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    base = RunSpec("teacher", str(assets / "teacher"), steps=2, guidance=3.0, scheduler="ddim")
+    pipe = load_eval_pipeline(base)
+    torch.manual_seed(1)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "repo" / "sd15", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                              weight_name="mine_4step.safetensors")
+    with_lora = replace(base, lora=str(tmp_path / "repo"), lora_weight="sd15/mine_4step.safetensors")
+    gens = lambda: [torch.Generator().manual_seed(0)]  # noqa: E731
+    plain = pipeline_generate_fn(load_eval_pipeline(base), base, RES)(PROMPTS[:1], gens())
+    fused = pipeline_generate_fn(load_eval_pipeline(with_lora), with_lora, RES)(PROMPTS[:1], gens())
+    assert np.abs(plain - fused).max() > 1e-3
+    with pytest.raises(ProReflowError, match="cannot load the LoRA .*other.safetensors"):
+        load_eval_pipeline(replace(with_lora, lora_weight="sd15/other.safetensors"))
+    with pytest.raises(ProReflowError, match="lora_weight names a file"):
+        RunSpec("x", "m", lora_weight="a.safetensors")
+
+
+def test_tcd_for_pcm_built_from_sdxls_config_is_the_scheduler_pcms_demo_builds():
+    from diffusers import EulerDiscreteScheduler, TCDScheduler
+
+    sdxl = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+    ours = run_scheduler("tcd", sdxl, 4, overrides={"set_alpha_to_one": True, "steps_offset": 0})
+    demo = TCDScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        timestep_spacing="trailing")
+    for s in (ours, demo):
+        s.set_timesteps(4)
+    assert ours.timesteps.tolist() == demo.timesteps.tolist()
+    x, eps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(1, 4, 8, 8)
+    for t in demo.timesteps:
+        a = ours.step(eps, t, x, eta=0.0, generator=torch.Generator().manual_seed(1)).prev_sample
+        b = demo.step(eps, t, x, eta=0.0, generator=torch.Generator().manual_seed(1)).prev_sample
+        assert torch.equal(a, b)
+        x = a
 
 
 def test_generation_resumes_and_regenerates_half_written_images(assets, tmp_path):

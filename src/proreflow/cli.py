@@ -307,7 +307,7 @@ def evaluate(
     suite: Optional[str] = typer.Option(None, help="A suite YAML or preset name (eval-table1, eval-table2, eval-table3)."),
     model: Optional[str] = typer.Option(None, help="A diffusers pipeline folder or hub id (without --suite)."),
     name: Optional[str] = typer.Option(None, help="Method name in the table (default: the model's last path part)."),
-    scheduler: Optional[str] = typer.Option(None, help="ddim, euler, dpmsolver, dpmsolver++, unipc, lcm, proreflow; "
+    scheduler: Optional[str] = typer.Option(None, help="ddim, euler, dpmsolver, dpmsolver++, unipc, lcm, tcd, proreflow; "
                                                        "published students: perflow (PeRFlow SD1.5), "
                                                        "perflow-ddim-eps (PeRFlow SDXL), perflow-velocity (PeRFlow SD2.1), "
                                                        "rectified-flow (InstaFlow, 2-RF). Default: the pipeline's own."),

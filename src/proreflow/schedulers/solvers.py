@@ -1,4 +1,4 @@
-"""Diffusers' ODE solvers (DDIM, Euler, DPM-Solver(++), UniPC, LCM) by name, built from a model's own
+"""Diffusers' ODE solvers (DDIM, Euler, DPM-Solver(++), UniPC, LCM, TCD) by name, built from a model's own
 scheduler config so that betas and prediction type carry over. Every spaced solver uses "trailing"
 timesteps by default, so that sampling starts at the noisiest timestep, as our windowed sampler does.
 """
@@ -19,8 +19,9 @@ SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}),
     "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),  # PCM's and TCD's LoRAs; like LCM, its grid is its own
 }
-#: solvers whose step grid follows `timestep_spacing` (LCM has its own grid)
+#: solvers whose step grid follows `timestep_spacing` (LCM and TCD have their own grids)
 SPACED = ("ddim", "euler", "dpmsolver", "dpmsolver++", "unipc")
 
 

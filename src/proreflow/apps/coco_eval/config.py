@@ -40,6 +40,7 @@ class RunSpec:
     guidance: float | list[float] = 4.0
     scheduler: str | None = None
     lora: str | None = None
+    lora_weight: str | None = None  # the LoRA's file in `lora` when it holds several ("sdxl/pcm_..._4step.safetensors")
     variant: str | None = None
     timestep_spacing: str | None = "trailing"
     pipeline: str | None = None
@@ -84,6 +85,9 @@ class RunSpec:
                 schedulers.check_overrides(self.scheduler, self.scheduler_overrides)
             except ProReflowError as exc:
                 raise ProReflowError(f"run {self.name!r}: {exc}") from None
+        if self.lora_weight is not None and self.lora is None:
+            raise ProReflowError(f"run {self.name!r}: lora_weight names a file in a LoRA repository or folder; "
+                                 f"give that as lora")
         if self.delta_variant is not None and self.unet_delta is None:
             raise ProReflowError(f"run {self.name!r}: delta_variant needs unet_delta")
         scales = self.guidance if isinstance(self.guidance, list) else [self.guidance]

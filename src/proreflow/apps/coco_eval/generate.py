@@ -50,11 +50,16 @@ def load_eval_pipeline(spec: RunSpec, dtype: str = "auto", device: torch.device 
 
         load_unet_weights(pipe.unet, spec.unet_weights, f"the UNet weights {spec.unet_weights!r} of run {spec.name!r}")
     if spec.lora:
+        where = {}
+        if spec.lora_weight:  # one file of a repository holding several (PCM's): its subfolder and name
+            sub, _, name = spec.lora_weight.rpartition("/")
+            where = {"weight_name": name, **({"subfolder": sub} if sub else {})}
         try:
-            pipe.load_lora_weights(spec.lora)
+            pipe.load_lora_weights(spec.lora, **where)
             pipe.fuse_lora()
         except (OSError, ValueError) as exc:
-            raise ProReflowError(f"cannot load the LoRA {spec.lora!r} of run {spec.name!r}: "
+            what = f"{spec.lora!r}" + (f" ({spec.lora_weight})" if spec.lora_weight else "")
+            raise ProReflowError(f"cannot load the LoRA {what} of run {spec.name!r}: "
                                  f"{str(exc).splitlines()[0][:200]}") from None
     if spec.scheduler is not None:
         pipe.scheduler = run_scheduler(spec.scheduler, pipe.scheduler, spec.steps, spec.timestep_spacing,

@@ -104,7 +104,8 @@ def score_folder(folder: Path, captions: Sequence[str], metrics: Metrics, cfg: E
 
 #: RunSpec fields added after run folders were first written: left out of run.json while unset, so that
 #: earlier folders still resume
-_LATER_FIELDS = ("pipeline", "unet_delta", "delta_variant", "unet_weights", "scheduler_overrides", "resolution")
+_LATER_FIELDS = ("pipeline", "unet_delta", "delta_variant", "unet_weights", "scheduler_overrides", "resolution",
+                 "lora_weight")
 
 
 def _spec_meta(spec: RunSpec) -> dict[str, Any]:
