@@ -75,7 +75,7 @@ def run_method(bench: Any, spec: MethodSpec, k: int, budgets: list[int], seed: i
     # counted from the start, batches independent of the total; tested in tests/test_time_sampling_and_pair_source.py),
     # so one run to the largest budget's stage 1 gives every budget's stage-1 student: a single-stage method is
     # scored on the way, a progressive one trains its later stages from each snapshot.
-    first = {b: spec.plan(k, b).stages[0].steps for b in budgets}
+    first = stage1_steps(spec, k, budgets)
     snapshots: dict[int, tuple[Any, float]] = {}
     started, clock = time.perf_counter(), {"eval": 0.0}
 
@@ -99,10 +99,15 @@ def run_method(bench: Any, spec: MethodSpec, k: int, budgets: list[int], seed: i
     return rows
 
 
+def stage1_steps(spec: MethodSpec, k: int, budgets: list[int]) -> dict[int, int]:
+    """{budget: optimizer steps of its plan's first stage}."""
+    return {b: spec.plan(k, b).stages[0].steps for b in budgets}
+
+
 def job_cost(spec: MethodSpec, k: int, budgets: list[int]) -> int:
     """Optimizer steps `run_method` takes: stage 1 once to the largest budget, later stages per budget."""
-    firsts = [spec.plan(k, b).stages[0].steps for b in budgets]
-    return max(firsts) + sum(b - f for b, f in zip(budgets, firsts))
+    firsts = stage1_steps(spec, k, budgets)
+    return max(firsts.values()) + sum(b - f for b, f in firsts.items())
 
 
 def markdown(rows: list[dict], methods: list[str], budgets: list[int], seeds: list[int], k: int, meta: dict) -> str:

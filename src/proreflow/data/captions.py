@@ -124,28 +124,49 @@ class DatasetImage:
 
 def read_hf_dataset(dataset: Any, image_column: str = "image", caption_column: str = "text") -> list[tuple[Any, str]]:
     """(lazy image, caption) rows of an HF `datasets`-like object (`column_names`, `len`, row and column access)."""
-    cols = list(getattr(dataset, "column_names", []) or [])
-    for name, what in ((image_column, "image"), (caption_column, "caption")):
-        if name not in cols:
-            raise ProReflowError(f"dataset has no {what} column {name!r} (columns: {cols}); "
-                                 f"name it with {what}_column")
+    check_hf_columns(dataset, image_column, caption_column)
     captions = dataset[caption_column]  # strings only: the image column is not decoded here
     if len(captions) == 0:
         raise ProReflowError("the dataset is empty")
     return [(DatasetImage(dataset, i, image_column), str(c).strip()) for i, c in enumerate(captions)]
 
 
-def load_hf_dataset(name: str, split: str = "train") -> Any:
-    """`datasets.load_from_disk(name)` for a saved folder, else `datasets.load_dataset(name, split=split)`."""
+def check_hf_columns(dataset: Any, image_column: str = "image", caption_column: str = "text") -> None:
+    """An HF data set (in memory or streamed) must have the image and caption columns it is read by."""
+    cols = list(getattr(dataset, "column_names", []) or [])
+    for name, what in ((image_column, "image"), (caption_column, "caption")):
+        if name not in cols:
+            raise ProReflowError(f"dataset has no {what} column {name!r} (columns: {cols}); "
+                                 f"name it with {what}_column")
+
+
+def import_datasets() -> Any:
+    """The optional `datasets` package, or a clear error saying how to install it."""
     try:
         import datasets
     except ImportError:
         raise ProReflowError("HF datasets need the optional `datasets` package: pip install datasets") from None
+    return datasets
+
+
+def hf_spec(spec: str) -> tuple[str, str]:
+    """`hf:NAME[:SPLIT]` -> (NAME, SPLIT), the split "train" when not given."""
+    name, _, split = spec[3:].partition(":")
+    return name, split or "train"
+
+
+def is_saved_dataset(name: str) -> bool:
+    """A folder written by `save_to_disk` (a Dataset or a DatasetDict), not a hub name or a data folder."""
+    return Path(name).is_dir() and any((Path(name) / f).is_file() for f in ("dataset_dict.json", "state.json"))
+
+
+def load_hf_dataset(name: str, split: str = "train") -> Any:
+    """`datasets.load_from_disk(name)` for a saved folder, else `datasets.load_dataset(name, split=split)`."""
+    datasets = import_datasets()
     try:
-        if Path(name).is_dir() and (Path(name) / "dataset_dict.json").is_file():
-            return datasets.load_from_disk(name)[split]
-        if Path(name).is_dir() and (Path(name) / "state.json").is_file():
-            return datasets.load_from_disk(name)
+        if is_saved_dataset(name):
+            saved = datasets.load_from_disk(name)
+            return saved[split] if (Path(name) / "dataset_dict.json").is_file() else saved
         return datasets.load_dataset(name, split=split)
     except (OSError, ValueError, KeyError, FileNotFoundError) as exc:
         raise ProReflowError(f"cannot load the dataset {name!r} split {split!r}: "
@@ -156,8 +177,7 @@ def read_source(spec: str | Path) -> list[tuple[Any, str]]:
     """Records of a data spec: `hf:NAME[:SPLIT]`, tar shards (.tar file/folder/glob), or an image folder."""
     s = str(spec)
     if s.startswith("hf:"):
-        name, _, split = s[3:].partition(":")
-        return read_hf_dataset(load_hf_dataset(name, split or "train"))
+        return read_hf_dataset(load_hf_dataset(*hf_spec(s)))
     p = Path(s)
     if s.endswith(".tar") or any(c in s for c in "*?[") or (p.is_dir() and any(p.glob("*.tar"))):
         return read_tar_shards(s)

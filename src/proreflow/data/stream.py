@@ -33,7 +33,8 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from proreflow.data.captions import IMAGE_SUFFIXES, prepare_image
+from proreflow.data.captions import (IMAGE_SUFFIXES, check_hf_columns, hf_spec, import_datasets,
+                                     is_saved_dataset, load_hf_dataset, prepare_image)
 from proreflow.errors import ProReflowError
 
 #: an image folder is cut into shards of this many images (sorted by path)
@@ -56,15 +57,9 @@ def hf_shards(name: str, split: str = "train", folder_shard_size: int = FOLDER_S
     """An HF data set as shards without loading it: a hub name or data folder is opened with
     `load_dataset(..., streaming=True)` (its shards are its data files); a `save_to_disk` folder is memory-mapped
     and cut into pieces of about `folder_shard_size` rows (`to_iterable_dataset`)."""
-    from proreflow.data.captions import load_hf_dataset
-
+    datasets = import_datasets()
     try:
-        import datasets
-    except ImportError:
-        raise ProReflowError("HF datasets need the optional `datasets` package: pip install datasets") from None
-    saved = Path(name).is_dir() and any((Path(name) / f).is_file() for f in ("dataset_dict.json", "state.json"))
-    try:
-        if saved:
+        if is_saved_dataset(name):
             table = load_hf_dataset(name, split)
             if len(table) == 0:
                 raise ProReflowError(f"the dataset {name!r} split {split!r} is empty")
@@ -74,10 +69,7 @@ def hf_shards(name: str, split: str = "train", folder_shard_size: int = FOLDER_S
     except (OSError, ValueError, KeyError, FileNotFoundError) as exc:
         raise ProReflowError(f"cannot stream the dataset {name!r} split {split!r}: "
                              f"{str(exc).splitlines()[0][:200]}") from None
-    cols = list(ds.column_names or [])
-    for col, what in ((image_column, "image"), (caption_column, "caption")):
-        if col not in cols:
-            raise ProReflowError(f"dataset {name!r} has no {what} column {col!r} (columns: {cols})")
+    check_hf_columns(ds, image_column, caption_column)
     ds = ds.cast_column(image_column, datasets.Image(decode=False))  # bytes to the workers, decoded there
     return [Shard(f"hf:{name}:{split}#{i}", hf=(ds.shard(num_shards=ds.n_shards, index=i), image_column, caption_column))
             for i in range(ds.n_shards)]
@@ -88,8 +80,8 @@ def find_shards(spec: str | Path, folder_shard_size: int = FOLDER_SHARD_SIZE) ->
     files, or an image folder (each image with a same-named .txt caption)."""
     s = str(spec)
     if s.startswith("hf:"):
-        name, _, split = s[3:].partition(":")
-        return hf_shards(name, split or "train", folder_shard_size)
+        name, split = hf_spec(s)
+        return hf_shards(name, split, folder_shard_size)
     p = Path(s)
     if any(c in s for c in "*?["):
         tars = sorted(Path(f) for f in glob.glob(s))
@@ -187,8 +179,9 @@ def continue_split(saved: list[dict[str, Any]], n_shards: int, seed: int) -> Str
         entries = epoch_entries(n_shards, seed, epoch, plans_before)
         resume_at: dict[int, int | None] = {}  # shard -> first unconsumed sample; None: finished
         for rank in range(world):
-            for worker in range(max(workers[rank], 1)):
-                mine = deal(entries, rank, world, worker, max(workers[rank], 1))
+            n_workers = max(workers[rank], 1)  # 0 DataLoader workers: the main process is worker 0 of 1
+            for worker in range(n_workers):
+                mine = deal(entries, rank, world, worker, n_workers)
                 done, taken = ((len(mine), 0) if epochs[rank] > epoch else (0, 0) if epochs[rank] < epoch
                                else positions[rank].get(worker, [0, 0]))
                 for pos, (shard, _) in enumerate(mine):
@@ -206,12 +199,12 @@ def _samples_of(shard: Shard, skipped: list[int]) -> list[tuple[str, Any, bytes 
         ds, image_column, caption_column = shard.hf
         out = []
         try:  # in batches: iterating the rows directly would split the shard again over DataLoader workers
-            for batch in ds.iter(batch_size=256):
-                for image, caption in zip(batch[image_column], batch[caption_column]):
-                    if image is None or not isinstance(caption, str):
-                        skipped[0] += 1
-                        continue
-                    out.append((f"{shard.name}/{len(out) + skipped[0]:09d}", image, caption.encode("utf-8")))
+            rows = (row for batch in ds.iter(batch_size=256) for row in zip(batch[image_column], batch[caption_column]))
+            for j, (image, caption) in enumerate(rows):
+                if image is None or not isinstance(caption, str):
+                    skipped[0] += 1
+                    continue
+                out.append((f"{shard.name}/{j:09d}", image, caption.encode("utf-8")))
         except Exception:  # an unreadable data file: the rest of the shard is skipped
             skipped[0] += 1
         return out

@@ -106,7 +106,7 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
     first, stop = stages
     if not 0 <= first < (len(plan.stages) if stop is None else min(stop, len(plan.stages))):
         raise ProReflowError(f"stages {stages} select no stage of a {len(plan.stages)}-stage plan")
-    student, stages, sources = init, [], []
+    student, fits, sources = init, [], []
     for k, stage in list(enumerate(plan.stages))[first:stop]:  # k: the stage index from here on
         source, stage_solver, kind = teacher, solver, "teacher"
         if pair_source == "previous_stage" and k > 0:
@@ -128,11 +128,11 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
                   data_state=data_fn if hasattr(data_fn, "state_dict") else None)
         if cached is not None:  # report the teacher cost of the cache, not of the (free) batches drawn from it
             res.teacher_nfe, res.pairs = cached.pairs.teacher_nfe, len(cached)
-        stages.append(res)
+        fits.append(res)
         sources.append(kind)
         student = res.model
         del source
-    return PlanResult(student=student, stages=stages, sources=sources, plan=plan)
+    return PlanResult(student=student, stages=fits, sources=sources, plan=plan)
 
 
 def _stage_cache(cfg: PairCacheConfig, stage: int, n_pairs: int, teacher: VelocityField, data_fn: DataFn,

@@ -103,7 +103,7 @@ def _resized(images: np.ndarray, resolution: int, resample: str) -> np.ndarray:
 
     out = []
     for im in images:
-        pil = Image.fromarray(np.clip(np.round(im * 255), 0, 255).astype(np.uint8))
+        pil = Image.fromarray(to_uint8(im))
         out.append(np.asarray(centre_crop_resize(pil, resolution, resample)[0], dtype=np.float32) / 255.0)
     return np.stack(out)
 
