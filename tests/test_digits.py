@@ -319,3 +319,17 @@ def test_budget_sweep_script_scores_every_budget_and_reuses_finished_runs(smoke_
     shares = sweep.split_jobs([(m, s) for s in (0, 1, 2) for m in costs], costs, 2)
     assert sorted(j for share in shares for j in share) == sorted((m, s) for s in (0, 1, 2) for m in costs)
     assert sorted(sum(costs[m] for m, _ in share) for share in shares) == [2900 + 2 * 2000, 2 * 2900 + 2000]
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_unet_attention_switch_covers_every_block(attention):
+    """`attention: false` means no self-attention anywhere: diffusers' UNet2DModel adds a mid-block attention
+    unless told not to (it was on while the preset said off; under bf16 autocast its CPU backward was the
+    slowest op of a step)."""
+    from diffusers.models.attention_processor import Attention
+
+    from proreflow.models.unet import UNetConfig, class_unet
+
+    net = class_unet(UNetConfig(block_out_channels=(8, 16), norm_num_groups=4, attention=attention), 8, 3)
+    where = sorted({name.split(".")[0] for name, m in net.named_modules() if isinstance(m, Attention)})
+    assert where == (["down_blocks", "mid_block", "up_blocks"] if attention else [])

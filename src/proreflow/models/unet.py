@@ -12,7 +12,9 @@ from proreflow.errors import ProReflowError
 class UNetConfig:
     block_out_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
-    attention: bool = False  # self-attention in the lowest-resolution block (slower on CPU, our default off)
+    # self-attention at the lowest resolution (the last down block, the first up block and the mid block);
+    # off by default: slower on CPU, and under bf16 autocast its CPU backward was the slowest op of a step
+    attention: bool = False
     norm_num_groups: int = 8
 
     def __post_init__(self) -> None:
@@ -40,4 +42,4 @@ def class_unet(cfg: UNetConfig, size: int, num_classes: int, channels: int = 1):
     return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels,
                        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
                        down_block_types=tuple(down), up_block_types=tuple(up), num_class_embeds=num_classes + 1,
-                       norm_num_groups=cfg.norm_num_groups)
+                       norm_num_groups=cfg.norm_num_groups, add_attention=cfg.attention)
