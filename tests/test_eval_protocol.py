@@ -84,19 +84,58 @@ def test_results_print_the_papers_numbers_beside_ours():
     from proreflow.apps.coco_eval import markdown_table
 
     row = dict(method="ProReflow-II", scheduler="own", steps=4, guidance=4.0, seconds_per_image=None, fid=23.5,
-               clip=None, device="cpu", paper={"fid": 22.03})
+               clip=None, device="cpu", paper={"fid": 22.03, "clip": 29.95})
     other = {**row, "method": "PeRFlow", "paper": None}
     summary = dict(title="t", captions="coco2017-5k", num_images=5, resolution=512, seed=0, protocol="ours",
                    reference="ref", clip_model=None)
     md = markdown_table([row, other], summary)
     assert "| FID | CLIP | FID (paper) | CLIP (paper) |" in md
-    assert "| 23.50 | n/a | 22.03 | n/a |" in md and "| PeRFlow | own | 4 | 4 | n/a | 23.50 | n/a | n/a | n/a |" in md
+    assert "| 23.50 | n/a | 22.03 | 29.95 |" in md and "| PeRFlow | own | 4 | 4 | n/a | 23.50 | n/a | n/a | n/a |" in md
     assert "(paper)" not in markdown_table([other], summary)  # no paper columns when a suite states none
-    with pytest.raises(ProReflowError, match="paper takes numbers for fid and clip"):
-        RunSpec("x", "m", paper={"is": 1.0})
-    rows = {(r.name, r.steps): r.paper for r in load_suite("eval-table1", {"fid": False})[0]}
-    assert rows[("ProReflow-II", 2)] == {"fid": 27.59} and rows[("ProReflow-II", 4)] == {"fid": 22.03, "clip": 29.95}
-    assert {r.steps for r in load_suite("eval-table1", {"fid": False})[0] if r.name == "InstaFlow-0.9B"} == {1, 2, 4}
+    timed = markdown_table([{**row, "paper": {"time": 0.21, "fid": 10.7}}], summary)  # Table 2 also has times
+    assert "| CLIP | time (paper) | FID (paper) |" in timed and "| 0.21 | 10.70 |" in timed
+
+
+def test_paper_numbers_are_per_caption_set_and_checked():
+    spec = RunSpec("x", "m", paper={"coco2017-5k": {"fid": 27.06}, "coco2014-10k": {"fid": 20.99}})
+    assert spec.paper_for("coco2014-10k") == {"fid": 20.99} and spec.paper_for("coco2014-30k") is None
+    for bad, match in [({"fid": 22.0}, "keyed by a COCO caption set"), ({"prompts": {"fid": 1.0}}, "keyed by"),
+                       ({"coco2017-5k": {"is": 1.0}}, "takes numbers for fid, clip, time"),
+                       ({"coco2017-5k": {"fid": "22"}}, "takes numbers"), ({}, "per caption set")]:
+        with pytest.raises(ProReflowError, match=match):
+            RunSpec("x", "m", paper=bad)
+
+
+#: the paper's tables (arXiv 2503.04824v1), row for row: (caption set, number of rows, first and last row)
+PAPER_TABLES = {
+    "eval-table1": [("coco2017-5k", 8, ("2-Rectified Flow", 2, {"fid": 49.32, "clip": 27.36}),
+                     ("ProReflow-II", 4, {"fid": 22.03, "clip": 29.95}))],
+    "eval-table2": [("coco2014-30k", 17, ("DPM-Solver", 25, {"time": 0.88, "fid": 9.78}),
+                     ("ProReflow-II", 4, {"time": 0.21, "fid": 10.70}))],
+    "eval-table3": [("coco2017-5k", 3, ("PeRFlow-SDXL", 4, {"fid": 27.06}), ("ProReflow-SDXL", 4, {"fid": 25.36})),
+                    ("coco2014-10k", 8, ("PeRFlow-SDXL", 4, {"fid": 20.99}), ("DMD2", 4, {"fid": 19.32}))],
+}
+
+
+@pytest.mark.parametrize("suite", sorted(PAPER_TABLES))
+def test_suites_list_the_papers_rows_first_and_in_its_order(suite):
+    runs = load_suite(suite, {"fid": False})[0]
+    for captions, count, first, last in PAPER_TABLES[suite]:
+        rows = [(r.name, r.steps, r.paper_for(captions)) for r in runs if r.paper_for(captions)]
+        assert len(rows) == count and rows[0] == first and rows[-1] == last
+    stated = [r.paper is not None for r in runs]  # the paper's rows come first, ours after them
+    assert stated == sorted(stated, reverse=True)
+    assert all(r.guidance == 4.0 for r in runs if r.name.startswith("ProReflow"))  # Table 4's caption
+
+
+def test_table_1_and_2_rivals_at_every_step_count_the_paper_lists():
+    t1 = load_suite("eval-table1", {"fid": False})[0]
+    t2 = load_suite("eval-table2", {"fid": False})[0]
+    steps = lambda runs, name: sorted(r.steps for r in runs if r.name == name and r.paper)  # noqa: E731
+    assert steps(t1, "InstaFlow-0.9B") == [2, 4] and steps(t1, "2-Rectified Flow") == [2, 4]
+    assert steps(t1, "ProReflow-II") == [2, 4] and steps(t1, "ProReflow-I") == [4]
+    assert steps(t2, "DPM-Solver") == [8, 25] and steps(t2, "LCM-LoRA") == [2, 4]
+    assert {r.name for r in t2 if r.paper} >= {"Flash Diffusion", "PCM", "UniPC", "PeRFlow"}
 
 
 def test_table_3_has_both_blocks_and_the_sdxl_rivals_as_their_cards_run_them():

@@ -49,12 +49,13 @@ class RunSpec:
     unet_weights: str | None = None
     scheduler_overrides: dict[str, Any] | None = None
     resolution: int | None = None  # the size the model generates at (SDXL-Turbo: 512); resized to the suite's
-    paper: dict[str, float] | None = None  # the paper's numbers for this row ({fid: ..., clip: ...}), printed beside ours
+    # the paper's numbers for this row per caption set ({coco2017-5k: {fid: ..., clip: ...}}), printed beside
+    # ours when the run uses that caption set (Table 3 reports two blocks, COCO-2017 and COCO-2014-10k)
+    paper: dict[str, dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
-        if self.paper is not None and (set(self.paper) - {"fid", "clip"} or
-                                       not all(isinstance(v, (int, float)) for v in self.paper.values())):
-            raise ProReflowError(f"run {self.name!r}: paper takes numbers for fid and clip, got {self.paper!r}")
+        if self.paper is not None:
+            _check_paper(self.name, self.paper)
         if self.steps < 1:
             raise ProReflowError(f"run {self.name!r}: steps must be >= 1, got {self.steps}")
         if self.resolution is not None and (isinstance(self.resolution, bool) or not isinstance(self.resolution, int)
@@ -96,6 +97,10 @@ class RunSpec:
         if any(g < 0 for g in scales):
             raise ProReflowError(f"run {self.name!r}: guidance scales must be >= 0, got {self.guidance!r}")
 
+    def paper_for(self, captions: str) -> dict[str, float] | None:
+        """The paper's numbers for this row on caption set `captions` (None where it reports none)."""
+        return (self.paper or {}).get(captions)
+
     def expand(self) -> list["RunSpec"]:
         """One spec per guidance scale (a CFG sweep when there are several)."""
         scales = self.guidance if isinstance(self.guidance, list) else [self.guidance]
@@ -105,6 +110,24 @@ class RunSpec:
     def slug(self) -> str:
         raw = f"{self.name}-{self.scheduler or 'own'}-{self.steps}steps-cfg{self.guidance:g}"
         return re.sub(r"[^A-Za-z0-9.+_-]+", "_", raw)
+
+
+#: what a row's `paper:` numbers may say: FID, CLIP score, seconds per image (Table 2)
+PAPER_METRICS = ("fid", "clip", "time")
+
+
+def _check_paper(name: str, paper: Any) -> None:
+    example = "e.g. {coco2017-5k: {fid: 22.03, clip: 29.95}}"
+    if not isinstance(paper, dict) or not paper:
+        raise ProReflowError(f"run {name!r}: paper takes the paper's numbers per caption set, {example}; got {paper!r}")
+    for captions, numbers in paper.items():
+        if captions not in CAPTION_SETS or captions == "prompts":
+            raise ProReflowError(f"run {name!r}: paper numbers are keyed by a COCO caption set "
+                                 f"({', '.join(c for c in CAPTION_SETS if c != 'prompts')}), {example}; got {captions!r}")
+        if (not isinstance(numbers, dict) or not numbers or set(numbers) - set(PAPER_METRICS)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values())):
+            raise ProReflowError(f"run {name!r}: paper.{captions} takes numbers for {', '.join(PAPER_METRICS)}, "
+                                 f"got {numbers!r}")
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,16 @@ def markdown_table(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> s
             f"FID against {summary['reference']}; "
             f"CLIP score with {summary['clip_model']}. Time: median seconds per image over timed batches after "
             f"warm-up, on {', '.join(devices) or 'n/a'}.\n\n")
-    paper = any(r.get("paper") for r in rows)  # paper columns only for a suite that states the paper's numbers
-    cols = "| method | scheduler | steps | guidance | time (s/img) | FID | CLIP |" + (" FID (paper) | CLIP (paper) |"
-                                                                                  if paper else "")
-    lines = [cols, "|" + "---|" * (9 if paper else 7)]
+    paper = [m for m in ("time", "fid", "clip") if any((r.get("paper") or {}).get(m) is not None for r in rows)]
+    # paper columns only for what the suite states the paper's numbers of (its time: the paper's own GPU)
+    cols = "| method | scheduler | steps | guidance | time (s/img) | FID | CLIP |" + "".join(
+        f" {'time' if m == 'time' else m.upper()} (paper) |" for m in paper)
+    lines = [cols, "|" + "---|" * (7 + len(paper))]
     for r in rows:
         line = (f"| {r['method']} | {r['scheduler']} | {r['steps']} | {r['guidance']:g} | "
                 f"{num(r['seconds_per_image'], '.3f')} | {num(r['fid'], '.2f')} | {num(r['clip'], '.2f')} |")
-        if paper:
-            theirs = r.get("paper") or {}
-            line += f" {num(theirs.get('fid'), '.2f')} | {num(theirs.get('clip'), '.2f')} |"
+        theirs = r.get("paper") or {}
+        line += "".join(f" {num(theirs.get(m), '.2f')} |" for m in paper)
         lines.append(line)
     return head + "\n".join(lines) + "\n"
 

@@ -169,7 +169,7 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
                "images": len(captions.captions), "generated_now": made,
                "seconds_per_image": timing["seconds_per_image"] if timing else None,
                "device": timing["device"] if timing else device_name(device), "fid": scores["fid"],
-               "clip": scores["clip"], "paper": spec.paper, "protocol": cfg.protocol, "clip_model": cfg.clip_model if cfg.clip else None,
+               "clip": scores["clip"], "paper": spec.paper_for(captions.name), "protocol": cfg.protocol, "clip_model": cfg.clip_model if cfg.clip else None,
                "timing": timing, "folder": str(folder)}
         atomic_write_text(folder / "result.json", json.dumps(row, indent=1))
         rows.append(row)
