@@ -72,8 +72,11 @@ def test_rows_record_the_protocol_and_its_captions(tmp_path, monkeypatch, protoc
     cfg = EvalConfig(captions="coco2017-5k", annotations=str(_annotations(tmp_path / "a.json")), num_images=4,
                      resolution=16, batch_size=2, fid=False, clip=False, timing_batches=0, progress=False,
                      protocol=protocol)
-    rows = evaluate([RunSpec("fake", "nowhere", steps=2)], cfg, tmp_path / "out")
+    paper = {"coco2017-5k": {"fid": 22.97}, "coco2014-10k": {"fid": 19.1}}
+    rows = evaluate([RunSpec("fake", "nowhere", steps=2, paper=paper)], cfg, tmp_path / "out")
     assert rows[0]["protocol"] == protocol
+    assert rows[0]["paper"] == {"fid": 22.97}  # the paper's numbers of the block these captions are
+    assert "| FID (paper) |" in (tmp_path / "out" / "results.md").read_text()
     assert json.loads((tmp_path / "out" / "results.json").read_text())["protocol"] == protocol
     assert f"protocol {protocol}" in (tmp_path / "out" / "results.md").read_text()
     expected = load_coco_captions(tmp_path / "a.json", 4, 0, choice=PROTOCOLS[protocol].caption).captions
