@@ -238,3 +238,26 @@ def test_a_stop_requested_during_the_last_step_ends_the_fit_on_every_process(tmp
     with pytest.raises(TrainingInterrupted, match="after its last step"):
         fit(VelocityMLP(2, 8, 1), flow_matching_batches(_data_fn, 64), 2, _cfg(), checkpoints=ck)
     assert votes[-1] is True and ck.load_final() is not None  # this process had no request; the stage is saved whole
+
+
+def test_one_process_trains_fp32_then_bf16_then_fp32():
+    """accelerate refuses a second precision in a process; an fp32 teacher then a bf16 student (the digits
+    benchmark) must both train, each under its own precision, and fp32 again gives the fp32 result bit for bit."""
+    seen: list[torch.dtype] = []
+
+    class Spy(VelocityMLP):
+        def forward(self, *args, **kw):
+            out = super().forward(*args, **kw)
+            seen.append(out.dtype)
+            return out
+
+    torch.manual_seed(0)
+    init = Spy(2, 32, 2)
+    batches = flow_matching_batches(_data_fn, 16)
+    runs = []
+    for precision in ("no", "bf16", "no"):
+        seen.clear()
+        runs.append(fit(init, batches, 3, _cfg(batch_size=16, mixed_precision=precision)))
+        assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert torch.equal(_params(runs[0].model), _params(runs[2].model))
+    assert not torch.equal(_params(runs[0].model), _params(runs[1].model))

@@ -105,10 +105,23 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def _allow_precision(mixed_precision: str) -> None:
+    """Let this process's next Accelerator take `mixed_precision`. accelerate keeps one AcceleratorState per
+    process and refuses another precision once it exists, so a script that trains an fp32 teacher and then a
+    bf16 student (the digits benchmark) would stop there. Its per-Accelerator part is dropped for the new one;
+    the process state (devices, process group) stays."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def make_accelerator(cfg: TrainConfig, cpu: bool | None = None) -> Accelerator:
     """An Accelerator for `cfg`; on a machine without CUDA it runs on CPU."""
     if cpu is None:
         cpu = not torch.cuda.is_available()
+    _allow_precision(cfg.mixed_precision)
     return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, cpu=cpu,
                        dynamo_backend="inductor" if cfg.compile else "no")
 
