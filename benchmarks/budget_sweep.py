@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=4, help="sampling steps of the students")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--pairs", type=int, default=6400, help="cached teacher pairs per stage (100 steps x 64)")
+    ap.add_argument("--pairs", type=int, default=None,
+                    help="cached teacher pairs per stage (default: the digits preset's `pairs`, else 6400)")
     ap.add_argument("--samples", type=int, default=500, help="samples per evaluation")
     ap.add_argument("--report-only", action="store_true",
                     help="write the table and plot from the runs already in <out>/budget_sweep.json, train nothing")
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_digits_config(args.config)
     cfg = replace(cfg, teacher=replace(cfg.teacher, kinds=[cfg.teacher.distill]),
                   eval=replace(cfg.eval, samples=args.samples))
+    if args.pairs is None:
+        args.pairs = cfg.pairs or 6400
     by_name = {m.name: m for m in cfg.methods}
     unknown = [m for m in methods if m not in by_name]
     if unknown:

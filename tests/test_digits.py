@@ -211,7 +211,9 @@ def test_smoke_run_writes_every_result(smoke_run):
     assert students[("2-rectified-flow", 4, 0)]["teacher_nfe_per_pair"] == 8.0
     assert students[("perflow", 4, 0)]["teacher_nfe_per_pair"] == 2.0
     assert students[("proreflow", 4, 0)]["teacher_nfe_per_pair"] < 2.0
-    assert ("perflow", 1, 1) not in students and ("proreflow", 4, 1) in students  # extra seeds: table rows only
+    assert ("proreflow", 1, 1) in students and ("proreflow-prev-stage", 4, 1) in students  # every row at every seed
+    assert ("proreflow-prev-stage", 1, 0) not in students  # methods outside steps_methods: table steps only
+    assert "| proreflow | 1 | 8→4→2→1 |" in (out / "results.md").read_text() and " ± " in (out / "results.md").read_text()
     # ProReflow-III: a one-step student from 8 -> 4 -> 2 -> 1 windows; windows that do not divide k are skipped
     assert students[("proreflow", 1, 0)]["windows"] == [8, 4, 2, 1]
     assert ("proreflow-II-mixture", 1, 0) not in students

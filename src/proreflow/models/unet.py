@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from proreflow.errors import ProReflowError
 
 
+#: bumped whenever class_unet builds a different network from the same UNetConfig, so that weights cached
+#: by an earlier version are not loaded into it (2: `attention` also covers the mid block)
+ARCH_VERSION = 2
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     block_out_channels: tuple[int, ...] = (32, 64)

@@ -19,6 +19,7 @@ from proreflow.fields.vp import VPSchedule, VPVelocity
 from proreflow.methods import MethodSpec
 from proreflow.metrics import FrechetDistance, fidelity_rmse
 from proreflow.models.classifier import DigitsClassifier, FeatureExtractor, accuracy, train_classifier
+from proreflow.models.unet import ARCH_VERSION as UNET_ARCH_VERSION
 from proreflow.models.unet import class_unet
 from proreflow.sampling import sample
 from proreflow.store import atomic_save_tensors, json_key
@@ -88,7 +89,7 @@ class DigitsBench:
         c = self.cfg
         training = {k: v for k, v in asdict(c.teacher).items() if k not in ("kinds", "distill")}
         schedule = asdict(c.vp) if kind == "vp" else None  # the flow teacher has no noise schedule
-        return json_key(kind, asdict(c.data), asdict(c.unet), schedule, c.label_dropout, training)
+        return json_key(kind, asdict(c.data), asdict(c.unet), schedule, c.label_dropout, training, UNET_ARCH_VERSION)
 
     def _teacher(self, kind: str) -> torch.nn.Module:
         c = self.cfg
@@ -176,10 +177,11 @@ def train_student(bench: DigitsBench, spec: MethodSpec, k: int, seed: int) -> St
               [(s.schedule.boundaries, s.steps) for s in plan.stages], cfg.label_dropout)
     # pairs are shared by plans that differ only in lam or time sampling (a pair cache's manifest also
     # names the weights that made it, so previous-stage pairs are rebuilt whenever the student differs)
-    pairs_dir = bench.cache / "pairs" / json_key(*common, spec.pair_source if spec.pair_source != "teacher" else None)
+    pairs_dir = bench.cache / "pairs" / json_key(*common, spec.pair_source if spec.pair_source != "teacher" else None,
+                                                 *([cfg.pairs] if cfg.pairs is not None else []))
     ckpt = CheckpointConfig(bench.cache / "students" / f"{spec.name}-k{k}-s{seed}-"
                             f"{json_key(*common, spec.lam, asdict(sampling), spec.pair_source)}", every=100, resume=True)
     started = time.perf_counter()
     res = train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), recipe, k, desc=f"{spec.name} k={k} seed={seed}",
-                     checkpoints=ckpt, pair_cache=PairCacheConfig(pairs_dir, None, cfg.pair_shard_size))
+                     checkpoints=ckpt, pair_cache=PairCacheConfig(pairs_dir, cfg.pairs, cfg.pair_shard_size))
     return StudentRun(spec, k, seed, res, time.perf_counter() - started)

@@ -119,11 +119,13 @@ class DigitsConfig(RecipeSettings):
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     budget_steps: int = 300
     pair_shard_size: int = 2048
+    pairs: int | None = None  # teacher pairs cached per stage and seed (None: one per training sample)
     steps: list[int] = field(default_factory=lambda: [2, 4])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     table_steps: int = 4
     table_methods: list[str] = field(default_factory=lambda: list(ABLATION_LABELS))
     steps_methods: list[str] | None = None  # trained at every step count (None: all methods); others at table_steps
+    # every student trains at every seed
     baselines: list[str] = field(default_factory=lambda: ["euler", "heun", "ddim", "dpmsolver++", "unipc"])
     methods: list[MethodSpec] = field(default_factory=list)
     eval: DigitsEvalConfig = field(default_factory=DigitsEvalConfig)
@@ -152,6 +154,8 @@ class DigitsConfig(RecipeSettings):
             (all(b in ("euler", "heun", "ddim", "dpmsolver++", "unipc") for b in self.baselines),
              f"baselines must be among euler, heun, ddim, dpmsolver++, unipc; got {self.baselines}"),
             (self.budget_steps >= 1 and self.teacher.steps >= 1, "budget_steps and teacher.steps must be >= 1"),
+            (self.pairs is None or self.pairs >= self.train.batch_size,
+             f"pairs must be at least one batch ({self.train.batch_size}) or null, got {self.pairs}"),
             (self.eval.samples >= 20 and self.sweep.samples >= 20 and self.analysis.samples >= 20,
              "eval/sweep/analysis samples must be >= 20 (FD needs a covariance)"),
         ]

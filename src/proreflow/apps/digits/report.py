@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 
 def _f(x: float, nd: int = 2) -> str:
     return f"{x:.{nd}f}" if isinstance(x, float) and math.isfinite(x) else str(x)
+
+
+def _by_student(rows: list[dict]) -> list[tuple[dict, list[dict]]]:
+    """(first row, rows of every seed) per (method, steps), in the order of the rows."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["steps"]), []).append(r)
+    return [(g[0], g) for g in groups.values()]
+
+
+def _spread(group: list[dict], key: str, nd: int) -> str:
+    vals = [g[key] for g in group]
+    if len(vals) == 1:
+        return _f(float(vals[0]), nd)
+    return f"{_f(statistics.fmean(vals), nd)} ± {_f(statistics.stdev(vals), nd)}"
 
 
 def results_markdown(res: dict) -> str:
@@ -28,18 +44,17 @@ def results_markdown(res: dict) -> str:
         lines.append(f"| {r['label']} | {r['method']} | {_f(r['fd_mean'])} ± {_f(r['fd_std'])} | "
                      f"{_f(r['acc_mean'], 3)} ± {_f(r['acc_std'], 3)} | {_f(r['fidelity_mean'], 4)} ± "
                      f"{_f(r['fidelity_std'], 4)} |")
-    lines += ["", f"## Students (seed {cfg['seeds'][0]}), {cfg['teacher']['distill']} teacher, "
+    lines += ["", f"## Students, mean ± std over seeds {cfg['seeds']}, {cfg['teacher']['distill']} teacher, "
                   f"{cfg['budget_steps']} optimizer steps each", "",
               "| method | steps | windows per stage | λ | time sampling | pairs from | teacher NFE/pair | "
               "student NFE/pair | FD | class acc. | fidelity RMSE | train s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res["students"]:
-        if r["seed"] == cfg["seeds"][0]:
-            lines.append(f"| {r['method']} | {r['steps']} | {'→'.join(map(str, r['windows']))} | {r['lam']} | "
-                         f"{r.get('time_sampling', '–')} | {r.get('pair_source', 'teacher')} | "
-                         f"{_f(r['teacher_nfe_per_pair'], 1)} | {_f(r.get('student_nfe_per_pair', 0.0), 1)} | "
-                         f"{_f(r['fd'])} | {_f(r['class_accuracy'], 3)} | {_f(r['fidelity_rmse'], 4)} | "
-                         f"{_f(r['train_seconds'], 0)} |")
+    for r, group in _by_student(res["students"]):
+        lines.append(f"| {r['method']} | {r['steps']} | {'→'.join(map(str, r['windows']))} | {r['lam']} | "
+                     f"{r.get('time_sampling', '–')} | {r.get('pair_source', 'teacher')} | "
+                     f"{_f(r['teacher_nfe_per_pair'], 1)} | {_f(r.get('student_nfe_per_pair', 0.0), 1)} | "
+                     f"{_spread(group, 'fd', 2)} | {_spread(group, 'class_accuracy', 3)} | "
+                     f"{_spread(group, 'fidelity_rmse', 4)} | {_f(statistics.median(g['train_seconds'] for g in group), 0)} |")
     lines += ["", "## ODE solvers on the teachers (same NFE as the students)", "",
               "| teacher | solver | NFE | FD | class acc. | fidelity RMSE |", "|---|---|---|---|---|---|"]
     for r in res["solvers"]:

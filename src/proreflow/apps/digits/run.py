@@ -96,10 +96,8 @@ def run_digits(cfg: DigitsConfig, out: Path, progress: bool = True, analyses: bo
     trained: dict[tuple, StudentRun] = {}
     rows = []
     every_k = set(cfg.steps_methods if cfg.steps_methods is not None else [m.name for m in cfg.methods])
-    table = set(cfg.table_methods)
     jobs = [(m, k, s) for s in cfg.seeds for k in cfg.steps for m in cfg.methods
-            if m.train and samples_at(m, k) and ((s == cfg.seeds[0] and (m.name in every_k or k == cfg.table_steps))
-                            or (k == cfg.table_steps and m.name in table))]
+            if m.train and samples_at(m, k) and (m.name in every_k or k == cfg.table_steps)]
     for i, (m, k, s) in enumerate(jobs):
         check_stop(f"before student {i + 1}/{len(jobs)}")
         key = (cfg.recipe(m).key(k), s)
