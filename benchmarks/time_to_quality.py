@@ -10,7 +10,7 @@ Per seed, the first evaluation at or below the target that the next evaluation c
 dip does not); step 0 (the starting network) is scored too. The table quotes medians over seeds.
 
     python benchmarks/time_to_quality.py --setup toy      # exact GMM teacher, fidelity RMSE, 3 seeds
-    python benchmarks/time_to_quality.py --setup digits   # digits VP teacher, FD, 1 seed; reuses the
+    python benchmarks/time_to_quality.py --setup digits   # digits flow teacher, FD, 1 seed; reuses the
                                                           # teacher cached by `proreflow run configs/digits.yaml`
 Writes benchmarks/results/time_to_quality_<setup>.{json,md,png}.
 """

@@ -252,6 +252,9 @@ def test_run_rejects_bad_configs(tmp_path):
     bad.write_text("table_methods: [perflow, nope]\n")
     result = runner.invoke(app, ["run", str(bad), "--out", str(tmp_path / "o"), "--quiet"])
     assert result.exit_code == 2 and "table_methods" in result.output
+    bad.write_text("pairs: 10\n")  # fewer cached pairs than one batch of 64
+    result = runner.invoke(app, ["run", str(bad), "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 2 and "pairs must be at least one batch (64)" in result.output
     result = runner.invoke(app, ["run", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o"), "--quiet"])
     assert result.exit_code == 2
 

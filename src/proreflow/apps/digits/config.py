@@ -121,11 +121,10 @@ class DigitsConfig(RecipeSettings):
     pair_shard_size: int = 2048
     pairs: int | None = None  # teacher pairs cached per stage and seed (None: one per training sample)
     steps: list[int] = field(default_factory=lambda: [2, 4])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every student trains at every seed
     table_steps: int = 4
     table_methods: list[str] = field(default_factory=lambda: list(ABLATION_LABELS))
     steps_methods: list[str] | None = None  # trained at every step count (None: all methods); others at table_steps
-    # every student trains at every seed
     baselines: list[str] = field(default_factory=lambda: ["euler", "heun", "ddim", "dpmsolver++", "unipc"])
     methods: list[MethodSpec] = field(default_factory=list)
     eval: DigitsEvalConfig = field(default_factory=DigitsEvalConfig)
