@@ -178,7 +178,7 @@ def train_student(bench: DigitsBench, spec: MethodSpec, k: int, seed: int) -> St
     # pairs are shared by plans that differ only in lam or time sampling (a pair cache's manifest also
     # names the weights that made it, so previous-stage pairs are rebuilt whenever the student differs)
     pairs_dir = bench.cache / "pairs" / json_key(*common, spec.pair_source if spec.pair_source != "teacher" else None,
-                                                 *([cfg.pairs] if cfg.pairs is not None else []))
+                                                 cfg.pairs)
     ckpt = CheckpointConfig(bench.cache / "students" / f"{spec.name}-k{k}-s{seed}-"
                             f"{json_key(*common, spec.lam, asdict(sampling), spec.pair_source)}", every=100, resume=True)
     started = time.perf_counter()
