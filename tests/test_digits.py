@@ -228,6 +228,12 @@ def test_smoke_run_writes_every_result(smoke_run):
     # real training images are far closer to the held-out ones than any 8-step-trained model
     assert res["real"]["fd_train_images"] < min(r["fd"] for r in res["students"])
     assert ("vp", "ddim", 4) in solvers and not any(r[0] == "flow" and r[1] == "ddim" for r in solvers)
+    # every distinct set of pairs is solved once for the whole run (regression: caches were per plan). Teacher
+    # pairs by (windows, pair seed = seed + stage) over seeds 0, 1: 1 window {1, 4, 2, 5}, 2 {3, 4}, 4 {1, 2, 3},
+    # 8 {1, 2}; and each seed's previous-stage student solves its own 4-window pairs
+    made = sorted(p.name.rsplit("-", 1)[0] for p in (out / "cache" / "pairs").glob("*/w*"))
+    assert made == sorted(["w1-seed1", "w1-seed2", "w1-seed4", "w1-seed5", "w2-seed3", "w2-seed4", "w4-seed1",
+                           "w4-seed2", "w4-seed3", "w8-seed1", "w8-seed2", "w4-seed2", "w4-seed3"]), made
 
 
 def test_analyze_reuses_the_cached_teacher_and_reproduces_the_run(smoke_run):

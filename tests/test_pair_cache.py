@@ -57,7 +57,7 @@ def test_corrupted_or_truncated_shard_is_detected_and_regenerated(tmp_path):
     raw[-5] ^= 0xFF  # flip bits inside a tensor: still a loadable file, wrong numbers
     shard.write_bytes(bytes(raw))
     (tmp_path / "c" / "shard-00002.safetensors").write_bytes(b"trunc")
-    assert PairCache(tmp_path / "c").valid_shards(PairCache(tmp_path / "c")._spec(SCHED, SOLVER, 250, 100, 7)) == {0}
+    assert PairCache(tmp_path / "c").valid_shards(PairCache.spec(SCHED, SOLVER, 250, 100, 7)) == {0}
     repair = Data()
     repaired = _build(tmp_path / "c", repair)
     assert repair.calls == 2 and _equal(repaired, cached)
@@ -150,7 +150,7 @@ def test_train_plans_stage_cache_passes_the_sigterm_check_to_the_build(tmp_path)
     data = TermOnFirst()
     with stop_on_sigterm(), pytest.raises(TrainingInterrupted, match="while caching the pairs of stage 2"):
         _stage_cache(PairCacheConfig(tmp_path, None, 100), 2, 250, teacher, data, SCHED, SOLVER, 7, False)
-    assert data.calls == 1 and [p.name for p in (tmp_path / "stage-2").glob("shard-*")] == ["shard-00000.safetensors"]
+    assert data.calls == 1 and [p.name for p in tmp_path.glob("w4-seed7-*/shard-*")] == ["shard-00000.safetensors"]
 
 
 def test_shards_and_manifest_are_fsynced_before_they_are_renamed(tmp_path, monkeypatch):

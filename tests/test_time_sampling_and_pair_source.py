@@ -247,3 +247,42 @@ def test_command_line_rule_keeps_the_presets_margin_and_reaches_the_distill_conf
     assert next(m for m in toy.methods if m.name == "2-rectified-flow").sampling(toy.time_sampling).rule == "uniform"
     sd = load_distill_config("sd15-proreflow-II", time_sampling=TimeSampling.parse("start"))
     assert sd.method.sampling(sd.time_sampling).rule == "start"
+
+
+def _params_equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_plans_under_one_pair_dir_solve_the_pairs_they_share_once(tmp_path):
+    """Regression (digits run time): caches were named per plan, so ProReflow-I (8 -> 4), -II (8 -> 4 -> 2) and
+    -III solved the same stage-1 and stage-2 teacher pairs once each. Now a stage's cache is named by what its
+    pairs are: a second plan pays only for the stage it does not share, and trains bitwise the same student."""
+    from proreflow.training import PairCacheConfig
+
+    evaluated = []
+
+    def counting(x, t, cond=None):
+        evaluated.append(x.shape[0])
+        return _teacher(x, t, cond)
+
+    def recipe(windows, lam=0.0, source="teacher"):
+        spec = MethodSpec("p", windows=windows, lam=lam, pair_source=source, time_sampling=TimeSampling("start"))
+        return Recipe(spec, 5 * len(windows), teacher_solver=TeacherSolver("euler", 4), train=_cfg(batch_size=16))
+
+    def run(r, k, pair_dir):
+        torch.manual_seed(0)
+        return train_plan(VelocityMLP(2, 16, 2), counting, _data_fn, r, k,
+                          pair_cache=PairCacheConfig(pair_dir, pairs=40, shard_size=20))
+
+    run(recipe([4, 2]), 2, tmp_path / "shared")
+    before = sum(evaluated)
+    three = run(recipe([4, 2, 1]), 1, tmp_path / "shared")
+    assert sum(evaluated) - before == 40 * 4  # only stage 3's pairs: 40 pairs x 4 Euler steps over one window
+    assert three.stages[0].teacher_nfe == 40 * 4 and three.nfe_per_pair == pytest.approx(3 * 4 / 3)  # costs as built
+    assert _params_equal(three.student, run(recipe([4, 2, 1]), 1, tmp_path / "alone").student)
+    # previous-stage pairs are keyed by the student that solved them: two such plans with different stage-1
+    # students (lam 0 vs 1) share stage 1's teacher pairs but never each other's stage-2 pairs
+    run(recipe([4, 2], 0.0, "previous_stage"), 2, tmp_path / "shared")
+    aligned = run(recipe([4, 2], 1.0, "previous_stage"), 2, tmp_path / "shared")
+    assert _params_equal(aligned.student, run(recipe([4, 2], 1.0, "previous_stage"), 2, tmp_path / "alone2").student)
+    assert len(list((tmp_path / "shared").glob("w2-seed5-*"))) == 3  # teacher's and two students' stage-2 pairs

@@ -213,8 +213,10 @@ class PairCache(ShardStore):
     resumes at the first shard it lacks (see `ShardStore`).
     """
 
-    def _spec(self, schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int,
-              seed: int, teacher: VelocityField | None = None) -> dict:
+    @staticmethod
+    def spec(schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int,
+             seed: int, teacher: VelocityField | None = None) -> dict:
+        """What a cache's pairs are, given its data: checked against the manifest before any pair is reused."""
         return {"boundaries": list(schedule.boundaries), "solver": solver.spec(),
                 "n_pairs": n_pairs, "shard_size": shard_size, "seed": seed,
                 "teacher": teacher_fingerprint(teacher) if teacher is not None else None}
@@ -225,7 +227,7 @@ class PairCache(ShardStore):
         """Build the missing or damaged shards, then load and return every pair (`after_each`: see `build`)."""
         if n_pairs < 1 or shard_size < 1:
             raise ProReflowError(f"pair cache needs n_pairs >= 1 and shard_size >= 1, got {n_pairs}, {shard_size}")
-        spec = self._spec(schedule, solver, n_pairs, shard_size, seed, teacher)
+        spec = self.spec(schedule, solver, n_pairs, shard_size, seed, teacher)
 
         def make(i: int) -> tuple[dict[str, Tensor], dict]:
             n = min(shard_size, n_pairs - i * shard_size)

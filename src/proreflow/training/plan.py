@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from proreflow.errors import ProReflowError
 from proreflow.pairs import CachedPairs, PairCache, TeacherSolver, grid_solver
+from proreflow.store import json_key
 from proreflow.sampling import sample
 from proreflow.solvers import VelocityField
 from proreflow.training.batches import DataFn, cached_reflow_batches, reflow_batches
@@ -27,8 +28,11 @@ from proreflow.windows import ProgressivePlan, WindowSchedule
 class PairCacheConfig:
     """Cache teacher pairs per stage under `dir` instead of generating them on the fly.
 
-    `pairs` per stage; None: one pair per training sample of the stage (steps x global batch). Runs
-    whose plans share a stage schedule and seed share its cache (e.g. PeRFlow and its aligned variant).
+    `pairs` per stage; None: one pair per training sample of the stage (steps x global batch). A stage's
+    cache is named by what its pairs depend on (windows, pair seed, count, shard size, solver, the weights that
+    solve them), so every plan trained under one `dir` shares the pairs it has in common with another (PeRFlow
+    and its aligned variant; ProReflow-I's stages and ProReflow-II's first two). `dir` itself must stand for
+    the data the pairs start from: one `dir` per dataset and conditioning rule.
     """
 
     dir: Path
@@ -138,7 +142,10 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
 def _stage_cache(cfg: PairCacheConfig, stage: int, n_pairs: int, teacher: VelocityField, data_fn: DataFn,
                  schedule: WindowSchedule, solver: TeacherSolver, seed: int, progress: bool) -> CachedPairs:
     """The main process builds (or repairs) the stage's cache; then every process loads it."""
-    cache = PairCache(Path(cfg.dir) / f"stage-{stage}")
+    # named by what the pairs are, not by the plan: plans that need the same pairs (same windows, pair seed,
+    # count, solver and source weights; e.g. 8 -> 4 -> 2 and 8 -> 4 at stage 1) build them once under one `dir`
+    key = json_key(PairCache.spec(schedule, solver, n_pairs, cfg.shard_size, seed, teacher))
+    cache = PairCache(Path(cfg.dir) / f"w{schedule.num_windows}-seed{seed}-{key}")
     state = process_state()
     # one process may stop between shards; with several, the others would wait for it at the barrier
     after_each = (lambda: check_stop(f"while caching the pairs of stage {stage}")) if state.num_processes == 1 else None

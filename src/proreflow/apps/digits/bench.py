@@ -175,10 +175,11 @@ def train_student(bench: DigitsBench, spec: MethodSpec, k: int, seed: int) -> St
     plan, train, sampling = recipe.plan(k), recipe.train, recipe.sampling
     common = (bench.teacher_key(kind), asdict(cfg.teacher_solver), asdict(replace(train, progress=True)), seed,
               [(s.schedule.boundaries, s.steps) for s in plan.stages], cfg.label_dropout)
-    # pairs are shared by plans that differ only in lam or time sampling (a pair cache's manifest also
-    # names the weights that made it, so previous-stage pairs are rebuilt whenever the student differs)
-    pairs_dir = bench.cache / "pairs" / json_key(*common, spec.pair_source if spec.pair_source != "teacher" else None,
-                                                 cfg.pairs)
+    # one pair directory for every student of this teacher and data: each stage's cache inside it is named by
+    # its windows, pair seed, count, solver and the weights that solve it (`train_plan`), so plans share
+    # the stages they have in common (ProReflow-I/-II/-III's 8- and 4-window stages, PeRFlow's and
+    # ProReflow's ablations) and previous-stage pairs are keyed by the student that made them
+    pairs_dir = bench.cache / "pairs" / json_key(bench.teacher_key(kind), cfg.label_dropout)
     ckpt = CheckpointConfig(bench.cache / "students" / f"{spec.name}-k{k}-s{seed}-"
                             f"{json_key(*common, spec.lam, asdict(sampling), spec.pair_source)}", every=100, resume=True)
     started = time.perf_counter()
