@@ -3,7 +3,8 @@
 Every method distils the digits flow teacher that `proreflow run configs/digits.yaml` trains (its cache is
 reused from --digits-out), with the preset's recipe (time sampling, teacher solver, optimizer) at k steps.
 Each stage draws its pairs from a fixed cache of `--pairs` teacher pairs, made once per stage schedule
-and seed, so a larger budget sees more passes over the same pairs, not more teacher evaluations.
+and seed, so a larger budget sees more passes over the same pairs, not more teacher evaluations. The caches
+live in the digits run's pair directory: at the preset's `pairs`, the run has already solved every one.
 
 Stage 1 at budget B is the first steps of stage 1 at a larger budget: the learning rate is constant, the
 EMA's warm-up counts steps from the start, and the batches do not depend on the total (both tested in
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from proreflow.store import atomic_write_text, json_key
+from proreflow.store import atomic_write_text
 from proreflow.methods import MethodSpec
 
 HERE = Path(__file__).parent
@@ -52,13 +53,9 @@ def run_method(bench: Any, spec: MethodSpec, k: int, budgets: list[int], seed: i
     counts = spec.window_counts(k)
     rows: dict[int, dict] = {}
 
-    def cache(budget: int) -> PairCacheConfig:
-        # teacher pairs depend on the stage schedule and seed only; previous-stage pairs also on the student
-        # that made them, i.e. on the budget
-        own = budget if spec.pair_source == "previous_stage" else None
-        return PairCacheConfig(bench.cache / "sweep-pairs" / json_key(counts, spec.pair_source, asdict(cfg.teacher_solver),
-                                                                  seed, bench.teacher_key(cfg.teacher.distill), own),
-                               pairs, cfg.pair_shard_size)
+    # the digits run's pair directory: a stage's cache there is named by its windows, pair seed, count, solver
+    # and solving weights, so the run's caches are reused when `pairs` is the preset's count
+    cache = PairCacheConfig(bench.pairs_dir(cfg.teacher.distill), pairs, cfg.pair_shard_size)
 
     def score(model: torch.nn.Module, final: Any, budget: int, seconds: float) -> None:
         imgs = bench.generate(model, final, final.steps_per_window(k), guidance=cfg.eval.guidance)
@@ -69,7 +66,7 @@ def run_method(bench: Any, spec: MethodSpec, k: int, budgets: list[int], seed: i
     def fit_plan(budget: int, on_step: Any = None, init: Any = teacher, stages: tuple = (0, None)) -> Any:
         recipe = replace(cfg.recipe(spec), budget_steps=budget, train=train)
         return train_plan(init, NetworkTeacher(teacher), bench.data_fn(), recipe, k, desc=f"{spec.name} B={budget}",
-                          pair_cache=cache(budget), on_step=on_step, stages=stages)
+                          pair_cache=cache, on_step=on_step, stages=stages)
 
     # Stage 1 at budget B is the first steps of stage 1 at a larger budget (constant learning rate, EMA warm-up
     # counted from the start, batches independent of the total; tested in tests/test_time_sampling_and_pair_source.py),

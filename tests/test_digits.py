@@ -304,11 +304,13 @@ def test_budget_sweep_script_scores_every_budget_and_reuses_finished_runs(smoke_
     args = ["--budgets", "4,2", "--seeds", "0", "--samples", "30", "--pairs", "64", "--config", "digits-smoke",
             "--digits-out", str(out), "--out", str(tmp_path)]
     teachers = sorted((out / "cache").glob("teacher-*"))
+    pairs = sorted((out / "cache" / "pairs").glob("*/*"))
     first = sweep.main(args)
     rows = first["rows"]
     assert {(r["method"], r["budget"]) for r in rows} == {(m, b) for m in sweep.METHODS for b in (2, 4)}
     assert all(math.isfinite(r["fidelity_rmse"]) and math.isfinite(r["fd"]) for r in rows)
     assert sorted((out / "cache").glob("teacher-*")) == teachers  # the smoke run's teacher, no new one
+    assert sorted((out / "cache" / "pairs").glob("*/*")) == pairs  # and its pairs: the sweep solved none
     assert (tmp_path / "budget_sweep.png").stat().st_size > 10_000 and "| proreflow |" in (tmp_path / "budget_sweep.md").read_text()
 
     def no_training(*a, **k):

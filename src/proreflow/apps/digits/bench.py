@@ -91,6 +91,17 @@ class DigitsBench:
         schedule = asdict(c.vp) if kind == "vp" else None  # the flow teacher has no noise schedule
         return json_key(kind, asdict(c.data), asdict(c.unet), schedule, c.label_dropout, training, UNET_ARCH_VERSION)
 
+    def pairs_dir(self, kind: str) -> Path:
+        """One pair directory for every student of this teacher and data (the run's and the budget sweep's).
+
+        Each stage's cache inside it is named by its windows, pair seed, count, solver and the weights that solve
+        it (`train_plan`), so plans share the stages they have in common (ProReflow-I/-II/-III's 8- and
+        4-window stages, PeRFlow and its aligned variant), and previous-stage pairs are keyed by the student
+        that made them. The pair seed is the student's seed plus the stage number, so seed s's stage-2 pairs
+        are also seed s+1's stage-1 pairs of the same windows: solved once, and a correlation between methods
+        at different seeds (never between the seeds of one method)."""
+        return self.cache / "pairs" / json_key(self.teacher_key(kind), self.cfg.label_dropout)
+
     def _teacher(self, kind: str) -> torch.nn.Module:
         c = self.cfg
         tc = c.teacher
@@ -175,11 +186,7 @@ def train_student(bench: DigitsBench, spec: MethodSpec, k: int, seed: int) -> St
     plan, train, sampling = recipe.plan(k), recipe.train, recipe.sampling
     common = (bench.teacher_key(kind), asdict(cfg.teacher_solver), asdict(replace(train, progress=True)), seed,
               [(s.schedule.boundaries, s.steps) for s in plan.stages], cfg.label_dropout)
-    # one pair directory for every student of this teacher and data: each stage's cache inside it is named by
-    # its windows, pair seed, count, solver and the weights that solve it (`train_plan`), so plans share
-    # the stages they have in common (ProReflow-I/-II/-III's 8- and 4-window stages, PeRFlow's and
-    # ProReflow's ablations) and previous-stage pairs are keyed by the student that made them
-    pairs_dir = bench.cache / "pairs" / json_key(bench.teacher_key(kind), cfg.label_dropout)
+    pairs_dir = bench.pairs_dir(kind)
     ckpt = CheckpointConfig(bench.cache / "students" / f"{spec.name}-k{k}-s{seed}-"
                             f"{json_key(*common, spec.lam, asdict(sampling), spec.pair_source)}", every=100, resume=True)
     started = time.perf_counter()
