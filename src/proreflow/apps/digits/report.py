@@ -46,6 +46,8 @@ def results_markdown(res: dict) -> str:
                      f"{_f(r['fidelity_std'], 4)} |")
     lines += ["", f"## Students, mean ± std over seeds {cfg['seeds']}, {cfg['teacher']['distill']} teacher, "
                   f"{cfg['budget_steps']} optimizer steps each", "",
+              "train s: median over seeds of a student's seconds, including the teacher pairs that no student "
+              "before it in the run had solved (each distinct set of pairs is solved once per run).", "",
               "| method | steps | windows per stage | λ | time sampling | pairs from | teacher NFE/pair | "
               "student NFE/pair | FD | class acc. | fidelity RMSE | train s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
