@@ -45,7 +45,7 @@ def test_cache_round_trip_and_costs(tmp_path):
     assert torch.allclose(cached.pairs.target(), (cached.pairs.x_a - cached.pairs.x_b)
                           / (cached.pairs.t_a - cached.pairs.t_b)[:, None])
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
-        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+        ".build.lock", "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
     again = Data()
     assert _equal(_build(tmp_path / "c", again), cached) and again.calls == 0  # nothing regenerated
 
@@ -178,3 +178,32 @@ def test_module_digest_separates_frozen_and_trainable_weights():
     assert module_digest(net, "frozen") == frozen and module_digest(net, "trainable") != trainable
     net[1].running_mean.add_(1.0)  # buffers count as frozen
     assert module_digest(net, "frozen") != frozen
+
+
+def test_two_builders_of_one_cache_take_turns(tmp_path):
+    """Regression: pair caches are shared between plans (and budget-sweep workers), and two builders of one
+    cache wrote the same temp files and manifest at once; a finished one could then read the other's partial
+    manifest and fail. The build holds a lock: the second builder waits, then finds every shard made."""
+    import threading
+    import time
+
+    started, results = threading.Event(), {}
+
+    class Slow(Data):
+        def __call__(self, n, gen):
+            started.set()
+            time.sleep(0.05)
+            return super().__call__(n, gen)
+
+    def build(name, data):
+        results[name] = (_build(tmp_path / "c", data), data)
+
+    first = threading.Thread(target=build, args=("first", Slow()))
+    first.start()
+    started.wait()
+    second = threading.Thread(target=build, args=("second", Data()))
+    second.start()
+    first.join()
+    second.join()
+    (a, made), (b, waited) = results["first"], results["second"]
+    assert made.calls == 3 and waited.calls == 0 and _equal(a, b) and _equal(a, _build(tmp_path / "fresh", Data()))

@@ -11,8 +11,9 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -135,6 +136,25 @@ def module_digest(module: torch.nn.Module, which: Literal["frozen", "trainable"]
     return h.hexdigest()
 
 
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an advisory lock on the file `path` (POSIX flock; a no-op where there is none). Two processes
+    building one store take turns: the second finds the first's shards valid instead of writing the same
+    files, temp files and manifest at the same time (a finished builder could read the other's partial one)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: builds of one store must not overlap
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class ShardStore:
     """Tensors in safetensors shards under `root` with a checksummed manifest tied to a spec.
 
@@ -145,6 +165,7 @@ class ShardStore:
     """
 
     MANIFEST = "manifest.json"
+    LOCK = ".build.lock"
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -180,18 +201,19 @@ class ShardStore:
         from tqdm.auto import tqdm
 
         self.root.mkdir(parents=True, exist_ok=True)
-        manifest = self._manifest()
-        if manifest is None or manifest.get("spec") != spec:
-            manifest = {"spec": spec, "shards": {}}
-        good = self.valid_shards(spec)
-        for i in tqdm([i for i in range(n_shards) if i not in good], desc=desc, disable=not progress, leave=False):
-            tensors, meta = make(i)
-            name = f"shard-{i:05d}.safetensors"
-            atomic_save_tensors(tensors, self.root / name)
-            manifest["shards"][str(i)] = {"file": name, "sha256": sha256_file(self.root / name), **meta}
-            self._write_manifest(manifest)
-            if after_each is not None:
-                after_each()
+        with exclusive(self.root / self.LOCK):  # stores shared between runs (pair caches) may be built by two at once
+            manifest = self._manifest()
+            if manifest is None or manifest.get("spec") != spec:
+                manifest = {"spec": spec, "shards": {}}
+            good = self.valid_shards(spec)
+            for i in tqdm([i for i in range(n_shards) if i not in good], desc=desc, disable=not progress, leave=False):
+                tensors, meta = make(i)
+                name = f"shard-{i:05d}.safetensors"
+                atomic_save_tensors(tensors, self.root / name)
+                manifest["shards"][str(i)] = {"file": name, "sha256": sha256_file(self.root / name), **meta}
+                self._write_manifest(manifest)
+                if after_each is not None:
+                    after_each()
 
     def load(self, spec: dict, n_shards: int) -> tuple[list[dict[str, Tensor]], list[dict]]:
         """Every shard's tensors and manifest entry, in order; an error if any is missing or damaged."""
