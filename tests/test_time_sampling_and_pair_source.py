@@ -254,9 +254,10 @@ def _params_equal(a, b):
 
 
 def test_plans_under_one_pair_dir_solve_the_pairs_they_share_once(tmp_path):
-    """Regression (digits run time): caches were named per plan, so ProReflow-I (8 -> 4), -II (8 -> 4 -> 2) and
-    -III solved the same stage-1 and stage-2 teacher pairs once each. Now a stage's cache is named by what its
-    pairs are: a second plan pays only for the stage it does not share, and trains bitwise the same student."""
+    """Regression (digits run time): the digits run kept a pair directory per plan, where caches were named by
+    stage number, so ProReflow-I (8 -> 4), -II (8 -> 4 -> 2) and -III solved the same stage-1 and stage-2 teacher
+    pairs once each. Now a stage's cache is named by what its pairs are, and the run keeps one directory: a second
+    plan pays only for the stage it does not share, and trains bitwise the same student."""
     from proreflow.training import PairCacheConfig
 
     evaluated = []
