@@ -223,11 +223,13 @@ class PairCache(ShardStore):
 
     def ensure(self, teacher: VelocityField, data_fn: Callable[[int, torch.Generator], tuple[Tensor, Any]],
                schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int = 10_000,
-               seed: int = 0, progress: bool = False, after_each: Callable[[], None] | None = None) -> "CachedPairs":
-        """Build the missing or damaged shards, then load and return every pair (`after_each`: see `build`)."""
+               seed: int = 0, progress: bool = False, after_each: Callable[[], None] | None = None,
+               spec: dict | None = None) -> "CachedPairs":
+        """Build the missing or damaged shards, then load and return every pair (`after_each`: see `build`).
+        `spec`: `PairCache.spec` of these arguments when the caller has it (the teacher's digest is its cost)."""
         if n_pairs < 1 or shard_size < 1:
             raise ProReflowError(f"pair cache needs n_pairs >= 1 and shard_size >= 1, got {n_pairs}, {shard_size}")
-        spec = self.spec(schedule, solver, n_pairs, shard_size, seed, teacher)
+        spec = spec or self.spec(schedule, solver, n_pairs, shard_size, seed, teacher)
 
         def make(i: int) -> tuple[dict[str, Tensor], dict]:
             n = min(shard_size, n_pairs - i * shard_size)

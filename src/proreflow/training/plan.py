@@ -144,12 +144,12 @@ def _stage_cache(cfg: PairCacheConfig, stage: int, n_pairs: int, teacher: Veloci
     """The main process builds (or repairs) the stage's cache; then every process loads it."""
     # named by what the pairs are, not by the plan: plans that need the same pairs (same windows, pair seed,
     # count, solver and source weights; e.g. 8 -> 4 -> 2 and 8 -> 4 at stage 1) build them once under one `dir`
-    key = json_key(PairCache.spec(schedule, solver, n_pairs, cfg.shard_size, seed, teacher))
-    cache = PairCache(Path(cfg.dir) / f"w{schedule.num_windows}-seed{seed}-{key}")
+    spec = PairCache.spec(schedule, solver, n_pairs, cfg.shard_size, seed, teacher)  # digests the teacher once
+    cache = PairCache(Path(cfg.dir) / f"w{schedule.num_windows}-seed{seed}-{json_key(spec)}")
     state = process_state()
     # one process may stop between shards; with several, the others would wait for it at the barrier
     after_each = (lambda: check_stop(f"while caching the pairs of stage {stage}")) if state.num_processes == 1 else None
     if state.is_main_process:
-        cache.ensure(teacher, data_fn, schedule, solver, n_pairs, cfg.shard_size, seed, progress, after_each)
+        cache.ensure(teacher, data_fn, schedule, solver, n_pairs, cfg.shard_size, seed, progress, after_each, spec)
     state.wait_for_everyone()
-    return cache.ensure(teacher, data_fn, schedule, solver, n_pairs, cfg.shard_size, seed)
+    return cache.ensure(teacher, data_fn, schedule, solver, n_pairs, cfg.shard_size, seed, spec=spec)
