@@ -26,6 +26,10 @@ def _teacher(x, t, cond=None):
     return GMM.velocity(x.double(), t.double()).to(x.dtype)
 
 
+def _params_equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def _cfg(**kw):
     return TrainConfig(**{**dict(lr=2e-3, batch_size=64, ema_decay=0.9, progress=False, seed=3), **kw})
 
@@ -160,7 +164,7 @@ def test_previous_stage_plan_takes_stage_two_pairs_from_a_frozen_copy_of_stage_o
     assert sources[0][0] is _teacher and sources[0][1].mode == "per_window"
     frozen, solver = sources[1]
     assert frozen is not res.stages[0].model and not any(p.requires_grad for p in frozen.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(frozen.state_dict().values(), res.stages[0].model.state_dict().values()))
+    assert _params_equal(frozen, res.stages[0].model)
     assert solver.mode == "grid" and solver.grid == plan.stages[0].schedule.boundaries
     assert res.sources == ["teacher", "previous_stage"]
     # stage 1: 16 teacher evaluations per pair (rk4 x 4); stage 2: 2 student steps per pair
@@ -199,7 +203,7 @@ def test_a_shorter_run_is_the_prefix_of_a_longer_one():
     short = training.fit(init, batches, 7, _cfg())
     seen = {}
     training.fit(init, batches, 15, _cfg(), on_step=lambda done, ema, res: seen.setdefault(done, ema()))
-    assert all(torch.equal(a, b) for a, b in zip(short.model.state_dict().values(), seen[7].state_dict().values()))
+    assert _params_equal(short.model, seen[7])
 
 
 def test_a_progressive_plan_from_a_longer_first_stages_snapshot_equals_the_whole_plan():
@@ -220,7 +224,7 @@ def test_a_progressive_plan_from_a_longer_first_stages_snapshot_equals_the_whole
     assert len(longer.stages) == 1 and len(longer.stages[0].losses) == 12
     rest = train_plan(seen[5], _teacher, _data_fn, recipe(10), 2, stages=(1, None))
     assert len(rest.stages) == 1
-    assert all(torch.equal(a, b) for a, b in zip(whole.student.state_dict().values(), rest.student.state_dict().values()))
+    assert _params_equal(whole.student, rest.student)
     with pytest.raises(ProReflowError, match="select no stage"):
         train_plan(init, _teacher, _data_fn, recipe(10), 2, stages=(2, None))
 
@@ -247,10 +251,6 @@ def test_command_line_rule_keeps_the_presets_margin_and_reaches_the_distill_conf
     assert next(m for m in toy.methods if m.name == "2-rectified-flow").sampling(toy.time_sampling).rule == "uniform"
     sd = load_distill_config("sd15-proreflow-II", time_sampling=TimeSampling.parse("start"))
     assert sd.method.sampling(sd.time_sampling).rule == "start"
-
-
-def _params_equal(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_plans_under_one_pair_dir_solve_the_pairs_they_share_once(tmp_path):
