@@ -11,11 +11,13 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import torch
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -222,3 +224,88 @@ class ShardStore:
             raise ProReflowError(f"cache {str(self.root)!r} is incomplete or damaged; rebuild it")
         entries = [manifest["shards"][str(i)] for i in range(n_shards)]
         return [load_file(str(self.root / e["file"])) for e in entries], entries
+
+    def shard_name(self, i: int) -> str:
+        return f"shard-{i:05d}.safetensors"
+
+    def add_shard(self, spec: dict, i: int, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Write shard `i` and merge its entry into the manifest, while other processes may be adding other
+        shards of the same spec: the shard is written under a temp name of this process's own and renamed into
+        place, and only the manifest's read-modify-write holds the store's lock (milliseconds). Two processes
+        adding the same shard write the same bytes when shards are deterministic (see `build_share`)."""
+        name = self.shard_name(i)
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        _fsync(tmp)
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+        with exclusive(self.root / self.LOCK):
+            manifest = self._manifest()
+            if manifest is None or manifest.get("spec") != spec:
+                manifest = {"spec": spec, "shards": {}}
+            manifest["shards"][str(i)] = {"file": name, "sha256": digest, **meta}
+            self._write_manifest(manifest)
+
+    def _entry(self, spec: dict, i: int) -> dict | None:
+        manifest = self._manifest()
+        if manifest is None or manifest.get("spec") != spec:
+            return None
+        entry = manifest["shards"].get(str(i))
+        return entry if entry is not None and (self.root / entry["file"]).is_file() else None
+
+    def build_share(self, spec: dict, n_shards: int, make: Callable[[int], tuple[dict[str, Tensor], dict]],
+                    rank: int, world: int, progress: bool = False, desc: str = "shards") -> list[int]:
+        """This process's share of a store that `world` processes build at once: shards `rank`, `rank + world`,
+        ... that are not valid on disk (each checked by its own checksum), made and added one by one
+        (`add_shard`). `make(i)` must depend only on the data, `i` and a seed, never on `rank` or `world`, so
+        that the store is the same bytes whatever the number of processes and a resume on another number
+        reuses it. Returns the indices made here."""
+        from tqdm.auto import tqdm
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        mine = [i for i in range(rank, n_shards, world) if not self._shard_ok(spec, i)]
+        for i in tqdm(mine, desc=desc, disable=not progress, leave=False):
+            tensors, meta = make(i)
+            self.add_shard(spec, i, tensors, meta)
+        return mine
+
+    def _shard_ok(self, spec: dict, i: int) -> bool:
+        entry = self._entry(spec, i)
+        return entry is not None and sha256_file(self.root / entry["file"]) == entry["sha256"]
+
+    def load_when_complete(self, spec: dict, n_shards: int, make: Callable[[int], tuple[dict[str, Tensor], dict]],
+                           poll_s: float = 5.0, stall_s: float = 3600.0, report: Callable[[str], None] = print
+                           ) -> list[dict[str, Tensor]]:
+        """Every shard's tensors, in order, once the processes building the store have added them: polls the
+        manifest (no collective, so no timeout however long the others take), saying what it waits for every
+        minute. Each shard is read once and checked against its checksum as it is loaded; one listed but
+        damaged (left by an earlier run, not yet repaired by the process whose share it is) is made here,
+        the same bytes. Raises if no shard has appeared for `stall_s` seconds (a builder died)."""
+        out: list[dict[str, Tensor]] = []
+        last_change, last_report, seen = time.monotonic(), time.monotonic(), -1
+        for i in range(n_shards):
+            while True:
+                entry = self._entry(spec, i)
+                if entry is not None:
+                    data = (self.root / entry["file"]).read_bytes()
+                    if hashlib.sha256(data).hexdigest() == entry["sha256"]:
+                        out.append(load_bytes(data))
+                        break
+                    self.add_shard(spec, i, *make(i))
+                    continue
+                now = time.monotonic()
+                manifest = self._manifest() or {}
+                done = len(manifest.get("shards", {})) if manifest.get("spec") == spec else 0
+                if done != seen:
+                    seen, last_change = done, now
+                if now - last_change > stall_s:
+                    raise ProReflowError(f"cache {str(self.root)!r}: shard {i} of {n_shards} has not appeared and no "
+                                         f"shard was added for {stall_s:.0f} s; the process building it may have died. "
+                                         f"Run again: finished shards are kept")
+                if now - last_report >= 60:
+                    report(f"waiting for other processes' shards of {str(self.root)!r}: {done} of {n_shards} done")
+                    last_report = now
+                time.sleep(poll_s)
+        return out
