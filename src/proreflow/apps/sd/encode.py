@@ -4,6 +4,7 @@ embeddings, SDXL's pooled embeddings and size conditioning) once, optionally int
 from __future__ import annotations
 
 import hashlib
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +164,8 @@ class CaptionedLatents:
 
         def draw(n: int, gen: torch.Generator) -> tuple[Tensor, dict]:
             idx = torch.randint(0, len(self), (n,), generator=gen)
-            cond = {k: v[idx].clone() for k, v in self.cond.items()}
+            # text states may be held in 2 bytes (`TEXT_DTYPE`): training gets float32, as the encoders made them
+            cond = {k: v[idx].float() if v.is_floating_point() else v[idx] for k, v in self.cond.items()}
             drop = torch.rand(n, generator=gen) < caption_dropout
             for k, u in self.uncond.items():
                 cond[k][drop] = u[0]
@@ -216,29 +218,73 @@ def _record_fingerprint(records: list[tuple[Any, str]]) -> str:
     return h.hexdigest()
 
 
+#: the dtype text states (and pooled embeddings) are held in, on disk and in memory; `data_fn` hands them to
+#: training as float32. float16 over bfloat16 at the same 2 bytes: its rounding error is 8x smaller
+#: (benchmarks/results/text_state_dtype.md: states 2.1e-4 vs 1.7e-3 relative, a UNet output 1e-5..3e-5 vs
+#: 8e-5..2e-4, both far below the 1.2e-2 that bf16 autocast itself makes), and SD1.x/SDXL text states fit its
+#: range (their pipelines compute them in float16); a tensor that would overflow is kept in float32
+TEXT_DTYPE = "float16"
+TEXT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def stored_text(cond: dict[str, Tensor], text_dtype: str) -> dict[str, Tensor]:
+    """Prompt conditioning in `text_dtype`; a tensor that is not finite there (float16 overflow) stays float32."""
+    if text_dtype not in TEXT_DTYPES:
+        raise ProReflowError(f"text_dtype must be one of {list(TEXT_DTYPES)}, got {text_dtype!r}")
+    out = {}
+    for k, v in cond.items():
+        low = v.to(getattr(torch, text_dtype))
+        out[k] = low if bool(torch.isfinite(low).all()) or not bool(torch.isfinite(v).all()) else v
+    return out
+
+
 def encode_records(pipe: Any, records: list[tuple[Any, str]], resolution: int, seed: int = 0,
-                   cache_dir: str | Path | None = None, shard_size: int = 256, progress: bool = False) -> CaptionedLatents:
+                   cache_dir: str | Path | None = None, shard_size: int = 256, progress: bool = False,
+                   text_dtype: str = TEXT_DTYPE) -> CaptionedLatents:
     """VAE latents and prompt conditioning of (image, caption) records from any source.
 
-    Records are encoded in shards of `shard_size`, each with its own VAE sampling seed; with
-    `cache_dir` the shards are kept as checksummed safetensors (`pairs.ShardStore`), so a later run
-    with the same teacher, records, resolution and seed skips the VAE and text encoders, and a
-    damaged or missing shard is re-encoded identically.
+    Records are encoded in shards of `shard_size`, each with its own VAE sampling seed (`seed` and the
+    shard's index), so a shard is the same bytes whoever makes it. Text states are kept in `text_dtype`
+    (`TEXT_DTYPE`; "float32" keeps them exact), latents in float32. With `cache_dir` the shards are kept as
+    checksummed safetensors (`store.ShardStore`), so a later run with the same teacher, records, resolution,
+    seed and text dtype skips the VAE and text encoders, and a damaged or missing shard is re-encoded
+    identically.
+
+    Under several processes (`accelerate launch`) the cache is built by all of them at once: process r of
+    R encodes shards r, r + R, ... (those not already valid), each written on its own and added to the
+    manifest under a lock held for milliseconds; no process encodes while the others idle. Each process then
+    loads the cache by polling the manifest for the shards the others are still making, not by a barrier:
+    its wait is bounded by the slowest process's equal share, but a collective (NCCL's default timeout is
+    10 minutes) would turn a slow share into a dead job, and polling has no such limit (it gives up only if
+    no shard appears for an hour, i.e. a builder died). A shard's bytes depend only on the data, its index
+    and `seed` (at a fixed number of threads per process), never on the number of processes, so a run on
+    another number of processes reuses the cache.
+
+    Every process holds the whole data set in host memory (latents and text states; see the memory notes in
+    docs/sd-distillation.md): the training data function draws each global batch's rows from the whole set
+    with a generator all processes share and each keeps its slice, so any process may need any row.
     """
     if not records:
         raise ProReflowError("no training records to encode")
     n_shards = -(-len(records) // shard_size)
+    state = process_state()
 
     def make(i: int) -> tuple[dict[str, Tensor], dict]:
         chunk = records[i * shard_size:(i + 1) * shard_size]
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         prepared = [prepare_image(src, resolution) for src, _ in chunk]
         tensors = {"latents": encode_images(pipe, torch.stack([p.pixels for p in prepared]), gen)}
-        tensors.update(flatten_cond(encode_text(pipe, [c for _, c in chunk])))
+        tensors.update(flatten_cond(stored_text(encode_text(pipe, [c for _, c in chunk]), text_dtype)))
         if is_sdxl(pipe):
             tensors["cond.time_ids"] = torch.stack([time_ids(p.original_size, p.crop_top_left, resolution)
                                                     for p in prepared])
-        return tensors, {"records": len(chunk)}
+        # the manifest (not the shard) says who made it
+        return tensors, {"records": len(chunk), "made_by_process": state.process_index,
+                         "of_processes": state.num_processes}
+
+    def make_on_device(i: int) -> tuple[dict[str, Tensor], dict]:
+        with encoders_on_device(pipe):
+            return make(i)
 
     if cache_dir is None:
         with encoders_on_device(pipe):
@@ -246,15 +292,14 @@ def encode_records(pipe: Any, records: list[tuple[Any, str]], resolution: int, s
     else:
         spec = {"kind": "latents+text", "teacher": str(pipe.config.get("_name_or_path", "")), "sdxl": is_sdxl(pipe),
                 "resolution": resolution, "seed": seed, "shard_size": shard_size, "n": len(records),
-                "records_sha256": _record_fingerprint(records),
+                "records_sha256": _record_fingerprint(records), "text_dtype": text_dtype,
                 "vae_latent_space": [pipe.vae.config.get(k) for k in ("scaling_factor", "latents_mean", "latents_std")]}
         store = ShardStore(cache_dir)
-        state = process_state()
-        if state.is_main_process:
-            with encoders_on_device(pipe):
-                store.build(spec, n_shards, make, progress, desc="encode images + captions")
-        state.wait_for_everyone()
-        parts, _ = store.load(spec, n_shards)
+        with encoders_on_device(pipe):
+            store.build_share(spec, n_shards, make, state.process_index, state.num_processes,
+                              progress and state.is_main_process, desc="encode images + captions")
+        report = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+        parts = store.load_when_complete(spec, n_shards, make_on_device, report=report)
     cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     with encoders_on_device(pipe):
         uncond = uncond_text(pipe)
@@ -265,11 +310,11 @@ def encode_folder(pipe: Any, folder: str | Path, resolution: int, seed: int = 0)
     return encode_records(pipe, list(find_pairs(folder)), resolution, seed)
 
 
-def encode_prompts_only(pipe: Any, prompts: list[str], resolution: int) -> CaptionedLatents:
+def encode_prompts_only(pipe: Any, prompts: list[str], resolution: int, text_dtype: str = TEXT_DTYPE) -> CaptionedLatents:
     """Prompt-only data: conditioning without images (SDXL size ids: the pipeline's defaults,
-    original = target = resolution, no crop)."""
+    original = target = resolution, no crop); text states in `text_dtype` as in `encode_records`."""
     with encoders_on_device(pipe):
-        cond, uncond = encode_text(pipe, prompts), uncond_text(pipe)
+        cond, uncond = stored_text(encode_text(pipe, prompts), text_dtype), uncond_text(pipe)
     if is_sdxl(pipe):
         cond["time_ids"] = time_ids((resolution, resolution), (0, 0), resolution).expand(len(prompts), 6).clone()
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from proreflow.apps.sd.config import DistillConfig
 from proreflow.apps.sd.distill import distill
-from proreflow.apps.sd.encode import encode_prompts_only, encode_records, load_pipeline
+from proreflow.apps.sd.encode import TEXT_DTYPE, encode_prompts_only, encode_records, load_pipeline
 from proreflow.apps.sd.stream import StreamingLatents
 from proreflow.data.captions import read_prompts, read_source
 from proreflow.data.stream import StreamIterator
@@ -22,11 +22,12 @@ from proreflow.training.checkpoint import CheckpointConfig
 def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts: Path | None = None, seed: int = 0,
                 encode_cache: Path | None = None, checkpoint_every: int = 500, resume: bool = False,
                 progress: bool = True, on_step: Callable[..., None] | None = None, stream: bool = False,
-                data_workers: int = 2) -> dict[str, Any]:
+                data_workers: int = 2, text_dtype: str = TEXT_DTYPE) -> dict[str, Any]:
     """Distil `cfg`'s teacher on images + captions (`data`: folder, tar shards or hf:NAME) or on prompts only,
     into the diffusers pipeline `out`. Every input is checked before the pipeline is loaded. With `stream`,
     `data` (tar shards, an image folder or hf:NAME) is read by `data_workers` DataLoader workers and encoded
-    batch by batch (`apps.sd.stream`) instead of being encoded up front and held in memory."""
+    batch by batch (`apps.sd.stream`) instead of being encoded up front and held in memory. Encoded up front,
+    text states are held (and cached) in `text_dtype` (`encode.TEXT_DTYPE`; "float32" keeps them exact)."""
     cfg = replace(cfg, train=replace(cfg.train, seed=seed, progress=progress))
     check_output_dir(out)
     if encode_cache is not None:
@@ -51,6 +52,6 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
         return distill(cfg, pipe, StreamingLatents(pipe, stream_), out, ckpt, on_step=on_step)
     records = read_source(data) if data is not None else read_prompts(prompts)
     pipe = load_pipeline(cfg.model)  # float32: build_teacher_student casts only the frozen weights
-    encoded = (encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=progress)
-               if data is not None else encode_prompts_only(pipe, records, cfg.resolution))
+    encoded = (encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=progress, text_dtype=text_dtype)
+               if data is not None else encode_prompts_only(pipe, records, cfg.resolution, text_dtype))
     return distill(cfg, pipe, encoded, out, ckpt, on_step=on_step)
