@@ -7,6 +7,11 @@ parameters are counted exactly without allocating or downloading anything. From 
 - per-GPU bytes of weights + gradients + optimizer states + EMA for each training mode proreflow runs
   (full fine-tuning keeps a frozen teacher copy; LoRA keeps one UNet, teacher = adapters off; the EMA
   covers trainable parameters only), with AdamW (8 bytes/param of state) or 8-bit AdamW (2 bytes);
+- host RAM per process for the data set distill holds in memory (`--data`, with or without `--encode-cache`;
+  not `--stream`): per image its VAE latents (float32) and per caption its text states in the dtype they are
+  held in (`apps.sd.encode.TEXT_DTYPE`, float16; float32 for comparison): SD1.5 77 x 768, SDXL 77 x 2048 plus
+  the pooled 1280 and 6 float32 time ids. Every process holds the whole set (its batches draw rows from all of
+  it), so a node holds this once per process on it;
 - the teacher cost per training sample of the preset's stages, in UNet forward-equivalents (a student
   forward + backward counted as 3 forwards): a relative throughput expectation, not a timing.
 
@@ -25,6 +30,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from proreflow.apps.sd import LORA_TARGETS, load_distill_config
+from proreflow.apps.sd.encode import TEXT_DTYPE
 
 HERE = Path(__file__).parent
 GB = 1e9
@@ -48,10 +54,13 @@ CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_att
 CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
                  num_hidden_layers=32, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
 MODELS = {
-    "SD1.5": dict(unet=SD15_UNET, encoders=[(CLIPTextModel, CLIP_L)], preset="sd15-proreflow-I", lora_rank=64),
+    "SD1.5": dict(unet=SD15_UNET, encoders=[(CLIPTextModel, CLIP_L)], preset="sd15-proreflow-I", lora_rank=64,
+                  resolution=512, text_states=(77, 768), pooled=0, time_ids=0),
     "SDXL": dict(unet=SDXL_UNET, encoders=[(CLIPTextModel, CLIP_L), (CLIPTextModelWithProjection, CLIP_BIGG)],
-                 preset="sdxl-proreflow", lora_rank=64),
+                 preset="sdxl-proreflow", lora_rank=64, resolution=1024, text_states=(77, 2048), pooled=1280, time_ids=6),
 }
+DATASET = 100_000  # images, for the host-RAM column
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def count(module: torch.nn.Module) -> int:
@@ -74,6 +83,16 @@ def modes(p: int, lora: int) -> dict[str, dict[str, float]]:
         "LoRA, bf16 UNet (weights_dtype: bfloat16), AdamW": dict(teacher=0, student=2 * p + 4 * lora, grads=4 * lora,
                                                                  optimizer=8 * lora, ema=4 * lora),
     }
+
+
+def data_bytes(spec: dict, text_dtype: str) -> dict[str, int]:
+    """Host bytes per training sample held in memory: latents (4 x res/8 x res/8 float32), text states and pooled
+    text in `text_dtype`, SDXL's time ids in float32 (`apps.sd.encode`)."""
+    side = spec["resolution"] // 8
+    rows, width = spec["text_states"]
+    parts = {"latents": 4 * side * side * 4, "text_states": rows * width * BYTES[text_dtype],
+             "pooled_text": spec["pooled"] * BYTES[text_dtype], "time_ids": spec["time_ids"] * 4}
+    return {**parts, "total": sum(parts.values())}
 
 
 def stage_costs(preset: str) -> list[dict]:
@@ -105,6 +124,8 @@ def main() -> None:
             "gpu_gb_by_mode": {m: {**{k: v / GB for k, v in parts.items()}, "total": sum(parts.values()) / GB}
                                for m, parts in modes(p, lora).items()},
             "preset": spec["preset"], "stages": stage_costs(spec["preset"]),
+            "resolution": spec["resolution"],
+            "host_bytes_per_sample": {d: data_bytes(spec, d) for d in dict.fromkeys((TEXT_DTYPE, "float32"))},
         }
     res = HERE / "results"
     res.mkdir(exist_ok=True)
@@ -123,6 +144,16 @@ def main() -> None:
         for mode, gb in out[name]["gpu_gb_by_mode"].items():
             lines.append(f"| {name} | {mode} | " + " | ".join(f"{gb[k]:.2f}" for k in
                                                          ("teacher", "student", "grads", "optimizer", "ema", "total")) + " |")
+    lines += ["", f"Host RAM per process for the data set held in memory (`--data` without `--stream`, with or without "
+              f"`--encode-cache`): every process holds all of it, so a node with 8 processes holds 8 copies. Latents "
+              f"float32; text states held in {TEXT_DTYPE} (`apps.sd.encode.TEXT_DTYPE`; float32 for comparison):", "",
+              "| model | resolution | text states held in | latents / image | text states / caption | pooled + time ids | "
+              f"total / sample | {DATASET // 1000}k samples, per process |", "|---|---|---|---|---|---|---|---|"]
+    for name in MODELS:
+        for dtype, b in out[name]["host_bytes_per_sample"].items():
+            lines.append(f"| {name} | {out[name]['resolution']} px | {dtype} | {b['latents'] / 1e3:.1f} KB | "
+                         f"{b['text_states'] / 1e3:.1f} KB | {(b['pooled_text'] + b['time_ids']) / 1e3:.2f} KB | "
+                         f"{b['total'] / 1e3:.1f} KB | {b['total'] * DATASET / GB:.1f} GB |")
     lines += ["", "Relative cost per training sample (teacher UNet calls in the stage's windows, length-weighted, "
               "+ 3 for the student's forward and backward):", "",
               "| preset | stage | windows | optimizer steps | teacher calls / sample | UNet forward-equivalents / sample |",
