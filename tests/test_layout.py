@@ -11,7 +11,7 @@ ROOT = Path(proreflow.__file__).parent
 LAYERS = {
     "errors": 0, "config": 0, "store": 0, "conventions": 0,
     "windows": 1, "time_sampling": 1, "losses": 1, "solvers": 1, "sampling": 1, "pairs": 1, "methods": 1,
-    "fields": 2, "models": 2, "data": 2, "schedulers": 2, "metrics": 2, "metrics_images": 2, "analysis": 2,
+    "fields": 2, "models": 2, "data": 2, "schedulers": 2, "metrics": 2, "metrics_images": 2, "metrics_classifier": 2, "analysis": 2,
     "plotting": 2,
     "training": 3,
     "apps": 4,
