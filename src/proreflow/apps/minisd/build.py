@@ -159,14 +159,21 @@ def encode_text(tokenizer, text_encoder: nn.Module, captions: list[str], batch: 
     return torch.cat(out)
 
 
-def save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet) -> None:
-    """A StableDiffusionPipeline folder (safetensors; no safety checker) that from_pretrained opens."""
+def save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet, tokenizer_files: Path | None = None) -> None:
+    """A StableDiffusionPipeline folder (safetensors; no safety checker) that from_pretrained opens. The
+    tokenizer's vocab.json and merges.txt (in `tokenizer_files`) are copied beside the tokenizer.json that
+    transformers 5 writes, so older transformers' slow CLIPTokenizer reads the folder too."""
+    import shutil
+
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
+    for name in ("vocab.json", "merges.txt") if tokenizer_files is not None else ():
+        if not (folder / "tokenizer" / name).is_file():
+            shutil.copyfile(tokenizer_files / name, folder / "tokenizer" / name)
 
 
 def describe(cfg: MiniSDConfig, vae, text_encoder, unet) -> dict:

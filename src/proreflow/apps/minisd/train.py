@@ -181,7 +181,7 @@ def train_mini_teacher(cfg: MiniSDConfig, out: Path, data: str | None = None, re
 
     # 4. classifier (the metrics' feature network), when the data has labels
     classifier = _classifier(cfg, d, cache, log, seconds, progress)
-    build.save_pipeline(out, vae, text_encoder, tokenizer, unet)
+    build.save_pipeline(out, vae, text_encoder, tokenizer, unet, tok_dir)
     summary = {"source": d.source, "n_train": int(d.images.shape[0]), "resolution": res,
                "scaling_factor": scaling, "vae_reconstruction_mse": recon_mse,
                **build.describe(cfg, vae, text_encoder, unet), "train_seconds": seconds,
