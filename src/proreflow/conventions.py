@@ -7,8 +7,13 @@ Every other module goes through these helpers instead of re-deriving the algebra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from proreflow.errors import ProReflowError
 
 
 def expand_time(t: Tensor | float, like: Tensor) -> Tensor:
@@ -48,3 +53,35 @@ def vp_to_flow(alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
     """
     denom = alpha + sigma
     return 1.0 / denom, sigma / denom
+
+
+@dataclass(frozen=True)
+class NoiseEntry:
+    """Where a field's pure noise enters the time axis: noise eps is the state `scale * eps` at time `t`.
+
+    For a straight flow that is eps at t = 1. A VP teacher never reaches t = 1: SD1.5's noisiest timestep
+    has alpha_bar = 0.0047, flow time t_max = 0.936, and SD was trained, and every diffusers sampler starts,
+    with x_999 = eps, i.e. y = eps / (alpha + sigma) at t_max (docs/design.md §1). Samplers and pair makers
+    start there, so one Euler step of a VP field is one DDIM step from the very first step on.
+    """
+
+    t: float = 1.0
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.t <= 1.0) or not self.scale > 0:
+            raise ProReflowError(f"a noise entry needs 0 < t <= 1 and scale > 0, got t={self.t}, scale={self.scale}")
+
+    @property
+    def is_default(self) -> bool:
+        return self.t == 1.0 and self.scale == 1.0
+
+
+#: a straight flow's pure noise: eps at t = 1
+PURE_NOISE = NoiseEntry()
+
+
+def noise_entry(field: Any) -> NoiseEntry:
+    """A velocity field's `noise_entry` (VP adapters declare theirs), else pure noise at t = 1."""
+    entry = getattr(field, "noise_entry", None)
+    return entry if isinstance(entry, NoiseEntry) else PURE_NOISE

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from proreflow.conventions import chord_velocity
+from proreflow.conventions import chord_velocity, noise_entry
 from proreflow.errors import ProReflowError
 from proreflow.solvers import VelocityField, solve
 from proreflow.windows import WindowSchedule
@@ -60,8 +60,9 @@ def straightness(field: VelocityField, noise: Tensor, schedule: WindowSchedule, 
     of the velocity at every sub-step from the window chord (x_a - x_b) / (t_a - t_b) is squared
     and averaged per element. 0 means every window is traversed on a straight line at constant speed.
     """
-    x, total = noise, 0.0
-    b = schedule.boundaries
+    entry = noise_entry(field)  # where pure noise enters (t_max for a VP teacher)
+    x, total = noise * entry.scale, 0.0
+    b = schedule.entered_at(entry.t)
     for t_a, t_b in zip(b[:-1], b[1:]):
         traj = solve(field, x, t_a, t_b, substeps, "euler", cond, return_trajectory=True)
         chord = chord_velocity(traj[0], traj[-1], t_a, t_b)

@@ -3,6 +3,10 @@
 For a window [t_a, t_b] (t_a noisier): x_a = (1 - t_a) x0 + t_a eps from real data (pure
 noise when t_a = 1), x_b = the teacher's ODE solved from t_a to t_b only. The student's target
 is the chord velocity (x_a - x_b) / (t_a - t_b), constant inside the window.
+
+Pure noise enters where the teacher says (`conventions.noise_entry`): a VP teacher's first window starts at
+its noisiest timestep's flow time t_max with y = eps / (alpha + sigma), i.e. x_999 = eps as SD samplers feed
+it, so the pairs record t_a = t_max there and the student is never asked about times SD never saw.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
-from proreflow.conventions import chord_velocity, expand_time, interpolate
+from proreflow.conventions import NoiseEntry, chord_velocity, expand_time, interpolate, noise_entry
 from proreflow.errors import ProReflowError
 from proreflow.solvers import NFE_PER_STEP, VelocityField, check_solver, solve
 from proreflow.store import ShardStore, module_digest
@@ -31,22 +35,34 @@ class TeacherSolver:
     windows cost fewer teacher evaluations (the cost advantage of local reflow).
     mode="grid": one step between consecutive points of `grid` inside each window (`steps` is
     unused): how a previous stage's student crosses a wider window, one step per sub-window.
+    mode="placed": `steps` steps over the whole trajectory, at the points of `grid` (steps + 1 of them, 1 to 0)
+    or, without one, uniform in flow time; each window takes the steps that fall inside it. The SD app places
+    them at DDIM's trailing timesteps (`fields.teacher_grid`), so a VP teacher's pairs are the paper's DDIM-32
+    exactly: 8 windows at the teacher's timesteps cost 4 calls each, 32 for one pass over every window.
     """
 
     method: Literal["euler", "heun", "rk4"] = "rk4"
     steps: int = 4
-    mode: Literal["per_window", "per_unit_time", "grid"] = "per_window"
+    mode: Literal["per_window", "per_unit_time", "grid", "placed"] = "per_window"
     # teacher calls on at most this many samples at once (0: all at once). On CPU a conv UNet is ~2.6x
     # faster per sample at batch 128 than at 2048 (cache-bound), which matters when building pair caches.
     max_batch: int = 0
-    grid: tuple[float, ...] = ()  # mode="grid" only: the boundaries of the finer (previous) schedule
+    grid: tuple[float, ...] = ()  # mode="grid": the finer (previous) schedule's boundaries; "placed": its points
 
     def __post_init__(self) -> None:
         check_solver(self.method, self.steps)
-        if self.mode not in ("per_window", "per_unit_time", "grid"):
-            raise ProReflowError(f"teacher solver mode must be 'per_window', 'per_unit_time' or 'grid', got {self.mode!r}")
-        if (self.mode == "grid") != bool(self.grid):
-            raise ProReflowError("a teacher solver has a grid exactly when its mode is 'grid'")
+        if self.mode not in ("per_window", "per_unit_time", "grid", "placed"):
+            raise ProReflowError(f"teacher solver mode must be 'per_window', 'per_unit_time', 'grid' or 'placed', "
+                                 f"got {self.mode!r}")
+        if self.mode == "placed":
+            grid = tuple(float(g) for g in self.grid) or tuple(1.0 - j / self.steps for j in range(self.steps + 1))
+            if len(grid) != self.steps + 1 or grid[0] != 1.0 or grid[-1] != 0.0 or \
+                    any(not a > b for a, b in zip(grid[:-1], grid[1:])):
+                raise ProReflowError(f"a placed teacher grid must run from 1 down to 0 in {self.steps} steps, "
+                                     f"got {list(grid)}")
+            object.__setattr__(self, "grid", grid)
+        elif (self.mode == "grid") != bool(self.grid):
+            raise ProReflowError("a teacher solver has a grid exactly when its mode is 'grid' or 'placed'")
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 0:
             raise ProReflowError(f"teacher solver max_batch must be an integer >= 0, got {self.max_batch!r}")
 
@@ -59,6 +75,12 @@ class TeacherSolver:
         """The grid points from t_a down to t_b (both included): the steps across window [t_a, t_b]."""
         inner = [g for g in self.grid if t_b + 1e-7 < g < t_a - 1e-7]
         return [t_a, *sorted(inner, reverse=True), t_b]
+
+    def placed_at(self, grid: tuple[float, ...]) -> "TeacherSolver":
+        """This placed solver with its steps at `grid` (steps + 1 flow times from 1 to 0)."""
+        if self.mode != "placed":
+            return self
+        return TeacherSolver(self.method, self.steps, "placed", self.max_batch, tuple(grid))
 
     def spec(self) -> list:
         """What identifies the pairs this solver makes (the grid only where there is one, so caches
@@ -113,11 +135,15 @@ def make_window_pairs(teacher: VelocityField, x0: Tensor, schedule: WindowSchedu
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu").to(x0.device)
     if noise.shape != x0.shape:
         raise ProReflowError(f"noise shape {tuple(noise.shape)} != data shape {tuple(x0.shape)}")
+    entry = noise_entry(teacher)
     if solver.max_batch:
         teacher = chunked(teacher, solver.max_batch)
-    t_a = schedule.starts(x0.device, x0.dtype)[windows]
+    b = schedule.entered_at(entry.t)
+    t_a = torch.tensor(b[:-1], device=x0.device, dtype=x0.dtype)[windows]
     t_b = schedule.ends(x0.device, x0.dtype)[windows]
     x_a = interpolate(x0, noise, t_a)
+    top = windows == 0  # starts at pure noise: exactly what the teacher's samplers feed there
+    x_a[top] = noise[top] * entry.scale
     per = NFE_PER_STEP[solver.method]
     if solver.mode == "per_window":
         x_b = solve(teacher, x_a, t_a, t_b, solver.steps, solver.method, cond)
@@ -125,12 +151,11 @@ def make_window_pairs(teacher: VelocityField, x0: Tensor, schedule: WindowSchedu
     else:  # step counts differ per window: one batched solve per window present
         x_b = torch.empty_like(x_a)
         nfe = 0
-        lengths = schedule.lengths().tolist()
-        b = schedule.boundaries
+        lengths = [hi - lo for hi, lo in zip(b[:-1], b[1:])]
         for w in torch.unique(windows).tolist():
             m = windows == w
             cond_m = map_cond(cond, lambda c: c[m])
-            if solver.mode == "grid":
+            if solver.mode in ("grid", "placed"):
                 points = solver.grid_in(b[w], b[w + 1])
                 x = x_a[m]
                 for s_a, s_b in zip(points[:-1], points[1:]):
@@ -216,10 +241,14 @@ class PairCache(ShardStore):
     @staticmethod
     def spec(schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int,
              seed: int, teacher: VelocityField | None = None) -> dict:
-        """What a cache's pairs are, given its data: checked against the manifest before any pair is reused."""
+        """What a cache's pairs are, given its data: checked against the manifest before any pair is reused.
+        A teacher whose pure noise enters below t = 1 (VP) names its entry, so pairs made before the entry
+        existed (from 1.066 x eps at t = 1) are never reused; straight-flow caches keep their identity."""
+        entry = noise_entry(teacher) if teacher is not None else NoiseEntry()
         return {"boundaries": list(schedule.boundaries), "solver": solver.spec(),
                 "n_pairs": n_pairs, "shard_size": shard_size, "seed": seed,
-                "teacher": teacher_fingerprint(teacher) if teacher is not None else None}
+                "teacher": teacher_fingerprint(teacher) if teacher is not None else None,
+                **({} if entry.is_default else {"noise_entry": [entry.t, entry.scale]})}
 
     def ensure(self, teacher: VelocityField, data_fn: Callable[[int, torch.Generator], tuple[Tensor, Any]],
                schedule: WindowSchedule, solver: TeacherSolver, n_pairs: int, shard_size: int = 10_000,

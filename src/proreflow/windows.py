@@ -70,6 +70,19 @@ class WindowSchedule:
         b = self.boundaries
         return WindowSchedule((b[0], *(float(place(x)) for x in b[1:-1]), b[-1]))
 
+    def entered_at(self, t_noise: float) -> tuple[float, ...]:
+        """The boundaries with pure noise entering at flow time `t_noise` instead of 1 (a VP teacher's noisiest
+        timestep: `conventions.NoiseEntry`); refused when another boundary lies at or above it."""
+        b = self.boundaries
+        if t_noise >= b[0]:
+            return b
+        if b[1] >= t_noise - _TOL:
+            raise ProReflowError(
+                f"window boundary {b[1]:.4g} lies at or above the teacher's noisiest time {t_noise:.4g}, where its "
+                f"pure noise enters: use fewer windows, or place them at the teacher's timesteps "
+                f"(window_placement: timesteps)")
+        return (float(t_noise), *b[1:])
+
     def steps_per_window(self, steps: int) -> int:
         """Euler steps per window when the whole schedule is sampled in `steps` steps (a multiple of K)."""
         k = self.num_windows

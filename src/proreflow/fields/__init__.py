@@ -20,7 +20,7 @@ from proreflow.errors import ProReflowError
 from proreflow.fields.gmm import GaussianMixture
 from proreflow.fields.lora import AdaptersOff
 from proreflow.fields.network import FlowVelocity, NetworkTeacher
-from proreflow.fields.vp import VPSchedule, VPVelocity, timestep_placement
+from proreflow.fields.vp import VPSchedule, VPVelocity, timestep_placement, trailing_grid
 
 
 def is_flow_matching(scheduler: Any) -> bool:
@@ -58,6 +58,17 @@ def window_placement(pipe: Any, placement: str) -> Callable[[float], float] | No
     return timestep_placement(VPSchedule.from_scheduler(pipe.scheduler))
 
 
+def teacher_grid(pipe: Any, placement: str, steps: int) -> tuple[float, ...]:
+    """Where a placed teacher solver (`TeacherSolver(mode="placed")`) steps for a pipeline's teacher: DDIM's
+    trailing timesteps for a VP teacher with windows at its timesteps (the paper's DDIM-32), else uniform in
+    flow time (a flow-matching teacher's sigmas)."""
+    if placement not in PLACEMENTS:
+        raise ProReflowError(f"window_placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    if placement == "flow" or is_flow_matching(pipe.scheduler):
+        return tuple(1.0 - j / steps for j in range(steps + 1))
+    return trailing_grid(VPSchedule.from_scheduler(pipe.scheduler), steps)
+
+
 __all__ = ["AdaptersOff", "FlowVelocity", "GaussianMixture", "NetworkTeacher", "VPSchedule", "VPVelocity",
-           "PLACEMENTS", "denoiser", "from_pipeline", "is_flow_matching", "timestep_placement",
-           "window_placement"]
+           "PLACEMENTS", "denoiser", "from_pipeline", "is_flow_matching", "teacher_grid", "timestep_placement",
+           "trailing_grid", "window_placement"]

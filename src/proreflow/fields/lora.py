@@ -20,6 +20,11 @@ class AdaptersOff(nn.Module):
         self.field = field
         object.__setattr__(self, "_network", network)  # not a second submodule: `field` already holds it
 
+    @property
+    def noise_entry(self) -> Any:
+        """The wrapped field's (`conventions.noise_entry`)."""
+        return getattr(self.field, "noise_entry", None)
+
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         self._network.disable_adapters()
         try:

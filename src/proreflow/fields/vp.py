@@ -7,8 +7,13 @@ v-prediction) is our straight flow after y = x_tau / (alpha + sigma), t = sigma 
 place where a model output becomes a velocity eps_hat - x0_hat. One Euler step of that velocity
 between two timesteps is exactly one DDIM (eta = 0) step.
 
-Times beyond the noisiest timestep (t > t_max, e.g. t_max = 0.936 for SD1.5) are evaluated at that
-timestep, as every SD sampler does when it starts from pure noise at timestep 999.
+The schedule never reaches t = 1: SD1.5's noisiest timestep 999 has alpha_bar = 0.0047, so its flow time
+is t_max = 0.936. SD was trained, and every diffusers sampler starts, with x_999 = eps (std 1), which is
+y = eps / (alpha + sigma) at t_max. `VPVelocity.noise_entry` says so, and samplers and pair makers start
+there (`conventions.noise_entry`): one Euler step per window is then exactly one DDIM step, the first
+included. (Evaluating pure noise at t = 1 instead would feed the UNet 1.066 * eps at timestep 999.)
+Times above t_max are still evaluated at timestep 999 with x_tau = (alpha + sigma) y, but nothing of ours
+asks for them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from proreflow.conventions import expand_time
+from proreflow.conventions import NoiseEntry, expand_time
 from proreflow.errors import ProReflowError
 from proreflow.fields.network import call_network, guided_call
 
@@ -89,6 +94,12 @@ class VPSchedule:
         alpha, sigma = self.alpha_sigma(timestep)
         return alpha + sigma
 
+    @property
+    def noise_entry(self) -> NoiseEntry:
+        """Pure noise as SD feeds it: x_999 = eps, i.e. y = eps / (alpha + sigma) at t_max."""
+        top = torch.tensor([float(self.num_train_timesteps - 1)], dtype=torch.float64)
+        return NoiseEntry(t=self.t_max, scale=float(1.0 / self.scale(top)))
+
 
 def output_to_x0_eps(output: Tensor, x_tau: Tensor, alpha: Tensor, sigma: Tensor,
                      prediction_type: PredictionType) -> tuple[Tensor, Tensor]:
@@ -148,6 +159,11 @@ class VPVelocity(nn.Module):
         self.unet, self.schedule, self.prediction_type = unet, schedule, prediction_type
         self.guidance_scale = guidance_scale
 
+    @property
+    def noise_entry(self) -> NoiseEntry:
+        """Where samplers start this field from pure noise (`VPSchedule.noise_entry`)."""
+        return self.schedule.noise_entry
+
     def _call(self, x_tau: Tensor, timestep: Tensor, cond: Any) -> Tensor:
         return call_network(self.unet, x_tau, timestep, cond)
 
@@ -179,3 +195,15 @@ def timestep_placement(schedule: VPSchedule) -> Callable[[float], float]:
     (999/749/499/249 for SD1.5 and K = 4); the first window still starts at pure noise (t = 1)."""
     T = schedule.num_train_timesteps
     return lambda u: float(schedule.t_of_timestep(torch.tensor(u * T - 1.0, dtype=torch.float64)))
+
+
+def trailing_grid(schedule: VPSchedule, steps: int) -> tuple[float, ...]:
+    """The flow times where DDIM with trailing spacing steps in `steps` steps (round(T - j T/n) - 1: 999, 968,
+    937, ... for SD1.5 and n = 32), from 1 (pure noise, which enters at t_max) down to 0: the teacher grid of
+    `TeacherSolver(mode="placed")`, so a VP teacher's Euler pairs are the paper's DDIM-32 step for step."""
+    T = schedule.num_train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ProReflowError(f"a teacher grid needs 1 to {T} steps, got {steps!r}")
+    ts = [round(T - j * T / steps) - 1 for j in range(1, steps)]  # the steps after the first (T - 1)
+    inner = schedule.t_of_timestep(torch.tensor(ts, dtype=torch.float64)).tolist()
+    return (1.0, *inner, 0.0)

@@ -33,7 +33,8 @@ __all__ = ["NAMES", "PERFLOW_WINDOWS", "PUBLISHED", "SOLVERS", "SPACED", "check_
 def make_scheduler(name: str, config: Any, steps: int = 1, timestep_spacing: str | None = "trailing",
                    flow: bool = False, overrides: dict[str, Any] | None = None) -> Any:
     """Scheduler `name` with the betas of a model's scheduler `config`. "proreflow": our windowed Euler over
-    `steps` uniform windows (= DDIM on a VP teacher); PUBLISHED: PeRFlow's and InstaFlow's samplers; the
+    `steps` windows at the teacher's timesteps (= DDIM with trailing spacing from x_999 = eps, step for step,
+    on a VP teacher); PUBLISHED: PeRFlow's and InstaFlow's samplers; the
     rest: diffusers' solvers (`solvers.make_solver`: `timestep_spacing`, `flow`, `overrides`)."""
     if name in PUBLISHED:
         kind = PUBLISHED[name]
@@ -45,10 +46,9 @@ def make_scheduler(name: str, config: Any, steps: int = 1, timestep_spacing: str
 
         return perflow_scheduler(config, prediction_type=kind, num_windows=PERFLOW_WINDOWS)
     if name == "proreflow":
-        from proreflow.schedulers.proreflow import scheduler_for
-        from proreflow.windows import WindowSchedule
+        from proreflow.schedulers.proreflow import scheduler_for, timestep_windows
 
-        return scheduler_for(config, WindowSchedule.uniform(steps))
+        return scheduler_for(config, timestep_windows(config, steps))
     if name not in SOLVERS:
         raise ProReflowError(f"unknown scheduler {name!r}; use one of {list(NAMES)}")
     return make_solver(name, config, timestep_spacing, flow, overrides)

@@ -20,7 +20,7 @@ from diffusers.utils import BaseOutput
 from torch import Tensor
 
 from proreflow.errors import ProReflowError
-from proreflow.fields.vp import VPSchedule, output_to_velocity
+from proreflow.fields.vp import VPSchedule, output_to_velocity, timestep_placement
 from proreflow.windows import WindowSchedule
 
 
@@ -59,13 +59,16 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         per = self.windows.steps_per_window(operator.index(num_inference_steps))  # numpy ints too, not floats
-        b = self.windows.boundaries
+        # pure noise enters at the noisiest timestep as x = eps (what SD was trained on and every diffusers
+        # sampler feeds), i.e. at flow time t_max, not 1 (docs/design.md §1)
+        b = self.windows.entered_at(self.vp.t_max)
         times = [t_a + (t_b - t_a) * j / per for t_a, t_b in zip(b[:-1], b[1:]) for j in range(per)] + [0.0]
         self.flow_times = torch.tensor(times, dtype=torch.float64)
         self._timesteps64 = self.vp.timestep_of_t(self.flow_times[:-1])
+        self._timesteps64[0] = float(self.vp.num_train_timesteps - 1)  # exactly 999, not the bisection's 999 - 1e-13
         self.timesteps = self._timesteps64.to(device=device, dtype=torch.float32)
         self.num_inference_steps = num_inference_steps
-        self.init_noise_sigma = float(self.vp.scale(self._timesteps64[:1]))  # pipelines scale N(0, I) by this
+        self.init_noise_sigma = 1.0  # x_999 = eps: pipelines feed N(0, I) as it is
         self._step_index = 0
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
@@ -107,6 +110,39 @@ def scheduler_for(config: Any, windows: WindowSchedule, prediction_type: str | N
         beta_end=config["beta_end"], beta_schedule=config["beta_schedule"], trained_betas=config.get("trained_betas"),
         prediction_type=prediction_type or config.get("prediction_type", "epsilon"),
         window_boundaries=list(windows.boundaries), num_windows=windows.num_windows)
+
+
+def _vp_of(config: Any) -> VPSchedule:
+    """The VP schedule of a teacher's scheduler config (its betas through diffusers' own DDIMScheduler)."""
+    ddim = DDIMScheduler(num_train_timesteps=config["num_train_timesteps"], beta_start=config["beta_start"],
+                         beta_end=config["beta_end"], beta_schedule=config["beta_schedule"],
+                         trained_betas=config.get("trained_betas"))
+    return VPSchedule(ddim.alphas_cumprod)
+
+
+def timestep_windows(config: Any, num_windows: int) -> WindowSchedule:
+    """`num_windows` windows at a VP teacher's timesteps: starts T-1, T-1-T/K, ... (999/749/499/249 for K = 4),
+    exactly where `DDIMScheduler(timestep_spacing="trailing")` steps in K steps."""
+    return WindowSchedule.uniform(num_windows).mapped(timestep_placement(_vp_of(config)))
+
+
+def stock_scheduler_for(config: Any, windows: WindowSchedule, prediction_type: str | None = None) -> Any | None:
+    """diffusers' own DDIMScheduler when it samples a VP student exactly (else None): the windows start where
+    DDIM with trailing spacing steps in K steps, and `set_alpha_to_one=True` makes its last step land on the
+    data (t = 0) as ours does. Euler in our flow time and DDIM are then the same step (docs/design.md §1),
+    so the exported student needs nothing but diffusers. At m*K steps DDIM sub-steps uniformly in timesteps
+    where `ProReflowScheduler` sub-steps uniformly in flow time; at K steps the two agree to float rounding."""
+    vp, k = _vp_of(config), windows.num_windows
+    T = vp.num_train_timesteps
+    if T % k:
+        return None  # trailing spacing rounds T/K: the steps are not the placed boundaries
+    placed = WindowSchedule.uniform(k).mapped(timestep_placement(vp))
+    if any(abs(a - b) > 1e-7 for a, b in zip(placed.boundaries, windows.boundaries)):
+        return None
+    return DDIMScheduler.from_config(
+        {k_: v for k_, v in dict(config).items() if not k_.startswith("_")},
+        timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False, thresholding=False,
+        prediction_type=prediction_type or config.get("prediction_type", "epsilon"))
 
 
 class ProReflowFlowScheduler(FlowMatchEulerDiscreteScheduler):

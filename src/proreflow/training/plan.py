@@ -56,7 +56,7 @@ class PlanResult:
         schedule = self.plan.final
         per_window = schedule.steps_per_window(schedule.num_windows if steps is None else steps)
         self.student.eval()
-        return sample(lambda x, t, c=None: self.student(x, t, c), noise, schedule, per_window, cond=cond)
+        return sample(self.student, noise, schedule, per_window, cond=cond)  # the module: it names its noise entry
 
     def _nfe(self, source: str) -> int:
         return sum(s.teacher_nfe for s, src in zip(self.stages, self.sources) if src == source)

@@ -30,7 +30,7 @@ class DistillConfig(RecipeSettings):
     method: MethodSpec = field(default_factory=lambda: MethodSpec("proreflow", windows="8->k", lam=1.0))
     budget_steps: int = 4000
     time_sampling: TimeSampling = field(default_factory=lambda: TimeSampling("mixture", 0.5))
-    teacher_solver: TeacherSolver = field(default_factory=lambda: TeacherSolver("euler", 32, "per_unit_time"))
+    teacher_solver: TeacherSolver = field(default_factory=lambda: TeacherSolver("euler", 32, "placed"))
     # windows uniform in the teacher's timesteps (PeRFlow's: 4 windows start at 999/749/499/249 for SD1.5) or
     # in our flow time (999/674/354/96); the exported scheduler samples the placement the student trained on
     window_placement: str = "timesteps"

@@ -21,7 +21,7 @@ import torch
 from proreflow.apps.sd.config import DistillConfig
 from proreflow.apps.sd.encode import CaptionedLatents, is_sd3
 from proreflow.errors import ProReflowError
-from proreflow.fields import AdaptersOff, denoiser, from_pipeline, window_placement
+from proreflow.fields import AdaptersOff, denoiser, from_pipeline, teacher_grid, window_placement
 from proreflow.store import atomic_write_text, module_digest
 from proreflow.training import describe_batch, process_state, stop_on_sigterm, train_plan
 from proreflow.training.checkpoint import CheckpointConfig
@@ -76,9 +76,13 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
             checkpoints: CheckpointConfig | None = None, on_step: Callable[..., None] | None = None) -> dict:
     """Train the student by the preset's plan and export it as a diffusers pipeline in `out`.
     `on_step(stage, done, ema_model_fn, result)` runs after every optimizer step (`train_plan`)."""
-    from proreflow.apps.sd.export import export_pipeline
+    from proreflow.apps.sd.export import export_pipeline, student_scheduler
 
-    recipe = replace(cfg.recipe(cfg.method), placement=window_placement(pipe, cfg.window_placement))
+    solver = cfg.teacher_solver
+    if solver.mode == "placed":  # DDIM's trailing timesteps for a VP teacher placed at its timesteps
+        solver = solver.placed_at(teacher_grid(pipe, cfg.window_placement, solver.steps))
+    recipe = replace(cfg.recipe(cfg.method), placement=window_placement(pipe, cfg.window_placement),
+                     teacher_solver=solver)
     plan, sampling = recipe.plan(cfg.steps), recipe.sampling
     if data.prompt_only:
         check_prompt_only(plan)
@@ -99,6 +103,8 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
                "optimizer_steps": res.optimizer_steps, "teacher_nfe_per_pair": res.nfe_per_pair,
                "student_nfe_per_pair": res.student_nfe_per_pair,
                "final_loss": res.stages[-1].losses[-1], "lora_rank": cfg.lora_rank}
+    chosen = student_scheduler(pipe, plan.final)
+    summary.update(scheduler=type(chosen[0]).__name__, scheduler_reason=chosen[1])
     stream = getattr(data, "stream", None)
     if stream is not None:  # what the stream handed out and passed over (this process's shards)
         summary["stream"] = {"samples": stream.seen, "skipped": stream.skipped, "epoch": stream.state.epoch}
@@ -120,7 +126,10 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
                                    safe_serialization=True)
             unet.fuse_lora()
             unet.unload_lora()  # a plain UNet: the exported pipeline needs no peft to load
-        export_pipeline(pipe, unet, plan.final, out)
+        card = {"base_model": cfg.model, "method": cfg.method.name, "lam": cfg.method.lam,
+                "stage_windows": summary["stage_windows"], "teacher_guidance": cfg.teacher_guidance}
+        export_pipeline(pipe, unet, plan.final, out, card=card, chosen=chosen)
+        print(f"exported {out} with {chosen[1]}", flush=True)
         atomic_write_text(out / "proreflow.json", json.dumps(summary, indent=2) + "\n")
     state.wait_for_everyone()
     return summary

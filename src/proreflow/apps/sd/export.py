@@ -1,23 +1,32 @@
-"""Export a student as a diffusers pipeline with our `ProReflowScheduler` (`proreflow.schedulers.proreflow`),
-and load pipelines with clear errors. Importing this module registers the scheduler for diffusers' loaders:
+"""Export a student as a diffusers pipeline that stock diffusers loads, with a model card, and load pipelines
+with clear errors.
 
-    pipe = StableDiffusionPipeline.from_pretrained(out_dir)   # unet = the student
+A VP student whose windows start at the teacher's timesteps (the presets' `window_placement: timesteps`) is
+saved with diffusers' own `DDIMScheduler` (trailing spacing, `set_alpha_to_one=True`): one Euler step per
+window is one DDIM step (docs/design.md §1), so the folder needs nothing of ours:
+
+    pipe = StableDiffusionPipeline.from_pretrained(out_dir)   # unet = the student, DDIMScheduler
     image = pipe(prompt, num_inference_steps=4, guidance_scale=4).images[0]
+
+Other placements get our `ProReflowScheduler` (flow-matching students our `ProReflowFlowScheduler`); diffusers
+resolves those only once this module is imported, and the export says so.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from proreflow.errors import ProReflowError
 from proreflow.schedulers.proreflow import (ProReflowFlowScheduler, ProReflowScheduler, flow_scheduler_for,
-                                           scheduler_for)
+                                           scheduler_for, stock_scheduler_for)
+from proreflow.store import atomic_write_text
 from proreflow.windows import WindowSchedule
 
 __all__ = ["ProReflowFlowScheduler", "ProReflowScheduler", "export_pipeline", "flow_scheduler_for",
-           "load_diffusers_pipeline", "scheduler_for"]
+           "load_diffusers_pipeline", "model_card", "scheduler_for", "student_scheduler"]
 
 
 def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class: str | None = None,
@@ -59,13 +68,87 @@ def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class:
             f"HF_HUB_OFFLINE=1 to use the cache only)") from None
 
 
-def export_pipeline(pipe: Any, student: Any, windows: WindowSchedule, out_dir: str | Path) -> Path:
-    """Save `pipe` with the student network and our scheduler for its windows (ProReflowScheduler for VP
-    teachers, ProReflowFlowScheduler for flow-matching transformers); load it back with `from_pretrained`."""
+def student_scheduler(pipe: Any, windows: WindowSchedule) -> tuple[Any, str]:
+    """The scheduler a student of `pipe`'s teacher with final `windows` is exported with, and why."""
+    k = windows.num_windows
     if getattr(pipe, "transformer", None) is not None:
-        pipe.register_modules(transformer=student, scheduler=flow_scheduler_for(pipe.scheduler.config, windows))
+        return (flow_scheduler_for(pipe.scheduler.config, windows),
+                f"ProReflowFlowScheduler: a flow-matching student's {k} windows in sigma; diffusers loads it once "
+                f"`proreflow.apps.sd.export` is imported")
+    stock = stock_scheduler_for(pipe.scheduler.config, windows)
+    if stock is not None:
+        return stock, (f"DDIMScheduler (stock diffusers, timestep_spacing='trailing', set_alpha_to_one=True): the "
+                       f"{k} windows start at the teacher's timesteps, where DDIM steps in {k} steps, and one Euler "
+                       f"step per window is one DDIM step; the folder loads without proreflow")
+    return (scheduler_for(pipe.scheduler.config, windows),
+            f"ProReflowScheduler: the {k} windows ({', '.join(f'{b:.4g}' for b in windows.boundaries)}) are not "
+            f"where any stock scheduler steps (window_placement: timesteps would be); diffusers loads it once "
+            f"`proreflow.apps.sd.export` is imported")
+
+
+def export_pipeline(pipe: Any, student: Any, windows: WindowSchedule, out_dir: str | Path,
+                    card: dict[str, Any] | None = None, chosen: tuple[Any, str] | None = None) -> Path:
+    """Save `pipe` with the student network and the scheduler of `student_scheduler` (or `chosen`, its result),
+    plus a model card (README.md) from `card` (`model_card`'s keyword arguments); load it back with
+    `from_pretrained`."""
+    scheduler, why = chosen or student_scheduler(pipe, windows)
+    if getattr(pipe, "transformer", None) is not None:
+        pipe.register_modules(transformer=student, scheduler=scheduler)
     else:
-        pipe.register_modules(unet=student, scheduler=scheduler_for(pipe.scheduler.config, windows))
+        pipe.register_modules(unet=student, scheduler=scheduler)
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
+    atomic_write_text(out / "README.md", model_card(pipe, windows, scheduler, why, **(card or {})))
     return out
+
+
+def _base_license(base_model: str) -> str:
+    """The base model's `license:` from its local model card's metadata header, else 'other'."""
+    readme = Path(base_model) / "README.md"
+    if readme.is_file():
+        head = re.match(r"---\n(.*?)\n---", readme.read_text(errors="replace"), re.S)
+        found = re.search(r"^license:\s*(\S+)", head.group(1), re.M) if head else None
+        if found:
+            return found.group(1)
+    return "other"
+
+
+def model_card(pipe: Any, windows: WindowSchedule, scheduler: Any, why: str = "", base_model: str = "unknown",
+               method: str = "",
+               stage_windows: list[int] | None = None, lam: float | None = None, teacher_guidance: float = 1.0,
+               guidance: float = 4.0, prompt: str = "a photo of a cat") -> str:
+    """A Hub model card (README.md with its metadata header) that makes a shared student usable as it stands:
+    base model and its license, the method and windows, the step counts and guidance, and how to load it."""
+    k, cls, sched = windows.num_windows, type(pipe).__name__, type(scheduler).__name__
+    stock = sched == "DDIMScheduler"
+    imports = "" if stock else "import proreflow.apps.sd.export  # registers our scheduler with diffusers\n"
+    stages = " -> ".join(str(n) for n in (stage_windows or [k]))
+    return f"""---
+base_model: {base_model}
+license: {_base_license(base_model)}
+library_name: diffusers
+pipeline_tag: text-to-image
+tags:
+- proreflow
+- reflow
+- few-step
+- distillation
+---
+# {k}-step student of {base_model}
+
+Distilled by progressive reflow with aligned v-prediction ([proreflow](https://arxiv.org/abs/2503.04824),
+method `{method or "unknown"}`: windows per stage {stages}{f", lambda = {lam:g}" if lam is not None else ""}), trained
+with teacher guidance {teacher_guidance:g}. The license is the base model's.
+
+- Sample in **{k} steps** (one per window; any multiple of {k} also works), with classifier-free guidance
+  about {guidance:g} as the teacher would take.
+- Window starts in flow time (1 = noise, 0 = data): {", ".join(f"{b:.4g}" for b in windows.boundaries[:-1])}.
+- Scheduler: `{sched}`{" (stock diffusers: nothing else to install)" if stock else " (from the proreflow package)"}.
+  {why}
+
+```python
+{imports}from diffusers import {cls}
+pipe = {cls}.from_pretrained("<this folder or repo>")
+image = pipe("{prompt}", num_inference_steps={k}, guidance_scale={guidance:g}).images[0]
+```
+"""
