@@ -109,6 +109,11 @@ def test_the_classifier_is_saved_beside_the_pipeline_and_scores_by_path(trained)
     assert 0.0 <= m.prompt_accuracy(real[:3], prompts) <= 1.0
     with pytest.raises(ProReflowError, match="does not exist"):
         ClassifierMetrics.load(trained / "nope")
+    from proreflow.metrics_images import load_inception  # what `proreflow evaluate --inception PATH` loads
+
+    feats = load_inception(trained / "classifier" / "features.pt")
+    u8 = ((real + 1) * 127.5).round().to(torch.uint8)
+    torch.testing.assert_close(feats(u8), m.net.features(u8.float() / 127.5 - 1))
 
 
 def _tiny_batches(n=16, dropout=0.1, batch=8):
@@ -212,7 +217,8 @@ def test_fashion_reader_and_the_image_folder_distill_reads(tmp_path):
     test = fashion.load_fashion("test", limit=50)
     assert test.images.shape == (50, 3, 32, 32) and test.images.dtype == torch.uint8
     assert int(test.images[:, :, :2].max()) == 0 and set(test.labels.tolist()) <= set(range(10))
-    assert fashion.write_image_folder(tmp_path / "f", limit=20) == 20
+    res = CliRunner().invoke(app, ["mini-teacher", "--write-data", str(tmp_path / "f"), "--limit", "20"])
+    assert res.exit_code == 0, res.output
     pairs = find_pairs(tmp_path / "f")
     labels = fashion.load_fashion("train", limit=20).labels.tolist()
     assert len(pairs) == 20 and [fashion.class_of_caption(c) for _, c in pairs] == labels

@@ -22,9 +22,10 @@ def mini_teacher(
     seed: Optional[int] = typer.Option(None, help="Seed of initialisation, data order and noise (default: the preset's)."),
     resume: Optional[str] = typer.Option(None, help="'latest': continue an interrupted stage from its last checkpoint "
                                                     "(finished stages are always reused from OUT/cache)."),
-    write_data: Optional[Path] = typer.Option(None, help="Only write Fashion-MNIST's training split as PNGs + .txt "
-                                                         "captions into this folder (for --data of distill or this "
-                                                         "command), then stop."),
+    write_data: Optional[Path] = typer.Option(None, help="Only write a Fashion-MNIST split as PNGs + .txt captions "
+                                                         "into this folder (for --data of distill or this command, "
+                                                         "or --reference of evaluate), then stop."),
+    split: str = typer.Option("train", help="The split --write-data writes: train (60k) or test (10k)."),
     limit: Optional[int] = typer.Option(None, help="Use (or write) only the first N training images."),
     quiet: bool = typer.Option(False, help="No progress bars or log lines."),
 ) -> None:
@@ -41,7 +42,7 @@ def mini_teacher(
             from proreflow.store import check_output_dir
 
             check_output_dir(write_data, "--write-data")
-            n = write_image_folder(write_data, limit=limit, seed=seed or 0)
+            n = write_image_folder(write_data, split=split, limit=limit, seed=seed or 0)
             typer.echo(f"wrote {n} images + captions to {write_data}")
             return
         if out is None:

@@ -6,7 +6,9 @@
   CLIP score measures, text-image agreement, for a closed set of classes).
 
 A classifier folder holds `model.safetensors` and `config.json` (architecture, class names, image size, value
-range), so `load_classifier(path)` needs nothing else; `proreflow mini-teacher` writes one next to its pipeline.
+range), so `load_classifier(path)` needs nothing else, and `features.pt`, the same network as a TorchScript file
+with the interface of the Inception FID file (`proreflow evaluate --inception .../features.pt` gives the classifier
+FD); `proreflow mini-teacher` writes one next to its pipeline.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from proreflow.data.fashion import class_of_caption
 from proreflow.errors import ProReflowError
 from proreflow.models.classifier import DigitsClassifier, FeatureExtractor
 
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
+WEIGHTS, CONFIG, TORCHSCRIPT = "model.safetensors", "config.json", "features.pt"
 ARCHITECTURE = "proreflow.DigitsClassifier"
 
 
@@ -39,7 +41,37 @@ def save_classifier(net: DigitsClassifier, folder: str | Path, class_names: Sequ
               "feature_dim": net.feature_dim, "image_size": image_size, "class_names": list(class_names),
               "value_range": [-1.0, 1.0], **info}
     atomic_write_text(f / CONFIG, json.dumps(config, indent=1) + "\n")
+    export_torchscript(net, image_size, f / TORCHSCRIPT)
     return f
+
+
+class _UInt8Features(torch.nn.Module):
+    """The classifier behind the interface of the TorchScript Inception FID files: uint8 images (N, 3, H, W) of any
+    size in, features (`return_features=True`) or logits out."""
+
+    def __init__(self, net: DigitsClassifier, size: int) -> None:
+        super().__init__()
+        self.net, self.size = net.eval(), size
+
+    def forward(self, images: Tensor, return_features: bool = False) -> Tensor:
+        x = images.float() / 127.5 - 1.0
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=[self.size, self.size], mode="bilinear", align_corners=False, antialias=True)
+        return self.net.features(x) if return_features else self.net(x)
+
+
+def export_torchscript(net: DigitsClassifier, image_size: int, path: str | Path) -> Path:
+    """The classifier as a TorchScript feature network that `metrics_images.load_inception(path)` loads, so
+    `proreflow evaluate --inception PATH` computes the classifier FD instead of FID."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    import warnings
+
+    with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format the Inception FID file uses
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(_UInt8Features(net, image_size)), str(tmp))
+    tmp.replace(p)
+    return p
 
 
 def load_classifier(folder: str | Path) -> tuple[DigitsClassifier, dict]:
