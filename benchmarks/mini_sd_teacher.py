@@ -103,9 +103,9 @@ def main() -> None:
     atomic_write_text(args.results / "mini_sd_teacher.json", json.dumps(result, indent=1) + "\n")
     atomic_write_text(args.results / "mini_sd_teacher.md", markdown(result))
     # one row per class, 10 samples each (DDIM-32 at guidance 4): sample i has class i % 10
-    best = samples[(32, 4.0)]
-    order = torch.cat([torch.arange(c, 100, 10) for c in range(10)])
-    grid(best[order], 10, 10, args.results / "mini_sd_teacher.png")
+    best, cols = samples[(32, 4.0)], min(10, args.n // 10)
+    order = torch.cat([torch.arange(c, 10 * cols, 10) for c in range(10)])
+    grid(best[order], 10, cols, args.results / "mini_sd_teacher.png")
     print(markdown(result))
 
 

@@ -117,13 +117,24 @@ def _train_config(cfg: MiniSDConfig, lr: float, batch: int, ema: float, warmup: 
 
 
 def _stage(log, seconds: dict, name: str, fits: FitCheckpoints, run: Callable):
+    """Run (or load) one stage; `seconds[name]` is its training time, measured now or when it was cached."""
     cached = fits.final_path.is_file()
     log(f"{name}: " + ("from the cache" if cached else f"training ({fits.root})"))
     started = time.perf_counter()
     out = run()
-    if not cached:
-        seconds[name] = round(time.perf_counter() - started, 1)
+    _record_seconds(seconds, name, fits.root / "seconds.json", None if cached else time.perf_counter() - started)
     return out
+
+
+def _record_seconds(seconds: dict, name: str, path: Path, measured: float | None) -> None:
+    """A stage's training time, kept beside its cached weights so a cache hit still reports what training cost
+    (a resumed stage counts only the time of the run that finished it)."""
+    if measured is not None:
+        seconds[name] = round(measured, 1)
+        seconds.setdefault("trained_now", []).append(name)
+        atomic_write_text(path, json.dumps({"seconds": seconds[name], "threads": torch.get_num_threads()}))
+    elif path.is_file():
+        seconds[name] = json.loads(path.read_text())["seconds"]
 
 
 def train_mini_teacher(cfg: MiniSDConfig, out: Path, data: str | None = None, resume: bool = False,
@@ -138,7 +149,7 @@ def train_mini_teacher(cfg: MiniSDConfig, out: Path, data: str | None = None, re
     started = time.perf_counter()
     d = load_teacher_data(data, cfg.data.resolution, cfg.data.limit, progress)
     log(f"data: {d.images.shape[0]} training images from {d.source}, {len(d.captions)} distinct captions")
-    seconds: dict[str, float] = {}
+    seconds: dict = {}
     res = cfg.data.resolution
 
     # 1. VAE
@@ -167,7 +178,9 @@ def train_mini_teacher(cfg: MiniSDConfig, out: Path, data: str | None = None, re
 
     # 3. UNet
     u = cfg.unet
-    unet_key = json_key(VERSION, "unet", asdict(u), asdict(cfg.text), words, vae_key, scaling, d.fingerprint,
+    # the VAE's key stands for its weights and so for `scaling` (measured from them: it moves by an ulp with the
+    # thread count, which must not retrain the UNet)
+    unet_key = json_key(VERSION, "unet", asdict(u), asdict(cfg.text), words, vae_key, d.fingerprint,
                         cfg.seed, cfg.mixed_precision, SD15_SCHEDULER)
     fits = _fits(cache, "unet", unet_key, cfg.checkpoint_every, resume)
     torch.manual_seed(cfg.seed + 1)
@@ -184,8 +197,8 @@ def train_mini_teacher(cfg: MiniSDConfig, out: Path, data: str | None = None, re
     build.save_pipeline(out, vae, text_encoder, tokenizer, unet, tok_dir)
     summary = {"source": d.source, "n_train": int(d.images.shape[0]), "resolution": res,
                "scaling_factor": scaling, "vae_reconstruction_mse": recon_mse,
-               **build.describe(cfg, vae, text_encoder, unet), "train_seconds": seconds,
-               "train_seconds_total": round(sum(seconds.values()), 1),
+               **build.describe(cfg, vae, text_encoder, unet), "trained_now": seconds.pop("trained_now", []),
+               "train_seconds": seconds, "train_seconds_total": round(sum(seconds.values()), 1),
                "wall_seconds": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads(),
                "config": json.loads(json.dumps(asdict(cfg))), "cache_keys": {"vae": vae_key, "unet": unet_key}}
     if classifier is not None:
@@ -225,6 +238,7 @@ def _classifier(cfg: MiniSDConfig, d: TeacherData, cache: Path, log, seconds: di
     test_x = d.test_images.float() / 127.5 - 1
     if path.is_file():
         log("classifier: from the cache")
+        _record_seconds(seconds, "classifier", path.with_suffix(".json"), None)
         net = DigitsClassifier(num_classes=len(d.class_names), channels=3)
         net.load_state_dict(load_tensors(path))
     else:
@@ -234,8 +248,8 @@ def _classifier(cfg: MiniSDConfig, d: TeacherData, cache: Path, log, seconds: di
         net = train_classifier(x, d.labels, steps=c.steps, batch_size=c.batch_size, lr=c.lr, seed=cfg.seed,
                                num_classes=len(d.class_names), progress=progress)
         del x
+        _record_seconds(seconds, "classifier", path.with_suffix(".json"), time.perf_counter() - started)
         atomic_save_tensors(net.state_dict(), path)
-        seconds["classifier"] = round(time.perf_counter() - started, 1)
     acc = accuracy(net.eval(), test_x, d.test_labels)
     log(f"classifier: held-out accuracy {acc:.3f}")
     return net.eval(), acc
