@@ -1,7 +1,7 @@
 """Training: the stage loop on accelerate, the batch builders that encode the method, progressive plans,
 EMA, crash-safe checkpoints and SIGTERM handling (docs/design.md §3). The public names are re-exported here."""
 
-from proreflow.training.batches import DataFn, cached_reflow_batches, flow_matching_batches, reflow_batches
+from proreflow.training.batches import DataFn, cached_reflow_batches, ddpm_batches, flow_matching_batches, reflow_batches
 from proreflow.training.config import TrainConfig, describe_batch, resolve_batch
 from proreflow.training.ema import TrainableEMA, ema_with_warmup
 from proreflow.training.loop import (
@@ -20,5 +20,5 @@ from proreflow.training.signals import TrainingInterrupted, check_stop, stop_on_
 
 __all__ = ["BatchFn", "DataFn", "FitResult", "PairCacheConfig", "PlanResult", "Recipe", "RecipeSettings", "StepCallback", "TrainBatch",
            "TrainConfig", "TrainableEMA", "TrainingInterrupted", "cached_reflow_batches", "check_stop", "describe_batch",
-           "ema_with_warmup", "fit", "flow_matching_batches", "make_accelerator", "make_optimizer",
+           "ddpm_batches", "ema_with_warmup", "fit", "flow_matching_batches", "make_accelerator", "make_optimizer",
            "process_state", "reflow_batches", "resolve_batch", "stop_on_sigterm", "train_plan"]

@@ -37,6 +37,26 @@ def flow_matching_batches(data_fn: DataFn, batch_size: int, exact_velocity: Velo
     return batch
 
 
+def ddpm_batches(data_fn: DataFn, batch_size: int, alphas_cumprod: Tensor) -> BatchFn:
+    """DDPM's own objective, as SD was trained (diffusers' train_text_to_image.py): integer timesteps uniform in
+    0..T-1, x = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, target eps. Train the raw network through
+    `fields.FlowVelocity(net, time_scale=1)`, whose time is then the timestep itself. A VP teacher trained this way
+    has never seen our flow convention, so it stands for SD where a convention error would show (docs/design.md
+    §1); one trained by `flow_matching_batches` through `VPVelocity` learns whatever convention we feed it."""
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+
+    def batch(_: int, gen: torch.Generator, rows: slice = slice(None)) -> TrainBatch:
+        x0, cond = data_fn(batch_size, gen)
+        eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+        ts = torch.randint(0, ac.numel(), (x0.shape[0],), generator=gen)
+        x0, cond, eps, ts = x0[rows], map_cond(cond, lambda c: c[rows]), eps[rows], ts[rows]
+        a = ac[ts].sqrt().to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+        s = (1 - ac[ts]).sqrt().to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+        return TrainBatch(a * x0 + s * eps, ts.to(x0.dtype), eps, cond)
+
+    return batch
+
+
 def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule: WindowSchedule, solver: TeacherSolver,
                    batch_size: int, sampling: TimeSampling = TimeSampling()) -> BatchFn:
     """Windowed reflow: fresh teacher pairs for `schedule` each micro-step, a point on each chord.

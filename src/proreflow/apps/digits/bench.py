@@ -23,7 +23,8 @@ from proreflow.models.unet import ARCH_VERSION as UNET_ARCH_VERSION
 from proreflow.models.unet import class_unet
 from proreflow.sampling import sample
 from proreflow.store import atomic_save_tensors, json_key
-from proreflow.training import PairCacheConfig, PlanResult, TrainConfig, fit, flow_matching_batches, train_plan
+from proreflow.training import (PairCacheConfig, PlanResult, TrainConfig, ddpm_batches, fit, flow_matching_batches,
+                                train_plan)
 from proreflow.training.checkpoint import CheckpointConfig, load_tensors
 from proreflow.windows import WindowSchedule
 
@@ -89,7 +90,10 @@ class DigitsBench:
         c = self.cfg
         training = {k: v for k, v in asdict(c.teacher).items() if k not in ("kinds", "distill")}
         schedule = asdict(c.vp) if kind == "vp" else None  # the flow teacher has no noise schedule
-        return json_key(kind, asdict(c.data), asdict(c.unet), schedule, c.label_dropout, training, UNET_ARCH_VERSION)
+        # the VP teacher is trained by DDPM's eps objective (as SD was), no longer by our flow loss through VPVelocity
+        objective = "ddpm-eps" if kind == "vp" else None
+        return json_key(kind, asdict(c.data), asdict(c.unet), schedule, c.label_dropout, training, UNET_ARCH_VERSION,
+                        *([objective] if objective else []))
 
     def pairs_dir(self, kind: str) -> Path:
         """One pair directory for every student of this teacher and data (the run's and the budget sweep's).
@@ -106,19 +110,25 @@ class DigitsBench:
         c = self.cfg
         tc = c.teacher
         torch.manual_seed(tc.seed)
-        init = self.wrap(kind, class_unet(c.unet, c.data.size, NUM_CLASSES))
+        unet = class_unet(c.unet, c.data.size, NUM_CLASSES)
+        if kind == "vp":  # SD's own objective on the raw UNet (its time is the integer timestep): docs/design.md §1
+            init: torch.nn.Module = FlowVelocity(unet, time_scale=1.0)
+            batches = ddpm_batches(self.data_fn(), tc.batch_size, self.vp_schedule.log_ac.exp())
+        else:
+            init, batches = self.wrap(kind, unet), flow_matching_batches(self.data_fn(), tc.batch_size)
         train = TrainConfig(lr=tc.lr, batch_size=tc.batch_size, ema_decay=tc.ema_decay, grad_clip=1.0, seed=tc.seed,
                             progress=self.progress)
         ckpt = CheckpointConfig(self.cache / f"teacher-{kind}-{self.teacher_key(kind)}", every=250, resume=True)
         fits = ckpt.for_fit("fit")
         cached = fits.final_path.is_file()
-        self.log(f"{kind} teacher: " + ("from the cache" if cached else f"{tc.steps} flow-matching steps"))
+        objective = "DDPM eps" if kind == "vp" else "flow-matching"
+        self.log(f"{kind} teacher: " + ("from the cache" if cached else f"{tc.steps} {objective} steps"))
         started = time.perf_counter()
-        res = fit(init, flow_matching_batches(self.data_fn(), tc.batch_size), tc.steps, train,
-                  desc=f"{kind} teacher", checkpoints=fits)
+        res = fit(init, batches, tc.steps, train, desc=f"{kind} teacher", checkpoints=fits)
         if not cached:
             self.teacher_seconds[kind] = time.perf_counter() - started
-        return res.model.eval().requires_grad_(False)
+        model = self.wrap(kind, res.model.net) if kind == "vp" else res.model
+        return model.eval().requires_grad_(False)
 
     def data_fn(self) -> Callable[[int, torch.Generator], tuple[Tensor, Any]]:
         """Training images with labels dropped to the null class at `label_dropout` (for CFG)."""
