@@ -261,3 +261,29 @@ def test_one_process_trains_fp32_then_bf16_then_fp32():
         assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}
     assert torch.equal(_params(runs[0].model), _params(runs[2].model))
     assert not torch.equal(_params(runs[0].model), _params(runs[1].model))
+
+
+def test_a_progressive_run_warms_up_once_unless_told_per_stage(monkeypatch):
+    """SD presets warm up for 1000 steps; per stage that was half of each 2000-step ProReflow-I stage. With
+    warmup_scope 'run' (the default) a later stage continues the run's warm-up where the earlier stages left it."""
+    from proreflow.training import loop, plan as plan_mod
+    from proreflow.methods import MethodSpec
+    from proreflow.training import Recipe, TrainConfig, train_plan
+
+    assert [loop._warmup(4)(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [loop._warmup(4, 3)(s) for s in range(2)] == [1.0, 1.0] and loop._warmup(4, 2)(0) == 0.75
+    seen = []
+
+    def spy(*args, warmup_done=0, **kwargs):
+        seen.append(warmup_done)
+        return loop.FitResult(model=args[0], losses=[0.0])
+
+    monkeypatch.setattr(plan_mod, "fit", spy)
+    field = lambda x, t, c=None: x  # noqa: E731
+    data = lambda n, g: (torch.zeros(n, 2), None)  # noqa: E731
+    for scope, expected in (("run", [0, 3, 6]), ("stage", [0, 0, 0])):
+        seen.clear()
+        recipe = Recipe(MethodSpec("p", windows="8->k"), 9, train=TrainConfig(warmup_steps=4, warmup_scope=scope,
+                                                                              progress=False))
+        train_plan(torch.nn.Linear(2, 2), field, data, recipe, 2)
+        assert seen == expected, (scope, seen)

@@ -249,9 +249,9 @@ def sample(
             if v is not None and (v < 8 or v % 8):
                 raise ProReflowError(f"{flag} must be a positive multiple of 8, got {v}")
         _check_out(out)
-        from proreflow.apps.sd.export import load_diffusers_pipeline
+        from proreflow.apps.sd.export import load_for_sampling
 
-        pipe = load_diffusers_pipeline(model)
+        pipe = load_for_sampling(model, steps)  # a student's steps: a multiple of its windows
         pipe.to("cuda" if torch.cuda.is_available() else "cpu")
         try:
             images = pipe(list(prompt), num_inference_steps=steps, guidance_scale=guidance, height=height,

@@ -129,7 +129,7 @@ def make_accelerator(cfg: TrainConfig, cpu: bool | None = None) -> Accelerator:
 def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss: LossFn = aligned(0.0),
         accelerator: Accelerator | None = None, desc: str = "train", seed_offset: int = 0,
         checkpoints: FitCheckpoints | None = None, copy_model: bool = True,
-        on_step: StepCallback | None = None, data_state: Stateful | None = None) -> FitResult:
+        on_step: StepCallback | None = None, data_state: Stateful | None = None, warmup_done: int = 0) -> FitResult:
     """Train `model` for `steps` optimizer steps on batches from `batch_fn` minimising `loss` (default: the
     velocity MSE); returns EMA weights.
 
@@ -142,6 +142,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
     `state_dict` / `load_state_dict`) has its position saved per process with every checkpoint and restored.
     `on_step(done, ema_model_fn, result)` runs after every optimizer step (time-to-quality curves);
     `ema_model_fn()` returns a copy of the EMA model, so the callback cannot disturb training.
+    `warmup_done`: optimizer steps of the run's warm-up already taken by earlier stages (`warmup_scope: run`).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ProReflowError(f"training steps must be a positive integer, got {steps!r}")
@@ -175,7 +176,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
         net.requires_grad_(True)
     ema = TrainableEMA(net, cfg.ema_decay)
     opt = make_optimizer([p for p in net.parameters() if p.requires_grad], cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cfg.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cfg.warmup_steps, warmup_done))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + seed_offset * 7919)
     result = FitResult(model=model)
     done, micro, last_ckpt = 0, 0, None
@@ -271,8 +272,9 @@ def _ema_copy(model: nn.Module, ema: TrainableEMA) -> nn.Module:
     return out
 
 
-def _warmup(warmup_steps: int) -> Callable[[int], float]:
-    return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
+def _warmup(warmup_steps: int, done: int = 0) -> Callable[[int], float]:
+    """Linear warm-up over `warmup_steps` optimizer steps, `done` of which earlier stages took."""
+    return lambda s: min(1.0, (s + done + 1) / warmup_steps) if warmup_steps else 1.0
 
 
 def _all_ranks(acc: Accelerator, ok: bool) -> bool:

@@ -129,7 +129,8 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
                   desc=f"{desc} stage {k + 1}/{len(plan.stages)} (K={stage.schedule.num_windows})", seed_offset=k + 1,
                   checkpoints=checkpoints.for_fit(f"stage-{k + 1}") if checkpoints else None, copy_model=copy_model,
                   on_step=(lambda d, m, r, k=k: on_step(k, d, m, r)) if on_step else None,
-                  data_state=data_fn if hasattr(data_fn, "state_dict") else None)
+                  data_state=data_fn if hasattr(data_fn, "state_dict") else None,
+                  warmup_done=sum(s.steps for s in plan.stages[:k]) if cfg.warmup_scope == "run" else 0)
         if cached is not None:  # report the teacher cost of the cache, not of the (free) batches drawn from it
             res.teacher_nfe, res.pairs = cached.pairs.teacher_nfe, len(cached)
         fits.append(res)

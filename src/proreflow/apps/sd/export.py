@@ -26,7 +26,7 @@ from proreflow.store import atomic_write_text
 from proreflow.windows import WindowSchedule
 
 __all__ = ["ProReflowFlowScheduler", "ProReflowScheduler", "export_pipeline", "flow_scheduler_for",
-           "load_diffusers_pipeline", "model_card", "scheduler_for", "student_scheduler"]
+           "load_diffusers_pipeline", "load_for_sampling", "model_card", "scheduler_for", "student_scheduler"]
 
 
 def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class: str | None = None,
@@ -66,6 +66,20 @@ def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class:
             f"cannot load {what} {model!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Pass a local "
             f"diffusers folder, or download it once with network access (it is then read from the HF cache; set "
             f"HF_HUB_OFFLINE=1 to use the cache only)") from None
+
+
+def load_for_sampling(model: str, steps: int) -> Any:
+    """`load_diffusers_pipeline(model)`, refusing a step count that is not a multiple of a student's windows: a
+    student exported with stock DDIM would take any count, but only multiples of its windows are what it learnt.
+    The windows come from the student's `proreflow.json` (none for other pipelines: any count)."""
+    summary = Path(model) / "proreflow.json"
+    if summary.is_file():
+        try:
+            windows = WindowSchedule(tuple(json.loads(summary.read_text())["windows"]))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise ProReflowError(f"cannot read the student's windows from {str(summary)!r} ({exc})") from None
+        windows.steps_per_window(steps)  # refuses with "... multiple of the student's K windows"
+    return load_diffusers_pipeline(model)
 
 
 def student_scheduler(pipe: Any, windows: WindowSchedule) -> tuple[Any, str]:
