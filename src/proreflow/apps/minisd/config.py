@@ -100,7 +100,7 @@ class UNetSettings:
 class ClassifierSettings:
     """The classifier whose features define the offline FD and whose labels define prompt accuracy."""
 
-    steps: int = 2000
+    steps: int = 5000
     batch_size: int = 128
     lr: float = 2e-3
 
