@@ -51,7 +51,7 @@ def test_pure_noise_enters_at_the_noisiest_timestep_as_eps():
 def test_windowed_sampler_is_ddim_trailing_from_the_same_noise(steps, tol):
     """One Euler step per window at the teacher's timesteps is one DDIM step. Where T/n is an integer (4, 8, 50) the
     two agree to float rounding (measured 5e-7 of the largest value). At 32, diffusers steps its alphas to t - 31
-    but evaluates the UNet at the rounded trailing timesteps (906 vs 905, ...), which our grid follows; on this
+    but evaluates the UNet at the rounded trailing timesteps (906 vs 905, ...), where our windows start; on this
     random UNet, whose x0 predictions reach 50, that one-timestep slip moves the result by 2.1 % (measured)."""
     torch.manual_seed(0)
     unet = tiny_unet().eval()
@@ -74,6 +74,9 @@ def test_make_scheduler_proreflow_is_ddim_in_a_stock_pipeline(tmp_path, steps):
     ref = pipe(**kw, generator=torch.Generator().manual_seed(3)).images
     pipe.scheduler = make_scheduler("proreflow", _ddim().config, steps)
     assert pipe.scheduler.init_noise_sigma == 1.0 and float(pipe.scheduler.timesteps[0]) == 999.0
+    ddim = _ddim()
+    ddim.set_timesteps(steps)
+    assert torch.allclose(pipe.scheduler.timesteps.double(), ddim.timesteps.double(), atol=1e-6)
     ours = pipe(**kw, generator=torch.Generator().manual_seed(3)).images
     assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-5), float((ours - ref).abs().max())
 

@@ -20,7 +20,7 @@ from diffusers.utils import BaseOutput
 from torch import Tensor
 
 from proreflow.errors import ProReflowError
-from proreflow.fields.vp import VPSchedule, output_to_velocity, timestep_placement
+from proreflow.fields.vp import VPSchedule, output_to_velocity, timestep_placement, trailing_grid
 from proreflow.windows import WindowSchedule
 
 
@@ -121,9 +121,10 @@ def _vp_of(config: Any) -> VPSchedule:
 
 
 def timestep_windows(config: Any, num_windows: int) -> WindowSchedule:
-    """`num_windows` windows at a VP teacher's timesteps: starts T-1, T-1-T/K, ... (999/749/499/249 for K = 4),
-    exactly where `DDIMScheduler(timestep_spacing="trailing")` steps in K steps."""
-    return WindowSchedule.uniform(num_windows).mapped(timestep_placement(_vp_of(config)))
+    """`num_windows` windows at a VP teacher's timesteps, starting exactly where `DDIMScheduler(timestep_spacing=
+    "trailing")` evaluates the UNet in K steps: round(T - j T/K) - 1 (999/749/499/249 for K = 4; 999/968/937/905/...
+    for 32). Where K divides T these are the presets' `timestep_placement` boundaries."""
+    return WindowSchedule(trailing_grid(_vp_of(config), num_windows))
 
 
 def stock_scheduler_for(config: Any, windows: WindowSchedule, prediction_type: str | None = None) -> Any | None:
