@@ -90,7 +90,9 @@ def test_two_processes_build_the_cache_together_bit_for_bit_and_resume_a_partial
     assert _shard_sums(partial) == ref
     assert (partial / "shard-00000.safetensors").stat().st_mtime_ns == kept  # a valid shard is reused
     resumed = json.loads((partial / "manifest.json").read_text())["shards"]
-    assert (resumed["0"]["of_processes"], resumed["1"]["made_by_process"], resumed["2"]["made_by_process"]) == (1, 1, 0)
+    # shard 0 is the killed run's; 1 and 2 were remade by the two-process run (which rank remade the damaged shard 2
+    # is a race: its owner, or a rank that found it damaged while loading; the bytes are the same either way)
+    assert [resumed[i]["of_processes"] for i in ("0", "1", "2")] == [1, 2, 2]
     # every rank loaded the whole data set, the same as the one process did
     digests = [json.loads((d / f"rank-{r}.json").read_text()) for d, r in ((one, 0), (two, 0), (two, 1))]
     assert {v for d in digests for v in d.values()} == {digests[0][str(one / "cache")]}
