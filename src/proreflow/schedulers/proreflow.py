@@ -20,7 +20,7 @@ from diffusers.utils import BaseOutput
 from torch import Tensor
 
 from proreflow.errors import ProReflowError
-from proreflow.fields.vp import VPSchedule, output_to_velocity, timestep_placement, trailing_grid
+from proreflow.fields.vp import VPSchedule, output_to_velocity, trailing_grid
 from proreflow.windows import WindowSchedule
 
 
@@ -136,8 +136,8 @@ def stock_scheduler_for(config: Any, windows: WindowSchedule, prediction_type: s
     vp, k = _vp_of(config), windows.num_windows
     T = vp.num_train_timesteps
     if T % k:
-        return None  # trailing spacing rounds T/K: the steps are not the placed boundaries
-    placed = WindowSchedule.uniform(k).mapped(timestep_placement(vp))
+        return None  # DDIM then steps its alphas by T // K but evaluates rounded timesteps: not one Euler step each
+    placed = WindowSchedule(trailing_grid(vp, k))  # where DDIM trailing steps (`timestep_windows`)
     if any(abs(a - b) > 1e-7 for a, b in zip(placed.boundaries, windows.boundaries)):
         return None
     return DDIMScheduler.from_config(
