@@ -651,3 +651,36 @@ def test_coco_reference_restricted_to_the_chosen_images_and_resized(assets, tmp_
     (ref / f"{ids[0]:012d}.jpg").unlink()
     with pytest.raises(ProReflowError, match="1 of the 4 chosen COCO images are not in"):
         evaluate([RunSpec("teacher", str(assets / "teacher"), steps=2, scheduler="ddim")], cfg, tmp_path / "out2")
+
+
+def test_cli_evaluate_prompt_accuracy_with_a_classifier_folder(assets, tmp_path):
+    """`--classifier`: the share of images the classifier puts in the class their caption names, recomputed here from
+    the PNGs with the network itself (captions: cat, dog, cat, dog, cat, dog)."""
+
+    from proreflow.metrics_classifier import save_classifier
+    from proreflow.models.classifier import DigitsClassifier
+
+    torch.manual_seed(0)
+    net = DigitsClassifier(num_classes=2, channels=3).eval()
+    save_classifier(net, tmp_path / "clf", ["cat", "dog"], RES)
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["evaluate", "--model", str(assets / "student"), "--steps", "2", "--captions", "prompts",
+                            "--prompts", str(assets / "prompts.txt"), "--resolution", str(RES), "--no-fid", "--no-clip",
+                            "--timing-batches", "0", "--classifier", str(tmp_path / "clf"), "--quiet", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    files = [Path(row["folder"]) / image_name(i) for i in range(6)]
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+                     for f in files]) / 127.5 - 1
+    with torch.no_grad():
+        hits = (net(x).argmax(1) == torch.tensor([0, 1, 0, 1, 0, 1])).float().mean()
+    assert row["prompt_accuracy"] == pytest.approx(float(hits), abs=1e-9)
+    assert f"| {row['prompt_accuracy']:.3f} |" in (out / "results.md").read_text()
+    assert "prompt accuracy" in (out / "results.md").read_text()
+    # a classifier whose classes no caption names is refused before any image is made
+    save_classifier(net, tmp_path / "clf2", ["shoe", "bag"], RES)
+    r = runner.invoke(app, ["evaluate", "--model", str(assets / "student"), "--steps", "2", "--captions", "prompts",
+                            "--prompts", str(assets / "prompts.txt"), "--resolution", str(RES), "--no-fid", "--no-clip",
+                            "--classifier", str(tmp_path / "clf2"), "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "no caption names one of its classes" in r.stderr, r.output
+    assert not (tmp_path / "o2").exists()

@@ -345,6 +345,7 @@ def evaluate(
     ref_same_images: Optional[bool] = typer.Option(None, "--ref-same-images/--all-ref-images",
                                                    help="Use only the reference images of the chosen COCO ids."),
     inception: Optional[str] = typer.Option(None, help="Path of inception-2015-12-05.pt (or set $PROREFLOW_INCEPTION)."),
+    classifier: Optional[str] = typer.Option(None, help="Classifier folder: adds prompt accuracy (docs/mini-sd.md)."),
     protocol: Optional[str] = typer.Option(None, help="ours (default) or rectified-diffusion (paper [40])."),
     clip_model: Optional[str] = typer.Option(None, help="CLIP model id or folder (default: the protocol's)."),
     fid: Optional[bool] = typer.Option(None, "--fid/--no-fid", help="Compute FID (default on)."),
@@ -361,10 +362,9 @@ def evaluate(
     overrides = dict(captions=captions, annotations=annotations, prompts=prompts, num_images=num_images,
                      resolution=resolution, seed=seed, batch_size=batch_size, dtype=dtype, reference=reference,
                      ref_stats=ref_stats, save_ref_stats=save_ref_stats, ref_resize=ref_resize,
-                     ref_same_images=ref_same_images, inception=inception,
-                     protocol=protocol, clip_model=clip_model, fid=fid, clip=clip, warmup_batches=warmup_batches,
-                     timing_batches=timing_batches, timing_batch_size=timing_batch_size,
-                     progress=False if quiet else None)
+                     ref_same_images=ref_same_images, inception=inception, classifier=classifier, protocol=protocol,
+                     clip_model=clip_model, fid=fid, clip=clip, warmup_batches=warmup_batches,
+                     timing_batches=timing_batches, timing_batch_size=timing_batch_size, progress=False if quiet else None)
     single = {"--model": model, "--name": name, "--scheduler": scheduler, "--steps": steps, "--guidance": guidance,
               "--lora": lora, "--variant": variant, "--pipeline": pipeline, "--unet-delta": unet_delta,
               "--delta-variant": delta_variant, "--unet-weights": unet_weights,

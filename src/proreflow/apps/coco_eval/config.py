@@ -167,6 +167,9 @@ class EvalConfig:
     ref_resize: bool = False
     ref_same_images: bool = False
     inception: str | None = None
+    # a classifier folder (`proreflow.metrics_classifier`, e.g. the mini teacher's `classifier/`): adds prompt accuracy,
+    # the share of images it puts in the class their caption names (the offline stand-in for CLIP score)
+    classifier: str | None = None
     # the evaluation protocol (PROTOCOLS): caption choice, reference resize filter and default CLIP model
     protocol: str = "ours"
     clip_model: str | None = None  # None: the protocol's

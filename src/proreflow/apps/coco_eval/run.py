@@ -39,6 +39,7 @@ class Metrics:
     inception: torch.nn.Module | None = None
     clip: tuple[Any, Any] | None = None
     reference: Any = None  # FIDStats
+    classifier: Any = None  # metrics_classifier.ClassifierMetrics: prompt accuracy
 
 
 def coco_id_of(path: Path) -> int | None:
@@ -79,16 +80,20 @@ def prepare_metrics(cfg: EvalConfig, device: torch.device, inception: torch.nn.M
             m.reference.save(cfg.save_ref_stats)
     if cfg.clip:
         m.clip = clip if clip is not None else mi.load_clip(cfg.clip_model)
+    if cfg.classifier:
+        from proreflow.metrics_classifier import ClassifierMetrics
+
+        m.classifier = ClassifierMetrics.load(cfg.classifier)
     return m
 
 
 def score_folder(folder: Path, captions: Sequence[str], metrics: Metrics, cfg: EvalConfig,
                  device: torch.device) -> dict[str, float | None]:
-    """FID against the reference and CLIP score against the captions, from the PNGs on disk."""
+    """FID against the reference, CLIP score and prompt accuracy against the captions, from the PNGs on disk."""
     from proreflow import metrics_images as mi
 
     files = [folder / image_name(i) for i in range(len(captions))]
-    out: dict[str, float | None] = {"fid": None, "clip": None}
+    out: dict[str, float | None] = {"fid": None, "clip": None, "prompt_accuracy": None}
     if metrics.inception is not None:
         stats = mi.image_stats(metrics.inception, mi.image_batches(files, cfg.batch_size, None, cfg.progress,
                                                                    f"FID features {folder.name}"), device)
@@ -99,6 +104,13 @@ def score_folder(folder: Path, captions: Sequence[str], metrics: Metrics, cfg: E
                    zip(range(0, len(files), cfg.batch_size),
                        mi.image_batches(files, cfg.batch_size, None, cfg.progress, f"CLIP {folder.name}")))
         out["clip"] = mi.clip_score(metric, batches)
+    if metrics.classifier is not None:
+        from proreflow.metrics_classifier import to_classifier_input
+
+        size = metrics.classifier.size
+        images = torch.cat([to_classifier_input(b, size) for b in
+                            mi.image_batches(files, cfg.batch_size, None, cfg.progress, f"classifier {folder.name}")])
+        out["prompt_accuracy"] = metrics.classifier.prompt_accuracy(images, captions)
     return out
 
 
@@ -144,6 +156,9 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
         raise ProReflowError("the caption set is empty")
     device = pick_device()
     metrics = prepare_metrics(cfg, device, inception, clip, captions.image_ids)
+    if metrics.classifier is not None and not bool((metrics.classifier.prompt_classes(captions.captions) >= 0).any()):
+        raise ProReflowError(f"--classifier: no caption names one of its classes {list(metrics.classifier.class_names)}, "
+                             f"so prompt accuracy has nothing to score")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "captions.json", json.dumps({"name": captions.name, "captions": captions.captions,
                                                          "image_ids": captions.image_ids}, indent=0))
@@ -169,7 +184,7 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
                "images": len(captions.captions), "generated_now": made,
                "seconds_per_image": timing["seconds_per_image"] if timing else None,
                "device": timing["device"] if timing else device_name(device), "fid": scores["fid"],
-               "clip": scores["clip"], "paper": spec.paper_for(captions.name), "protocol": cfg.protocol, "clip_model": cfg.clip_model if cfg.clip else None,
+               "clip": scores["clip"], "prompt_accuracy": scores["prompt_accuracy"], "paper": spec.paper_for(captions.name), "protocol": cfg.protocol, "clip_model": cfg.clip_model if cfg.clip else None,
                "timing": timing, "folder": str(folder)}
         atomic_write_text(folder / "result.json", json.dumps(row, indent=1))
         rows.append(row)
