@@ -1,6 +1,7 @@
 """Flow-matching transformer teachers (SD3-style) end to end, offline on a tiny random-weight StableDiffusion3Pipeline:
-distil (full and LoRA), export with ProReflowFlowScheduler, reload with `from_pretrained`, sample in 2 and 4
-steps, and evaluate."""
+distil (full and LoRA), export with stock FlowMatchEulerDiscreteScheduler (uniform windows), reload with
+`from_pretrained`, sample in 2 steps (= our windowed sampler) and 4 (ours, through `load_for_sampling`), and
+evaluate."""
 
 import json
 
@@ -8,12 +9,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from diffusers import FlowMatchEulerDiscreteScheduler
+
 from proreflow.apps.sd import DistillConfig, distill, encode_folder, load_pipeline
+from proreflow.apps.sd.export import load_for_sampling
 from proreflow.cli import app
 from proreflow.fields import FlowVelocity, from_pipeline
 from proreflow.methods import MethodSpec
 from proreflow.models.sd_shapes import tiny_sd3_pipeline
 from proreflow.pairs import TeacherSolver, make_window_pairs
+from proreflow.sampling import sample
 from proreflow.schedulers.proreflow import ProReflowFlowScheduler
 from proreflow.time_sampling import TimeSampling
 from proreflow.training import TrainConfig
@@ -67,7 +72,9 @@ def test_sd3_style_teacher_distils_exports_reloads_and_samples(tmp_path, sd3_dir
     summary = distill(cfg, pipe, data, tmp_path / "student")
     assert summary["windows"] == [1.0, 0.5, 0.0] and summary["optimizer_steps"] == 40
     loaded = StableDiffusion3Pipeline.from_pretrained(tmp_path / "student", **NO_T5)
-    assert isinstance(loaded.scheduler, ProReflowFlowScheduler) and loaded.scheduler.config.shift == 1.0
+    # stock diffusers: the teacher's shift 3 is off and shift_terminal 1/2 puts its 2 sigmas on the 2 windows
+    assert type(loaded.scheduler) is FlowMatchEulerDiscreteScheduler and loaded.scheduler.config.shift == 1.0
+    assert loaded.scheduler.config.shift_terminal == 0.5 and not loaded.scheduler.config.use_dynamic_shifting
     trained = loaded.transformer.state_dict()
     assert set(trained) == set(base) and any(not torch.equal(trained[k], base[k]) for k in base)
     if lora_rank:  # only the adapted attention projections moved; the adapters are fused away
@@ -75,11 +82,30 @@ def test_sd3_style_teacher_distils_exports_reloads_and_samples(tmp_path, sd3_dir
         assert all(torch.equal(trained[k], base[k]) for k in frozen)
     after = _pair_loss(FlowVelocity.from_scheduler(loaded.transformer, pipe.scheduler), teacher, data)
     assert after < before, (before, after)
-    for steps, sigmas in ((2, [1.0, 0.5, 0.0]), (4, [1.0, 0.75, 0.5, 0.25, 0.0])):
-        images = loaded("a red cat", num_inference_steps=steps, height=16, width=16, guidance_scale=2.0,
-                        output_type="np", generator=torch.Generator().manual_seed(0)).images
-        assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.as_tensor(images)).all()
-        assert loaded.scheduler.sigmas.tolist() == pytest.approx(sigmas)
+    # 2 steps in stock diffusers = our sampler over the student's windows, from the same noise (latents, no CFG)
+    noise = torch.randn(1, loaded.transformer.config.in_channels, 2, 2, generator=torch.Generator().manual_seed(0))
+    theirs = loaded("a red cat", num_inference_steps=2, height=16, width=16, guidance_scale=1.0, latents=noise.clone(),
+                    output_type="latent").images
+    assert loaded.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.5, 0.0])
+    emb, _, pooled, _ = loaded.encode_prompt("a red cat", None, None, do_classifier_free_guidance=False)
+    with torch.no_grad():
+        ours = sample(FlowVelocity.from_scheduler(loaded.transformer, pipe.scheduler), noise, WindowSchedule.uniform(2),
+                      cond={"encoder_hidden_states": emb, "pooled_projections": pooled})
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max(), float((ours - theirs).abs().max())
+    # more steps per window: `proreflow sample` / `evaluate` swap in ProReflowFlowScheduler, which keeps the windows
+    # (stock diffusers would space 4 sigmas uniformly from 1 to 1/2 and take the last window in one step)
+    again = load_for_sampling(str(tmp_path / "student"), 4)
+    assert isinstance(again.scheduler, ProReflowFlowScheduler)
+    images = again("a red cat", num_inference_steps=4, height=16, width=16, guidance_scale=2.0,
+                   output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.as_tensor(images)).all()
+    assert again.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    from proreflow.apps.coco_eval import RunSpec
+    from proreflow.apps.coco_eval.generate import load_eval_pipeline
+
+    for steps, kind in ((2, FlowMatchEulerDiscreteScheduler), (4, ProReflowFlowScheduler)):  # `evaluate` alike
+        run = RunSpec("student", str(tmp_path / "student"), steps=steps, pipeline="StableDiffusion3Pipeline")
+        assert type(load_eval_pipeline(run, "float32", torch.device("cpu")).scheduler) is kind
 
 
 def test_sd3_student_through_the_cli_and_evaluate(tmp_path, sd3_dir, image_folder):

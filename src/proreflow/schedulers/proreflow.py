@@ -173,6 +173,22 @@ class ProReflowFlowScheduler(FlowMatchEulerDiscreteScheduler):
         self.num_inference_steps = len(starts)
 
 
+def stock_flow_scheduler_for(config: Any, windows: WindowSchedule) -> FlowMatchEulerDiscreteScheduler | None:
+    """diffusers' own FlowMatchEulerDiscreteScheduler when it steps a flow student's K windows exactly (else None).
+    Unshifted, its K sigmas run from 1 to 1/T; `shift_terminal = 1/K` stretches them to 1, (K-1)/K, ..., 1/K, then
+    0: K windows uniform in sigma, one Euler step each. Exact at K steps only: at m K steps its sigmas run
+    uniformly from 1 to 1/K and the last window is one step (our ProReflowFlowScheduler takes m per window)."""
+    k = windows.num_windows
+    keep = {k_: v for k_, v in dict(config).items() if not k_.startswith("_")}
+    stock = FlowMatchEulerDiscreteScheduler.from_config(
+        keep, shift=1.0, use_dynamic_shifting=False, shift_terminal=1.0 / k if k > 1 else None, invert_sigmas=False,
+        use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, stochastic_sampling=False)
+    stock.set_timesteps(k)
+    if stock.sigmas.shape[0] != k + 1 or any(abs(float(a) - b) > 1e-6 for a, b in zip(stock.sigmas, windows.boundaries)):
+        return None
+    return FlowMatchEulerDiscreteScheduler.from_config(stock.config)
+
+
 def flow_scheduler_for(config: Any, windows: WindowSchedule) -> ProReflowFlowScheduler:
     """A ProReflowFlowScheduler for a flow-matching teacher's scheduler `config` and the student's windows."""
     return ProReflowFlowScheduler(num_train_timesteps=config["num_train_timesteps"],

@@ -8,8 +8,10 @@ window is one DDIM step (docs/design.md §1), so the folder needs nothing of our
     pipe = StableDiffusionPipeline.from_pretrained(out_dir)   # unet = the student, DDIMScheduler
     image = pipe(prompt, num_inference_steps=4, guidance_scale=4).images[0]
 
-Other placements get our `ProReflowScheduler` (flow-matching students our `ProReflowFlowScheduler`); diffusers
-resolves those only once this module is imported, and the export says so.
+A flow-matching student (SD3-style) whose K windows are uniform in sigma is saved with diffusers' own
+`FlowMatchEulerDiscreteScheduler` (no shift, `shift_terminal = 1/K`), exact at K steps. Other placements get our
+`ProReflowScheduler` (flow-matching students our `ProReflowFlowScheduler`); diffusers resolves those only once
+this module is imported, and the export says so.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from typing import Any
 
 from proreflow.errors import ProReflowError
 from proreflow.schedulers.proreflow import (ProReflowFlowScheduler, ProReflowScheduler, flow_scheduler_for,
-                                           scheduler_for, stock_scheduler_for)
+                                           scheduler_for, stock_flow_scheduler_for, stock_scheduler_for)
 from proreflow.store import atomic_write_text
 from proreflow.windows import WindowSchedule
 
 __all__ = ["ProReflowFlowScheduler", "ProReflowScheduler", "export_pipeline", "flow_scheduler_for",
-           "load_diffusers_pipeline", "load_for_sampling", "model_card", "scheduler_for", "student_scheduler"]
+           "keep_windows", "load_diffusers_pipeline", "load_for_sampling", "model_card", "scheduler_for",
+           "student_scheduler", "student_windows"]
 
 
 def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class: str | None = None,
@@ -68,27 +71,53 @@ def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class:
             f"HF_HUB_OFFLINE=1 to use the cache only)") from None
 
 
+def student_windows(model: str) -> WindowSchedule | None:
+    """The final windows a student folder's `proreflow.json` records (None for any other pipeline)."""
+    summary = Path(model) / "proreflow.json"
+    if not summary.is_file():
+        return None
+    try:
+        return WindowSchedule(tuple(json.loads(summary.read_text())["windows"]))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ProReflowError(f"cannot read the student's windows from {str(summary)!r} ({exc})") from None
+
+
+def keep_windows(pipe: Any, model: str, steps: int) -> Any:
+    """A flow student exported with stock `FlowMatchEulerDiscreteScheduler` is exact at one step per window; at
+    more steps its sigmas no longer follow the windows, so our `ProReflowFlowScheduler` (m steps per window) samples
+    it instead. Anything else is left as it is. Returns `pipe`."""
+    windows = student_windows(model)
+    stock_flow = type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    if windows is not None and steps > windows.num_windows and stock_flow:
+        pipe.scheduler = flow_scheduler_for(pipe.scheduler.config, windows)
+    return pipe
+
+
 def load_for_sampling(model: str, steps: int) -> Any:
     """`load_diffusers_pipeline(model)`, refusing a step count that is not a multiple of a student's windows: a
     student exported with stock DDIM would take any count, but only multiples of its windows are what it learnt.
-    The windows come from the student's `proreflow.json` (none for other pipelines: any count)."""
-    summary = Path(model) / "proreflow.json"
-    if summary.is_file():
-        try:
-            windows = WindowSchedule(tuple(json.loads(summary.read_text())["windows"]))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise ProReflowError(f"cannot read the student's windows from {str(summary)!r} ({exc})") from None
+    The windows come from the student's `proreflow.json` (none for other pipelines: any count); `keep_windows`
+    then keeps a flow student's steps on its windows."""
+    windows = student_windows(model)
+    if windows is not None:
         windows.steps_per_window(steps)  # refuses with "... multiple of the student's K windows"
-    return load_diffusers_pipeline(model)
+    return keep_windows(load_diffusers_pipeline(model), model, steps)
 
 
 def student_scheduler(pipe: Any, windows: WindowSchedule) -> tuple[Any, str]:
     """The scheduler a student of `pipe`'s teacher with final `windows` is exported with, and why."""
     k = windows.num_windows
     if getattr(pipe, "transformer", None) is not None:
+        stock = stock_flow_scheduler_for(pipe.scheduler.config, windows)
+        if stock is not None:
+            return stock, (f"FlowMatchEulerDiscreteScheduler (stock diffusers, shift 1, shift_terminal 1/{k}): its {k} "
+                           f"sigmas are the {k} windows, uniform in sigma, one Euler step each; the folder loads "
+                           f"without proreflow. Sample at {k} steps (at more, its sigmas no longer follow the "
+                           f"windows; `proreflow sample` then uses ProReflowFlowScheduler)")
         return (flow_scheduler_for(pipe.scheduler.config, windows),
-                f"ProReflowFlowScheduler: a flow-matching student's {k} windows in sigma; diffusers loads it once "
-                f"`proreflow.apps.sd.export` is imported")
+                f"ProReflowFlowScheduler: a flow-matching student's {k} windows in sigma "
+                f"({', '.join(f'{b:.4g}' for b in windows.boundaries)}) are not where a stock scheduler steps; "
+                f"diffusers loads it once `proreflow.apps.sd.export` is imported")
     stock = stock_scheduler_for(pipe.scheduler.config, windows)
     if stock is not None:
         return stock, (f"DDIMScheduler (stock diffusers, timestep_spacing='trailing', set_alpha_to_one=True): the "
@@ -130,13 +159,17 @@ def _base_license(base_model: str) -> str:
 def model_card(pipe: Any, windows: WindowSchedule, scheduler: Any, why: str = "", base_model: str = "unknown",
                method: str = "",
                stage_windows: list[int] | None = None, lam: float | None = None, teacher_guidance: float = 1.0,
-               guidance: float = 4.0, prompt: str = "a photo of a cat") -> str:
+               loss_weighting: str = "velocity", guidance: float = 4.0, prompt: str = "a photo of a cat") -> str:
     """A Hub model card (README.md with its metadata header) that makes a shared student usable as it stands:
     base model and its license, the method and windows, the step counts and guidance, and how to load it."""
     k, cls, sched = windows.num_windows, type(pipe).__name__, type(scheduler).__name__
-    stock = sched == "DDIMScheduler"
+    stock = sched in ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler")
     imports = "" if stock else "import proreflow.apps.sd.export  # registers our scheduler with diffusers\n"
     stages = " -> ".join(str(n) for n in (stage_windows or [k]))
+    lam_text = f", lambda = {lam:g}" if lam is not None else ""
+    weighting = "in the student's output space" if loss_weighting == "output" else "on the velocity itself"
+    multiples = (f"this scheduler follows the windows at exactly {k} steps" if sched == "FlowMatchEulerDiscreteScheduler"
+                 else f"any multiple of {k} also works")
     return f"""---
 base_model: {base_model}
 license: {_base_license(base_model)}
@@ -151,10 +184,10 @@ tags:
 # {k}-step student of {base_model}
 
 Distilled by progressive reflow with aligned v-prediction ([proreflow](https://arxiv.org/abs/2503.04824),
-method `{method or "unknown"}`: windows per stage {stages}{f", lambda = {lam:g}" if lam is not None else ""}), trained
+method `{method or "unknown"}`: windows per stage {stages}{lam_text}, velocity MSE measured {weighting}), trained
 with teacher guidance {teacher_guidance:g}. The license is the base model's.
 
-- Sample in **{k} steps** (one per window; any multiple of {k} also works), with classifier-free guidance
+- Sample in **{k} steps** (one per window; {multiples}), with classifier-free guidance
   about {guidance:g} as the teacher would take.
 - Window starts in flow time (1 = noise, 0 = data): {", ".join(f"{b:.4g}" for b in windows.boundaries[:-1])}.
 - Scheduler: `{sched}`{" (stock diffusers: nothing else to install)" if stock else " (from the proreflow package)"}.
