@@ -46,9 +46,8 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
                  beta_schedule: str = "scaled_linear", trained_betas: list[float] | None = None,
                  prediction_type: str = "epsilon", window_boundaries: Sequence[float] | None = None,
                  num_windows: int = 4) -> None:
-        ddim = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                             beta_schedule=beta_schedule, trained_betas=trained_betas, prediction_type=prediction_type)
-        self.vp = VPSchedule(ddim.alphas_cumprod)
+        self.vp = _vp_of(dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                              beta_schedule=beta_schedule, trained_betas=trained_betas))
         self.windows = (WindowSchedule(tuple(window_boundaries)) if window_boundaries is not None
                         else WindowSchedule.uniform(num_windows))
         if self.windows.num_windows != num_windows:  # the boundaries decide (configs saved before this said 4)
