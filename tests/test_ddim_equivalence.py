@@ -107,6 +107,33 @@ def test_first_window_pairs_start_from_x999_eps_and_solve_ddim():
     assert torch.allclose(ts, ddim.timesteps[1:].double(), atol=1e-9)  # 968, 937, 905, ...: DDIM-32's own
 
 
+def test_pairs_of_every_window_at_once_are_ddim_from_each_window_start():
+    """A batch mixing all 4 windows (one batched solve over per-sample grids): each pair's x_b is diffusers' DDIM-40
+    run from its own x_a over the 10 steps of its window (40 steps: T/n an integer, no rounding slip)."""
+    torch.manual_seed(2)
+    unet = tiny_unet().eval()
+    vp = VPSchedule.from_scheduler(_ddim())
+    windows = timestep_windows(_ddim().config, 4)
+    solver = TeacherSolver("euler", 40, "placed").placed_at(trailing_grid(vp, 40))
+    which = torch.tensor([3, 0, 2, 1, 0, 3])
+    x0, noise, ehs = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8), torch.randn(6, 5, 16)
+    pairs = make_window_pairs(VPVelocity(unet, vp), x0, windows, solver, cond={"encoder_hidden_states": ehs},
+                              windows=which, noise=noise)
+    assert pairs.teacher_nfe == 6 * 10
+    ddim = _ddim()
+    ddim.set_timesteps(40)
+    ts = ddim.timesteps.tolist()
+    for i, w in enumerate(which.tolist()):
+        start = [999, 749, 499, 249][w]
+        x = pairs.x_a[i:i + 1] * float(vp.scale(torch.tensor([float(start)])))
+        with torch.no_grad():
+            for t in ts[ts.index(start):ts.index(start) + 10]:
+                x = ddim.step(unet(x, t, encoder_hidden_states=ehs[i:i + 1]).sample, t, x, eta=0.0).prev_sample
+        end = [749, 499, 249, -1][w]
+        ours = pairs.x_b[i:i + 1] * (float(vp.scale(torch.tensor([float(end)]))) if end >= 0 else 1.0)
+        assert torch.allclose(ours, x, atol=2e-5 * float(x.abs().max())), (w, float((ours - x).abs().max()))
+
+
 def test_placed_teacher_costs_32_calls_per_pass_over_every_window():
     vp = VPSchedule.from_scheduler(_ddim())
     solver = TeacherSolver("euler", 32, "placed").placed_at(trailing_grid(vp, 32))
