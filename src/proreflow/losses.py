@@ -60,8 +60,12 @@ def aligned_loss(pred: Tensor, target: Tensor, lam: float, weight: Tensor | None
 LossFn = Callable[[Tensor, Tensor, "Tensor | None"], LossTerms]
 
 
-def aligned(lam: float) -> LossFn:
-    """`aligned_loss` with its direction weight fixed (lam = 0: plain reflow / flow matching MSE)."""
+def aligned(lam: float, weighted: bool = True) -> LossFn:
+    """`aligned_loss` with its direction weight fixed (lam = 0: plain reflow / flow matching MSE).
+    weighted=False drops the per-sample weight a student offers (`loss_weighting: velocity`, the default): the MSE
+    is then measured on the velocity itself, where a one-step-per-window sampler's error is made."""
     if not (lam >= 0):  # also rejects NaN
         raise ProReflowError(f"direction weight lambda must be >= 0, got {lam}")
+    if not weighted:
+        return lambda pred, target, weight=None: aligned_loss(pred, target, lam, None)
     return lambda pred, target, weight=None: aligned_loss(pred, target, lam, weight)

@@ -26,6 +26,8 @@ from proreflow.windows import ProgressivePlan
 
 PairSource = Literal["teacher", "previous_stage"]
 PAIR_SOURCES: tuple[str, ...] = ("teacher", "previous_stage")
+LossWeighting = Literal["output", "velocity"]
+LOSS_WEIGHTINGS: tuple[str, ...] = ("output", "velocity")
 
 _MULT = re.compile(r"^\s*(\d*)\s*k\s*$")
 
@@ -41,6 +43,10 @@ class MethodSpec:
     stage_fractions: list[float] | None = None
     time_sampling: TimeSampling | None = None  # None: the app config's `time_sampling`
     pair_source: PairSource = "teacher"
+    # how the velocity MSE counts each sample: `velocity` unweighted, where a one-step-per-window sampler makes its
+    # error; `output` in the student's own output space (the field's `loss_weight`: an eps student's eps MSE), which
+    # weighs SD's first window 0.004 against 0.35 for its last and leaves it untrained (docs/sd-distillation.md)
+    loss_weighting: LossWeighting = "velocity"
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -50,6 +56,9 @@ class MethodSpec:
         if self.pair_source not in PAIR_SOURCES:
             raise ProReflowError(f"method {self.name!r}: pair_source must be one of {list(PAIR_SOURCES)}, "
                                  f"got {self.pair_source!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ProReflowError(f"method {self.name!r}: loss_weighting must be one of {list(LOSS_WEIGHTINGS)}, "
+                                 f"got {self.loss_weighting!r}")
 
     def sampling(self, default: TimeSampling) -> TimeSampling:
         """This method's time-sampling rule, or the app's default when it names none."""
@@ -85,8 +94,9 @@ class MethodSpec:
 
     def plan_key(self, k: int, default_sampling: TimeSampling = TimeSampling()) -> tuple:
         """Methods/step counts that resolve to the same training share one trained student."""
-        return (tuple(self.window_counts(k)), self.lam, tuple(self.stage_fractions or ()),
-                self.sampling(default_sampling), self.pair_source)
+        key = (tuple(self.window_counts(k)), self.lam, tuple(self.stage_fractions or ()),
+               self.sampling(default_sampling), self.pair_source)
+        return key if self.loss_weighting == "velocity" else (*key, self.loss_weighting)
 
 
 def _resolve(entry: int | str, k: int, name: str) -> int:

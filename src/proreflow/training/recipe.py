@@ -47,7 +47,7 @@ class Recipe:
 
     @property
     def loss(self) -> LossFn:
-        return aligned(self.method.lam)
+        return aligned(self.method.lam, weighted=self.method.loss_weighting == "output")
 
     def key(self, k: int) -> tuple:
         """Equal keys, equal training (students are cached by it)."""
@@ -55,8 +55,9 @@ class Recipe:
 
     def describe(self, k: int) -> dict[str, Any]:
         """The recipe's columns of a results row."""
-        return {"windows": self.method.window_counts(k), "lam": self.method.lam,
-                "time_sampling": self.sampling.label(), "pair_source": self.method.pair_source}
+        out = {"windows": self.method.window_counts(k), "lam": self.method.lam,
+               "time_sampling": self.sampling.label(), "pair_source": self.method.pair_source}
+        return out if self.method.loss_weighting == "velocity" else {**out, "loss_weighting": self.method.loss_weighting}
 
 
 @dataclass(frozen=True)

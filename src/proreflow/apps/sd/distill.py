@@ -98,7 +98,7 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
     unet = denoiser(pipe)  # trained in place (copy_model=False): the student's network
     summary = {"method": cfg.method.name, "steps": cfg.steps, "windows": list(plan.final.boundaries),
                "stage_windows": [s.schedule.num_windows for s in plan.stages], "lam": cfg.method.lam,
-               "time_sampling": asdict(sampling), "pair_source": cfg.method.pair_source,
+               "loss_weighting": cfg.method.loss_weighting, "time_sampling": asdict(sampling), "pair_source": cfg.method.pair_source,
                "window_placement": cfg.window_placement,
                "optimizer_steps": res.optimizer_steps, "teacher_nfe_per_pair": res.nfe_per_pair,
                "student_nfe_per_pair": res.student_nfe_per_pair,
@@ -127,7 +127,7 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
             unet.fuse_lora()
             unet.unload_lora()  # a plain UNet: the exported pipeline needs no peft to load
         card = {"base_model": cfg.model, "method": cfg.method.name, "lam": cfg.method.lam,
-                "stage_windows": summary["stage_windows"], "teacher_guidance": cfg.teacher_guidance}
+                "loss_weighting": cfg.method.loss_weighting, "stage_windows": summary["stage_windows"], "teacher_guidance": cfg.teacher_guidance}
         export_pipeline(pipe, unet, plan.final, out, card=card, chosen=chosen)
         print(f"exported {out} with {chosen[1]}", flush=True)
         atomic_write_text(out / "proreflow.json", json.dumps(summary, indent=2) + "\n")
