@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from proreflow.apps.sd import DistillConfig, build_teacher_student, distill, encode_folder, load_pipeline
 from proreflow.cli import app
-from proreflow.losses import aligned_loss
 from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver, make_window_pairs
 from proreflow.time_sampling import TimeSampling
@@ -28,15 +27,20 @@ def _cfg(teacher_dir, **kw):
     return DistillConfig(**base)
 
 
-def _pair_loss(student, teacher, data, cfg):
-    """The training loss (output-space MSE + direction term) on fixed teacher pairs of the final windows."""
+def _pair_loss(student, teacher, data, cfg, weighting=None):
+    """The training loss on fixed teacher pairs of the final windows, written out: the velocity MSE (the default
+    `loss_weighting`; eps-space under `output`) + lambda (1 - cos)."""
     gen = torch.Generator().manual_seed(123)
     x0, cond = data.data_fn(0.0, False)(12, gen)
     plan = cfg.method.plan(cfg.steps, cfg.budget_steps)
     pairs = make_window_pairs(teacher, x0, plan.final, cfg.teacher_solver, generator=gen, cond=cond)
     x, t = pairs.point(torch.rand(12, generator=gen) * 0.9)
     with torch.no_grad():
-        return float(aligned_loss(student(x, t, cond), pairs.target(), 1.0, student.loss_weight(t)).total)
+        pred, target = student(x, t, cond).flatten(1), pairs.target().flatten(1)
+    per = (pred - target).pow(2).mean(1)
+    w = student.loss_weight(t) if (weighting or cfg.method.loss_weighting) == "output" else torch.ones_like(per)
+    cos = torch.nn.functional.cosine_similarity(pred, target, dim=1)
+    return float((w * per).sum() / w.sum() + cfg.method.lam * (1 - cos).mean())
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
@@ -46,7 +50,7 @@ def test_distill_lowers_the_loss_and_exports_a_loadable_student(tmp_path, teache
     data = encode_folder(pipe, image_folder, cfg.resolution)
     assert data.latents.shape == (6, 4, 16, 16) and data.cond["encoder_hidden_states"].shape[0] == 6
     probe_teacher, probe_student = build_teacher_student(load_pipeline(cfg.model), replace_lora(cfg, 0))
-    before = _pair_loss(probe_student, probe_teacher, data, cfg)
+    before = {w: _pair_loss(probe_student, probe_teacher, data, cfg, w) for w in ("velocity", "output")}
     teacher_unet = {k: v.clone() for k, v in load_pipeline(cfg.model).unet.state_dict().items()}
     seen = []
     summary = distill(cfg, pipe, data, tmp_path / "student", on_step=lambda stage, done, *_: seen.append((stage, done)))
@@ -65,9 +69,13 @@ def test_distill_lowers_the_loss_and_exports_a_loadable_student(tmp_path, teache
     from proreflow.fields.vp import VPVelocity
 
     trained = VPVelocity(loaded.unet, fresh_teacher.schedule)
-    after = _pair_loss(trained, probe_teacher, data, cfg)
+    after = {w: _pair_loss(trained, probe_teacher, data, cfg, w) for w in ("velocity", "output")}
     if not lora_rank:  # full fine-tuning; tiny LoRA moves too little in 40 steps to test a loss drop
-        assert after < 0.6 * before, (before, after)
+        # trained on the velocity MSE (the default), measured 0.85 x before on it and 0.62 x on the eps-space MSE.
+        # On this random UNet the eps-space run lowers both further (0.80 x, 0.56 x): random weights are no guide
+        # to the weighting; the trained mini SD is (benchmarks/results/mini_sd_windows.md)
+        assert after["velocity"] < 0.9 * before["velocity"], (before, after)
+        assert after["output"] < 0.7 * before["output"], (before, after)
     images = loaded(["a red cat"], num_inference_steps=2, guidance_scale=3.0, height=16, width=16,
                     output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
@@ -130,6 +138,19 @@ def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder, monkeypatch
     r = runner.invoke(app, ["distill", "--data", str(image_folder), "--out", str(out), "--preset", str(preset), "--quiet"])
     assert r.exit_code == 0, r.output
     assert ended == [1]
+    import json
+
+    assert json.loads((out / "proreflow.json").read_text())["seed"] == 0
+    # the preset's train.seed is the run's seed unless --seed is given (a preset seed of 3 used to train seed 0)
+    seeded = preset.read_text().replace("warmup_steps: 0}", "warmup_steps: 0, seed: 3}")
+    (tmp_path / "seeded.yaml").write_text(seeded)
+    for extra, want in (([], 3), (["--seed", "5"], 5)):
+        r = runner.invoke(app, ["distill", "--data", str(image_folder), "--out", str(tmp_path / f"s{want}"), "--preset",
+                                str(tmp_path / "seeded.yaml"), "--quiet", *extra])
+        assert r.exit_code == 0, r.output
+        summary = json.loads((tmp_path / f"s{want}" / "proreflow.json").read_text())
+        assert summary["seed"] == want, summary
+        assert summary["final_loss"] != json.loads((out / "proreflow.json").read_text())["final_loss"]
     r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--prompt", "a dog", "--steps", "2",
                             "--height", "16", "--width", "16", "--out", str(tmp_path / "png")])
     assert r.exit_code == 0, r.output

@@ -195,7 +195,7 @@ def distill(
     resolution: Optional[int] = typer.Option(None, help="Training resolution in pixels."),
     window_placement: Optional[str] = typer.Option(None, help="Windows uniform in the teacher's timesteps "
                                                    "('timesteps', PeRFlow's, the presets') or in flow time ('flow')."),
-    seed: int = typer.Option(0, help="Seed for data order, caption dropout and training."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data order, dropout, training (default: train.seed)."),
     checkpoint_every: int = typer.Option(500, help="Checkpoint every N optimizer steps (in OUT/checkpoints)."),
     resume: Optional[str] = typer.Option(None, help="'latest': continue from the last checkpoint in OUT."),
     encode_cache: Optional[Path] = typer.Option(None, help="Keep VAE latents + text embeddings of --data in this "

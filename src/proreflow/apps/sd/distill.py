@@ -102,7 +102,7 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
                "window_placement": cfg.window_placement,
                "optimizer_steps": res.optimizer_steps, "teacher_nfe_per_pair": res.nfe_per_pair,
                "student_nfe_per_pair": res.student_nfe_per_pair,
-               "final_loss": res.stages[-1].losses[-1], "lora_rank": cfg.lora_rank}
+               "final_loss": res.stages[-1].losses[-1], "lora_rank": cfg.lora_rank, "seed": cfg.train.seed}
     chosen = student_scheduler(pipe, plan.final)
     summary.update(scheduler=type(chosen[0]).__name__, scheduler_reason=chosen[1])
     stream = getattr(data, "stream", None)

@@ -19,8 +19,8 @@ from proreflow.training import process_state
 from proreflow.training.checkpoint import CheckpointConfig
 
 
-def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts: Path | None = None, seed: int = 0,
-                encode_cache: Path | None = None, checkpoint_every: int = 500, resume: bool = False,
+def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts: Path | None = None,
+                seed: int | None = None, encode_cache: Path | None = None, checkpoint_every: int = 500, resume: bool = False,
                 progress: bool = True, on_step: Callable[..., None] | None = None, stream: bool = False,
                 data_workers: int = 2, text_dtype: str = TEXT_DTYPE) -> dict[str, Any]:
     """Distil `cfg`'s teacher on images + captions (`data`: folder, tar shards or hf:NAME) or on prompts only,
@@ -28,6 +28,7 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
     `data` (tar shards, an image folder or hf:NAME) is read by `data_workers` DataLoader workers and encoded
     batch by batch (`apps.sd.stream`) instead of being encoded up front and held in memory. Encoded up front,
     text states are held (and cached) in `text_dtype` (`encode.TEXT_DTYPE`; "float32" keeps them exact)."""
+    seed = cfg.train.seed if seed is None else seed  # --seed wins; unset, the preset's (it was silently 0)
     cfg = replace(cfg, train=replace(cfg.train, seed=seed, progress=progress))
     check_output_dir(out)
     if encode_cache is not None:
