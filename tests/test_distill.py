@@ -164,6 +164,44 @@ def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder, monkeypatch
     assert r.exit_code == 2 and "--guidance must be a finite number >= 0, got nan" in r.stderr, r.output
 
 
+def test_distill_resumes_only_the_run_it_started(tmp_path, teacher_dir, image_folder):
+    """Issue 26: `--resume latest` with another budget, seed, preset or data set used to resume with exit 0 and
+    export a mixed student; a new run over an interrupted one's checkpoints started over silently."""
+    import json
+    import shutil
+
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(f"model: {teacher_dir}\nresolution: 16\nsteps: 2\nmethod: {{name: proreflow, windows: '4->k'}}\n"
+                      "budget_steps: 4\nteacher_solver: {method: euler, steps: 2}\n"
+                      "train: {batch_size: 2, per_device_batch: null, lr: 1.0e-3, mixed_precision: \"no\", warmup_steps: 0}\n")
+    other = tmp_path / "other.yaml"
+    other.write_text(preset.read_text().replace("lr: 1.0e-3", "lr: 2.0e-3"))
+    more = tmp_path / "more"
+    shutil.copytree(image_folder, more)
+    shutil.copy(next(more.glob("*.png")), more / "extra.png")
+    (more / "extra.txt").write_text("an extra image")
+    out = tmp_path / "run"
+    base = ["distill", "--data", str(image_folder), "--preset", str(preset), "--out", str(out), "--quiet"]
+    r = runner.invoke(app, base)
+    assert r.exit_code == 0, r.output
+    settings = json.loads((out / "run.json").read_text())
+    assert settings["config"]["budget_steps"] == 4 and settings["data_fingerprint"].startswith("12 files")
+    for p in [out / "model_index.json", *(out / "checkpoints" / "stage-2").glob("final*")]:
+        p.unlink()  # killed before its end: checkpoints, no pipeline
+    r = runner.invoke(app, base)
+    assert r.exit_code == 2 and "holds an interrupted run" in r.stderr, r.output
+    for extra, needle in ((["--budget", "6"], "config.budget_steps: 4 -> 6"), (["--seed", "1"], "config.train.seed: 0 -> 1"),
+                          (["--preset", str(other)], "config.train.lr: 0.001 -> 0.002"),
+                          (["--data", str(more)], "data")):
+        args = [*base, "--resume", "latest", *extra]
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and "was started with other settings" in r.stderr and needle in r.stderr, (extra, r.output)
+        assert not (out / "model_index.json").exists()
+    r = runner.invoke(app, [*base, "--resume", "latest"])  # the same settings resume
+    assert r.exit_code == 0, r.output
+    assert (out / "model_index.json").is_file()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--data", "{tmp}/none"], "does not exist"),
     (["--data", "{nocap}"], "have no .txt caption"),

@@ -314,7 +314,7 @@ def test_streamed_distillation_resumes_bitwise(tmp_path, teacher_dir):
     for p in [*(out / "checkpoints" / "stage-2").glob("step-0000000[2-9]"), *(out / "checkpoints" / "stage-2").glob("final*")]:
         __import__("shutil").rmtree(p) if p.is_dir() else p.unlink()
     for p in list(out.iterdir()):
-        if p.name != "checkpoints":
+        if p.name not in ("checkpoints", "run.json"):  # run.json: the settings, written when the run started
             __import__("shutil").rmtree(p) if p.is_dir() else p.unlink()
     resumed = runner.invoke(app, [*args, "--out", str(out), "--resume", "latest"])
     assert resumed.exit_code == 0, resumed.output

@@ -84,6 +84,59 @@ def read_json_object(path: Path, what: str, advice: str) -> dict[str, Any]:
     return data
 
 
+def settings_changes(before: Any, now: Any, prefix: str = "") -> list[str]:
+    """What differs between two JSON-like settings, as `key.sub: old -> new` (values cut to 60 characters): the
+    one-line diff a refused resume prints."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        out: list[str] = []
+        for key in sorted(set(before) | set(now), key=str):
+            out += settings_changes(before.get(key), now.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if before == now:
+        return []
+    cut = lambda v: (lambda r: r if len(r) <= 60 else r[:57] + "...")(json.dumps(v, default=str))
+    return [f"{prefix or 'settings'}: {cut(before)} -> {cut(now)}"]
+
+
+def check_resumed_settings(folder: Path, settings: dict[str, Any], resume: bool, main_process: bool = True) -> None:
+    """Resume is for the same run: `folder/run.json` holds the settings a run started with, and `resume` refuses
+    any difference with a one-line diff; a new run writes them (main process only). Call after validation,
+    before any work."""
+    path = Path(folder) / "run.json"
+    if resume:
+        if not path.is_file():
+            raise ProReflowError(f"--resume latest: {str(folder)!r} holds no run.json, so its settings are unknown; "
+                                 f"start a new run with another --out")
+        changes = settings_changes(read_json_object(path, "the run's settings",
+                                                    "it cannot be resumed; start a new run with another --out"),
+                                   json.loads(json.dumps(settings, default=str)))
+        if changes:
+            shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+            raise ProReflowError(f"--resume latest: the run in {str(folder)!r} was started with other settings "
+                                 f"({shown}); resume with the same ones or start a new run with another --out")
+    elif main_process:
+        atomic_write_text(path, json.dumps(settings, indent=2, default=str) + "\n")
+
+
+def folder_fingerprint(spec: str | Path) -> str:
+    """What a data spec points at, cheaply: the spec itself for `hf:` names, else the sha256 of every file's
+    relative path and size under it (a changed, added or removed image changes it; touching one does not)."""
+    import glob
+
+    s = str(spec)
+    p = Path(s)
+    if s.startswith("hf:"):
+        return s
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+    else:  # one file, or a glob of tar shards
+        files = [p] if p.is_file() else sorted(Path(f) for f in glob.glob(s) if Path(f).is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}\0{f.stat().st_size}\n".encode())
+    return f"{len(files)} files, sha256 {h.hexdigest()[:16]}"
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -14,14 +14,14 @@ from proreflow.apps.sd.stream import StreamingLatents
 from proreflow.data.captions import read_prompts, read_source
 from proreflow.data.stream import StreamIterator
 from proreflow.errors import ProReflowError
-from proreflow.store import check_output_dir
+from proreflow.store import check_output_dir, check_resumed_settings, folder_fingerprint, sha256_file
 from proreflow.training import process_state
 from proreflow.training.checkpoint import CheckpointConfig
 
 
 def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts: Path | None = None,
-                seed: int | None = None, encode_cache: Path | None = None, checkpoint_every: int = 500, resume: bool = False,
-                progress: bool = True, on_step: Callable[..., None] | None = None, stream: bool = False,
+                seed: int | None = None, encode_cache: Path | None = None, checkpoint_every: int = 500,
+                resume: bool = False, progress: bool = True, on_step: Callable[..., None] | None = None, stream: bool = False,
                 data_workers: int = 2, text_dtype: str = TEXT_DTYPE) -> dict[str, Any]:
     """Distil `cfg`'s teacher on images + captions (`data`: folder, tar shards or hf:NAME) or on prompts only,
     into the diffusers pipeline `out`. Every input is checked before the pipeline is loaded. With `stream`,
@@ -36,6 +36,9 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
     ckpt = CheckpointConfig(out / "checkpoints", checkpoint_every, 2, resume)
     if not resume and (out / "model_index.json").exists():
         raise ProReflowError(f"{str(out)!r} already holds a pipeline; choose another --out")
+    if not resume and ckpt.dir.exists():  # an interrupted run: starting over would write over its checkpoints
+        raise ProReflowError(f"{str(out)!r} holds an interrupted run (checkpoints/); pass --resume latest to continue "
+                             f"it or choose another --out")
     if resume and not ckpt.dir.is_dir():
         raise ProReflowError(f"--resume latest: {str(out)!r} holds no run to resume (no checkpoints/); "
                              f"drop --resume to start one")
@@ -50,9 +53,26 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
         state = process_state()  # the shards are found and split before anything is loaded
         stream_ = StreamIterator(data, cfg.resolution, seed, state.process_index, state.num_processes, data_workers)
         pipe = load_pipeline(cfg.model)
+        check_resumed_settings(out, _settings(cfg, data, prompts, stream, text_dtype), resume, state.is_main_process)
         return distill(cfg, pipe, StreamingLatents(pipe, stream_), out, ckpt, on_step=on_step)
     records = read_source(data) if data is not None else read_prompts(prompts)
     pipe = load_pipeline(cfg.model)  # float32: build_teacher_student casts only the frozen weights
+    check_resumed_settings(out, _settings(cfg, data, prompts, stream, text_dtype), resume,
+                           process_state().is_main_process)
     encoded = (encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=progress, text_dtype=text_dtype)
                if data is not None else encode_prompts_only(pipe, records, cfg.resolution, text_dtype))
     return distill(cfg, pipe, encoded, out, ckpt, on_step=on_step)
+
+
+def _settings(cfg: DistillConfig, data: str | None, prompts: Path | None, stream: bool, text_dtype: str) -> dict:
+    """Everything that decides what a distillation trains (run.json; `--resume` must match it): the resolved
+    config (seed included), what --data or --prompts holds, streaming and the text-state dtype."""
+    import json
+    from dataclasses import asdict
+
+    config = json.loads(json.dumps(asdict(replace(cfg, train=replace(cfg.train, progress=True))), default=str))
+    where = None if data is None else (data if str(data).startswith("hf:") else str(Path(data).resolve()))
+    return {"config": config, "data": where, "data_fingerprint": None if data is None else folder_fingerprint(data),
+            "prompts": None if prompts is None else str(Path(prompts).resolve()),
+            "prompts_sha256": None if prompts is None else sha256_file(Path(prompts)), "stream": stream,
+            "text_dtype": text_dtype}
