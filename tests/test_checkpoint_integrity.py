@@ -122,3 +122,23 @@ def test_latest_reports_each_skipped_checkpoint_once(tmp_path, reference):
     assert fits.latest(said.append).name == "step-00000002"
     assert fits.latest(said.append).name == "step-00000002"
     assert len(said) == 1 and "step-00000004" in said[0]
+
+
+def test_identical_saves_in_two_processes_are_byte_identical(tmp_path):
+    """Issue 26: safetensors writes metadata from a Rust HashMap whose order changes per process, so identical runs
+    wrote student files whose bytes differed; `atomic_save_tensors` sorts it (8 keys: 1 in 40320 to agree by luck)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from pathlib import Path; from proreflow.store import atomic_save_tensors; "
+            "atomic_save_tensors({'w': torch.arange(6.0), 'b': torch.ones(2)}, Path(sys.argv[1]), "
+            "metadata={k: str(i) for i, k in enumerate('method steps windows seed lam rule source extra'.split())})")
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{name}.safetensors")], check=True)
+    a, b = ((tmp_path / f"{n}.safetensors").read_bytes() for n in "ab")
+    assert a == b
+    from safetensors import safe_open
+
+    assert load_file(str(tmp_path / "a.safetensors"))["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert f.metadata()["lam"] == "4"

@@ -31,10 +31,29 @@ def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[s
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    _sort_metadata(tmp)
     _fsync(tmp)
     if before_replace is not None:
         before_replace(tmp)
     os.replace(tmp, path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header in place with its metadata keys sorted. safetensors writes the metadata from a
+    Rust HashMap, whose order changes from process to process, so identical runs wrote files whose bytes differed
+    (users compare students with cmp or hashes). The sorted header has the same length; the tensors do not move."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n or len(text) != len(raw.rstrip(b" ")):
+            return  # not the compact form expected: leave the file as safetensors wrote it
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
