@@ -88,6 +88,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, reference):
     assert _same_weights(out / "student.safetensors", reference)
 
 
+def test_sigint_prints_one_aborted_line_and_exits_130_and_the_run_resumes(tmp_path, reference):
+    """Issue 26: Ctrl-C exited 130 with no word (typer turns KeyboardInterrupt into a silent exit 130)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's job
+    _wait_for("checkpoints/stage-1/step-*", out, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "error: aborted; a run with checkpoints continues with --resume latest"
+    assert "Traceback" not in err
+    resumed = _run(out, "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _same_weights(out / "student.safetensors", reference)
+
+
 def test_existing_run_is_never_overwritten_and_resume_checks_settings(tmp_path, reference):
     out = tmp_path / "run"
     out.mkdir()

@@ -20,8 +20,7 @@ from proreflow.errors import ProReflowError
 
 
 class _Commands(TyperGroup):
-    """Usage errors (an unknown flag, a bad value, a missing option) get the one-line `error:` form and exit 2
-    like our own errors, instead of click's framed box."""
+    """Usage errors (exit 2) and Ctrl-C (exit 130) get our one-line `error:` form, not click's framed box."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         if not standalone_mode:
@@ -36,9 +35,10 @@ class _Commands(TyperGroup):
             message = " ".join(exc.format_message().split()).rstrip(".")
             typer.echo(f"error: {message}{where}", err=True)
             sys.exit(2)
-        except typer.Abort:
-            typer.echo("error: aborted", err=True)
-            sys.exit(130)
+        except (typer.Abort, click_errors.Abort):  # EOF at a prompt
+            code = 130
+        if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent exit 130
+            typer.echo("error: aborted; a run with checkpoints continues with --resume latest", err=True)
         sys.exit(code if isinstance(code, int) else 0)
 
 
