@@ -29,6 +29,7 @@ from proreflow.apps.coco_eval.generate import (
 from proreflow.apps.coco_eval.report import guidance_sweeps, markdown_table
 from proreflow.data.coco import CaptionSet, load_caption_set
 from proreflow.errors import ProReflowError
+from proreflow.run_lock import run_lock
 from proreflow.store import atomic_write_text, read_json_object
 
 
@@ -159,48 +160,48 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
     if metrics.classifier is not None and not bool((metrics.classifier.prompt_classes(captions.captions) >= 0).any()):
         raise ProReflowError(f"--classifier: no caption names one of its classes {list(metrics.classifier.class_names)}, "
                              f"so prompt accuracy has nothing to score")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "captions.json", json.dumps({"name": captions.name, "captions": captions.captions,
-                                                         "image_ids": captions.image_ids}, indent=0))
-    rows: list[dict[str, Any]] = []
-    for spec in rows_in:
-        folder = out / "runs" / spec.slug
-        folder.mkdir(parents=True, exist_ok=True)
-        _check_run_folder(folder, {"spec": _spec_meta(spec), "resolution": cfg.resolution, "seed": cfg.seed,
-                                   "captions": captions.name, "num_captions": len(captions.captions),
-                                   "captions_hash": _hash(captions.captions), "dtype": cfg.dtype})
-        generate = LazyGenerate(spec, cfg, device)  # a finished run is scored without loading its model
-        made = generate_images(generate, captions.captions, folder, cfg.resolution, cfg.seed, cfg.batch_size,
-                               cfg.progress, desc=spec.slug)
-        timing = None
-        if cfg.timing_batches:  # loaded before the clock starts, even with no warm-up batches
-            timing = time_per_image(generate.load(), captions.captions, cfg.timing_batch_size or cfg.batch_size,
-                                    cfg.warmup_batches, cfg.timing_batches, device)
-        scores = score_folder(folder, captions.captions, metrics, cfg, device)
-        row = {"method": spec.name, "model": spec.model, "unet_delta": spec.unet_delta, "unet_weights": spec.unet_weights,
-               "scheduler": spec.scheduler or "own",
-               "timestep_spacing": spec.timestep_spacing if spec.scheduler in schedulers.SPACED else None, "steps": spec.steps,
-               "guidance": spec.guidance, "generated_at": spec.resolution or cfg.resolution,
-               "images": len(captions.captions), "generated_now": made,
-               "seconds_per_image": timing["seconds_per_image"] if timing else None,
-               "device": timing["device"] if timing else device_name(device), "fid": scores["fid"],
-               "clip": scores["clip"], "prompt_accuracy": scores["prompt_accuracy"], "paper": spec.paper_for(captions.name), "protocol": cfg.protocol, "clip_model": cfg.clip_model if cfg.clip else None,
-               "timing": timing, "folder": str(folder)}
-        atomic_write_text(folder / "result.json", json.dumps(row, indent=1))
-        rows.append(row)
-        del generate
-    summary = {"title": title, "captions": captions.name, "num_images": len(captions.captions),
-               "resolution": cfg.resolution, "seed": cfg.seed, "protocol": cfg.protocol,
-               "clip_model": cfg.clip_model if cfg.clip else None,
-               "reference": cfg.ref_stats or cfg.reference, "rows": rows}
-    atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
-    atomic_write_text(out / "results.md", markdown_table(rows, summary))
-    if any(len(v) > 1 for v in guidance_sweeps(rows).values()):
-        from proreflow.plotting import plot_guidance_sweep
+    with run_lock(out):  # one writer per folder (docs/reliability.md); makes `out`
+        atomic_write_text(out / "captions.json", json.dumps({"name": captions.name, "captions": captions.captions,
+                                                             "image_ids": captions.image_ids}, indent=0))
+        rows: list[dict[str, Any]] = []
+        for spec in rows_in:
+            folder = out / "runs" / spec.slug
+            folder.mkdir(parents=True, exist_ok=True)
+            _check_run_folder(folder, {"spec": _spec_meta(spec), "resolution": cfg.resolution, "seed": cfg.seed,
+                                       "captions": captions.name, "num_captions": len(captions.captions),
+                                       "captions_hash": _hash(captions.captions), "dtype": cfg.dtype})
+            generate = LazyGenerate(spec, cfg, device)  # a finished run is scored without loading its model
+            made = generate_images(generate, captions.captions, folder, cfg.resolution, cfg.seed, cfg.batch_size,
+                                   cfg.progress, desc=spec.slug)
+            timing = None
+            if cfg.timing_batches:  # loaded before the clock starts, even with no warm-up batches
+                timing = time_per_image(generate.load(), captions.captions, cfg.timing_batch_size or cfg.batch_size,
+                                        cfg.warmup_batches, cfg.timing_batches, device)
+            scores = score_folder(folder, captions.captions, metrics, cfg, device)
+            row = {"method": spec.name, "model": spec.model, "unet_delta": spec.unet_delta, "unet_weights": spec.unet_weights,
+                   "scheduler": spec.scheduler or "own",
+                   "timestep_spacing": spec.timestep_spacing if spec.scheduler in schedulers.SPACED else None, "steps": spec.steps,
+                   "guidance": spec.guidance, "generated_at": spec.resolution or cfg.resolution,
+                   "images": len(captions.captions), "generated_now": made,
+                   "seconds_per_image": timing["seconds_per_image"] if timing else None,
+                   "device": timing["device"] if timing else device_name(device), "fid": scores["fid"],
+                   "clip": scores["clip"], "prompt_accuracy": scores["prompt_accuracy"], "paper": spec.paper_for(captions.name), "protocol": cfg.protocol, "clip_model": cfg.clip_model if cfg.clip else None,
+                   "timing": timing, "folder": str(folder)}
+            atomic_write_text(folder / "result.json", json.dumps(row, indent=1))
+            rows.append(row)
+            del generate
+        summary = {"title": title, "captions": captions.name, "num_images": len(captions.captions),
+                   "resolution": cfg.resolution, "seed": cfg.seed, "protocol": cfg.protocol,
+                   "clip_model": cfg.clip_model if cfg.clip else None,
+                   "reference": cfg.ref_stats or cfg.reference, "rows": rows}
+        atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
+        atomic_write_text(out / "results.md", markdown_table(rows, summary))
+        if any(len(v) > 1 for v in guidance_sweeps(rows).values()):
+            from proreflow.plotting import plot_guidance_sweep
 
-        plot_guidance_sweep(guidance_sweeps(rows), [("fid", "FID (lower is better)"), ("clip", "CLIP score (higher is better)")],
-                            out / "cfg_sweep.png")
-    return rows
+            plot_guidance_sweep(guidance_sweeps(rows), [("fid", "FID (lower is better)"), ("clip", "CLIP score (higher is better)")],
+                                out / "cfg_sweep.png")
+        return rows
 
 
 def _hash(captions: Sequence[str]) -> str:

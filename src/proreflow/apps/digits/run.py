@@ -27,6 +27,7 @@ from proreflow.apps.digits.bench import DigitsBench, StudentRun, train_student
 from proreflow.apps.digits.config import ABLATION_LABELS, DigitsConfig, samples_at
 from proreflow.apps.digits.report import analysis_markdown, results_markdown
 from proreflow.fields.network import NetworkTeacher
+from proreflow.run_lock import run_lock
 from proreflow.sampling import sample
 from proreflow.store import atomic_write_text
 from proreflow.training import check_stop
@@ -81,51 +82,51 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def run_digits(cfg: DigitsConfig, out: Path, progress: bool = True, analyses: bool = True) -> dict:
     """Everything of the benchmark: results.json, results.md and the figures under `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    bench = DigitsBench(cfg, out, progress)
-    log = bench.log
-    results: dict[str, Any] = {"config": json.loads(json.dumps(asdict(cfg), default=str)),
-                               "classifier_heldout_accuracy": bench.classifier_accuracy}
-    results["real"] = {"n_heldout": bench.data.test_x.shape[0], "n_train": bench.data.train_x.shape[0],
-                       "fd_train_images": bench.fd(bench.data.train_x)}  # the floor real images reach
-    log("ODE-solver baselines on the teachers")
-    results["solvers"] = [r for kind in cfg.teacher.kinds for r in _solver_rows(bench, kind)]
-    results["teacher_seconds"] = bench.teacher_seconds
-    students: dict[tuple[str, int, int], StudentRun] = {}
-    trained: dict[tuple, StudentRun] = {}
-    rows = []
-    every_k = set(cfg.steps_methods if cfg.steps_methods is not None else [m.name for m in cfg.methods])
-    jobs = [(m, k, s) for s in cfg.seeds for k in cfg.steps for m in cfg.methods
-            if m.train and samples_at(m, k) and (m.name in every_k or k == cfg.table_steps)]
-    for i, (m, k, s) in enumerate(jobs):
-        check_stop(f"before student {i + 1}/{len(jobs)}")
-        key = (cfg.recipe(m).key(k), s)
-        if key not in trained:
-            log(f"student {i + 1}/{len(jobs)}: {m.name}, {k} steps, seed {s}")
-            trained[key] = train_student(bench, m, k, s)
-        run = trained[key]
-        students[(m.name, k, s)] = StudentRun(m, k, s, run.result, run.seconds)
-        rows.append(_student_row(bench, students[(m.name, k, s)]))
-        log(f"  FD {rows[-1]['fd']:.3f}, class accuracy {rows[-1]['class_accuracy']:.3f}, "
-            f"fidelity {rows[-1]['fidelity_rmse']:.4f}")
-    results["students"] = rows
-    results["table4"] = _table4(cfg, rows)
-    check_stop("before the CFG sweep")
-    log("CFG sweep")
-    results["cfg_sweep"] = _cfg_sweep(bench, students)
-    _plot_samples(bench, students, out / "samples.png")
-    if analyses:
-        check_stop("before the analyses")
-        results["analysis"] = run_analyses(bench, out)
-    results["summary"] = _summary(cfg, results)
-    # what this invocation cost (a rerun on a warm cache skips cached teachers, pairs and students)
-    results["run"] = {"wall_seconds": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads(),
-                      "device": "cpu"}
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    atomic_write_text(out / "results.md", results_markdown(results))
-    log(f"done: {out / 'results.md'}")
-    return results
+    with run_lock(out):  # one writer per folder (docs/reliability.md); makes `out`
+        started = time.perf_counter()
+        bench = DigitsBench(cfg, out, progress)
+        log = bench.log
+        results: dict[str, Any] = {"config": json.loads(json.dumps(asdict(cfg), default=str)),
+                                   "classifier_heldout_accuracy": bench.classifier_accuracy}
+        results["real"] = {"n_heldout": bench.data.test_x.shape[0], "n_train": bench.data.train_x.shape[0],
+                           "fd_train_images": bench.fd(bench.data.train_x)}  # the floor real images reach
+        log("ODE-solver baselines on the teachers")
+        results["solvers"] = [r for kind in cfg.teacher.kinds for r in _solver_rows(bench, kind)]
+        results["teacher_seconds"] = bench.teacher_seconds
+        students: dict[tuple[str, int, int], StudentRun] = {}
+        trained: dict[tuple, StudentRun] = {}
+        rows = []
+        every_k = set(cfg.steps_methods if cfg.steps_methods is not None else [m.name for m in cfg.methods])
+        jobs = [(m, k, s) for s in cfg.seeds for k in cfg.steps for m in cfg.methods
+                if m.train and samples_at(m, k) and (m.name in every_k or k == cfg.table_steps)]
+        for i, (m, k, s) in enumerate(jobs):
+            check_stop(f"before student {i + 1}/{len(jobs)}")
+            key = (cfg.recipe(m).key(k), s)
+            if key not in trained:
+                log(f"student {i + 1}/{len(jobs)}: {m.name}, {k} steps, seed {s}")
+                trained[key] = train_student(bench, m, k, s)
+            run = trained[key]
+            students[(m.name, k, s)] = StudentRun(m, k, s, run.result, run.seconds)
+            rows.append(_student_row(bench, students[(m.name, k, s)]))
+            log(f"  FD {rows[-1]['fd']:.3f}, class accuracy {rows[-1]['class_accuracy']:.3f}, "
+                f"fidelity {rows[-1]['fidelity_rmse']:.4f}")
+        results["students"] = rows
+        results["table4"] = _table4(cfg, rows)
+        check_stop("before the CFG sweep")
+        log("CFG sweep")
+        results["cfg_sweep"] = _cfg_sweep(bench, students)
+        _plot_samples(bench, students, out / "samples.png")
+        if analyses:
+            check_stop("before the analyses")
+            results["analysis"] = run_analyses(bench, out)
+        results["summary"] = _summary(cfg, results)
+        # what this invocation cost (a rerun on a warm cache skips cached teachers, pairs and students)
+        results["run"] = {"wall_seconds": round(time.perf_counter() - started, 1),
+                          "torch_threads": torch.get_num_threads(), "device": "cpu"}
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        atomic_write_text(out / "results.md", results_markdown(results))
+        log(f"done: {out / 'results.md'}")
+        return results
 
 
 def _table4(cfg: DigitsConfig, rows: list[dict]) -> list[dict]:
@@ -198,12 +199,12 @@ def run_analyses(bench: DigitsBench, out: Path) -> dict:
 
 def analyze_digits(cfg: DigitsConfig, out: Path, progress: bool = True) -> dict:
     """Only figs. 1a/1b (teacher analyses), reusing the cached teacher of a `run` in the same `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    bench = DigitsBench(replace(cfg, teacher=replace(cfg.teacher, kinds=[cfg.teacher.distill])), out, progress)
-    res = run_analyses(bench, out)
-    atomic_write_text(out / "analysis.json", json.dumps(res, indent=2) + "\n")
-    atomic_write_text(out / "analysis.md", analysis_markdown(res))
-    return res
+    with run_lock(out):  # one writer per folder
+        bench = DigitsBench(replace(cfg, teacher=replace(cfg.teacher, kinds=[cfg.teacher.distill])), out, progress)
+        res = run_analyses(bench, out)
+        atomic_write_text(out / "analysis.json", json.dumps(res, indent=2) + "\n")
+        atomic_write_text(out / "analysis.md", analysis_markdown(res))
+        return res
 
 
 def _plot_samples(bench: DigitsBench, students: dict[tuple[str, int, int], StudentRun], path: Path) -> None:

@@ -14,6 +14,7 @@ from proreflow.apps.sd.stream import StreamingLatents
 from proreflow.data.captions import read_prompts, read_source
 from proreflow.data.stream import StreamIterator
 from proreflow.errors import ProReflowError
+from proreflow.run_lock import run_lock
 from proreflow.store import check_output_dir, check_resumed_settings, folder_fingerprint, sha256_file
 from proreflow.training import process_state
 from proreflow.training.checkpoint import CheckpointConfig
@@ -21,8 +22,8 @@ from proreflow.training.checkpoint import CheckpointConfig
 
 def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts: Path | None = None,
                 seed: int | None = None, encode_cache: Path | None = None, checkpoint_every: int = 500,
-                resume: bool = False, progress: bool = True, on_step: Callable[..., None] | None = None, stream: bool = False,
-                data_workers: int = 2, text_dtype: str = TEXT_DTYPE) -> dict[str, Any]:
+                resume: bool = False, progress: bool = True, on_step: Callable[..., None] | None = None,
+                stream: bool = False, data_workers: int = 2, text_dtype: str = TEXT_DTYPE) -> dict[str, Any]:
     """Distil `cfg`'s teacher on images + captions (`data`: folder, tar shards or hf:NAME) or on prompts only,
     into the diffusers pipeline `out`. Every input is checked before the pipeline is loaded. With `stream`,
     `data` (tar shards, an image folder or hf:NAME) is read by `data_workers` DataLoader workers and encoded
@@ -53,15 +54,19 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
         state = process_state()  # the shards are found and split before anything is loaded
         stream_ = StreamIterator(data, cfg.resolution, seed, state.process_index, state.num_processes, data_workers)
         pipe = load_pipeline(cfg.model)
-        check_resumed_settings(out, _settings(cfg, data, prompts, stream, text_dtype), resume, state.is_main_process)
-        return distill(cfg, pipe, StreamingLatents(pipe, stream_), out, ckpt, on_step=on_step)
+        main = state.is_main_process
+        with run_lock(out, main):  # one writer per folder, from here to the export
+            check_resumed_settings(out, _settings(cfg, data, prompts, stream, text_dtype), resume, main)
+            return distill(cfg, pipe, StreamingLatents(pipe, stream_), out, ckpt, on_step=on_step)
     records = read_source(data) if data is not None else read_prompts(prompts)
     pipe = load_pipeline(cfg.model)  # float32: build_teacher_student casts only the frozen weights
-    check_resumed_settings(out, _settings(cfg, data, prompts, stream, text_dtype), resume,
-                           process_state().is_main_process)
-    encoded = (encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=progress, text_dtype=text_dtype)
-               if data is not None else encode_prompts_only(pipe, records, cfg.resolution, text_dtype))
-    return distill(cfg, pipe, encoded, out, ckpt, on_step=on_step)
+    main = process_state().is_main_process
+    with run_lock(out, main):  # one writer per folder, from here to the export
+        check_resumed_settings(out, _settings(cfg, data, prompts, stream, text_dtype), resume, main)
+        encoded = (encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=progress,
+                                  text_dtype=text_dtype)
+                   if data is not None else encode_prompts_only(pipe, records, cfg.resolution, text_dtype))
+        return distill(cfg, pipe, encoded, out, ckpt, on_step=on_step)
 
 
 def _settings(cfg: DistillConfig, data: str | None, prompts: Path | None, stream: bool, text_dtype: str) -> dict:

@@ -26,6 +26,7 @@ from proreflow.fields.network import NetworkTeacher
 from proreflow.methods import MethodSpec
 from proreflow.metrics import energy_distance, fidelity_rmse, sliced_wasserstein, straightness
 from proreflow.models.mlp import VelocityMLP
+from proreflow.run_lock import run_lock
 from proreflow.sampling import sample
 from proreflow.solvers import VelocityField
 from proreflow.training import PlanResult, fit, flow_matching_batches, train_plan
@@ -171,18 +172,18 @@ def run_demo(cfg: ToyConfig, steps: list[int], out: Path, seed: int = 0, dataset
     cfg = with_run_settings(cfg, seed, progress)
     validate_plans(cfg, steps)
     setup = prepare(cfg, dataset, data_file, seed, allow_outliers=allow_outliers)
-    cmp = Comparison(cfg, setup, seed)
-    rows, outputs, fields = [], {}, {}
-    jobs = [(k, m) for k in steps for m in cfg.methods]
-    for k, m in tqdm(jobs, desc="methods", disable=not progress, dynamic_ncols=True):
-        row, outputs[(m.name, k)], fields[(m.name, k)] = cmp.score(m, k)
-        rows.append(row)
-    out.mkdir(parents=True, exist_ok=True)
-    write_results(rows, out, setup.teacher_name, cfg)
-    from proreflow.plotting import plot_samples, plot_trajectories
+    with run_lock(out):  # one writer per folder (docs/reliability.md)
+        cmp = Comparison(cfg, setup, seed)
+        rows, outputs, fields = [], {}, {}
+        jobs = [(k, m) for k in steps for m in cfg.methods]
+        for k, m in tqdm(jobs, desc="methods", disable=not progress, dynamic_ncols=True):
+            row, outputs[(m.name, k)], fields[(m.name, k)] = cmp.score(m, k)
+            rows.append(row)
+        write_results(rows, out, setup.teacher_name, cfg)
+        from proreflow.plotting import plot_samples, plot_trajectories
 
-    names = [m.name for m in cfg.methods]
-    plot_samples(outputs, setup.data.test, steps, names, out / "samples.png")
-    plot_trajectories(setup.teacher, fields, cmp.noise[:48], steps, names, out / "trajectories.png",
-                      reference_steps=cfg.eval.reference_steps)
-    return rows
+        names = [m.name for m in cfg.methods]
+        plot_samples(outputs, setup.data.test, steps, names, out / "samples.png")
+        plot_trajectories(setup.teacher, fields, cmp.noise[:48], steps, names, out / "trajectories.png",
+                          reference_steps=cfg.eval.reference_steps)
+        return rows

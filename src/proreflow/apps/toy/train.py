@@ -9,6 +9,7 @@ from pathlib import Path
 from proreflow.apps.toy.config import ToyConfig, config_to_dict, find_method, with_run_settings
 from proreflow.apps.toy.run import Comparison, points_data_fn, prepare, validate_source
 from proreflow.errors import ProReflowError
+from proreflow.run_lock import run_lock
 from proreflow.store import atomic_save_tensors, atomic_write_text, read_json_object
 from proreflow.training import PairCacheConfig, process_state, stop_on_sigterm, train_plan
 from proreflow.training.checkpoint import CheckpointConfig
@@ -43,23 +44,24 @@ def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, 
     elif ckpt.dir.exists() or (out / "student.safetensors").exists():
         raise ProReflowError(f"{str(out)!r} already holds a run; pass --resume latest to continue it "
                              f"or choose another --out")
-    elif process_state().is_main_process:
-        atomic_write_text(out / "run.json", json.dumps(run_args, indent=2) + "\n")
-    cfg = with_run_settings(cfg, seed, progress)
-    with stop_on_sigterm():
-        setup = prepare(cfg, dataset, data_file, seed, ckpt, allow_outliers)
-        started = time.perf_counter()
-        res = train_plan(setup.base, setup.teacher, points_data_fn(setup.data.train), cfg.recipe(spec), k,
-                         checkpoints=ckpt, pair_cache=PairCacheConfig(out / "pairs", cached_pairs) if cached_pairs else None)
-    cmp = Comparison(cfg, setup, seed)
-    cmp.add_trained(spec, k, res, time.perf_counter() - started)
-    row, _, _ = cmp.score(spec, k)
-    state = process_state()
-    if state.is_main_process:  # every process holds the same student; one writes it
-        atomic_save_tensors(res.student.state_dict(), out / "student.safetensors",
-                            metadata={"method": spec.name, "steps": str(k), "windows": json.dumps(plan.final.boundaries),
-                                      "time_sampling": cfg.recipe(spec).sampling.label(),
-                                      "pair_source": spec.pair_source})
-        atomic_write_text(out / "metrics.json", json.dumps(row, indent=2) + "\n")
-    state.wait_for_everyone()
-    return row
+    with run_lock(out, process_state().is_main_process):  # one writer per folder, from here to the end
+        if not resume and process_state().is_main_process:
+            atomic_write_text(out / "run.json", json.dumps(run_args, indent=2) + "\n")
+        cfg = with_run_settings(cfg, seed, progress)
+        with stop_on_sigterm():
+            setup = prepare(cfg, dataset, data_file, seed, ckpt, allow_outliers)
+            started = time.perf_counter()
+            pairs = PairCacheConfig(out / "pairs", cached_pairs) if cached_pairs else None
+            res = train_plan(setup.base, setup.teacher, points_data_fn(setup.data.train), cfg.recipe(spec), k,
+                             checkpoints=ckpt, pair_cache=pairs)
+        cmp = Comparison(cfg, setup, seed)
+        cmp.add_trained(spec, k, res, time.perf_counter() - started)
+        row, _, _ = cmp.score(spec, k)
+        state = process_state()
+        if state.is_main_process:  # every process holds the same student; one writes it
+            meta = {"method": spec.name, "steps": str(k), "windows": json.dumps(plan.final.boundaries),
+                    "time_sampling": cfg.recipe(spec).sampling.label(), "pair_source": spec.pair_source}
+            atomic_save_tensors(res.student.state_dict(), out / "student.safetensors", metadata=meta)
+            atomic_write_text(out / "metrics.json", json.dumps(row, indent=2) + "\n")
+        state.wait_for_everyone()
+        return row
