@@ -99,6 +99,11 @@ ROWS = [
     ("config-hidden-0", [*TRAIN, "--config", "{hidden0}", "--out", "{out}"], "model needs hidden >= 1"),
     ("config-base-lr-negative", [*TRAIN, "--config", "{baselr}", "--out", "{out}"], "base.lr must be a positive number"),
     ("config-eval-solver", [*TRAIN, "--config", "{evalsolver}", "--out", "{out}"], "unknown ODE solver 'midpoint'"),
+    # nested YAML aliases: nine levels hung with no output, five printed a 481 KB error line (issue 26)
+    ("config-alias-bomb-9", ["demo", "--config", "{bomb9}", "--out", "{out}", "--quiet"], "expands to more than"),
+    ("config-alias-bomb-5-run", ["run", "{bomb5}", "--out", "{out}", "--quiet"], "expands to more than"),
+    ("config-alias-bomb-5-distill", ["distill", "--preset", "{bomb5}", "--data", "{images}", "--out", "{out}",
+                                     "--quiet"], "expands to more than"),
     ("config-eval-reference-0", [*TRAIN, "--config", "{evalref0}", "--out", "{out}"],
      "solver steps must be a positive integer, got 0"),
     ("run-steps-vs-windows", ["run", "{digits3}", "--out", "{out}", "--quiet"], "does not reach 3 windows"),
@@ -165,6 +170,10 @@ def _files(tmp: Path) -> dict[str, str]:
              "evalsolver": "eval: {reference_solver: midpoint}\n", "evalref0": "eval: {reference_steps: 0}\n",
              "digits3": "steps: [3]\ntable_steps: 3\n", "betafoo": "vp: {beta_schedule: foo}\n",
              "groups0": "unet: {norm_num_groups: 0}\n"}
+    for levels in (5, 9):  # each level a list of ten aliases of the one above: 10^levels values
+        rows = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+        rows += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+        yamls[f"bomb{levels}"] = "\n".join(rows) + "\n"
     for key, text in yamls.items():
         (tmp / f"{key}.yaml").write_text(text)
         f[key] = str(tmp / f"{key}.yaml")

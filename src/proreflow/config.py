@@ -97,8 +97,31 @@ def read_text_file(path: str | Path, what: str, expected: str) -> str:
         raise ProReflowError(f"{what} {str(p)!r} is not UTF-8 text ({expected} is expected)") from None
 
 
+#: bounds on a config file: its size, and its size with YAML aliases expanded (a nested alias "bomb" is a few
+#: hundred bytes that expand to billions of values, which hung the typed loader with no output)
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_values(data: Any, limit: int) -> int:
+    """The number of values in `data` with every alias expanded, counting stops past `limit`."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_file() and p.stat().st_size > MAX_YAML_BYTES:
+        raise ProReflowError(f"config file {str(p)!r} is {p.stat().st_size} bytes; a preset is at most "
+                             f"{MAX_YAML_BYTES} bytes")
     text = read_text_file(p, "config file", "a YAML file")
     try:
         data = yaml.safe_load(text)
@@ -109,6 +132,9 @@ def load_yaml(path: str | Path) -> dict:
         raise ProReflowError(f"config file {str(p)!r} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ProReflowError(f"config file {str(p)!r} must hold a mapping at the top level")
+    if _expanded_values(data, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise ProReflowError(f"config file {str(p)!r} expands to more than {MAX_YAML_VALUES} values (nested YAML "
+                             f"aliases?); a preset holds a few hundred")
     return data
 
 
