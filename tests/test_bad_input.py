@@ -72,6 +72,11 @@ ROWS = [
      "--seed must be between 0 and"),
     ("guidance-nan-sample", ["sample", "--model", "{tmp}/m", "--prompt", "a cat", "--guidance", "nan", "--out", "{out}"],
      "--guidance must be a finite number"),
+    # step counts past one per training timestep: 1e12 grew memory by 1 GB every 5 s (sample) or hung (evaluate)
+    ("steps-huge-sample", ["sample", "--model", "{tmp}/m", "--prompt", "a cat", "--steps", "1000000000000", "--out",
+                           "{out}"], "--steps must be between 1 and 1000"),
+    ("steps-huge-evaluate", ["evaluate", "--model", "{tmp}/m", "--steps", "1000000000000", "--no-fid", "--no-clip",
+                             "--out", "{out}", "--quiet"], "steps must be between 1 and 1000"),
     ("guidance-nan-evaluate", ["evaluate", "--model", "{tmp}/m", "--guidance", "nan", "--out", "{out}", "--quiet"],
      "--guidance takes comma-separated finite numbers"),
     # -- usage errors: click's own, in our one-line form ---------------------------------------------------

@@ -241,8 +241,8 @@ def sample(
 
     with _errors():
         _check_seed(seed)
-        if steps < 1:
-            raise ProReflowError(f"--steps must be >= 1, got {steps}")
+        if not 1 <= steps <= 1000:  # one per training timestep; 1e12 used to grow memory without end
+            raise ProReflowError(f"--steps must be between 1 and 1000, got {str(steps)[:40]}")
         if not math.isfinite(guidance) or guidance < 0:
             raise ProReflowError(f"--guidance must be a finite number >= 0, got {guidance}")
         for flag, v in (("--height", height), ("--width", width)):
