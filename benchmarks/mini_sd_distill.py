@@ -1,8 +1,9 @@
 """The main job on a trained SD-shaped teacher, run as an SD user runs it (docs/mini-sd.md):
 
 1. the mini Stable Diffusion teacher (`proreflow mini-teacher`, cached) and its training images as a folder;
-2. `proreflow distill --preset mini-sd-proreflow-I --model <teacher> --data <images>` (timed), once with the
-   run-wide warm-up (the default) and once with a warm-up per stage (`train.warmup_scope: stage`, the old rule);
+2. `proreflow distill --preset mini-sd-proreflow-I --model <teacher> --data <images>` (timed): the preset (velocity
+   MSE) and the eps-space MSE (`method.loss_weighting: output`, the old default) at two seeds each, and the eps-space
+   MSE with a warm-up per stage (`train.warmup_scope: stage`, the old rule);
 3. each student opened with stock `StableDiffusionPipeline.from_pretrained` (its exported DDIMScheduler) and sampled
    at 4 steps, next to the teacher under diffusers' DDIM (trailing) at 4 and 32 steps, at guidance 1 and 4;
 4. the conventions on the trained teacher: our sampler (`make_scheduler("proreflow")`) against diffusers' DDIM from
@@ -38,10 +39,20 @@ from proreflow.metrics_classifier import ClassifierMetrics, to_classifier_input 
 from proreflow.store import atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = {"proreflow-I (warm-up once per run)": "run", "proreflow-I (warm-up per stage)": "stage"}
+EPS = {"method": {"loss_weighting": "output"}}
+# row name -> (student folder under --students, what the variant changes in the preset); "seed 1" rows repeat the
+# variant above them with another training seed (pairs, noise, time draws and data order all follow it)
+VARIANTS = {
+    "proreflow-I (velocity MSE, the preset)": ("velocity", {}),
+    "proreflow-I (velocity MSE, the preset), seed 1": ("velocity-seed1", {"train": {"seed": 1}}),
+    "proreflow-I (eps-space MSE)": ("run", EPS),
+    "proreflow-I (eps-space MSE), seed 1": ("run-seed1", {**EPS, "train": {"seed": 1}}),
+    "proreflow-I (eps-space MSE, warm-up per stage)": ("stage", {**EPS, "train": {"warmup_scope": "stage"}}),
+}
 
 
-def distill(name: str, scope: str, teacher: Path, data: Path, root: Path, threads: int) -> tuple[Path, float]:
+def distill(name: str, scope: str, changes: dict, teacher: Path, data: Path, root: Path,
+            threads: int) -> tuple[Path, float]:
     """`proreflow distill` in a fresh process, as a user runs it; (student folder, wall seconds). Finished runs are
     kept (their time from the first run's record)."""
     out = root / scope
@@ -49,7 +60,8 @@ def distill(name: str, scope: str, teacher: Path, data: Path, root: Path, thread
     if (out / "model_index.json").is_file() and record.is_file():
         return out, json.loads(record.read_text())["seconds"]
     preset = yaml.safe_load((PRESET_DIR / "mini-sd-proreflow-I.yaml").read_text())
-    preset["train"]["warmup_scope"] = scope
+    for section, values in changes.items():
+        preset[section] = {**preset[section], **values}
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{scope}.yaml"
     path.write_text(yaml.safe_dump(preset))
@@ -129,8 +141,8 @@ def main() -> None:
     teacher_summary = train_mini_teacher(load_minisd_config(), args.teacher)
     if not args.data.is_dir():
         write_image_folder(args.data, split="train", limit=args.images, seed=0)
-    students = {name: distill(name, scope, args.teacher, args.data, args.students, args.threads)
-                for name, scope in VARIANTS.items()}
+    students = {name: distill(name, scope, changes, args.teacher, args.data, args.students, args.threads)
+                for name, (scope, changes) in VARIANTS.items()}
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -192,6 +204,17 @@ def markdown(r: dict) -> str:
     for x in r["rows"]:
         lines.append(f"| {x['model']} | {x['scheduler']} | {x['steps']} | {x['guidance']:g} | {x['fd']:.2f} | "
                      f"{x['prompt_accuracy']:.3f} | {x['fidelity_rmse']:.4f} | {x['seconds_per_image']:.4f} |")
+    groups: dict = {}
+    for x in r["rows"]:
+        if x["model"].startswith("proreflow"):
+            groups.setdefault((x["model"].split(", seed")[0], x["guidance"]), []).append(x)
+    lines += ["", "Mean ± std over the seeds of each variant:", "",
+              "| variant | guidance | seeds | FD ↓ | prompt accuracy ↑ | fidelity RMSE ↓ |", "|---|---|---|---|---|---|"]
+    for (name, g), xs in groups.items():
+        cell = lambda key, f: f"{statistics.mean(x[key] for x in xs):{f}}" + (
+            f" ± {statistics.stdev(x[key] for x in xs):{f}}" if len(xs) > 1 else "")
+        lines.append(f"| {name} | {g:g} | {len(xs)} | {cell('fd', '.2f')} | {cell('prompt_accuracy', '.3f')} | "
+                     f"{cell('fidelity_rmse', '.4f')} |")
     lines += ["", "Distillation wall time (`proreflow distill`, fresh process, teacher pairs included): " +
               ", ".join(f"{k}: {v / 60:.1f} min" for k, v in r["distill_seconds"].items()) + ".", "",
               "Our sampler (`make_scheduler(\"proreflow\")`) against diffusers' DDIM trailing, same noise, trained "
