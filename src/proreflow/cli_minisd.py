@@ -29,7 +29,7 @@ def mini_teacher(
     limit: Optional[int] = typer.Option(None, help="Use (or write) only the first N training images."),
     quiet: bool = typer.Option(False, help="No progress bars or log lines."),
 ) -> None:
-    """Train a mini Stable Diffusion teacher on CPU (SD1.5's shape, schedule and objective; ~25 min on 2 cores with
+    """Train a mini Stable Diffusion teacher on CPU (SD1.5's shape, schedule and objective; ~26 min on 2 cores with
     the default preset) and write it as a diffusers StableDiffusionPipeline folder (docs/mini-sd.md)."""
     from proreflow.cli import _check_seed, _errors, _resume_latest
 
