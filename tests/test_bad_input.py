@@ -77,6 +77,13 @@ ROWS = [
                            "{out}"], "--steps must be between 1 and 1000"),
     ("steps-huge-evaluate", ["evaluate", "--model", "{tmp}/m", "--steps", "1000000000000", "--no-fid", "--no-clip",
                              "--out", "{out}", "--quiet"], "steps must be between 1 and 1000"),
+    # NaN / inf scheduler settings sampled black images that were then scored (issue 26)
+    ("scheduler-setting-nan", ["evaluate", "--model", "{tmp}/m", "--scheduler", "ddim", "--scheduler-setting",
+                               "beta_start=.nan", "--no-fid", "--no-clip", "--out", "{out}", "--quiet"], "must be finite"),
+    ("scheduler-setting-beta-negative", ["evaluate", "--model", "{tmp}/m", "--scheduler", "ddim", "--scheduler-setting",
+                                         "beta_end=-0.01", "--no-fid", "--no-clip", "--out", "{out}", "--quiet"],
+     "must be in (0, 1)"),
+    ("suite-override-inf", ["evaluate", "--suite", "{infsuite}", "--out", "{out}", "--quiet"], "must be finite"),
     ("guidance-nan-evaluate", ["evaluate", "--model", "{tmp}/m", "--guidance", "nan", "--out", "{out}", "--quiet"],
      "--guidance takes comma-separated finite numbers"),
     # -- usage errors: click's own, in our one-line form ---------------------------------------------------
@@ -174,7 +181,9 @@ def _files(tmp: Path) -> dict[str, str]:
              "inflr": "train: {lr: .inf}\n", "hidden0": "model: {hidden: 0}\n", "baselr": "base: {lr: -1}\n",
              "evalsolver": "eval: {reference_solver: midpoint}\n", "evalref0": "eval: {reference_steps: 0}\n",
              "digits3": "steps: [3]\ntable_steps: 3\n", "betafoo": "vp: {beta_schedule: foo}\n",
-             "groups0": "unet: {norm_num_groups: 0}\n"}
+             "groups0": "unet: {norm_num_groups: 0}\n",
+             "infsuite": "eval: {captions: prompts, prompts: p.txt, fid: false, clip: false}\nruns:\n"
+                         "  - {name: t, model: m, scheduler: ddim, scheduler_overrides: {beta_start: .inf}}\n"}
     for levels in (5, 9):  # each level a list of ten aliases of the one above: 10^levels values
         rows = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
         rows += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]

@@ -5,6 +5,7 @@ timesteps by default, so that sampling starts at the noisiest timestep, as our w
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from proreflow.errors import ProReflowError
@@ -42,6 +43,13 @@ def check_overrides(name: str, overrides: dict[str, Any] | None) -> None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; it has {', '.join(known)}"
             raise ProReflowError(f"unknown setting {key!r} of the {name!r} scheduler ({cls_name}){hint}")
+    for key, value in overrides.items():  # a NaN or infinite beta samples black images that then get scored
+        values = value if isinstance(value, (list, tuple)) else [value]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if any(not math.isfinite(v) for v in numbers):
+            raise ProReflowError(f"setting {key!r} of the {name!r} scheduler must be finite, got {str(value)[:80]}")
+        if key in ("beta_start", "beta_end") and any(not 0 < v < 1 for v in numbers):
+            raise ProReflowError(f"setting {key!r} of the {name!r} scheduler must be in (0, 1), got {value}")
 
 
 def make_solver(name: str, config: Any, timestep_spacing: str | None = "trailing", flow: bool = False,
