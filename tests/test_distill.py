@@ -195,7 +195,7 @@ def test_distill_resumes_only_the_run_it_started(tmp_path, teacher_dir, image_fo
                           (["--data", str(more)], "data")):
         args = [*base, "--resume", "latest", *extra]
         r = runner.invoke(app, args)
-        assert r.exit_code == 2 and "was started with other settings" in r.stderr and needle in r.stderr, (extra, r.output)
+        assert r.exit_code == 2 and "was started with different settings" in r.stderr and needle in r.stderr, (extra, r.output)
         assert not (out / "model_index.json").exists()
     r = runner.invoke(app, [*base, "--resume", "latest"])  # the same settings resume
     assert r.exit_code == 0, r.output

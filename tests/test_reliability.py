@@ -112,7 +112,7 @@ def test_existing_run_is_never_overwritten_and_resume_checks_settings(tmp_path, 
     again = _run(out)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     changed = _run(out, "--resume", "latest", "--seed", "1")
-    assert changed.returncode == 2 and "different settings (seed)" in changed.stderr
+    assert changed.returncode == 2 and "different settings (seed: 0 -> 1)" in changed.stderr
     assert (out / "student.safetensors").read_bytes() == before
     empty = _run(tmp_path / "nothing", "--resume", "latest")
     assert empty.returncode == 2 and "no run to resume" in empty.stderr

@@ -117,24 +117,27 @@ def settings_changes(before: Any, now: Any, prefix: str = "") -> list[str]:
     return [f"{prefix or 'settings'}: {cut(before)} -> {cut(now)}"]
 
 
-def check_resumed_settings(folder: Path, settings: dict[str, Any], resume: bool, main_process: bool = True) -> None:
-    """Resume is for the same run: `folder/run.json` holds the settings a run started with, and `resume` refuses
-    any difference with a one-line diff; a new run writes them (main process only). Call after validation,
-    before any work."""
+def check_resumed_settings(folder: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Resume is for the same run: `folder/run.json` holds the settings a run started with (`record_settings`),
+    and `resume` refuses a missing file or any difference, with a one-line diff. Validation only: nothing is
+    written, so call it before the run takes its folder."""
+    if not resume:
+        return
     path = Path(folder) / "run.json"
-    if resume:
-        if not path.is_file():
-            raise ProReflowError(f"--resume latest: {str(folder)!r} holds no run.json, so its settings are unknown; "
-                                 f"start a new run with another --out")
-        changes = settings_changes(read_json_object(path, "the run's settings",
-                                                    "it cannot be resumed; start a new run with another --out"),
-                                   json.loads(json.dumps(settings, default=str)))
-        if changes:
-            shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
-            raise ProReflowError(f"--resume latest: the run in {str(folder)!r} was started with other settings "
-                                 f"({shown}); resume with the same ones or start a new run with another --out")
-    elif main_process:
-        atomic_write_text(path, json.dumps(settings, indent=2, default=str) + "\n")
+    if not path.is_file():
+        raise ProReflowError(f"--resume latest: {str(folder)!r} holds no run to resume (no run.json)")
+    changes = settings_changes(read_json_object(path, "the run's settings",
+                                                "it cannot be resumed; start a new run with another --out"),
+                               json.loads(json.dumps(settings, default=str)))
+    if changes:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise ProReflowError(f"--resume latest: the run in {str(folder)!r} was started with different settings "
+                             f"({shown}); resume with the same ones or start a new run with another --out")
+
+
+def record_settings(folder: Path, settings: dict[str, Any]) -> None:
+    """Write the settings a new run starts with to `folder/run.json` (one process), for `check_resumed_settings`."""
+    atomic_write_text(Path(folder) / "run.json", json.dumps(settings, indent=2, default=str) + "\n")
 
 
 def folder_fingerprint(spec: str | Path) -> str:

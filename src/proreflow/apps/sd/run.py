@@ -15,7 +15,8 @@ from proreflow.data.captions import read_prompts, read_source
 from proreflow.data.stream import StreamIterator
 from proreflow.errors import ProReflowError
 from proreflow.run_lock import run_lock
-from proreflow.store import check_output_dir, check_resumed_settings, folder_fingerprint, sha256_file
+from proreflow.store import (check_output_dir, check_resumed_settings, folder_fingerprint, record_settings,
+                             sha256_file)
 from proreflow.training import process_state
 from proreflow.training.checkpoint import CheckpointConfig
 
@@ -53,20 +54,23 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
             raise ProReflowError(f"--data-workers must be >= 0, got {data_workers}")
         state = process_state()  # the shards are found and split before anything is loaded
         stream_ = StreamIterator(data, cfg.resolution, seed, state.process_index, state.num_processes, data_workers)
-        pipe = load_pipeline(cfg.model)
-        main = state.is_main_process
-        with run_lock(out, main):  # one writer per folder, from here to the export
-            check_resumed_settings(out, _settings(cfg, data, prompts, stream, text_dtype), resume, main)
-            return distill(cfg, pipe, StreamingLatents(pipe, stream_), out, ckpt, on_step=on_step)
-    records = read_source(data) if data is not None else read_prompts(prompts)
+    else:
+        records = read_source(data) if data is not None else read_prompts(prompts)
     pipe = load_pipeline(cfg.model)  # float32: build_teacher_student casts only the frozen weights
+    settings = _settings(cfg, data, prompts, stream, text_dtype)
+    check_resumed_settings(out, settings, resume)
     main = process_state().is_main_process
     with run_lock(out, main):  # one writer per folder, from here to the export
-        check_resumed_settings(out, _settings(cfg, data, prompts, stream, text_dtype), resume, main)
-        encoded = (encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=progress,
-                                  text_dtype=text_dtype)
-                   if data is not None else encode_prompts_only(pipe, records, cfg.resolution, text_dtype))
-        return distill(cfg, pipe, encoded, out, ckpt, on_step=on_step)
+        if main and not resume:
+            record_settings(out, settings)
+        if stream:
+            source = StreamingLatents(pipe, stream_)
+        elif data is not None:
+            source = encode_records(pipe, records, cfg.resolution, seed, encode_cache, progress=progress,
+                                    text_dtype=text_dtype)
+        else:
+            source = encode_prompts_only(pipe, records, cfg.resolution, text_dtype)
+        return distill(cfg, pipe, source, out, ckpt, on_step=on_step)
 
 
 def _settings(cfg: DistillConfig, data: str | None, prompts: Path | None, stream: bool, text_dtype: str) -> dict:

@@ -10,7 +10,7 @@ from proreflow.apps.toy.config import ToyConfig, config_to_dict, find_method, wi
 from proreflow.apps.toy.run import Comparison, points_data_fn, prepare, validate_source
 from proreflow.errors import ProReflowError
 from proreflow.run_lock import run_lock
-from proreflow.store import atomic_save_tensors, atomic_write_text, read_json_object
+from proreflow.store import atomic_save_tensors, atomic_write_text, check_resumed_settings, record_settings
 from proreflow.training import PairCacheConfig, process_state, stop_on_sigterm, train_plan
 from proreflow.training.checkpoint import CheckpointConfig
 
@@ -32,21 +32,13 @@ def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, 
     run_args = {"method": method, "steps": k, "seed": seed, "dataset": dataset, "cached_pairs": cached_pairs,
                 "data": str(Path(data_file).resolve()) if data_file else None, "config": config_to_dict(cfg),
                 "allow_outliers": allow_outliers}
-    if resume:
-        if not (out / "run.json").is_file():
-            raise ProReflowError(f"--resume latest: {str(out)!r} holds no run to resume (no run.json)")
-        previous = read_json_object(out / "run.json", "the run's settings",
-                                    "it cannot be resumed; start a new run with another --out")
-        if previous != run_args:
-            changed = sorted(key for key in run_args if previous.get(key) != run_args[key])
-            raise ProReflowError(f"--resume latest: the run in {str(out)!r} was started with different "
-                                 f"settings ({', '.join(changed)}); resume with the same ones")
-    elif ckpt.dir.exists() or (out / "student.safetensors").exists():
+    check_resumed_settings(out, run_args, resume)
+    if not resume and (ckpt.dir.exists() or (out / "student.safetensors").exists()):
         raise ProReflowError(f"{str(out)!r} already holds a run; pass --resume latest to continue it "
                              f"or choose another --out")
     with run_lock(out, process_state().is_main_process):  # one writer per folder, from here to the end
         if not resume and process_state().is_main_process:
-            atomic_write_text(out / "run.json", json.dumps(run_args, indent=2) + "\n")
+            record_settings(out, run_args)
         cfg = with_run_settings(cfg, seed, progress)
         with stop_on_sigterm():
             setup = prepare(cfg, dataset, data_file, seed, ckpt, allow_outliers)
