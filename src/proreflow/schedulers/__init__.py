@@ -25,9 +25,12 @@ PUBLISHED: dict[str, str | None] = {"perflow": "diff_eps", "perflow-ddim-eps": "
 PERFLOW_WINDOWS = 4
 #: every name `make_scheduler` (and `proreflow evaluate --scheduler`) knows
 NAMES: tuple[str, ...] = (*SOLVERS, "proreflow", *PUBLISHED)
+#: the most inference steps a sampler may take: one per training timestep of SD-style schedulers (1000); more is
+#: no sampler (`sample --steps 1e12` grew memory without end, `evaluate` hung)
+MAX_SAMPLING_STEPS = 1000
 
-__all__ = ["NAMES", "PERFLOW_WINDOWS", "PUBLISHED", "SOLVERS", "SPACED", "check_overrides", "make_scheduler",
-           "make_solver"]
+__all__ = ["MAX_SAMPLING_STEPS", "NAMES", "PERFLOW_WINDOWS", "PUBLISHED", "SOLVERS", "SPACED", "check_overrides",
+           "make_scheduler", "make_solver"]
 
 
 def make_scheduler(name: str, config: Any, steps: int = 1, timestep_spacing: str | None = "trailing",

@@ -14,9 +14,6 @@ from proreflow.config import from_dict, load_yaml, merge, resolve_preset
 from proreflow.data.coco import CAPTION_SETS
 from proreflow.errors import ProReflowError
 
-#: the most inference steps a run may take: one per training timestep of SD-style schedulers (1000)
-MAX_SAMPLING_STEPS = 1000
-
 #: the scheduler names of `--scheduler`: diffusers' solvers, our windowed Euler, published students' samplers
 SCHEDULERS = schedulers.NAMES
 
@@ -59,9 +56,9 @@ class RunSpec:
     def __post_init__(self) -> None:
         if self.paper is not None:
             _check_paper(self.name, self.paper)
-        if not 1 <= self.steps <= MAX_SAMPLING_STEPS:  # more steps than training timesteps is no sampler
-            raise ProReflowError(f"run {self.name!r}: steps must be between 1 and {MAX_SAMPLING_STEPS}, got "
-                                 f"{str(self.steps)[:40]}")
+        most = schedulers.MAX_SAMPLING_STEPS  # one per training timestep: more is no sampler
+        if not 1 <= self.steps <= most:
+            raise ProReflowError(f"run {self.name!r}: steps must be between 1 and {most}, got {str(self.steps)[:40]}")
         if self.resolution is not None and (isinstance(self.resolution, bool) or not isinstance(self.resolution, int)
                                             or self.resolution < 8 or self.resolution % 8):
             raise ProReflowError(f"run {self.name!r}: resolution must be a multiple of 8 pixels (the VAE's), "

@@ -31,7 +31,7 @@ def device_name(device: torch.device) -> str:
 
 def load_eval_pipeline(spec: RunSpec, dtype: str = "auto", device: torch.device | None = None) -> Any:
     """The run's diffusers pipeline on `device`, with its LoRA fused and its scheduler swapped in."""
-    from proreflow.apps.sd.export import keep_windows, load_diffusers_pipeline
+    from proreflow.apps.sd.export import keep_windows, load_diffusers_pipeline, student_windows
 
     device = device or pick_device()
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
@@ -65,7 +65,7 @@ def load_eval_pipeline(spec: RunSpec, dtype: str = "auto", device: torch.device 
         pipe.scheduler = run_scheduler(spec.scheduler, pipe.scheduler, spec.steps, spec.timestep_spacing,
                                        spec.scheduler_overrides)
     else:  # the student's own scheduler: a flow student's stock one follows its windows only at one step each
-        keep_windows(pipe, spec.model, spec.steps)
+        keep_windows(pipe, student_windows(spec.model), spec.steps)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from proreflow.errors import ProReflowError
+from proreflow.schedulers import MAX_SAMPLING_STEPS
 from proreflow.schedulers.proreflow import (ProReflowFlowScheduler, ProReflowScheduler, flow_scheduler_for,
                                            scheduler_for, stock_flow_scheduler_for, stock_scheduler_for)
 from proreflow.store import atomic_write_text
@@ -82,11 +83,10 @@ def student_windows(model: str) -> WindowSchedule | None:
         raise ProReflowError(f"cannot read the student's windows from {str(summary)!r} ({exc})") from None
 
 
-def keep_windows(pipe: Any, model: str, steps: int) -> Any:
+def keep_windows(pipe: Any, windows: WindowSchedule | None, steps: int) -> Any:
     """A flow student exported with stock `FlowMatchEulerDiscreteScheduler` is exact at one step per window; at
     more steps its sigmas no longer follow the windows, so our `ProReflowFlowScheduler` (m steps per window) samples
-    it instead. Anything else is left as it is. Returns `pipe`."""
-    windows = student_windows(model)
+    it instead. Anything else (no student `windows`, another scheduler) is left as it is. Returns `pipe`."""
     stock_flow = type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     if windows is not None and steps > windows.num_windows and stock_flow:
         pipe.scheduler = flow_scheduler_for(pipe.scheduler.config, windows)
@@ -94,14 +94,16 @@ def keep_windows(pipe: Any, model: str, steps: int) -> Any:
 
 
 def load_for_sampling(model: str, steps: int) -> Any:
-    """`load_diffusers_pipeline(model)`, refusing a step count that is not a multiple of a student's windows: a
-    student exported with stock DDIM would take any count, but only multiples of its windows are what it learnt.
-    The windows come from the student's `proreflow.json` (none for other pipelines: any count); `keep_windows`
-    then keeps a flow student's steps on its windows."""
+    """`load_diffusers_pipeline(model)`, refusing a step count past `MAX_SAMPLING_STEPS` or not a multiple of a
+    student's windows: a student exported with stock DDIM would take any count, but only multiples of its windows
+    are what it learnt. The windows come from the student's `proreflow.json` (none for other pipelines: any
+    count); `keep_windows` then keeps a flow student's steps on its windows."""
+    if not 1 <= steps <= MAX_SAMPLING_STEPS:
+        raise ProReflowError(f"--steps must be between 1 and {MAX_SAMPLING_STEPS}, got {str(steps)[:40]}")
     windows = student_windows(model)
     if windows is not None:
         windows.steps_per_window(steps)  # refuses with "... multiple of the student's K windows"
-    return keep_windows(load_diffusers_pipeline(model), model, steps)
+    return keep_windows(load_diffusers_pipeline(model), windows, steps)
 
 
 def student_scheduler(pipe: Any, windows: WindowSchedule) -> tuple[Any, str]:
