@@ -66,6 +66,4 @@ def aligned(lam: float, weighted: bool = True) -> LossFn:
     is then measured on the velocity itself, where a one-step-per-window sampler's error is made."""
     if not (lam >= 0):  # also rejects NaN
         raise ProReflowError(f"direction weight lambda must be >= 0, got {lam}")
-    if not weighted:
-        return lambda pred, target, weight=None: aligned_loss(pred, target, lam, None)
-    return lambda pred, target, weight=None: aligned_loss(pred, target, lam, weight)
+    return lambda pred, target, weight=None: aligned_loss(pred, target, lam, weight if weighted else None)

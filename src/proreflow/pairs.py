@@ -145,19 +145,19 @@ def make_window_pairs(teacher: VelocityField, x0: Tensor, schedule: WindowSchedu
     top = windows == 0  # starts at pure noise: exactly what the teacher's samplers feed there
     x_a[top] = noise[top] * entry.scale
     per = NFE_PER_STEP[solver.method]
+    # the grid points across each window, for the solvers that step on a grid
+    grids = [solver.grid_in(b[w], b[w + 1]) for w in range(len(b) - 1)] if solver.mode in ("grid", "placed") else None
     if solver.mode == "per_window":
         x_b = solve(teacher, x_a, t_a, t_b, solver.steps, solver.method, cond)
         nfe = n * solver.steps * per
-    elif solver.mode in ("grid", "placed") and len(grids := {len(solver.grid_in(b[w], b[w + 1]))
-                                                           for w in range(len(b) - 1)}) == 1:
+    elif grids is not None and len({len(g) for g in grids}) == 1:
         # every window takes the same number of grid steps (DDIM-32's grid over 8, 4 or 2 windows at the teacher's
         # timesteps): one batched solve, each sample on its own window's grid, instead of one small solve per window
-        table = torch.tensor([solver.grid_in(b[w], b[w + 1]) for w in range(len(b) - 1)], dtype=x0.dtype,
-                             device=x0.device)[windows]
+        table = torch.tensor(grids, dtype=x0.dtype, device=x0.device)[windows]
         x_b = x_a
         for j in range(table.shape[1] - 1):
             x_b = solve(teacher, x_b, table[:, j], table[:, j + 1], 1, solver.method, cond)
-        nfe = n * (grids.pop() - 1) * per
+        nfe = n * (len(grids[0]) - 1) * per
     else:  # step counts differ per window: one batched solve per window present
         x_b = torch.empty_like(x_a)
         nfe = 0
@@ -165,8 +165,8 @@ def make_window_pairs(teacher: VelocityField, x0: Tensor, schedule: WindowSchedu
         for w in torch.unique(windows).tolist():
             m = windows == w
             cond_m = map_cond(cond, lambda c: c[m])
-            if solver.mode in ("grid", "placed"):
-                points = solver.grid_in(b[w], b[w + 1])
+            if grids is not None:
+                points = grids[w]
                 x = x_a[m]
                 for s_a, s_b in zip(points[:-1], points[1:]):
                     x = solve(teacher, x, s_a, s_b, 1, solver.method, cond_m)
