@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/proreflow demo --out demo-out
+	$(VENV)/bin/proreflow demo --out demo-out --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -67,7 +67,7 @@ def distill(name: str, scope: str, changes: dict, teacher: Path, data: Path, roo
     path.write_text(yaml.safe_dump(preset))
     resume = ["--resume", "latest"] if (out / "checkpoints").is_dir() else []
     cmd = [sys.executable, "-m", "proreflow.cli", "distill", "--preset", str(path), "--model", str(teacher),
-           "--data", str(data), "--out", str(out), "--quiet", *resume]  # each run encodes --data itself, as a user's
+           "--data", str(data), "--out", str(out), "--quiet", "--validate-every", "50", *resume]  # each run encodes --data itself, as a user's
     print(f"{name}: {' '.join(cmd)}", flush=True)
     started = time.perf_counter()
     subprocess.run(cmd, check=True, env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads)})

@@ -43,6 +43,15 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert by["proreflow"]["optimizer_steps"] == by["2-rectified-flow"]["optimizer_steps"] == 300
     assert by["proreflow"]["fidelity_rmse"] < 0.6 * by["teacher-euler"]["fidelity_rmse"]
     assert by["2-rectified-flow"]["straightness"] < 0.2 * by["teacher-euler"]["straightness"]
+    # a second demo into the folder is refused (it used to replace these results silently); --overwrite replaces them
+    before = (out / "results.json").read_bytes()
+    again = ["demo", "--steps", "1", "--out", str(out), "--quiet", "--budget", "4", "--base-steps", "2"]
+    result = runner.invoke(app, again)
+    assert result.exit_code == 2 and "already holds a demo's results" in result.stderr, result.output
+    assert (out / "results.json").read_bytes() == before
+    result = runner.invoke(app, [*again, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert {r["steps"] for r in json.loads((out / "results.json").read_text())} == {1}
     assert by["proreflow"]["time_sampling"] == "start" and by["2-rectified-flow"]["time_sampling"] == "uniform"
     assert (out / "results.md").read_text().count("\n|") >= 7
     for png in ("samples.png", "trajectories.png"):
@@ -65,3 +74,55 @@ def test_learned_teacher_runs_on_builtin_and_user_data(tmp_path, source):
     rows = json.loads((out / "results.json").read_text())
     assert len(rows) == 6 and all(np.isfinite(r["fidelity_rmse"]) for r in rows)
     assert "flow-matching MLP on " + ("pts.npy" if source == "file" else "moons") in (out / "results.md").read_text()
+
+
+def test_an_exit_from_inside_a_command_passes_through_our_error_handling():
+    """`proreflow --help | head -1` ended in a traceback: rich exits on the broken pipe, and our handler's `except`
+    named `click.exceptions.Abort`, which the installed typer's click copy lacks, so any exception reaching it
+    (SystemExit here) became an AttributeError."""
+    import typer
+
+    from proreflow.cli import _Commands
+
+    demo = typer.Typer(cls=_Commands)
+
+    @demo.command()
+    def boom() -> None:
+        sys.exit(3)
+
+    @demo.command()
+    def other() -> None:
+        pass
+
+    with pytest.raises(SystemExit) as exc:
+        typer.main.get_command(demo).main(["boom"], prog_name="demo")
+    assert exc.value.code == 3
+    r = subprocess.run(f"{sys.executable} -m proreflow.cli --help | head -c 10", shell=True, capture_output=True,
+                       text=True)
+    assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_quiet_sends_warnings_to_a_log_and_the_error_line_comes_last(tmp_path, monkeypatch):
+    """Errors used to come after lines of third-party warnings even with --quiet (issue 26 item 7)."""
+    import logging
+    import warnings
+
+    from proreflow.errors import ProReflowError
+
+    def noisy_load(model):
+        warnings.warn("`some_option` is deprecated and will be removed", FutureWarning)
+        logging.getLogger("diffusers.pipelines").warning("an unexpected key was ignored")
+        raise ProReflowError("cannot load the teacher")
+
+    monkeypatch.setattr("proreflow.apps.sd.run.load_pipeline", noisy_load)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    args = ["distill", "--prompts", str(prompts), "--out", str(tmp_path / "o")]
+    r = runner.invoke(app, [*args, "--quiet"])
+    assert r.exit_code == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: cannot load the teacher")
+    log = r.stderr.split("warnings and library messages: ")[1].rstrip(")\n")
+    text = open(log, encoding="utf-8").read()
+    assert "deprecated" in text and "an unexpected key was ignored" in text
+    r = runner.invoke(app, args)  # without --quiet nothing is rerouted and no log is named
+    assert r.exit_code == 2 and "library messages" not in r.stderr

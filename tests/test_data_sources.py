@@ -94,6 +94,26 @@ def test_tar_shard_errors(tmp_path, shards):
         read_tar_shards(tmp_path / "junk.tar")
     with pytest.raises(ProReflowError, match="no .tar shards"):
         read_tar_shards(tmp_path / "nothing-*.tar")
+    # a shard cut at a member boundary is a valid, shorter archive to tarfile: refused by its missing end marker
+    whole = (shards / "00000.tar").read_bytes()
+    with tarfile.open(shards / "00000.tar") as tar:
+        members = tar.getmembers()
+    cut = members[3].offset  # the header of sample001.txt: the first sample is complete before it
+    (tmp_path / "cut.tar").write_bytes(whole[:cut])
+    with tarfile.open(tmp_path / "cut.tar") as tar:  # what a reader without the check sees: no error, 3 members
+        assert len(tar.getmembers()) == 3
+    with pytest.raises(ProReflowError, match="ends without the end-of-archive marker: it was cut short"):
+        read_tar_shards(tmp_path / "cut.tar")
+    # an undecodable image is named by its member and shard (it was named only as 'bytes')
+    with tarfile.open(tmp_path / "badimg.tar", "w") as tar:
+        _add(tar, "x.txt", b"a cat")
+        _add(tar, "x.png", b"not a png")
+    (data, caption), = read_tar_shards(tmp_path / "badimg.tar")
+    with pytest.raises(ProReflowError, match=r"cannot read image 'x.png in .*badimg.tar'"):
+        prepare_image(data, 16)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(data)).where == data.where  # the name travels to DataLoader workers
 
 
 def test_hf_dataset_adapter_and_missing_dependency(monkeypatch):

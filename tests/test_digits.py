@@ -190,7 +190,7 @@ def test_pair_cache_round_trips_nested_conditioning(tmp_path):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
-    result = runner.invoke(app, ["run", "digits-smoke", "--out", str(out), "--quiet"])
+    result = runner.invoke(app, ["run", "digits-smoke", "--out", str(out), "--quiet", "--validate-every", "4"])
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "results.json").read_text())
 
@@ -213,6 +213,11 @@ def test_smoke_run_writes_every_result(smoke_run):
     assert students[("proreflow", 4, 0)]["teacher_nfe_per_pair"] < 2.0
     assert ("proreflow", 1, 1) in students and ("proreflow-prev-stage", 4, 1) in students  # every row at every seed
     assert ("proreflow-prev-stage", 1, 0) not in students  # methods outside steps_methods: table steps only
+    # every student trained logs its curves and validation renders (issue 28), one run folder each
+    runs = {p.name for p in (out / "logs").iterdir()}
+    assert {"perflow-k4-s0", "proreflow-k4-s1", "proreflow-k1-s0", "teacher-vp", "teacher-flow"} <= runs
+    assert (out / "validation" / "perflow-k4-s0" / "step-0000008.png").is_file()
+    assert (out / "validation" / "perflow-k4-s0" / "teacher.png").is_file()
     assert "| proreflow | 1 | 8→4→2→1 |" in (out / "results.md").read_text() and " ± " in (out / "results.md").read_text()
     # ProReflow-III: a one-step student from 8 -> 4 -> 2 -> 1 windows; windows that do not divide k are skipped
     assert students[("proreflow", 1, 0)]["windows"] == [8, 4, 2, 1]

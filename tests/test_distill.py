@@ -159,7 +159,7 @@ def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder, monkeypatch
                             "--width", "16", "--out", str(tmp_path / "png3")])
     assert r.exit_code == 2 and "multiple of the student's 2 windows" in r.stderr
     r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--height", "12"])  # was a traceback
-    assert r.exit_code == 2 and "--height must be a positive multiple of 8, got 12" in r.stderr, r.output
+    assert r.exit_code == 2 and "--height must be a positive multiple of 8 up to 4096, got 12" in r.stderr, r.output
     r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--guidance", "nan"])  # was accepted
     assert r.exit_code == 2 and "--guidance must be a finite number >= 0, got nan" in r.stderr, r.output
 

@@ -565,7 +565,7 @@ def test_cli_evaluate_loads_an_exported_student_in_a_fresh_process(assets, tmp_p
     (["--guidance", "4,nan"], "comma-separated finite numbers >= 0"),
     (["--seed", "-3"], "--seed must be between 0 and"),
     (["--guidance", ","], "give at least one guidance scale"),
-    (["--num-images", "0"], "num_images must be >= 1, got 0"),
+    (["--num-images", "0"], "num_images must be in [1, 1e6], got 0"),
     (["--scheduler", "ddim", "--timestep-spacing", "sideways"], "timestep_spacing must be"),
     (["--model", "{tmp}/no-model"], "cannot load the model"),
 ])

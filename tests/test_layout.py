@@ -15,7 +15,7 @@ LAYERS = {
     "plotting": 2,
     "training": 3,
     "apps": 4,
-    "cli": 5, "cli_minisd": 5,
+    "cli": 5, "cli_minisd": 5, "cli_evaluate": 5, "cli_quiet": 5,
 }
 #: the only application that uses another one: evaluation loads the pipelines `sd` exports
 APP_USES = {"coco_eval": {"sd"}}

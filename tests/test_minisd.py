@@ -95,6 +95,8 @@ def test_the_command_writes_a_pipeline_diffusers_loads_alone(trained):
     assert got["sf"] == pytest.approx(summary["scaling_factor"]) and summary["latent_shape"] == [4, 4, 4]
     assert json.loads((trained / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "PNDMScheduler"
     assert (trained / "tokenizer" / "vocab.json").is_file() and (trained / "tokenizer" / "merges.txt").is_file()
+    # `--report-to tensorboard` (the default): the VAE's and the UNet's curves, one run each (issue 28)
+    assert all(any((trained / "logs" / stage).glob("events.out.tfevents.*")) for stage in ("vae", "unet"))
 
 
 def test_the_classifier_is_saved_beside_the_pipeline_and_scores_by_path(trained):

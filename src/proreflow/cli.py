@@ -15,6 +15,11 @@ try:  # typer's own copy of click (newer typer), else click itself
 except ImportError:
     from click import exceptions as click_errors
 
+#: the "abort" exceptions of this typer/click: typer's own (newer typer) and click's where it has one. Looked up
+#: once: an `except` naming a missing attribute raises AttributeError for any exception that reaches it
+_ABORTS = tuple(c for c in (getattr(typer, "Abort", None), getattr(click_errors, "Abort", None)) if c is not None)
+
+from proreflow.cli_evaluate import evaluate
 from proreflow.cli_minisd import mini_teacher
 from proreflow.errors import ProReflowError
 
@@ -35,7 +40,7 @@ class _Commands(TyperGroup):
             message = " ".join(exc.format_message().split()).rstrip(".")
             typer.echo(f"error: {message}{where}", err=True)
             sys.exit(2)
-        except (typer.Abort, click_errors.Abort):  # EOF at a prompt
+        except _ABORTS:  # EOF at a prompt
             code = 130
         if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent exit 130
             typer.echo("error: aborted; a run with checkpoints continues with --resume latest", err=True)
@@ -50,14 +55,25 @@ TimeSamplingOpt = Annotated[Optional[str], typer.Option(
 BaseStepsOpt = Annotated[Optional[int], typer.Option(help="Override flow-matching steps of the shared init.")]
 OutliersOpt = Annotated[bool, typer.Option(help="Train on --data even with points more than 1e6 robust scales from "
                                                 "the median (refused by default: they wreck standardisation).")]
-QuietOpt = Annotated[bool, typer.Option(help="No progress bars.")]
+QuietOpt = Annotated[bool, typer.Option(help="No progress bars; warnings go to a log file (named if an error "
+                                             "follows).")]
+ReportToOpt = Annotated[str, typer.Option(help="Where the curves go (docs/monitoring.md): tensorboard (OUT/logs; "
+                                               "`tensorboard --logdir OUT/logs`), wandb (WANDB_MODE=offline works "
+                                               "without an account) or none.")]
+ValidateOpt = Annotated[int, typer.Option(help="Every N optimizer steps, render the EMA student next to the teacher "
+                                               "from fixed noise: a fidelity curve, an image, OUT/validation/ "
+                                               "(0: never).")]
 app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Few-step students by progressive reflow with aligned v-prediction.")
-app.command("mini-teacher")(mini_teacher)  # its code is in cli_minisd.py: this file is at the 400-line limit
+app.command("mini-teacher")(mini_teacher)  # its code is in cli_minisd.py (this file stays under 400 lines)
+app.command("evaluate")(evaluate)  # and in cli_evaluate.py
 
 
 def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
+    from proreflow.cli_quiet import written_log
+
+    log = written_log()  # with --quiet, what the libraries said is there, not above this line
+    typer.echo(f"error: {exc}" + (f" (warnings and library messages: {log})" if log else ""), err=True)
     raise typer.Exit(2)
 
 
@@ -77,18 +93,29 @@ def _check_seed(seed: Optional[int]) -> None:
         raise ProReflowError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
+def _monitor(report_to: str, validate_every: int):
+    """--report-to and --validate-every, checked (and the tracker's package found) before any work."""
+    from proreflow.training import MonitorConfig
+
+    return MonitorConfig(report_to=report_to, validate_every=validate_every)
+
+
 def _check_out(out: Path) -> None:
     from proreflow.store import check_output_dir  # lazily: `proreflow --help` starts without torch
     check_output_dir(out)
 
 
 @contextmanager
-def _errors(resume_hint: str = "continue with --resume latest") -> Iterator[None]:
-    """Our errors as one `error:` line and exit 2; a SIGTERM-stopped run as exit 143 with how to continue."""
+def _errors(resume_hint: str = "continue with --resume latest", quiet: bool = False,
+            libraries: bool = False) -> Iterator[None]:
+    """Our errors as one `error:` line and exit 2; a SIGTERM-stopped run as exit 143 with how to continue. With
+    `quiet` (--quiet), warnings and library messages go to a log file (`cli_quiet`), so the error line is last."""
+    from proreflow.cli_quiet import quiet as to_log
     from proreflow.training import TrainingInterrupted
 
     try:
-        yield
+        with to_log(quiet, libraries):
+            yield
     except ProReflowError as exc:
         _fail(exc)
     except TrainingInterrupted as exc:
@@ -131,16 +158,17 @@ def demo(
     time_sampling: TimeSamplingOpt = None,
     base_steps: BaseStepsOpt = None,
     allow_outliers: OutliersOpt = False,
+    overwrite: bool = typer.Option(False, help="Replace the results of an earlier demo in --out (refused without)."),
     quiet: QuietOpt = False,
 ) -> None:
     """Compare teacher Euler, 2-rectified flow, PeRFlow, the two ablations and ProReflow at equal budget."""
     from proreflow.apps.toy import parse_steps, run_demo
 
-    with _errors():
+    with _errors(quiet=quiet):
         ks = parse_steps(steps)
         cfg = _toy_config(seed, out, config, budget, base_steps, time_sampling)
         run_demo(cfg, ks, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
-                 progress=not quiet, allow_outliers=allow_outliers)
+                 progress=not quiet, allow_outliers=allow_outliers, overwrite=overwrite)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'samples.png'}, {out / 'trajectories.png'}")
 
@@ -162,19 +190,22 @@ def train(
     resume: Optional[str] = typer.Option(None, help="'latest': continue the run in --out from its last checkpoint."),
     cached_pairs: int = typer.Option(0, help="Cache N teacher pairs per stage in --out/pairs (0: on the fly)."),
     allow_outliers: OutliersOpt = False,
+    report_to: ReportToOpt = "tensorboard",
+    validate_every: ValidateOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Train one method's student with crash-safe checkpoints (SIGTERM saves one; --resume latest continues)."""
     from proreflow.apps.toy import train_single
 
-    with _errors():
+    with _errors(quiet=quiet):
         resume_latest = _resume_latest(resume)
         if cached_pairs < 0:
             raise ProReflowError(f"--cached-pairs must be >= 0, got {cached_pairs}")
         cfg = _toy_config(seed, out, config, budget, base_steps, time_sampling)
+        monitor = _monitor(report_to, validate_every)
         row = train_single(cfg, method, steps, out, seed=seed, dataset=dataset, data_file=str(data) if data else None,
                            every=checkpoint_every, keep=keep, resume=resume_latest, progress=not quiet,
-                           cached_pairs=cached_pairs, allow_outliers=allow_outliers)
+                           cached_pairs=cached_pairs, allow_outliers=allow_outliers, monitor=monitor)
     _finish(f"{row['method']} at {row['steps']} steps: fidelity RMSE {row['fidelity_rmse']:.4f}, "
             f"SW2 {row['distance_swd']:.4f}; wrote {out / 'student.safetensors'} and {out / 'metrics.json'}")
 
@@ -204,7 +235,11 @@ def distill(
                                             "workers, encoding each batch on the device: memory does not grow with "
                                             "the data set; --resume continues the stream, on any process count."),
     data_workers: int = typer.Option(2, help="DataLoader workers per process with --stream."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    report_to: ReportToOpt = "tensorboard",
+    validate_every: ValidateOpt = 0,
+    validation_prompts: Optional[Path] = typer.Option(None, help="Prompts rendered by --validate-every, one a line "
+                                                                 "(default: the first 4 distinct captions)."),
+    quiet: bool = typer.Option(False, help="No progress bars; warnings and library messages go to a log file."),
 ) -> None:
     """Distill a Stable Diffusion teacher into a few-step student (run under `accelerate launch` for GPUs).
     SD presets: PeRFlow's 4000 steps at global batch 1024 (train.batch_size) from train.per_device_batch and
@@ -213,14 +248,15 @@ def distill(
     from proreflow.apps.sd import load_distill_config, run_distill
     from proreflow.time_sampling import TimeSampling
 
-    with _errors():
+    with _errors(quiet=quiet, libraries=True):
         resume_latest = _resume_latest(resume)
         _check_seed(seed)
         cfg = load_distill_config(preset, model=model, lora_rank=lora_rank, budget_steps=budget, resolution=resolution,
                                   time_sampling=TimeSampling.parse(time_sampling), window_placement=window_placement)
         summary = run_distill(cfg, out, data=data, prompts=prompts, seed=seed, encode_cache=encode_cache,
                               checkpoint_every=checkpoint_every, resume=resume_latest, progress=not quiet,
-                              stream=stream, data_workers=data_workers)
+                              stream=stream, data_workers=data_workers, monitor=_monitor(report_to, validate_every),
+                              validation_prompts=validation_prompts)
     _finish(f"{summary['method']}: {summary['steps']}-step student written to {out} "
             f"(load with DiffusionPipeline.from_pretrained)")
 
@@ -243,9 +279,11 @@ def sample(
         _check_seed(seed)
         if not math.isfinite(guidance) or guidance < 0:
             raise ProReflowError(f"--guidance must be a finite number >= 0, got {guidance}")
+        from proreflow.apps.sd.config import MAX_RESOLUTION
+
         for flag, v in (("--height", height), ("--width", width)):
-            if v is not None and (v < 8 or v % 8):
-                raise ProReflowError(f"{flag} must be a positive multiple of 8, got {v}")
+            if v is not None and (v < 8 or v > MAX_RESOLUTION or v % 8):
+                raise ProReflowError(f"{flag} must be a positive multiple of 8 up to {MAX_RESOLUTION}, got {v}")
         _check_out(out)
         from proreflow.apps.sd.export import load_for_sampling
 
@@ -269,17 +307,20 @@ def run(
                                            "digits-smoke) or your YAML overriding some of its keys."),
     out: Path = typer.Option(Path("results/digits"), help="Output folder (results.json/.md, figures, cache/)."),
     analyses: bool = typer.Option(True, help="Also run the teacher analyses (figs. 1a, 1b)."),
+    report_to: ReportToOpt = "tensorboard",
+    validate_every: ValidateOpt = 0,
     quiet: bool = typer.Option(False, help="No progress bars or log lines."),
 ) -> None:
     """Run the digits benchmark: teachers, solver baselines, every method over seeds, table 4, figs. 1a/1b/3."""
     from proreflow.apps.digits import load_digits_config, run_digits
     from proreflow.training import stop_on_sigterm
 
-    with _errors("rerun the same command to continue from the cache"):
+    with _errors("rerun the same command to continue from the cache", quiet=quiet):
         cfg = load_digits_config(config)
+        monitor = _monitor(report_to, validate_every)
         _check_out(out)
         with stop_on_sigterm():
-            run_digits(cfg, out, progress=not quiet, analyses=analyses)
+            run_digits(cfg, out, progress=not quiet, analyses=analyses, monitor=monitor)
     typer.echo((out / "results.md").read_text())
 
 
@@ -297,83 +338,6 @@ def analyze(
         _check_out(out)
         res = analyze_digits(cfg, out, progress=not quiet)
     typer.echo(analysis_markdown(res))
-
-
-@app.command()
-def evaluate(
-    out: Path = typer.Option(..., help="Output folder: runs/<row>/ images, results.json, results.md, cfg_sweep.png."),
-    suite: Optional[str] = typer.Option(None, help="A suite YAML or preset name (eval-table1, eval-table2, eval-table3)."),
-    model: Optional[str] = typer.Option(None, help="A diffusers pipeline folder or hub id (without --suite)."),
-    name: Optional[str] = typer.Option(None, help="Method name in the table (default: the model's last path part)."),
-    scheduler: Optional[str] = typer.Option(None, help="ddim, euler, dpmsolver, dpmsolver++, unipc, lcm, tcd, proreflow; "
-                                                       "published students: perflow (PeRFlow SD1.5), "
-                                                       "perflow-ddim-eps (PeRFlow SDXL), perflow-velocity (PeRFlow SD2.1), "
-                                                       "rectified-flow (InstaFlow, 2-RF). Default: the pipeline's own."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (NFE per image without CFG; default 4)."),
-    guidance: Optional[str] = typer.Option(None, help="Guidance scale (default 4); comma-separated scales make a CFG "
-                                                      "sweep and its plot."),
-    lora: Optional[str] = typer.Option(None, help="LoRA weights (folder or hub id) fused into the model, e.g. LCM-LoRA."),
-    variant: Optional[str] = typer.Option(None, help="Weights variant to load, e.g. fp16."),
-    pipeline: Optional[str] = typer.Option(None, help="diffusers pipeline class to load the model with, when its "
-                                                      "model_index.json names one diffusers lacks."),
-    unet_delta: Optional[str] = typer.Option(None, help="UNet weight delta (diffusers UNet folder or hub id) added to "
-                                                        "the model's UNet, e.g. hansyan/perflow-sd15-delta-weights."),
-    delta_variant: Optional[str] = typer.Option(None, help="Weights variant of --unet-delta, e.g. v0-1."),
-    unet_weights: Optional[str] = typer.Option(None, help="UNet state-dict file (.safetensors/.ckpt) replacing the "
-                                                          "model's UNet weights, e.g. Rectified Diffusion's rd.ckpt."),
-    scheduler_setting: Optional[list[str]] = typer.Option(None, help="KEY=VALUE laid over a named diffusers "
-                                                                     "scheduler's config (repeatable), e.g. "
-                                                                     "beta_schedule=linear."),
-    timestep_spacing: Optional[str] = typer.Option(None, help="Step grid of a named DDIM/Euler/DPM-Solver/UniPC "
-                                                              "scheduler: trailing (default), leading, linspace, "
-                                                              "or 'own' for the pipeline's."),
-    captions: Optional[str] = typer.Option(None, help="coco2017-5k (default), coco2014-30k, coco2014-10k or prompts."),
-    annotations: Optional[str] = typer.Option(None, help="COCO captions_val2017.json / captions_val2014.json."),
-    prompts: Optional[str] = typer.Option(None, help="Prompt file, one prompt per line (with --captions prompts)."),
-    num_images: Optional[int] = typer.Option(None, help="Number of captions (default: the caption set's size)."),
-    resolution: Optional[int] = typer.Option(None, help="Image size in pixels (default 512)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the caption subset and of each image's noise."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per pipeline call (default 8)."),
-    dtype: Optional[str] = typer.Option(None, help="auto (fp16 on CUDA), float32, float16 or bfloat16."),
-    reference: Optional[str] = typer.Option(None, help="Folder of real images for FID."),
-    ref_stats: Optional[str] = typer.Option(None, help="Precomputed FID statistics (.npz or .safetensors: mu, sigma)."),
-    save_ref_stats: Optional[str] = typer.Option(None, help="Save the reference statistics here (.npz or .safetensors)."),
-    ref_resize: Optional[bool] = typer.Option(None, "--ref-resize/--no-ref-resize",
-                                              help="Centre-crop and resize reference images to the resolution."),
-    ref_same_images: Optional[bool] = typer.Option(None, "--ref-same-images/--all-ref-images",
-                                                   help="Use only the reference images of the chosen COCO ids."),
-    inception: Optional[str] = typer.Option(None, help="Path of inception-2015-12-05.pt (or set $PROREFLOW_INCEPTION)."),
-    classifier: Optional[str] = typer.Option(None, help="Classifier folder: adds prompt accuracy (docs/mini-sd.md)."),
-    protocol: Optional[str] = typer.Option(None, help="ours (default) or rectified-diffusion (paper [40])."),
-    clip_model: Optional[str] = typer.Option(None, help="CLIP model id or folder (default: the protocol's)."),
-    fid: Optional[bool] = typer.Option(None, "--fid/--no-fid", help="Compute FID (default on)."),
-    clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Compute CLIP score (default on)."),
-    warmup_batches: Optional[int] = typer.Option(None, help="Untimed batches before timing (default 2)."),
-    timing_batches: Optional[int] = typer.Option(None, help="Timed batches (default 5; 0: no timing)."),
-    timing_batch_size: Optional[int] = typer.Option(None, help="Images per timed batch (default: --batch-size)."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
-) -> None:
-    """Generate images (resumable), time them, and compute FID and CLIP score: one paper table per suite."""
-    from proreflow.apps.coco_eval import evaluate as run_evaluate
-    from proreflow.apps.coco_eval import plan_evaluation
-
-    overrides = dict(captions=captions, annotations=annotations, prompts=prompts, num_images=num_images,
-                     resolution=resolution, seed=seed, batch_size=batch_size, dtype=dtype, reference=reference,
-                     ref_stats=ref_stats, save_ref_stats=save_ref_stats, ref_resize=ref_resize,
-                     ref_same_images=ref_same_images, inception=inception, classifier=classifier, protocol=protocol,
-                     clip_model=clip_model, fid=fid, clip=clip, warmup_batches=warmup_batches,
-                     timing_batches=timing_batches, timing_batch_size=timing_batch_size, progress=False if quiet else None)
-    single = {"--model": model, "--name": name, "--scheduler": scheduler, "--steps": steps, "--guidance": guidance,
-              "--lora": lora, "--variant": variant, "--pipeline": pipeline, "--unet-delta": unet_delta,
-              "--delta-variant": delta_variant, "--unet-weights": unet_weights,
-              "--scheduler-setting": scheduler_setting or None, "--timestep-spacing": timestep_spacing}
-    with _errors():
-        _check_seed(seed)
-        runs, cfg, title = plan_evaluation(suite, single, overrides)
-        _check_out(out)
-        rows = run_evaluate(runs, cfg, out, title=title)
-    typer.echo((out / "results.md").read_text())
-    typer.echo(f"wrote {out / 'results.json'} and {out / 'results.md'} ({len(rows)} row(s))")
 
 
 def _toy_config(seed: int, out: Path, config: Optional[Path], budget: Optional[int], base_steps: Optional[int],

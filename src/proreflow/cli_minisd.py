@@ -27,13 +27,15 @@ def mini_teacher(
                                                          "or --reference of evaluate), then stop."),
     split: str = typer.Option("train", help="The split --write-data writes: train (60k) or test (10k)."),
     limit: Optional[int] = typer.Option(None, help="Use (or write) only the first N training images."),
+    report_to: str = typer.Option("tensorboard", help="Where the VAE's and UNet's curves go: tensorboard "
+                                                      "(OUT/logs), wandb or none (docs/monitoring.md)."),
     quiet: bool = typer.Option(False, help="No progress bars or log lines."),
 ) -> None:
-    """Train a mini Stable Diffusion teacher on CPU (SD1.5's shape, schedule and objective; ~26 min on 2 cores with
+    """Train a mini Stable Diffusion teacher on CPU (SD1.5's shape, schedule and objective; ~21 min on 2 cores with
     the default preset) and write it as a diffusers StableDiffusionPipeline folder (docs/mini-sd.md)."""
-    from proreflow.cli import _check_seed, _errors, _resume_latest
+    from proreflow.cli import _check_seed, _errors, _monitor, _resume_latest
 
-    with _errors("continue with --resume latest (finished stages are reused)"):
+    with _errors("continue with --resume latest (finished stages are reused)", quiet=quiet, libraries=True):
         _check_seed(seed)
         if limit is not None and limit < 2:
             raise ProReflowError(f"--limit must be >= 2, got {limit}")
@@ -51,13 +53,15 @@ def mini_teacher(
         from proreflow.training import stop_on_sigterm
 
         resume_latest = _resume_latest(resume)
+        monitor = _monitor(report_to, 0)
         cfg = load_minisd_config(preset, seed=seed)
         if limit is not None:
             from dataclasses import replace
 
             cfg = replace(cfg, data=replace(cfg.data, limit=limit))
         with stop_on_sigterm():
-            summary = train_mini_teacher(cfg, out, data=data, resume=resume_latest, progress=not quiet)
+            summary = train_mini_teacher(cfg, out, data=data, resume=resume_latest, progress=not quiet,
+                                         monitor=monitor)
     acc = summary.get("classifier_heldout_accuracy")
     typer.echo(f"mini teacher written to {out} (StableDiffusionPipeline.from_pretrained loads it); "
                f"trained in {summary['train_seconds_total']:.0f} s" +

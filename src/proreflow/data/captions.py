@@ -68,8 +68,35 @@ def tar_shards(spec: str | Path) -> list[Path]:
     return files
 
 
+class TarMember(bytes):
+    """An image's bytes read from a tar shard, with where they came from (`where`), so that an undecodable image
+    is named by its shard and member instead of as 'bytes'."""
+
+    where: str = "a tar member"
+
+    def __new__(cls, data: bytes, where: str = "a tar member") -> "TarMember":
+        obj = super().__new__(cls, data)
+        obj.where = where
+        return obj
+
+    def __reduce__(self):  # to DataLoader workers with its name (bytes' own pickling would drop it)
+        return (TarMember, (bytes(self), self.where))
+
+
+def _ends_as_tar(path: Path) -> bool:
+    """Whether a tar file ends with the end-of-archive marker (two zero 512-byte blocks, which tar and Python's
+    tarfile always write). Without it a shard cut at a member boundary reads as a shorter, valid archive."""
+    size = path.stat().st_size
+    if size < 1024:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
+
+
 def read_tar_shards(spec: str | Path) -> list[tuple[bytes, str]]:
-    """(image bytes, caption) for every `key.<image>` + `key.txt` pair in the shards, in shard order."""
+    """(image bytes, caption) for every `key.<image>` + `key.txt` pair in the shards, in shard order. A shard
+    without the end-of-archive marker (cut short, e.g. by an interrupted copy) is refused, not read in part."""
     records: list[tuple[bytes, str]] = []
     for shard in tar_shards(spec):
         images: dict[str, bytes] = {}
@@ -92,10 +119,14 @@ def read_tar_shards(spec: str | Path) -> list[tuple[bytes, str]]:
                                 raise ProReflowError(f"caption {m.name!r} in tar shard {str(shard)!r} is not "
                                                      f"UTF-8 text; re-save it as UTF-8") from None
                         else:
-                            images[key] = data
+                            images[key] = TarMember(data, f"{m.name} in {shard}")
         except (tarfile.TarError, OSError, EOFError) as exc:
             why = "not a tar archive" if isinstance(exc, tarfile.ReadError) else str(exc).splitlines()[0][:200]
             raise ProReflowError(f"cannot read tar shard {str(shard)!r}: {why}") from None
+        if not _ends_as_tar(Path(shard)):
+            raise ProReflowError(f"tar shard {str(shard)!r} ends without the end-of-archive marker: it was cut short "
+                                 f"(an interrupted copy or download?); {len(images)} image(s) read before the cut. "
+                                 f"Copy it again")
         missing = sorted(set(images) - set(captions))
         if missing:
             raise ProReflowError(f"{len(missing)} image(s) in shard {str(shard)!r} have no .txt member, "
@@ -229,7 +260,7 @@ def prepare_image(src: Any, resolution: int) -> PreparedImage:
     """Centre crop to a square, resize, scale to [-1, 1]; `src` is a path, bytes or a PIL image."""
     from PIL import UnidentifiedImageError
 
-    name = str(src) if isinstance(src, (str, Path)) else type(src).__name__
+    name = str(src) if isinstance(src, (str, Path)) else getattr(src, "where", None) or type(src).__name__
     try:
         with _open(src) as im:
             im = im.convert("RGB")

@@ -35,6 +35,7 @@ class TrainableEMA:
         self.names = [n for n, _ in named]
         self.shadow = [p.detach().clone() for _, p in named]
         self.n_averaged = 0
+        self.decay = decay
         self._update = ema_with_warmup(decay)
 
     def _params(self, model: nn.Module) -> list[Tensor]:
@@ -49,6 +50,12 @@ class TrainableEMA:
         else:
             self._update(self.shadow, current, torch.tensor(self.n_averaged))
         self.n_averaged += 1
+
+    @property
+    def decay_used(self) -> float:
+        """The decay of the latest update (0 for the first, a copy): the warm-up ramp of `ema_with_warmup`."""
+        n = self.n_averaged - 1
+        return 0.0 if n <= 0 else min(self.decay, (1.0 + n) / (10.0 + n))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

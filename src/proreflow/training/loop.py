@@ -31,6 +31,7 @@ from proreflow.training.checkpoint import (
 )
 from proreflow.training.config import TrainConfig, resolve_batch
 from proreflow.training.ema import TrainableEMA
+from proreflow.training.monitor import Monitor
 from proreflow.training.signals import TrainingInterrupted, stop_requested
 
 
@@ -82,15 +83,24 @@ class Stateful(Protocol):
 StepCallback = Callable[[int, Callable[[], nn.Module], "FitResult"], None]
 
 
+def check_optimizer(cfg: TrainConfig) -> None:
+    """Refuse an optimizer whose package is missing before any work (commands call it before they write a
+    folder; `make_optimizer` would refuse only when the first stage starts)."""
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ProReflowError("optimizer adamw8bit needs bitsandbytes and a CUDA GPU: pip install bitsandbytes, "
+                                 "or set train.optimizer: adamw") from None
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' 8-bit AdamW (optimizer states in 8 bits: 2 bytes per parameter
     instead of 8, what makes full SDXL fine-tuning fit on 80 GB); bitsandbytes is imported only here."""
     if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ProReflowError("optimizer adamw8bit needs bitsandbytes and a CUDA GPU: pip install bitsandbytes, "
-                                 "or set train.optimizer: adamw") from None
+        check_optimizer(cfg)
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -129,7 +139,8 @@ def make_accelerator(cfg: TrainConfig, cpu: bool | None = None) -> Accelerator:
 def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss: LossFn = aligned(0.0),
         accelerator: Accelerator | None = None, desc: str = "train", seed_offset: int = 0,
         checkpoints: FitCheckpoints | None = None, copy_model: bool = True,
-        on_step: StepCallback | None = None, data_state: Stateful | None = None, warmup_done: int = 0) -> FitResult:
+        on_step: StepCallback | None = None, data_state: Stateful | None = None, warmup_done: int = 0,
+        monitor: "Monitor | None" = None) -> FitResult:
     """Train `model` for `steps` optimizer steps on batches from `batch_fn` minimising `loss` (default: the
     velocity MSE); returns EMA weights.
 
@@ -143,6 +154,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
     `on_step(done, ema_model_fn, result)` runs after every optimizer step (time-to-quality curves);
     `ema_model_fn()` returns a copy of the EMA model, so the callback cannot disturb training.
     `warmup_done`: optimizer steps of the run's warm-up already taken by earlier stages (`warmup_scope: run`).
+    `monitor` (`training.monitor`) receives the step's scalars, per-window errors and validation renders.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ProReflowError(f"training steps must be a positive integer, got {steps!r}")
@@ -190,6 +202,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
     loss_weight = getattr(net, "loss_weight", None)  # students that define how their output errors count
     net, opt, sched = acc.prepare(net, opt, sched)
     ema.to(acc.device)
+    watch = monitor.watch(steps, done, cfg.batch_size) if monitor is not None else None
     bar = tqdm(total=steps, initial=done, desc=desc, disable=not (cfg.progress and acc.is_main_process),
                leave=False, dynamic_ncols=True)
 
@@ -206,6 +219,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
             weight = loss_weight(batch.t.to(acc.device)) if loss_weight is not None else None
             terms = loss(pred, batch.target.to(acc.device), weight)
             finite = bool(torch.isfinite(terms.total))
+            norm = None
             if finite:
                 acc.backward(terms.total)
             if acc.sync_gradients and finite:
@@ -238,6 +252,10 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
                 bar.set_postfix(loss=f"{result.losses[-1]:.4f}", cos=f"{1 - result.directions[-1]:.4f}")
             if on_step is not None:
                 on_step(done, lambda: _ema_copy(acc.unwrap_model(net, keep_torch_compile=False), ema), result)
+            if watch is not None:
+                watch.step(done, terms, pred, batch.target, batch.t, float("nan") if norm is None else float(norm),
+                           sched.get_last_lr()[0], ema.decay_used, result.teacher_nfe,
+                           lambda: _ema_copy(acc.unwrap_model(net, keep_torch_compile=False), ema))
             stop = not _all_ranks(acc, not stop_requested())  # every process stops at the same step
             if checkpoints is not None and done < steps and (done % checkpoints.cfg.every == 0 or stop):
                 last_ckpt = save()

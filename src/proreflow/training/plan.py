@@ -19,6 +19,7 @@ from proreflow.training.batches import DataFn, cached_reflow_batches, reflow_bat
 from proreflow.training.checkpoint import CheckpointConfig
 from proreflow.training.config import resolve_batch
 from proreflow.training.loop import FitResult, fit, process_state
+from proreflow.training.monitor import Monitor
 from proreflow.training.recipe import Recipe
 from proreflow.training.signals import check_stop
 from proreflow.windows import ProgressivePlan, WindowSchedule
@@ -91,7 +92,7 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
                accelerator: Accelerator | None = None, desc: str | None = None,
                checkpoints: CheckpointConfig | None = None, pair_cache: PairCacheConfig | None = None,
                copy_model: bool = True, on_step: Callable[[int, int, Callable[[], nn.Module], FitResult], None] | None = None,
-               stages: tuple[int, int | None] = (0, None)) -> PlanResult:
+               stages: tuple[int, int | None] = (0, None), monitor: Monitor | None = None) -> PlanResult:
     """Train `recipe`'s k-step student: stage k+1 starts from stage k's (EMA) student, the first from `init`.
 
     Pair source "teacher": every stage's pairs come from the fixed teacher's ODE over that stage's (wider)
@@ -103,6 +104,7 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
     `stages=(a, b)` trains only `plan.stages[a:b]`, with `init` standing for stage a-1's student (a > 0). The
     result is bitwise what the whole plan gives at those stages (every stage draws from its own seed), so a
     budget sweep can take stage 1 of several budgets from one longer stage-1 run's EMA snapshots.
+    `monitor` logs every stage on one step axis (`training.monitor`).
     """
     world = accelerator.num_processes if accelerator else process_state().num_processes
     plan, cfg, solver = recipe.plan(k), resolve_batch(recipe.train, world), recipe.teacher_solver
@@ -125,16 +127,21 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
             batches = cached_reflow_batches(cached, cfg.batch_size, sampling)
         else:
             batches = reflow_batches(source, data_fn, stage.schedule, stage_solver, cfg.batch_size, sampling)
+        if monitor is not None:
+            monitor.at_stage(k, len(plan.stages), stage.schedule, sum(s.steps for s in plan.stages[:k]))
         res = fit(student, batches, stage.steps, cfg, loss=recipe.loss, accelerator=accelerator,
                   desc=f"{desc} stage {k + 1}/{len(plan.stages)} (K={stage.schedule.num_windows})", seed_offset=k + 1,
                   checkpoints=checkpoints.for_fit(f"stage-{k + 1}") if checkpoints else None, copy_model=copy_model,
                   on_step=(lambda d, m, r, k=k: on_step(k, d, m, r)) if on_step else None,
                   data_state=data_fn if hasattr(data_fn, "state_dict") else None,
-                  warmup_done=sum(s.steps for s in plan.stages[:k]) if cfg.warmup_scope == "run" else 0)
+                  warmup_done=sum(s.steps for s in plan.stages[:k]) if cfg.warmup_scope == "run" else 0,
+                  monitor=monitor)
         if cached is not None:  # report the teacher cost of the cache, not of the (free) batches drawn from it
             res.teacher_nfe, res.pairs = cached.pairs.teacher_nfe, len(cached)
         fits.append(res)
         sources.append(kind)
+        if monitor is not None:
+            monitor.teacher_nfe = sum(f.teacher_nfe for f, src in zip(fits, sources) if src == "teacher")
         student = res.model
         del source
     return PlanResult(student=student, stages=fits, sources=sources, plan=plan)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from proreflow import schedulers
+from proreflow.apps.sd.config import MAX_RESOLUTION
 from proreflow.config import from_dict, load_yaml, merge, resolve_preset
 from proreflow.data.coco import CAPTION_SETS
 from proreflow.errors import ProReflowError
@@ -60,8 +61,9 @@ class RunSpec:
         if not 1 <= self.steps <= most:
             raise ProReflowError(f"run {self.name!r}: steps must be between 1 and {most}, got {str(self.steps)[:40]}")
         if self.resolution is not None and (isinstance(self.resolution, bool) or not isinstance(self.resolution, int)
-                                            or self.resolution < 8 or self.resolution % 8):
-            raise ProReflowError(f"run {self.name!r}: resolution must be a multiple of 8 pixels (the VAE's), "
+                                            or not 8 <= self.resolution <= MAX_RESOLUTION or self.resolution % 8):
+            raise ProReflowError(f"run {self.name!r}: resolution must be a multiple of 8 pixels (the VAE's) up to "
+                                 f"{MAX_RESOLUTION}, "
                                  f"got {self.resolution!r}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ProReflowError(f"run {self.name!r}: unknown scheduler {self.scheduler!r}; use one of {list(SCHEDULERS)}")
@@ -188,10 +190,11 @@ class EvalConfig:
             object.__setattr__(self, "clip_model", PROTOCOLS[self.protocol].clip_model)
         checks = [
             (self.captions in CAPTION_SETS, f"unknown caption set {self.captions!r}; use one of {list(CAPTION_SETS)}"),
-            (self.resolution >= 8 and self.resolution % 8 == 0,
-             f"resolution must be a multiple of 8, got {self.resolution}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.num_images is None or self.num_images >= 1, f"num_images must be >= 1, got {self.num_images}"),
+            (8 <= self.resolution <= MAX_RESOLUTION and self.resolution % 8 == 0,
+             f"resolution must be a multiple of 8 in [8, {MAX_RESOLUTION}], got {self.resolution}"),
+            (1 <= self.batch_size <= 4096, f"batch_size must be in [1, 4096], got {self.batch_size}"),
+            (self.num_images is None or 1 <= self.num_images <= 10**6,
+             f"num_images must be in [1, 1e6], got {self.num_images}"),
             (self.warmup_batches >= 0 and self.timing_batches >= 0, "warmup_batches and timing_batches must be >= 0"),
             (self.timing_batch_size is None or self.timing_batch_size >= 1,
              f"timing_batch_size must be >= 1, got {self.timing_batch_size}"),

@@ -23,8 +23,8 @@ from proreflow.models.unet import ARCH_VERSION as UNET_ARCH_VERSION
 from proreflow.models.unet import class_unet
 from proreflow.sampling import sample
 from proreflow.store import atomic_save_tensors, json_key
-from proreflow.training import (PairCacheConfig, PlanResult, TrainConfig, ddpm_batches, fit, flow_matching_batches,
-                                train_plan)
+from proreflow.training import (Monitor, MonitorConfig, PairCacheConfig, PlanResult, TrainConfig, Validation,
+                                ddpm_batches, fit, flow_matching_batches, image_grid, train_plan)
 from proreflow.training.checkpoint import CheckpointConfig, load_tensors
 from proreflow.windows import WindowSchedule
 
@@ -41,8 +41,8 @@ class Log:
 class DigitsBench:
     """Data, classifier, teachers and shared evaluation inputs of one benchmark run (all cached)."""
 
-    def __init__(self, cfg: DigitsConfig, out: Path, progress: bool = True) -> None:
-        self.cfg, self.out, self.progress = cfg, out, progress
+    def __init__(self, cfg: DigitsConfig, out: Path, progress: bool = True, monitor: MonitorConfig | None = None) -> None:
+        self.cfg, self.out, self.progress, self.monitor = cfg, out, progress, monitor
         self.cache = out / "cache"
         self.log = Log(progress)
         d = cfg.data
@@ -124,7 +124,12 @@ class DigitsBench:
         objective = "DDPM eps" if kind == "vp" else "flow-matching"
         self.log(f"{kind} teacher: " + ("from the cache" if cached else f"{tc.steps} {objective} steps"))
         started = time.perf_counter()
-        res = fit(init, batches, tc.steps, train, desc=f"{kind} teacher", checkpoints=fits)
+        monitor = Monitor(self.monitor, self.out, f"teacher-{kind}") if self.monitor is not None else None
+        try:
+            res = fit(init, batches, tc.steps, train, desc=f"{kind} teacher", checkpoints=fits, monitor=monitor)
+        finally:
+            if monitor is not None:
+                monitor.close()
         if not cached:
             self.teacher_seconds[kind] = time.perf_counter() - started
         model = self.wrap(kind, res.model.net) if kind == "vp" else res.model
@@ -200,6 +205,26 @@ def train_student(bench: DigitsBench, spec: MethodSpec, k: int, seed: int) -> St
     ckpt = CheckpointConfig(bench.cache / "students" / f"{spec.name}-k{k}-s{seed}-"
                             f"{json_key(*common, spec.lam, asdict(sampling), spec.pair_source)}", every=100, resume=True)
     started = time.perf_counter()
-    res = train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), recipe, k, desc=f"{spec.name} k={k} seed={seed}",
-                     checkpoints=ckpt, pair_cache=PairCacheConfig(pairs_dir, cfg.pairs, cfg.pair_shard_size))
+    monitor = _monitor(bench, f"{spec.name}-k{k}-s{seed}", plan.final, kind)
+    try:
+        res = train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), recipe, k,
+                         desc=f"{spec.name} k={k} seed={seed}", checkpoints=ckpt, monitor=monitor,
+                         pair_cache=PairCacheConfig(pairs_dir, cfg.pairs, cfg.pair_shard_size))
+    finally:
+        if monitor is not None:
+            monitor.close()
     return StudentRun(spec, k, seed, res, time.perf_counter() - started)
+
+
+def _monitor(bench: DigitsBench, name: str, schedule: WindowSchedule, kind: str, n: int = 40) -> Monitor | None:
+    """A student's monitor (curves under out/logs/<name>); its validation renders the first `n` evaluation noises
+    (labels cycling 0..9) at guidance 1, one step per window, over the teacher's reference of the same noise."""
+    if bench.monitor is None:
+        return None
+    validation = None
+    if bench.monitor.validate_every:
+        reference = bench.reference(kind, 1.0)[:n]
+        validation = Validation(render=lambda m: bench.generate(m, schedule, n=n), reference=reference,
+                                picture=lambda s, r: image_grid((torch.cat([s, r]) + 1) / 2, cols=10),
+                                note=f"{schedule.num_windows} steps, guidance 1; teacher rows below")
+    return Monitor(bench.monitor, bench.out, name, validation)

@@ -157,6 +157,11 @@ class DigitsConfig(RecipeSettings):
              f"pairs must be at least one batch ({self.train.batch_size}) or null, got {self.pairs}"),
             (self.eval.samples >= 20 and self.sweep.samples >= 20 and self.analysis.samples >= 20,
              "eval/sweep/analysis samples must be >= 20 (FD needs a covariance)"),
+            (max(self.eval.samples, self.sweep.samples, self.analysis.samples) <= 100_000,
+             "eval/sweep/analysis samples must be <= 100000 (they are held in memory)"),
+            (1 <= self.classifier_steps <= 10**7, f"classifier_steps must be in [1, 1e7], got {self.classifier_steps}"),
+            (1 <= self.pair_shard_size <= 10**7, f"pair_shard_size must be in [1, 1e7], got {self.pair_shard_size}"),
+            (all(0 <= s <= 2**31 - 1 for s in self.seeds), f"seeds must be in [0, 2**31 - 1], got {self.seeds}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -30,7 +30,7 @@ from proreflow.fields.network import NetworkTeacher
 from proreflow.run_lock import run_lock
 from proreflow.sampling import sample
 from proreflow.store import atomic_write_text
-from proreflow.training import check_stop
+from proreflow.training import MonitorConfig, check_optimizer, check_stop
 from proreflow.windows import WindowSchedule
 
 
@@ -80,11 +80,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_digits(cfg: DigitsConfig, out: Path, progress: bool = True, analyses: bool = True) -> dict:
-    """Everything of the benchmark: results.json, results.md and the figures under `out`."""
+def run_digits(cfg: DigitsConfig, out: Path, progress: bool = True, analyses: bool = True,
+               monitor: MonitorConfig | None = None) -> dict:
+    """Everything of the benchmark: results.json, results.md and the figures under `out`; with `monitor`, every
+    student trained now logs its curves under `out/logs/<method>-k<steps>-s<seed>` (cached ones are not retrained)."""
+    check_optimizer(cfg.train)  # before the folder is made
     with run_lock(out):  # one writer per folder (docs/reliability.md); makes `out`
         started = time.perf_counter()
-        bench = DigitsBench(cfg, out, progress)
+        bench = DigitsBench(cfg, out, progress, monitor)
         log = bench.log
         results: dict[str, Any] = {"config": json.loads(json.dumps(asdict(cfg), default=str)),
                                    "classifier_heldout_accuracy": bench.classifier_accuracy}

@@ -18,8 +18,9 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -29,7 +30,7 @@ from proreflow.apps.minisd.config import SD15_SCHEDULER, MiniSDConfig
 from proreflow.apps.minisd.data import TeacherData, load_teacher_data
 from proreflow.losses import LossTerms, mse
 from proreflow.store import atomic_write_text, check_output_dir, json_key
-from proreflow.training import TrainBatch, TrainConfig, check_stop, fit
+from proreflow.training import Monitor, MonitorConfig, TrainBatch, TrainConfig, check_stop, fit
 from proreflow.training.checkpoint import CheckpointConfig, FitCheckpoints, load_tensors
 
 #: bump when a stage's code changes what it trains (part of every cache key)
@@ -138,8 +139,9 @@ def _record_seconds(seconds: dict, name: str, path: Path, measured: float | None
 
 
 def train_mini_teacher(cfg: MiniSDConfig, out: Path, data: str | None = None, resume: bool = False,
-                       progress: bool = True, cache: Path | None = None) -> dict:
-    """Train (or load from <out>/cache) every stage and write the pipeline + classifier/ + mini_teacher.json."""
+                       progress: bool = True, cache: Path | None = None, monitor: MonitorConfig | None = None) -> dict:
+    """Train (or load from <out>/cache) every stage and write the pipeline + classifier/ + mini_teacher.json.
+    `monitor`: the VAE's and the UNet's curves under `out/logs/vae` and `out/logs/unet` (stages trained now)."""
     out = Path(out)
     check_output_dir(out)
     if cfg.threads:
@@ -158,9 +160,11 @@ def train_mini_teacher(cfg: MiniSDConfig, out: Path, data: str | None = None, re
     torch.manual_seed(cfg.seed)
     vae_init = build.VAEObjective(build.make_vae(cfg.vae, res))
     v = cfg.vae
-    vae = _stage(log, seconds, "vae", fits, lambda: fit(
-        vae_init, vae_batches(d, v.batch_size), v.steps, _train_config(cfg, v.lr, v.batch_size, 0.995, 0, progress),
-        loss=vae_loss(v.kl_weight), desc="vae", checkpoints=fits)).model.vae.float().eval().requires_grad_(False)
+    with _watched(monitor, out, "vae") as watch:
+        vae = _stage(log, seconds, "vae", fits, lambda: fit(
+            vae_init, vae_batches(d, v.batch_size), v.steps, _train_config(cfg, v.lr, v.batch_size, 0.995, 0, progress),
+            loss=vae_loss(v.kl_weight), desc="vae", checkpoints=fits, monitor=watch
+        )).model.vae.float().eval().requires_grad_(False)
     check_stop("after the VAE")
     mean, std = encode_latents(vae, d)
     scaling = measure_scaling_factor(mean, std, cfg.seed)
@@ -187,9 +191,10 @@ def train_mini_teacher(cfg: MiniSDConfig, out: Path, data: str | None = None, re
     unet_init = build.EpsUNet(build.make_unet(u, cfg.latent_size, cfg.text.hidden_size))
     batches = unet_batches(mean, std, scaling, d.caption_ids, d.caption_counts, embeddings, len(captions) - 1,
                            u.caption_dropout, u.batch_size)
-    unet = _stage(log, seconds, "unet", fits, lambda: fit(
-        unet_init, batches, u.steps, _train_config(cfg, u.lr, u.batch_size, u.ema_decay, u.warmup_steps, progress),
-        desc="unet", seed_offset=1, checkpoints=fits)).model.unet.float().eval()
+    with _watched(monitor, out, "unet") as watch:
+        unet = _stage(log, seconds, "unet", fits, lambda: fit(
+            unet_init, batches, u.steps, _train_config(cfg, u.lr, u.batch_size, u.ema_decay, u.warmup_steps, progress),
+            desc="unet", seed_offset=1, checkpoints=fits, monitor=watch)).model.unet.float().eval()
     check_stop("after the UNet")
 
     # 4. classifier (the metrics' feature network), when the data has labels
@@ -253,3 +258,14 @@ def _classifier(cfg: MiniSDConfig, d: TeacherData, cache: Path, log, seconds: di
     acc = accuracy(net.eval(), test_x, d.test_labels)
     log(f"classifier: held-out accuracy {acc:.3f}")
     return net.eval(), acc
+
+
+@contextmanager
+def _watched(cfg: MonitorConfig | None, out: Path, name: str) -> Iterator[Monitor | None]:
+    """One stage's monitor (curves under out/logs/<name>), closed when the stage ends however it ends."""
+    monitor = None if cfg is None else Monitor(cfg, out, name)
+    try:
+        yield monitor
+    finally:
+        if monitor is not None:
+            monitor.close()

@@ -14,6 +14,10 @@ from proreflow.pairs import TeacherSolver
 from proreflow.time_sampling import TimeSampling
 from proreflow.training import RecipeSettings, TrainConfig
 
+#: the largest image side any command trains or generates at (SDXL's 1024 with room to spare); larger sizes are
+#: refused before any work instead of failing in allocation
+MAX_RESOLUTION = 4096
+
 
 #: the preset every distillation config starts from: a partial user YAML changes only the keys it names
 DEFAULT_PRESET = PRESET_DIR / "sd15-proreflow-I.yaml"
@@ -46,7 +50,8 @@ class DistillConfig(RecipeSettings):
 
     def __post_init__(self) -> None:
         checks = [
-            (self.resolution >= 8 and self.resolution % 8 == 0, f"resolution must be a multiple of 8, got {self.resolution}"),
+            (8 <= self.resolution <= MAX_RESOLUTION and self.resolution % 8 == 0,
+             f"resolution must be a multiple of 8 in [8, {MAX_RESOLUTION}], got {self.resolution}"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
             (self.lora_rank >= 0, f"lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}"),

@@ -23,7 +23,7 @@ from proreflow.apps.sd.encode import CaptionedLatents, is_sd3
 from proreflow.errors import ProReflowError
 from proreflow.fields import AdaptersOff, denoiser, from_pipeline, teacher_grid, window_placement
 from proreflow.store import atomic_write_text, module_digest
-from proreflow.training import describe_batch, process_state, stop_on_sigterm, train_plan
+from proreflow.training import Monitor, MonitorConfig, describe_batch, process_state, stop_on_sigterm, train_plan
 from proreflow.training.checkpoint import CheckpointConfig
 from proreflow.windows import ProgressivePlan
 
@@ -73,9 +73,11 @@ def build_teacher_student(pipe: Any, cfg: DistillConfig) -> tuple[torch.nn.Modul
 
 
 def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
-            checkpoints: CheckpointConfig | None = None, on_step: Callable[..., None] | None = None) -> dict:
+            checkpoints: CheckpointConfig | None = None, on_step: Callable[..., None] | None = None,
+            monitor: MonitorConfig | None = None, validation_prompts: list[str] | None = None) -> dict:
     """Train the student by the preset's plan and export it as a diffusers pipeline in `out`.
-    `on_step(stage, done, ema_model_fn, result)` runs after every optimizer step (`train_plan`)."""
+    `on_step(stage, done, ema_model_fn, result)` runs after every optimizer step (`train_plan`); `monitor` logs
+    the curves (and renders `validation_prompts` every `validate_every` steps) under `out`."""
     from proreflow.apps.sd.export import export_pipeline, student_scheduler
 
     solver = cfg.teacher_solver
@@ -92,9 +94,22 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
     teacher, student = build_teacher_student(pipe, cfg)
     teacher.to(process_state().device)  # the student is placed by accelerate; a frozen copy must follow it
     data_fn = data.data_fn(cfg.caption_dropout, with_uncond=cfg.teacher_guidance != 1.0)
-    with stop_on_sigterm():
-        res = train_plan(student, teacher, data_fn, recipe, cfg.steps, checkpoints=checkpoints, copy_model=False,
-                         on_step=on_step)
+    watch = None
+    if monitor is not None:
+        shown = None
+        if monitor.validate_every and state.is_main_process:  # the teacher's renders: once, before training
+            from proreflow.apps.sd.validate import pick_prompts, sd_validation
+
+            shown = sd_validation(pipe, teacher, plan.final, pick_prompts(validation_prompts, None), cfg.resolution,
+                                  cfg.train.seed)
+        watch = Monitor(monitor, out, "distill", shown)
+    try:
+        with stop_on_sigterm():
+            res = train_plan(student, teacher, data_fn, recipe, cfg.steps, checkpoints=checkpoints, copy_model=False,
+                             on_step=on_step, monitor=watch)
+    finally:
+        if watch is not None:
+            watch.close()
     unet = denoiser(pipe)  # trained in place (copy_model=False): the student's network
     summary = {"method": cfg.method.name, "steps": cfg.steps, "windows": list(plan.final.boundaries),
                "stage_windows": [s.schedule.num_windows for s in plan.stages], "lam": cfg.method.lam,

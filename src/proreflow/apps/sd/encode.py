@@ -130,6 +130,33 @@ def encode_images(pipe: Any, images: Tensor, generator: torch.Generator, batch: 
     return z * cfg.scaling_factor
 
 
+@torch.no_grad()
+def decode_latents(pipe: Any, z: Tensor, batch: int = 8) -> Tensor:
+    """Images in [0, 1] from latents in the UNet's space: the inverse of `encode_images`, as the pipelines decode
+    (validation renders, `distill --validate-every`)."""
+    vae = pipe.vae
+    cfg = vae.config
+    mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+    if cfg.get("shift_factor") is not None:
+        z = z / cfg.scaling_factor + cfg.shift_factor
+    elif is_sdxl(pipe) and mean is not None and std is not None:
+        shape = (1, -1) + (1,) * (z.ndim - 2)
+        z = z * torch.tensor(std).view(shape) / cfg.scaling_factor + torch.tensor(mean).view(shape)
+    else:
+        z = z / cfg.scaling_factor
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and bool(cfg.get("force_upcast", False))
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        out = [vae.decode(z[i:i + batch].to(vae.device, vae.dtype)).sample.float().cpu()
+               for i in range(0, z.shape[0], batch)]
+    finally:
+        if upcast:
+            vae.to(dtype=dtype)
+    return ((torch.cat(out) + 1) / 2).clamp(0, 1)
+
+
 @dataclass
 class CaptionedLatents:
     """Encoded training data: per-sample conditioning rows and, unless prompt-only, VAE latents."""

@@ -11,27 +11,32 @@ from proreflow.apps.sd.config import DistillConfig
 from proreflow.apps.sd.distill import distill
 from proreflow.apps.sd.encode import TEXT_DTYPE, encode_prompts_only, encode_records, load_pipeline
 from proreflow.apps.sd.stream import StreamingLatents
+from proreflow.apps.sd.validate import pick_prompts
 from proreflow.data.captions import read_prompts, read_source
 from proreflow.data.stream import StreamIterator
 from proreflow.errors import ProReflowError
 from proreflow.run_lock import run_lock
 from proreflow.store import (check_output_dir, check_resumed_settings, folder_fingerprint, record_settings,
                              sha256_file)
-from proreflow.training import process_state
+from proreflow.training import MonitorConfig, check_optimizer, process_state
 from proreflow.training.checkpoint import CheckpointConfig
 
 
 def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts: Path | None = None,
                 seed: int | None = None, encode_cache: Path | None = None, checkpoint_every: int = 500,
                 resume: bool = False, progress: bool = True, on_step: Callable[..., None] | None = None,
-                stream: bool = False, data_workers: int = 2, text_dtype: str = TEXT_DTYPE) -> dict[str, Any]:
+                stream: bool = False, data_workers: int = 2, text_dtype: str = TEXT_DTYPE,
+                monitor: MonitorConfig | None = None, validation_prompts: Path | None = None) -> dict[str, Any]:
     """Distil `cfg`'s teacher on images + captions (`data`: folder, tar shards or hf:NAME) or on prompts only,
     into the diffusers pipeline `out`. Every input is checked before the pipeline is loaded. With `stream`,
     `data` (tar shards, an image folder or hf:NAME) is read by `data_workers` DataLoader workers and encoded
     batch by batch (`apps.sd.stream`) instead of being encoded up front and held in memory. Encoded up front,
-    text states are held (and cached) in `text_dtype` (`encode.TEXT_DTYPE`; "float32" keeps them exact)."""
+    text states are held (and cached) in `text_dtype` (`encode.TEXT_DTYPE`; "float32" keeps them exact).
+    `monitor`: curves under `out/logs/distill`; with `validate_every`, `validation_prompts` (a prompt file; default:
+    the first 4 distinct captions) rendered by the EMA student over the teacher (`apps.sd.validate`)."""
     seed = cfg.train.seed if seed is None else seed  # --seed wins; unset, the preset's (it was silently 0)
     cfg = replace(cfg, train=replace(cfg.train, seed=seed, progress=progress))
+    check_optimizer(cfg.train)
     check_output_dir(out)
     if encode_cache is not None:
         check_output_dir(encode_cache, "--encode-cache")
@@ -56,6 +61,13 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
         stream_ = StreamIterator(data, cfg.resolution, seed, state.process_index, state.num_processes, data_workers)
     else:
         records = read_source(data) if data is not None else read_prompts(prompts)
+    shown = None
+    if monitor is not None and monitor.validate_every:
+        given = read_prompts(validation_prompts) if validation_prompts is not None else None
+        captions = None if stream else [r if isinstance(r, str) else r[1] for r in records[:1000]]
+        shown = pick_prompts(given, captions)
+    elif validation_prompts is not None:
+        raise ProReflowError("--validation-prompts is rendered only with --validate-every N (N > 0)")
     pipe = load_pipeline(cfg.model)  # float32: build_teacher_student casts only the frozen weights
     settings = _settings(cfg, data, prompts, stream, text_dtype)
     check_resumed_settings(out, settings, resume)
@@ -70,7 +82,7 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
                                     text_dtype=text_dtype)
         else:
             source = encode_prompts_only(pipe, records, cfg.resolution, text_dtype)
-        return distill(cfg, pipe, source, out, ckpt, on_step=on_step)
+        return distill(cfg, pipe, source, out, ckpt, on_step=on_step, monitor=monitor, validation_prompts=shown)
 
 
 def _settings(cfg: DistillConfig, data: str | None, prompts: Path | None, stream: bool, text_dtype: str) -> dict:

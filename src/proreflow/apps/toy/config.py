@@ -36,8 +36,9 @@ class ModelConfig:
     depth: int = 4
 
     def __post_init__(self) -> None:
-        if self.hidden < 1 or self.depth < 1:
-            raise ProReflowError(f"model needs hidden >= 1 and depth >= 1, got hidden={self.hidden}, depth={self.depth}")
+        if not (1 <= self.hidden <= 65536 and 1 <= self.depth <= 64):  # bounded: a huge width fails in allocation
+            raise ProReflowError(f"model needs hidden in [1, 65536] and depth in [1, 64], got hidden={self.hidden}, "
+                                 f"depth={self.depth}")
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,8 @@ class ToyConfig(RecipeSettings):
             raise ProReflowError(f"method names must be unique, got {names}")
         for what, v in (("train_points", self.train_points), ("test_points", self.test_points),
                         ("budget_steps", self.budget_steps), ("eval.samples", self.eval.samples)):
-            if v < 2:
-                raise ProReflowError(f"{what} must be >= 2, got {v}")
+            if not 2 <= v <= 10**7:  # at most 1e7: points and samples are held in memory, steps are run
+                raise ProReflowError(f"{what} must be in [2, 1e7], got {v}")
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ToyConfig:

@@ -29,7 +29,7 @@ from proreflow.models.mlp import VelocityMLP
 from proreflow.run_lock import run_lock
 from proreflow.sampling import sample
 from proreflow.solvers import VelocityField
-from proreflow.training import PlanResult, fit, flow_matching_batches, train_plan
+from proreflow.training import PlanResult, check_optimizer, fit, flow_matching_batches, train_plan
 from proreflow.training.checkpoint import CheckpointConfig
 from proreflow.windows import WindowSchedule
 
@@ -167,10 +167,17 @@ class Comparison:
 
 
 def run_demo(cfg: ToyConfig, steps: list[int], out: Path, seed: int = 0, dataset: str | None = None,
-             data_file: str | None = None, progress: bool = True, allow_outliers: bool = False) -> list[dict]:
-    """Train and score every method for every step count; write results.json/.md and plots to `out`."""
+             data_file: str | None = None, progress: bool = True, allow_outliers: bool = False,
+             overwrite: bool = False) -> list[dict]:
+    """Train and score every method for every step count; write results.json/.md and plots to `out`. A folder that
+    holds a demo's results is refused unless `overwrite` (a second demo used to replace them without a word)."""
     cfg = with_run_settings(cfg, seed, progress)
     validate_plans(cfg, steps)
+    validate_source(dataset, data_file, allow_outliers)  # input errors first, then the folder
+    check_optimizer(cfg.train)
+    if (Path(out) / "results.json").exists() and not overwrite:
+        raise ProReflowError(f"{str(out)!r} already holds a demo's results (results.json); pass --overwrite to "
+                             f"replace them or choose another --out")
     setup = prepare(cfg, dataset, data_file, seed, allow_outliers=allow_outliers)
     with run_lock(out):  # one writer per folder (docs/reliability.md)
         cmp = Comparison(cfg, setup, seed)

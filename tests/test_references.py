@@ -1,0 +1,69 @@
+"""The smallest convention errors, each caught by a test of the function that makes it, against a reference that
+does not share our code: closed forms for the cosine, diffusers' own `add_noise` / `get_velocity` for the model
+output -> velocity conversions (issue 27: a negated cosine and a sign flip in a conversion passed every test that
+built its expectation from our own helpers)."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from proreflow.fields.vp import VPSchedule, VPVelocity, output_to_velocity
+from proreflow.losses import aligned_loss, cosine_per_sample
+
+
+def test_cosine_per_sample_has_its_closed_form_values():
+    e1, e2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    at60 = torch.tensor([0.5, math.sqrt(3) / 2, 0.0])
+    pred = torch.stack([e1, e1, e1, 3 * e1, at60]).reshape(5, 3, 1)  # (B, ...) shapes are flattened per sample
+    target = torch.stack([e1, e2, -e1, e1, e1]).reshape(5, 3, 1)
+    got = cosine_per_sample(pred, target)
+    assert got.shape == (5,)
+    assert got.tolist() == pytest.approx([1.0, 0.0, -1.0, 1.0, 0.5], abs=1e-6)
+    # the direction term of the aligned loss is mean(1 - cos): here (0 + 1 + 2 + 0 + 0.5) / 5
+    terms = aligned_loss(pred, target, lam=2.0)
+    assert float(terms.direction) == pytest.approx(3.5 / 5, abs=1e-6)
+    assert float(terms.total) == pytest.approx(float(terms.mse) + 2.0 * 3.5 / 5, abs=1e-6)
+
+
+@pytest.mark.parametrize("timestep", [0, 250, 749, 999])
+def test_output_to_velocity_against_diffusers_noising(timestep):
+    """x_tau = DDPMScheduler.add_noise(x0, eps, t); the eps model's ideal output is eps, the v model's is
+    DDPMScheduler.get_velocity(x0, eps, t). Both must convert to our velocity eps - x0."""
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    gen = torch.Generator().manual_seed(timestep)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    ts = torch.full((3,), timestep)
+    x_tau = sched.add_noise(x0, eps, ts)
+    ac = sched.alphas_cumprod[ts]
+    alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
+    want = eps - x0
+    assert torch.allclose(output_to_velocity(eps, x_tau, alpha, sigma, "epsilon"), want, atol=2e-4, rtol=1e-4)
+    v = sched.get_velocity(x0, eps, ts)
+    assert torch.allclose(output_to_velocity(v, x_tau, alpha, sigma, "v_prediction"), want, atol=2e-4, rtol=1e-4)
+
+
+def test_vp_velocity_of_an_oracle_network_is_the_straight_path_velocity():
+    """A network that knows the one data point x0 predicts eps exactly: (x_tau - alpha x0) / sigma. Wrapped by
+    VPVelocity at a flow time t that falls on a timestep, its velocity at y = (1 - t) x0 + t eps is eps - x0
+    (the flow's path velocity), with y -> x_tau = (alpha + sigma) y as diffusers' schedule defines alpha, sigma."""
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    vp = VPSchedule.from_scheduler(sched)
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(1, 4, 4, 4, generator=gen, dtype=torch.float64), torch.randn(1, 4, 4, 4, generator=gen,
+                                                                                       dtype=torch.float64)
+    ac = sched.alphas_cumprod.double()
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_tau, timestep, encoder_hidden_states=None, **kw):
+            a, s = ac[timestep.long()].sqrt(), (1 - ac[timestep.long()]).sqrt()
+            return ((x_tau - a.view(-1, 1, 1, 1) * x0) / s.view(-1, 1, 1, 1),)
+
+    field = VPVelocity(Oracle(), vp)
+    for timestep in (10, 500, 999):
+        a, s = ac[timestep].sqrt(), (1 - ac[timestep]).sqrt()
+        t = s / (a + s)
+        y = (1 - t) * x0 + t * eps
+        v = field(y, t.reshape(1), None)
+        assert torch.allclose(v, eps - x0, atol=1e-4), timestep
