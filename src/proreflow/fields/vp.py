@@ -171,7 +171,7 @@ class VPVelocity(nn.Module):
         """1 / A(t)^2 where v = A(t) * output + B(t) * x: weights a velocity MSE so that it equals the MSE
         of the network's own output (eps: (alpha / (alpha + sigma))^2, 0.0041 at SD's timestep 999 against
         0.35 at 249). Used only under `loss_weighting: output`: on the trained mini SD it left the first of 4
-        windows untrained (its one-step error rose 58 %), where the unweighted velocity MSE, the default,
+        windows untrained (its one-step error rose 51-53 % over DDIM's), where the unweighted velocity MSE, the default,
         lowered it (benchmarks/results/mini_sd_windows.md)."""
         alpha, sigma = self.schedule.alpha_sigma(self.schedule.timestep_of_t(t))
         if self.prediction_type == "epsilon":

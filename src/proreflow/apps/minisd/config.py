@@ -79,8 +79,8 @@ class UNetSettings:
     layers_per_block: int = 1
     attention_head_dim: int = 4  # diffusers' name; the number of heads per attention layer
     norm_num_groups: int = 32
-    steps: int = 6000
-    batch_size: int = 128
+    steps: int = 3000  # the defaults are configs/mini-sd.yaml's (what `load_minisd_config` starts from)
+    batch_size: int = 64
     lr: float = 5e-4
     warmup_steps: int = 200
     ema_decay: float = 0.999
@@ -100,7 +100,7 @@ class UNetSettings:
 class ClassifierSettings:
     """The classifier whose features define the offline FD and whose labels define prompt accuracy."""
 
-    steps: int = 5000
+    steps: int = 3500
     batch_size: int = 128
     lr: float = 2e-3
 
