@@ -3,7 +3,8 @@
 1. the mini Stable Diffusion teacher (`proreflow mini-teacher`, cached) and its training images as a folder;
 2. `proreflow distill --preset mini-sd-proreflow-I --model <teacher> --data <images>` (timed): the preset (velocity
    MSE) and the eps-space MSE (`method.loss_weighting: output`, the old default) at two seeds each, and the eps-space
-   MSE with a warm-up per stage (`train.warmup_scope: stage`, the old rule);
+   MSE with a warm-up per stage (`train.warmup_scope: stage`, the old rule); each logs its curves to TensorBoard
+   and validates every 50 steps (`benchmarks/monitor_curves.py` draws them, docs/monitoring.md);
 3. each student opened with stock `StableDiffusionPipeline.from_pretrained` (its exported DDIMScheduler) and sampled
    at 4 steps, next to the teacher under diffusers' DDIM (trailing) at 4 and 32 steps, at guidance 1 and 4;
 4. the conventions on the trained teacher: our sampler (`make_scheduler("proreflow")`) against diffusers' DDIM from
@@ -67,7 +68,8 @@ def distill(name: str, scope: str, changes: dict, teacher: Path, data: Path, roo
     path.write_text(yaml.safe_dump(preset))
     resume = ["--resume", "latest"] if (out / "checkpoints").is_dir() else []
     cmd = [sys.executable, "-m", "proreflow.cli", "distill", "--preset", str(path), "--model", str(teacher),
-           "--data", str(data), "--out", str(out), "--quiet", "--validate-every", "50", *resume]  # each run encodes --data itself, as a user's
+           "--data", str(data), "--out", str(out), "--quiet", "--validate-every", "50",
+           *resume]  # each run encodes --data itself, as a user's
     print(f"{name}: {' '.join(cmd)}", flush=True)
     started = time.perf_counter()
     subprocess.run(cmd, check=True, env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads)})

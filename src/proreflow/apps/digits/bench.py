@@ -41,7 +41,8 @@ class Log:
 class DigitsBench:
     """Data, classifier, teachers and shared evaluation inputs of one benchmark run (all cached)."""
 
-    def __init__(self, cfg: DigitsConfig, out: Path, progress: bool = True, monitor: MonitorConfig | None = None) -> None:
+    def __init__(self, cfg: DigitsConfig, out: Path, progress: bool = True,
+                 monitor: MonitorConfig | None = None) -> None:
         self.cfg, self.out, self.progress, self.monitor = cfg, out, progress, monitor
         self.cache = out / "cache"
         self.log = Log(progress)
