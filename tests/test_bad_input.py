@@ -128,6 +128,10 @@ ROWS = [
                                  "--quiet"], "resolution must be a multiple of 8 in [8, 4096]"),
     ("sample-height-huge", ["sample", "--model", "{tmp}/m", "--prompt", "a cat", "--height", "65536",
                             "--out", "{tmp}/png"], "--height must be a positive multiple of 8 up to 4096"),
+    ("suite-later-row-steps", ["evaluate", "--suite", "{suitesteps}", "--out", "{tmp}/ev", "--quiet"],
+     "run 'b': 3 sampling steps cannot cross 2 windows"),
+    ("suite-later-row-missing", ["evaluate", "--suite", "{suitemissing}", "--out", "{tmp}/ev", "--quiet"],
+     "does not exist"),
     ("evaluate-resolution-huge", ["evaluate", "--model", "{tmp}/m", "--no-fid", "--no-clip", "--resolution",
                                   "100000", "--out", "{tmp}/ev", "--quiet"], "resolution must be a multiple of 8 in"),
     ("evaluate-num-images-huge", ["evaluate", "--model", "{tmp}/m", "--no-fid", "--no-clip", "--num-images",
@@ -229,6 +233,13 @@ def _files(tmp: Path) -> dict[str, str]:
         f[name] = str(tmp / name)
     (tmp / "bad.tar").write_bytes(b"this is not a tar archive" * 40)
     f["badtar"] = str(tmp / "bad.tar")
+    (tmp / "student").mkdir()  # what evaluate's pre-flight reads of a student: its windows
+    (tmp / "student" / "proreflow.json").write_text('{"windows": [1.0, 0.5, 0.0]}')
+    suite = "eval: {captions: prompts, prompts: p.txt, fid: false, clip: false}\nruns:\n"
+    for key, later in (("suitesteps", f"{{name: b, model: {tmp}/student, steps: 3}}"),
+                       ("suitemissing", f"{{name: b, model: {tmp}/no-such-model, steps: 2}}")):
+        (tmp / f"{key}.yaml").write_text(suite + f"  - {{name: a, model: {tmp}/student, steps: 2}}\n  - {later}\n")
+        f[key] = str(tmp / f"{key}.yaml")
     return f
 
 

@@ -150,6 +150,7 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
     slugs = [r.slug for r in rows_in]
     if len(set(slugs)) != len(slugs):
         raise ProReflowError(f"two runs share name, scheduler, steps and guidance: {sorted({s for s in slugs if slugs.count(s) > 1})}")
+    _preflight(rows_in)
     if captions is None:
         captions = load_caption_set(cfg.captions, cfg.annotations, cfg.prompts, cfg.num_images, cfg.seed,
                                     PROTOCOLS[cfg.protocol].caption)
@@ -202,6 +203,30 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
             plot_guidance_sweep(guidance_sweeps(rows), [("fid", "FID (lower is better)"), ("clip", "CLIP score (higher is better)")],
                                 out / "cfg_sweep.png")
         return rows
+
+
+def _is_local(name: str) -> bool:
+    """A model or weights name written as a filesystem path (absolute, ./, ../ or ~), not a hub id."""
+    return name.startswith(("/", "./", "../", "~"))
+
+
+def _preflight(rows: Sequence[RunSpec]) -> None:
+    """What can be checked of every row without loading a model, before any folder is written: a later row used to
+    fail only after the earlier rows were generated, leaving its run folder behind (issue 26). A local model or
+    UNet weights file must exist, and a proreflow student's step count must be a multiple of its windows."""
+    from proreflow.apps.sd.export import student_windows
+
+    for spec in rows:
+        for what, name in (("model", spec.model), ("unet_weights", spec.unet_weights), ("unet_delta", spec.unet_delta),
+                           ("lora", spec.lora)):
+            if name and _is_local(name) and not Path(name).expanduser().exists():
+                raise ProReflowError(f"run {spec.name!r}: cannot load the {what} {name!r}: it does not exist")
+        windows = student_windows(str(Path(spec.model).expanduser())) if Path(spec.model).expanduser().is_dir() else None
+        if windows is not None:
+            try:
+                windows.steps_per_window(spec.steps)
+            except ProReflowError as exc:
+                raise ProReflowError(f"run {spec.name!r}: {exc}") from None
 
 
 def _hash(captions: Sequence[str]) -> str:
