@@ -15,7 +15,8 @@ from proreflow.training.loop import (
                                      make_optimizer,
                                      process_state,
 )
-from proreflow.training.monitor import Monitor, MonitorConfig, Validation, check_report_to, image_grid, points_image
+from proreflow.training.monitor import (Monitor, MonitorConfig, Validation, check_report_to, image_grid, points_image,
+                                        watching)
 from proreflow.training.plan import PairCacheConfig, PlanResult, train_plan
 from proreflow.training.recipe import Recipe, RecipeSettings
 from proreflow.training.signals import TrainingInterrupted, check_stop, stop_on_sigterm
@@ -23,4 +24,4 @@ from proreflow.training.signals import TrainingInterrupted, check_stop, stop_on_
 __all__ = ["BatchFn", "DataFn", "FitResult", "Monitor", "MonitorConfig", "PairCacheConfig", "PlanResult", "Recipe", "RecipeSettings", "StepCallback", "TrainBatch",
            "TrainConfig", "TrainableEMA", "TrainingInterrupted", "Validation", "cached_reflow_batches", "check_optimizer", "check_report_to", "check_stop", "describe_batch",
            "ddpm_batches", "ema_with_warmup", "fit", "flow_matching_batches", "image_grid", "make_accelerator", "make_optimizer",
-           "points_image", "process_state", "reflow_batches", "resolve_batch", "stop_on_sigterm", "train_plan"]
+           "points_image", "process_state", "reflow_batches", "resolve_batch", "stop_on_sigterm", "train_plan", "watching"]

@@ -18,9 +18,10 @@ from __future__ import annotations
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -292,6 +293,17 @@ class FitWatch:
                 m._warn("validation", exc)
                 m.validation = None
             self._clock = time.perf_counter()  # validation time is not training throughput
+
+
+@contextmanager
+def watching(monitor: Monitor | None) -> Iterator[Monitor | None]:
+    """`monitor` (or None) for a block, its trackers closed when the block ends, however it ends: every command
+    wraps its fits in this."""
+    try:
+        yield monitor
+    finally:
+        if monitor is not None:
+            monitor.close()
 
 
 def _stable_id(path: Path) -> str:

@@ -24,7 +24,7 @@ from proreflow.models.unet import class_unet
 from proreflow.sampling import sample
 from proreflow.store import atomic_save_tensors, json_key
 from proreflow.training import (Monitor, MonitorConfig, PairCacheConfig, PlanResult, TrainConfig, Validation,
-                                ddpm_batches, fit, flow_matching_batches, image_grid, train_plan)
+                                ddpm_batches, fit, flow_matching_batches, image_grid, train_plan, watching)
 from proreflow.training.checkpoint import CheckpointConfig, load_tensors
 from proreflow.windows import WindowSchedule
 
@@ -125,12 +125,8 @@ class DigitsBench:
         objective = "DDPM eps" if kind == "vp" else "flow-matching"
         self.log(f"{kind} teacher: " + ("from the cache" if cached else f"{tc.steps} {objective} steps"))
         started = time.perf_counter()
-        monitor = Monitor(self.monitor, self.out, f"teacher-{kind}") if self.monitor is not None else None
-        try:
+        with watching(Monitor(self.monitor, self.out, f"teacher-{kind}") if self.monitor else None) as monitor:
             res = fit(init, batches, tc.steps, train, desc=f"{kind} teacher", checkpoints=fits, monitor=monitor)
-        finally:
-            if monitor is not None:
-                monitor.close()
         if not cached:
             self.teacher_seconds[kind] = time.perf_counter() - started
         model = self.wrap(kind, res.model.net) if kind == "vp" else res.model
@@ -206,14 +202,10 @@ def train_student(bench: DigitsBench, spec: MethodSpec, k: int, seed: int) -> St
     ckpt = CheckpointConfig(bench.cache / "students" / f"{spec.name}-k{k}-s{seed}-"
                             f"{json_key(*common, spec.lam, asdict(sampling), spec.pair_source)}", every=100, resume=True)
     started = time.perf_counter()
-    monitor = _monitor(bench, f"{spec.name}-k{k}-s{seed}", plan.final, kind)
-    try:
+    with watching(_monitor(bench, f"{spec.name}-k{k}-s{seed}", plan.final, kind)) as monitor:
         res = train_plan(teacher, NetworkTeacher(teacher), bench.data_fn(), recipe, k,
                          desc=f"{spec.name} k={k} seed={seed}", checkpoints=ckpt, monitor=monitor,
                          pair_cache=PairCacheConfig(pairs_dir, cfg.pairs, cfg.pair_shard_size))
-    finally:
-        if monitor is not None:
-            monitor.close()
     return StudentRun(spec, k, seed, res, time.perf_counter() - started)
 
 

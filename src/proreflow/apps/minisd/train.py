@@ -18,9 +18,8 @@ import json
 import sys
 import time
 from dataclasses import asdict
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -30,7 +29,7 @@ from proreflow.apps.minisd.config import SD15_SCHEDULER, MiniSDConfig
 from proreflow.apps.minisd.data import TeacherData, load_teacher_data
 from proreflow.losses import LossTerms, mse
 from proreflow.store import atomic_write_text, check_output_dir, json_key
-from proreflow.training import Monitor, MonitorConfig, TrainBatch, TrainConfig, check_stop, fit
+from proreflow.training import Monitor, MonitorConfig, TrainBatch, TrainConfig, check_stop, fit, watching
 from proreflow.training.checkpoint import CheckpointConfig, FitCheckpoints, load_tensors
 
 #: bump when a stage's code changes what it trains (part of every cache key)
@@ -160,7 +159,7 @@ def train_mini_teacher(cfg: MiniSDConfig, out: Path, data: str | None = None, re
     torch.manual_seed(cfg.seed)
     vae_init = build.VAEObjective(build.make_vae(cfg.vae, res))
     v = cfg.vae
-    with _watched(monitor, out, "vae") as watch:
+    with watching(Monitor(monitor, out, "vae") if monitor else None) as watch:
         vae = _stage(log, seconds, "vae", fits, lambda: fit(
             vae_init, vae_batches(d, v.batch_size), v.steps, _train_config(cfg, v.lr, v.batch_size, 0.995, 0, progress),
             loss=vae_loss(v.kl_weight), desc="vae", checkpoints=fits, monitor=watch
@@ -191,7 +190,7 @@ def train_mini_teacher(cfg: MiniSDConfig, out: Path, data: str | None = None, re
     unet_init = build.EpsUNet(build.make_unet(u, cfg.latent_size, cfg.text.hidden_size))
     batches = unet_batches(mean, std, scaling, d.caption_ids, d.caption_counts, embeddings, len(captions) - 1,
                            u.caption_dropout, u.batch_size)
-    with _watched(monitor, out, "unet") as watch:
+    with watching(Monitor(monitor, out, "unet") if monitor else None) as watch:
         unet = _stage(log, seconds, "unet", fits, lambda: fit(
             unet_init, batches, u.steps, _train_config(cfg, u.lr, u.batch_size, u.ema_decay, u.warmup_steps, progress),
             desc="unet", seed_offset=1, checkpoints=fits, monitor=watch)).model.unet.float().eval()
@@ -259,13 +258,3 @@ def _classifier(cfg: MiniSDConfig, d: TeacherData, cache: Path, log, seconds: di
     log(f"classifier: held-out accuracy {acc:.3f}")
     return net.eval(), acc
 
-
-@contextmanager
-def _watched(cfg: MonitorConfig | None, out: Path, name: str) -> Iterator[Monitor | None]:
-    """One stage's monitor (curves under out/logs/<name>), closed when the stage ends however it ends."""
-    monitor = None if cfg is None else Monitor(cfg, out, name)
-    try:
-        yield monitor
-    finally:
-        if monitor is not None:
-            monitor.close()

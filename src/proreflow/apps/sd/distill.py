@@ -23,7 +23,8 @@ from proreflow.apps.sd.encode import CaptionedLatents, is_sd3
 from proreflow.errors import ProReflowError
 from proreflow.fields import AdaptersOff, denoiser, from_pipeline, teacher_grid, window_placement
 from proreflow.store import atomic_write_text, module_digest
-from proreflow.training import Monitor, MonitorConfig, describe_batch, process_state, stop_on_sigterm, train_plan
+from proreflow.training import (Monitor, MonitorConfig, describe_batch, process_state, stop_on_sigterm, train_plan,
+                                watching)
 from proreflow.training.checkpoint import CheckpointConfig
 from proreflow.windows import ProgressivePlan
 
@@ -103,13 +104,9 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
             shown = sd_validation(pipe, teacher, plan.final, pick_prompts(validation_prompts, None), cfg.resolution,
                                   cfg.train.seed)
         watch = Monitor(monitor, out, "distill", shown)
-    try:
-        with stop_on_sigterm():
-            res = train_plan(student, teacher, data_fn, recipe, cfg.steps, checkpoints=checkpoints, copy_model=False,
-                             on_step=on_step, monitor=watch)
-    finally:
-        if watch is not None:
-            watch.close()
+    with watching(watch), stop_on_sigterm():
+        res = train_plan(student, teacher, data_fn, recipe, cfg.steps, checkpoints=checkpoints, copy_model=False,
+                         on_step=on_step, monitor=watch)
     unet = denoiser(pipe)  # trained in place (copy_model=False): the student's network
     summary = {"method": cfg.method.name, "steps": cfg.steps, "windows": list(plan.final.boundaries),
                "stage_windows": [s.schedule.num_windows for s in plan.stages], "lam": cfg.method.lam,

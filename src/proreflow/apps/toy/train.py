@@ -15,7 +15,7 @@ from proreflow.run_lock import run_lock
 from proreflow.store import atomic_save_tensors, atomic_write_text, check_resumed_settings, record_settings
 from proreflow.sampling import sample
 from proreflow.training import (Monitor, MonitorConfig, PairCacheConfig, Validation, check_optimizer, points_image,
-                                process_state, stop_on_sigterm, train_plan)
+                                process_state, stop_on_sigterm, train_plan, watching)
 from proreflow.training.checkpoint import CheckpointConfig
 from proreflow.windows import WindowSchedule
 
@@ -52,13 +52,9 @@ def train_single(cfg: ToyConfig, method: str, k: int, out: Path, seed: int = 0, 
             setup = prepare(cfg, dataset, data_file, seed, ckpt, allow_outliers)
             started = time.perf_counter()
             pairs = PairCacheConfig(out / "pairs", cached_pairs) if cached_pairs else None
-            watch = _monitor(monitor, out, f"{spec.name}-k{k}", cfg, setup, plan, seed)
-            try:
+            with watching(_monitor(monitor, out, f"{spec.name}-k{k}", cfg, setup, plan, seed)) as watch:
                 res = train_plan(setup.base, setup.teacher, points_data_fn(setup.data.train), cfg.recipe(spec), k,
                                  checkpoints=ckpt, pair_cache=pairs, monitor=watch)
-            finally:
-                if watch is not None:
-                    watch.close()
         cmp = Comparison(cfg, setup, seed)
         cmp.add_trained(spec, k, res, time.perf_counter() - started)
         row, _, _ = cmp.score(spec, k)
