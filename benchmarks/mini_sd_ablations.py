@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mini_sd_distill import distill, generate  # noqa: E402
+from mini_sd_distill import distill, generate, open_pipe, score  # noqa: E402
 from mini_sd_teacher import prompts_for  # noqa: E402
 
 from proreflow.data.fashion import load_fashion, write_image_folder  # noqa: E402
-from proreflow.metrics_classifier import ClassifierMetrics, to_classifier_input  # noqa: E402
+from proreflow.metrics_classifier import ClassifierMetrics  # noqa: E402
 from proreflow.store import atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,29 +76,18 @@ def main() -> None:
             students[(name, seed)] = distill(f"{name}, seed {seed}", scope, {**changes, "train": {"seed": seed}}
                                              if seed else changes, args.teacher, args.data, root, args.threads)
 
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     metrics = ClassifierMetrics.load(args.teacher / "classifier", real=load_fashion("test").pixels())
     prompts = prompts_for(args.n)
-    pipe = StableDiffusionPipeline.from_pretrained(str(args.teacher), safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
+    pipe = open_pipe(args.teacher, ddim_trailing=True)
     rows = []
     for guidance in (1.0, 4.0):
         ref, _ = generate(pipe, prompts, 32, guidance, args.batch)
         ddim4, _ = generate(pipe, prompts, 4, guidance, args.batch)
-        x = to_classifier_input(ddim4, metrics.size)
-        rows.append({"variant": "teacher DDIM-4", "seed": None, "guidance": guidance, "fd": metrics.fd(x),
-                     "prompt_accuracy": metrics.prompt_accuracy(x, prompts),
-                     "fidelity_rmse": float((ddim4 - ref).pow(2).mean().sqrt())})
+        rows.append({"variant": "teacher DDIM-4", "seed": None, "guidance": guidance,
+                     **score(metrics, ddim4, prompts, ref)})
         for (name, seed), (folder, _) in students.items():
-            p = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
-            p.set_progress_bar_config(disable=True)
-            imgs, _ = generate(p, prompts, 4, guidance, args.batch)
-            x = to_classifier_input(imgs, metrics.size)
-            rows.append({"variant": name, "seed": seed, "guidance": guidance, "fd": metrics.fd(x),
-                         "prompt_accuracy": metrics.prompt_accuracy(x, prompts),
-                         "fidelity_rmse": float((imgs - ref).pow(2).mean().sqrt())})
+            imgs, _ = generate(open_pipe(folder), prompts, 4, guidance, args.batch)
+            rows.append({"variant": name, "seed": seed, "guidance": guidance, **score(metrics, imgs, prompts, ref)})
             print(json.dumps(rows[-1]), flush=True)
     result = {"n_generated": args.n, "seeds": list(SEEDS), "rows": rows,
               "distill_seconds": {f"{n}, seed {s}": round(t, 1) for (n, s), (_, t) in students.items()}}

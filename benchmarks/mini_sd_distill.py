@@ -78,6 +78,26 @@ def distill(name: str, scope: str, changes: dict, teacher: Path, data: Path, roo
     return out, seconds
 
 
+def open_pipe(folder: Path, ddim_trailing: bool = False):
+    """A pipeline folder opened with stock `from_pretrained`, as a user opens it, progress bars off; with
+    `ddim_trailing` (the teacher) under diffusers' DDIMScheduler, trailing spacing, final alpha 1."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if ddim_trailing:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                   set_alpha_to_one=True)
+    return pipe
+
+
+def score(metrics: ClassifierMetrics, imgs: torch.Tensor, prompts: list[str], ref: torch.Tensor) -> dict:
+    """FD, prompt accuracy and fidelity (pixel RMSE to `ref`, the teacher's DDIM-32 images) of images in [0, 1]."""
+    x = to_classifier_input(imgs, metrics.size)
+    return {"fd": metrics.fd(x), "prompt_accuracy": metrics.prompt_accuracy(x, prompts),
+            "fidelity_rmse": float((imgs - ref).pow(2).mean().sqrt())}
+
+
 @torch.no_grad()
 def generate(pipe, prompts: list[str], steps: int, guidance: float, batch: int, seed: int = 1,
              output_type: str = "pt") -> tuple[torch.Tensor, list[float]]:
@@ -146,32 +166,24 @@ def main() -> None:
     students = {name: distill(name, scope, changes, args.teacher, args.data, args.students, args.threads)
                 for name, (scope, changes) in VARIANTS.items()}
 
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     test = load_fashion("test")
     metrics = ClassifierMetrics.load(args.teacher / "classifier", real=test.pixels())
     prompts = prompts_for(args.n)
-    pipe = StableDiffusionPipeline.from_pretrained(str(args.teacher), safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
+    pipe = open_pipe(args.teacher, ddim_trailing=True)
     rows, refs, shown = [], {}, {}
     for guidance in (1.0, 4.0):
         refs[guidance], _ = generate(pipe, prompts, 32, guidance, args.batch)
     pipes = {"teacher, DDIM trailing": pipe}
     for name, (folder, _) in students.items():
-        pipes[name] = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
-                                                              requires_safety_checker=False)
-        pipes[name].set_progress_bar_config(disable=True)
+        pipes[name] = open_pipe(folder)
     for guidance in (1.0, 4.0):
         for name, p in pipes.items():
             for steps in ((32, 4) if name.startswith("teacher") else (4,)):
                 imgs = refs[guidance] if steps == 32 else generate(p, prompts, steps, guidance, args.batch)[0]
                 _, secs = generate(p, prompts[: 3 * 50], steps, guidance, 50)  # timed alike: 3 batches of 50
-                x = to_classifier_input(imgs, metrics.size)
                 shown[(name, steps, guidance)] = imgs
                 rows.append({"model": name, "scheduler": type(p.scheduler).__name__, "steps": steps,
-                             "guidance": guidance, "fd": metrics.fd(x), "prompt_accuracy": metrics.prompt_accuracy(x, prompts),
-                             "fidelity_rmse": float((imgs - refs[guidance]).pow(2).mean().sqrt()),
+                             "guidance": guidance, **score(metrics, imgs, prompts, refs[guidance]),
                              "seconds_per_image": statistics.median(secs)})
                 print(json.dumps(rows[-1]), flush=True)
     conv = conventions(pipe, prompts[:100])
