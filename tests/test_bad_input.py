@@ -132,6 +132,13 @@ ROWS = [
      "run 'b': 3 sampling steps cannot cross 2 windows"),
     ("suite-later-row-missing", ["evaluate", "--suite", "{suitemissing}", "--out", "{tmp}/ev", "--quiet"],
      "does not exist"),
+    # a later row that exists but cannot load: refused before the first row's folder is written
+    ("suite-later-row-not-pipeline", ["evaluate", "--suite", "{suitenotpipe}", "--out", "{tmp}/ev", "--quiet"],
+     "is not a diffusers pipeline folder"),
+    ("suite-later-row-hub-uncached", ["evaluate", "--suite", "{suitehub}", "--out", "{tmp}/ev", "--quiet"],
+     "no such local folder, and the hub gave"),
+    ("suite-later-row-bad-weights", ["evaluate", "--suite", "{suiteweights}", "--out", "{tmp}/ev", "--quiet"],
+     "not a readable safetensors file"),
     ("evaluate-resolution-huge", ["evaluate", "--model", "{tmp}/m", "--no-fid", "--no-clip", "--resolution",
                                   "100000", "--out", "{tmp}/ev", "--quiet"], "resolution must be a multiple of 8 in"),
     ("evaluate-num-images-huge", ["evaluate", "--model", "{tmp}/m", "--no-fid", "--no-clip", "--num-images",
@@ -233,11 +240,18 @@ def _files(tmp: Path) -> dict[str, str]:
         f[name] = str(tmp / name)
     (tmp / "bad.tar").write_bytes(b"this is not a tar archive" * 40)
     f["badtar"] = str(tmp / "bad.tar")
-    (tmp / "student").mkdir()  # what evaluate's pre-flight reads of a student: its windows
+    (tmp / "student").mkdir()  # what evaluate's pre-flight reads of a student: a pipeline index and its windows
+    (tmp / "student" / "model_index.json").write_text("{}")
     (tmp / "student" / "proreflow.json").write_text('{"windows": [1.0, 0.5, 0.0]}')
+    (tmp / "not-a-pipeline").mkdir()
+    (tmp / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": {\"dtype")
     suite = "eval: {captions: prompts, prompts: p.txt, fid: false, clip: false}\nruns:\n"
     for key, later in (("suitesteps", f"{{name: b, model: {tmp}/student, steps: 3}}"),
-                       ("suitemissing", f"{{name: b, model: {tmp}/no-such-model, steps: 2}}")):
+                       ("suitemissing", f"{{name: b, model: {tmp}/no-such-model, steps: 2}}"),
+                       ("suitenotpipe", f"{{name: b, model: {tmp}/not-a-pipeline, steps: 2}}"),
+                       ("suitehub", "{name: b, model: nobody-here/no-such-model, steps: 2}"),
+                       ("suiteweights", f"{{name: b, model: {tmp}/student, steps: 2, "
+                                        f"unet_weights: {tmp}/cut.safetensors}}")):
         (tmp / f"{key}.yaml").write_text(suite + f"  - {{name: a, model: {tmp}/student, steps: 2}}\n  - {later}\n")
         f[key] = str(tmp / f"{key}.yaml")
     return f

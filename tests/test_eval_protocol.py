@@ -73,7 +73,10 @@ def test_rows_record_the_protocol_and_its_captions(tmp_path, monkeypatch, protoc
                      resolution=16, batch_size=2, fid=False, clip=False, timing_batches=0, progress=False,
                      protocol=protocol)
     paper = {"coco2017-5k": {"fid": 22.97}, "coco2014-10k": {"fid": 19.1}}
-    rows = evaluate([RunSpec("fake", "nowhere", steps=2, paper=paper)], cfg, tmp_path / "out")
+    model = tmp_path / "model"  # a pipeline folder as far as the pre-check reads (the loader is replaced above)
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    rows = evaluate([RunSpec("fake", str(model), steps=2, paper=paper)], cfg, tmp_path / "out")
     assert rows[0]["protocol"] == protocol
     assert rows[0]["paper"] == {"fid": 22.97}  # the paper's numbers of the block these captions are
     assert "| FID (paper) |" in (tmp_path / "out" / "results.md").read_text()

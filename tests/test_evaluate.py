@@ -509,7 +509,7 @@ def test_model_loading_is_never_timed(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "load_eval_pipeline", load)
     cfg = _cfg(assets, fid=False, clip=False, reference=None, warmup_batches=0, timing_batches=2)
     for out in (tmp_path / "fresh", tmp_path / "fresh"):  # the second time all images exist already
-        rows = evaluate([RunSpec("fake", "nowhere", steps=2)], cfg, out)
+        rows = evaluate([RunSpec("fake", str(assets / "teacher"), steps=2)], cfg, out)
         assert rows[0]["seconds_per_image"] == 1.0
 
 

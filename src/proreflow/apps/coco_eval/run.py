@@ -213,14 +213,19 @@ def _is_local(name: str) -> bool:
 def _preflight(rows: Sequence[RunSpec]) -> None:
     """What can be checked of every row without loading a model, before any folder is written: a later row used to
     fail only after the earlier rows were generated, leaving its run folder behind (issue 26). A local model or
-    UNet weights file must exist, and a proreflow student's step count must be a multiple of its windows."""
-    from proreflow.apps.sd.export import student_windows
+    UNet weights file must exist (a safetensors one with a readable header), the model must be a diffusers folder
+    or a hub id whose model_index.json the cache or the hub has, and a proreflow student's step count must be a
+    multiple of its windows."""
+    from proreflow.apps.sd.export import check_model_reachable, check_weights_file, student_windows
 
     for spec in rows:
         for what, name in (("model", spec.model), ("unet_weights", spec.unet_weights), ("unet_delta", spec.unet_delta),
                            ("lora", spec.lora)):
             if name and _is_local(name) and not Path(name).expanduser().exists():
                 raise ProReflowError(f"run {spec.name!r}: cannot load the {what} {name!r}: it does not exist")
+            if name and what != "model":
+                check_weights_file(name, f"the {what} of run {spec.name!r}")
+        check_model_reachable(spec.model, f"the model of run {spec.name!r}")
         windows = student_windows(str(Path(spec.model).expanduser())) if Path(spec.model).expanduser().is_dir() else None
         if windows is not None:
             try:

@@ -72,6 +72,42 @@ def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class:
             f"HF_HUB_OFFLINE=1 to use the cache only)") from None
 
 
+def check_model_reachable(model: str, what: str = "the model") -> None:
+    """Refuse, before any work, a model `from_pretrained` could not open: a local folder without model_index.json,
+    or a hub id whose model_index.json is neither in the HF cache (HF_HUB_OFFLINE=1) nor on the hub. Only that small
+    file is fetched; the weights are loaded later, when the run needs them."""
+    local = Path(model).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise ProReflowError(f"cannot load {what} {model!r}: it is not a diffusers pipeline folder "
+                                 f"(no model_index.json)")
+        return
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(model, "model_index.json")
+    except Exception as exc:  # offline cache miss, no such repo, no network, an invalid id: one message for all
+        raise ProReflowError(f"cannot load {what} {model!r}: no such local folder, and the hub gave "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}. Pass a "
+                             f"local diffusers folder, or download it once with network access (it is then read "
+                             f"from the HF cache; set HF_HUB_OFFLINE=1 to use the cache only)") from None
+
+
+def check_weights_file(path: str, what: str) -> None:
+    """Refuse a local `.safetensors` file whose header cannot be read (cut short, not safetensors), before any work."""
+    p = Path(path).expanduser()
+    if not (p.is_file() and p.suffix == ".safetensors"):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # safetensors raises its own SafetensorError, an OSError or a ValueError
+        raise ProReflowError(f"cannot load {what} {path!r}: not a readable safetensors file "
+                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
 def student_windows(model: str) -> WindowSchedule | None:
     """The final windows a student folder's `proreflow.json` records (None for any other pipeline)."""
     summary = Path(model) / "proreflow.json"
