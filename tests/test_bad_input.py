@@ -144,6 +144,12 @@ ROWS = [
     ("evaluate-num-images-huge", ["evaluate", "--model", "{tmp}/m", "--no-fid", "--no-clip", "--num-images",
                                   "1000000000", "--out", "{tmp}/ev", "--quiet"], "num_images must be in [1, 1e6]"),
     ("run-classifier-steps", ["run", "{cls3}", "--out", "{out}", "--quiet"], "classifier_steps must be in [1, 1e7]"),
+    # a UNet too deep for the image size failed when built, after the teacher cache was written
+    ("run-unet-too-deep", ["run", "{deep}", "--out", "{out}", "--quiet"], "is not divisible by 2^5 for 6 UNet blocks"),
+    ("run-unet-too-wide", ["run", "{wide}", "--out", "{out}", "--quiet"], "unet widths must be <= 1024"),
+    # a second benchmark with another preset used to replace the first one's results.json without a word
+    ("run-over-other-results", ["run", "digits-smoke", "--out", "{digitsout}", "--quiet"],
+     "holds the digits benchmark's results made with other settings (seeds: [9] -> [0, 1])"),
     ("run-seed-negative", ["run", "{seedneg}", "--out", "{out}", "--quiet"], "seeds must be in [0, 2**31 - 1]"),
     ("run-samples-huge", ["run", "{samples9}", "--out", "{out}", "--quiet"], "samples must be <= 100000"),
     # -- output locations that cannot be written ---------------------------------------------------------------
@@ -217,7 +223,8 @@ def _files(tmp: Path) -> dict[str, str]:
              "evalsolver": "eval: {reference_solver: midpoint}\n", "evalref0": "eval: {reference_steps: 0}\n",
              "digits3": "steps: [3]\ntable_steps: 3\n", "betafoo": "vp: {beta_schedule: foo}\n",
              "groups0": "unet: {norm_num_groups: 0}\n", "adam8": "train: {optimizer: adamw8bit}\n",
-             "cls3": "classifier_steps: -3\n", "seedneg": "seeds: [-1]\n", "samples9": "eval: {samples: 1000000000}\n",
+             "cls3": "classifier_steps: -3\n", "deep": "unet: {block_out_channels: [8, 8, 8, 8, 8, 8]}\n",
+             "wide": "unet: {block_out_channels: [8, 1000000]}\n", "seedneg": "seeds: [-1]\n", "samples9": "eval: {samples: 1000000000}\n",
              "infsuite": "eval: {captions: prompts, prompts: p.txt, fid: false, clip: false}\nruns:\n"
                          "  - {name: t, model: m, scheduler: ddim, scheduler_overrides: {beta_start: .inf}}\n"}
     for levels in (5, 9):  # each level a list of ten aliases of the one above: 10^levels values
@@ -229,6 +236,14 @@ def _files(tmp: Path) -> dict[str, str]:
         f[key] = str(tmp / f"{key}.yaml")
     (tmp / "binary.yaml").write_bytes(b"\xff\xfe\x00garbage\x80")
     f["binary"] = str(tmp / "binary.yaml")
+    (tmp / "digitsout").mkdir()  # a finished digits run of another preset (only its recorded config matters)
+    from dataclasses import asdict
+
+    from proreflow.apps.digits import load_digits_config
+
+    other = {**json.loads(json.dumps(asdict(load_digits_config("digits-smoke")), default=str)), "seeds": [9]}
+    (tmp / "digitsout" / "results.json").write_text(json.dumps({"config": other}))
+    f["digitsout"] = str(tmp / "digitsout")
     (tmp / "a-file").write_text("not a folder")
     f["file"] = str(tmp / "a-file")
     from PIL import Image

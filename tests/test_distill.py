@@ -154,7 +154,20 @@ def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder, monkeypatch
     r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--prompt", "a dog", "--steps", "2",
                             "--height", "16", "--width", "16", "--out", str(tmp_path / "png")])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["000.png", "001.png", "prompts.txt"]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["000.png", "001.png", "prompts.txt", "sample.json"]
+    # issue 26: a finished folder is never replaced by a run with other settings unless --overwrite
+    r = runner.invoke(app, ["distill", "--data", str(image_folder), "--out", str(out), "--preset", str(preset), "--quiet"])
+    assert r.exit_code == 2 and "already holds a pipeline" in r.stderr, r.output
+    first = (tmp_path / "png" / "000.png").read_bytes()
+    again = ["sample", "--model", str(out), "--prompt", "a cat", "--steps", "2", "--height", "16", "--width", "16",
+             "--out", str(tmp_path / "png")]
+    r = runner.invoke(app, again)  # another prompt list: refused, nothing touched
+    assert r.exit_code == 2 and "holds images made with other settings (prompts: " in r.stderr, r.output
+    assert (tmp_path / "png" / "001.png").exists() and (tmp_path / "png" / "000.png").read_bytes() == first
+    r = runner.invoke(app, [*again, "--overwrite"])  # replaced, the earlier second image removed
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["000.png", "prompts.txt", "sample.json"]
+    assert json.loads((tmp_path / "png" / "sample.json").read_text())["prompts"] == ["a cat"]
     r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--steps", "3", "--height", "16",
                             "--width", "16", "--out", str(tmp_path / "png3")])
     assert r.exit_code == 2 and "multiple of the student's 2 windows" in r.stderr

@@ -166,3 +166,32 @@ def test_table_3_has_both_blocks_and_the_sdxl_rivals_as_their_cards_run_them():
     lcm = make_scheduler("lcm", LCMScheduler(**sdxl).config, 4, overrides=dmd2.scheduler_overrides)
     lcm.set_timesteps(4)
     assert lcm.timesteps.tolist() == [999, 749, 499, 249]  # DMD2's training timesteps
+
+
+def test_an_evaluation_never_replaces_other_results_without_overwrite(tmp_path, monkeypatch):
+    """Issue 26: a second suite into the same --out replaced the first one's results.json without a word. The same
+    evaluation may run again (its images are reused); other rows or settings need `overwrite`."""
+    import proreflow.apps.coco_eval.generate as gen
+
+    monkeypatch.setattr(gen, "load_eval_pipeline", lambda spec, dtype, device: lambda prompts, **kw: SimpleNamespace(
+        images=np.zeros((len(prompts), 16, 16, 3))))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    cfg = EvalConfig(captions="coco2017-5k", annotations=str(_annotations(tmp_path / "a.json")), num_images=4,
+                     resolution=16, batch_size=2, fid=False, clip=False, timing_batches=0, progress=False)
+    out = tmp_path / "out"
+    first = [RunSpec("a", str(model), steps=2)]
+    evaluate(first, cfg, out)
+    evaluate(first, cfg, out)  # the same evaluation again: allowed
+    before = (out / "results.json").read_text()
+    assert json.loads(before)["rows"][0]["generated_now"] == 0
+    other = [RunSpec("b", str(model), steps=2)]
+    with pytest.raises(ProReflowError, match=r"holds an evaluation's results made with other settings \(runs: "):
+        evaluate(other, cfg, out)
+    assert (out / "results.json").read_text() == before
+    with pytest.raises(ProReflowError, match=r"\(num_images: 4 -> 3\)"):
+        evaluate(first, EvalConfig(**{**cfg.__dict__, "num_images": 3}), out)
+    rows = evaluate(other, cfg, out, overwrite=True)
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["b"] == \
+        [r["method"] for r in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -271,9 +272,12 @@ def sample(
     seed: int = typer.Option(0, help="Seed of the initial noise."),
     height: Optional[int] = typer.Option(None, help="Image height (default: the pipeline's)."),
     width: Optional[int] = typer.Option(None, help="Image width (default: the pipeline's)."),
+    overwrite: bool = typer.Option(False, help="Replace images made with other settings in --out (refused without)."),
 ) -> None:
-    """Generate images with a (student) pipeline and write them as PNGs."""
+    """Generate images with a (student) pipeline and write them as PNGs (their settings in sample.json)."""
     import torch
+
+    from proreflow.store import atomic_write_text, check_not_replacing
 
     with _errors():
         _check_seed(seed)
@@ -285,6 +289,9 @@ def sample(
             if v is not None and (v < 8 or v > MAX_RESOLUTION or v % 8):
                 raise ProReflowError(f"{flag} must be a positive multiple of 8 up to {MAX_RESOLUTION}, got {v}")
         _check_out(out)
+        settings = {"model": model, "prompts": list(prompt), "steps": steps, "guidance": guidance, "seed": seed,
+                    "height": height, "width": width}
+        check_not_replacing(out / "sample.json", settings, overwrite, "images")
         from proreflow.apps.sd.export import load_for_sampling
 
         pipe = load_for_sampling(model, steps)  # steps bounded, and a multiple of a student's windows
@@ -295,9 +302,12 @@ def sample(
         except ValueError as exc:  # diffusers' check_inputs: a bad argument for this pipeline
             raise ProReflowError(f"{type(pipe).__name__} refused the arguments: {str(exc).splitlines()[0][:300]}") from None
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("[0-9][0-9][0-9].png"):  # an earlier set (only reached with --overwrite or equal settings)
+        old.unlink()
     for i, (img, text) in enumerate(zip(images, prompt)):
         img.save(out / f"{i:03d}.png")
     (out / "prompts.txt").write_text("\n".join(prompt) + "\n")
+    atomic_write_text(out / "sample.json", json.dumps(settings, indent=1) + "\n")
     typer.echo(f"wrote {len(images)} image(s) to {out}")
 
 
@@ -309,6 +319,8 @@ def run(
     analyses: bool = typer.Option(True, help="Also run the teacher analyses (figs. 1a, 1b)."),
     report_to: ReportToOpt = "tensorboard",
     validate_every: ValidateOpt = 0,
+    overwrite: bool = typer.Option(False, help="Replace results of another preset in --out (refused without; the "
+                                               "same preset reruns from the cache)."),
     quiet: bool = typer.Option(False, help="No progress bars or log lines."),
 ) -> None:
     """Run the digits benchmark: teachers, solver baselines, every method over seeds, table 4, figs. 1a/1b/3."""
@@ -320,7 +332,7 @@ def run(
         monitor = _monitor(report_to, validate_every)
         _check_out(out)
         with stop_on_sigterm():
-            run_digits(cfg, out, progress=not quiet, analyses=analyses, monitor=monitor)
+            run_digits(cfg, out, progress=not quiet, analyses=analyses, monitor=monitor, overwrite=overwrite)
     typer.echo((out / "results.md").read_text())
 
 

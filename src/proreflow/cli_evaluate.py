@@ -60,6 +60,8 @@ def evaluate(
     warmup_batches: Optional[int] = typer.Option(None, help="Untimed batches before timing (default 2)."),
     timing_batches: Optional[int] = typer.Option(None, help="Timed batches (default 5; 0: no timing)."),
     timing_batch_size: Optional[int] = typer.Option(None, help="Images per timed batch (default: --batch-size)."),
+    overwrite: bool = typer.Option(False, help="Replace the results of other rows or settings in --out (refused "
+                                               "without; the same evaluation reruns, reusing its images)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Generate images (resumable), time them, and compute FID and CLIP score: one paper table per suite."""
@@ -82,6 +84,6 @@ def evaluate(
         _check_seed(seed)
         runs, cfg, title = plan_evaluation(suite, single, overrides)
         _check_out(out)
-        rows = run_evaluate(runs, cfg, out, title=title)
+        rows = run_evaluate(runs, cfg, out, title=title, overwrite=overwrite)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"wrote {out / 'results.json'} and {out / 'results.md'} ({len(rows)} row(s))")

@@ -135,6 +135,23 @@ def check_resumed_settings(folder: Path, settings: dict[str, Any], resume: bool)
                              f"({shown}); resume with the same ones or start a new run with another --out")
 
 
+def check_not_replacing(path: Path, settings: dict[str, Any], overwrite: bool, what: str,
+                        recorded: Callable[[dict[str, Any]], Any] = lambda old: old) -> None:
+    """A finished result is never replaced by a run with other settings unless `overwrite`: `path` (a results or
+    settings JSON file) holds the earlier run's settings (`recorded` picks them out of it); the same settings may
+    run again (they reuse caches and rewrite the same result). Validation only: call it before any work."""
+    path = Path(path)
+    if overwrite or not path.is_file():
+        return
+    old = recorded(read_json_object(path, f"the earlier {what}", "pass --overwrite to replace it or choose "
+                                                                 "another --out"))
+    changes = settings_changes(old, json.loads(json.dumps(settings, default=str)))
+    if changes:
+        shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+        raise ProReflowError(f"{str(path.parent)!r} holds {what} made with other settings ({shown}); pass "
+                             f"--overwrite to replace them or choose another --out")
+
+
 def record_settings(folder: Path, settings: dict[str, Any]) -> None:
     """Write the settings a new run starts with to `folder/run.json` (one process), for `check_resumed_settings`."""
     atomic_write_text(Path(folder) / "run.json", json.dumps(settings, indent=2, default=str) + "\n")

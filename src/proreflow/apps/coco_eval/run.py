@@ -30,7 +30,7 @@ from proreflow.apps.coco_eval.report import guidance_sweeps, markdown_table
 from proreflow.data.coco import CaptionSet, load_caption_set
 from proreflow.errors import ProReflowError
 from proreflow.run_lock import run_lock
-from proreflow.store import atomic_write_text, read_json_object
+from proreflow.store import atomic_write_text, check_not_replacing, read_json_object
 
 
 @dataclass
@@ -141,8 +141,9 @@ def _check_run_folder(folder: Path, meta: dict[str, Any]) -> None:
 
 def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, inception: torch.nn.Module | None = None,
              clip: tuple[Any, Any] | None = None, captions: CaptionSet | None = None,
-             title: str = "") -> list[dict[str, Any]]:
-    """Run every spec (each guidance scale of a sweep is its own row) and write results.json / results.md."""
+             title: str = "", overwrite: bool = False) -> list[dict[str, Any]]:
+    """Run every spec (each guidance scale of a sweep is its own row) and write results.json / results.md. Results of
+    other rows or settings in `out` are refused unless `overwrite` (the same evaluation reruns, reusing its images)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ProReflowError(f"--out {str(out)!r} exists and is not a folder")
@@ -156,6 +157,15 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
                                     PROTOCOLS[cfg.protocol].caption)
     if not captions.captions:
         raise ProReflowError("the caption set is empty")
+    kept = ("title", "captions", "num_images", "resolution", "seed", "protocol", "reference")
+    check_not_replacing(out / "results.json", {"title": title, "captions": captions.name,
+                                               "num_images": len(captions.captions), "resolution": cfg.resolution,
+                                               "seed": cfg.seed, "protocol": cfg.protocol,
+                                               "reference": cfg.ref_stats or cfg.reference, "runs": slugs},
+                        overwrite, "an evaluation's results",
+                        lambda old: {**{k: old.get(k) for k in kept},
+                                     "runs": [Path(str(r.get("folder", ""))).name for r in old.get("rows", [])
+                                              if isinstance(r, dict)]})
     device = pick_device()
     metrics = prepare_metrics(cfg, device, inception, clip, captions.image_ids)
     if metrics.classifier is not None and not bool((metrics.classifier.prompt_classes(captions.captions) >= 0).any()):

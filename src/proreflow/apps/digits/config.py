@@ -162,6 +162,13 @@ class DigitsConfig(RecipeSettings):
             (1 <= self.classifier_steps <= 10**7, f"classifier_steps must be in [1, 1e7], got {self.classifier_steps}"),
             (1 <= self.pair_shard_size <= 10**7, f"pair_shard_size must be in [1, 1e7], got {self.pair_shard_size}"),
             (all(0 <= s <= 2**31 - 1 for s in self.seeds), f"seeds must be in [0, 2**31 - 1], got {self.seeds}"),
+            # checked here, not when the UNet is built: that came after the teacher cache was written (issue 26)
+            (self.data.size % 2 ** (len(self.unet.block_out_channels) - 1) == 0,
+             f"data.size {self.data.size} is not divisible by 2^{len(self.unet.block_out_channels) - 1} for "
+             f"{len(self.unet.block_out_channels)} UNet blocks (unet.block_out_channels)"),
+            (max(self.unet.block_out_channels) <= 1024 and self.unet.layers_per_block <= 8,
+             f"unet widths must be <= 1024 and layers_per_block <= 8, got {tuple(self.unet.block_out_channels)} and "
+             f"{self.unet.layers_per_block}"),
         ]
         for ok, msg in checks:
             if not ok:

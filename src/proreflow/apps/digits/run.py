@@ -29,7 +29,7 @@ from proreflow.apps.digits.report import analysis_markdown, results_markdown
 from proreflow.fields.network import NetworkTeacher
 from proreflow.run_lock import run_lock
 from proreflow.sampling import sample
-from proreflow.store import atomic_write_text
+from proreflow.store import atomic_write_text, check_not_replacing
 from proreflow.training import MonitorConfig, check_optimizer, check_stop
 from proreflow.windows import WindowSchedule
 
@@ -81,10 +81,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def run_digits(cfg: DigitsConfig, out: Path, progress: bool = True, analyses: bool = True,
-               monitor: MonitorConfig | None = None) -> dict:
+               monitor: MonitorConfig | None = None, overwrite: bool = False) -> dict:
     """Everything of the benchmark: results.json, results.md and the figures under `out`; with `monitor`, every
-    student trained now logs its curves under `out/logs/<method>-k<steps>-s<seed>` (cached ones are not retrained)."""
+    student trained now logs its curves under `out/logs/<method>-k<steps>-s<seed>` (cached ones are not retrained).
+    Results of another preset in `out` are refused unless `overwrite` (the same preset reruns from the cache)."""
     check_optimizer(cfg.train)  # before the folder is made
+    check_not_replacing(Path(out) / "results.json", asdict(cfg), overwrite, "the digits benchmark's results",
+                        lambda old: old.get("config"))
     with run_lock(out):  # one writer per folder (docs/reliability.md); makes `out`
         started = time.perf_counter()
         bench = DigitsBench(cfg, out, progress, monitor)
