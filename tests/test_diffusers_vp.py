@@ -119,3 +119,36 @@ def test_sd_unets_attend_with_torch_sdpa():
 
     procs = tiny_unet().attn_processors
     assert procs and all(isinstance(p, AttnProcessor2_0) for p in procs.values())
+
+
+def test_exported_timestep_placed_student_samples_what_a_hand_written_ddim_loop_gives(tmp_path):
+    """Issue 27: the exported pipeline checked against a loop written out here from SD1.5's betas, with no code of
+    ours in it: latents from the generator at scale 1, CFG on the eps output, and one DDIM step per window from
+    timestep 999 to 499 to the clean image (final alpha 1). A wrong noise scale, window start or guidance fails it."""
+    from proreflow.fields import timestep_placement
+    from proreflow.methods import MethodSpec
+    from proreflow.training import Recipe
+
+    pipe = tiny_pipeline(tmp_path / "parts")
+    final = Recipe(MethodSpec("p", windows=[2]), 10, placement=timestep_placement(VPSchedule.from_scheduler(
+        pipe.scheduler))).plan(2).final
+    student = tiny_unet(seed=5).eval()
+    loaded = StableDiffusionPipeline.from_pretrained(export_pipeline(pipe, student, final, tmp_path / "s"),
+                                                     safety_checker=None, requires_safety_checker=False)
+    assert type(loaded.scheduler).__name__ == "DDIMScheduler"
+    prompts, g = ["a photo of a cat", "a red dog"], 4.0
+    got = loaded(prompts, num_inference_steps=2, guidance_scale=g, height=16, width=16, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).images
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    with torch.no_grad():
+        cond, uncond = loaded.encode_prompt(prompts, "cpu", 1, True)
+        x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))  # a one-level VAE: 16 px
+        for t, prev in ((999, 499), (499, None)):
+            eps_u, eps_c = student(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+            eps = (eps_u + g * (eps_c - eps_u)).double()
+            a, a_prev = alpha_bar[t], (alpha_bar[prev] if prev is not None else torch.tensor(1.0, dtype=torch.float64))
+            x0 = (x.double() - (1 - a).sqrt() * eps) / a.sqrt()
+            x = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).float()
+    assert got.shape == x.shape
+    assert torch.allclose(got, x, atol=1e-4 * float(x.abs().max())), float((got - x).abs().max())

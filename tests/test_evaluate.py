@@ -249,6 +249,14 @@ def test_every_named_scheduler_builds_from_sd_configs_and_starts_at_pure_noise(b
     sched = run_scheduler(name, current, 4)
     sched.set_timesteps(4)
     assert len(sched.timesteps) == 4 and float(sched.timesteps[0]) == pytest.approx(999, abs=0.5)
+    # the scale of the first latent (the pipeline multiplies its noise by it), from SD1.5's betas written out: 1 for
+    # the schedulers that step x_t itself; for Euler's x_t / alpha_t, sigma_max = sqrt(1 / alpha_bar_999 - 1) =
+    # 14.6146 (diffusers' choice under trailing spacing, not sqrt(sigma_max^2 + 1)). A 1.066x noise scale at the
+    # first step passed every test before issue 27.
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar_999 = float(torch.cumprod(1 - betas, 0)[-1])
+    want = (1 / alpha_bar_999 - 1) ** 0.5 if name == "euler" else 1.0
+    assert float(sched.init_noise_sigma) == pytest.approx(want, rel=1e-4)
     if name == "ddim":
         assert sched.config.clip_sample is False
     if name == "ddim":  # the pipeline's own spacing on request

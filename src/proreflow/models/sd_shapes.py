@@ -131,7 +131,7 @@ def tiny_unet(seed: int = 0, prediction_channels: int = 4) -> Any:
 
 
 def tiny_pipeline(tmp: Path, prediction_type: str = "epsilon", seed: int = 0) -> Any:
-    """A StableDiffusionPipeline of tiny random parts (a 1-level VAE: latents at half the image size)."""
+    """A StableDiffusionPipeline of tiny random parts (a one-level VAE, which does not downsample: latents at the image size)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
