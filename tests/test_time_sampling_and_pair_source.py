@@ -75,8 +75,20 @@ def test_start_rule_batches_train_exactly_at_window_starts_on_the_chord_target()
     schedule = WindowSchedule.uniform(4)
     batch = reflow_batches(_teacher, _data_fn, schedule, TeacherSolver("euler", 4), 256,
                            TimeSampling("start"))(0, torch.Generator().manual_seed(0), slice(None))
-    assert set(batch.t.tolist()) <= {1.0, 0.75, 0.5, 0.25}
-    # at t = 1 the point is pure noise; elsewhere x_t is the data noised to t (not a teacher output)
+    assert set(batch.t.tolist()) == {1.0, 0.75, 0.5, 0.25}  # every window start, nothing else
+    # the batch's data and noise are the generator's first draws (data, then noise), so the reference is written out
+    gen = torch.Generator().manual_seed(0)
+    x0, _ = _data_fn(256, gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    t = batch.t[:, None]
+    # the point is the data noised to its window start on the straight path (pure noise at t = 1), not a teacher output
+    assert torch.equal(batch.x[batch.t == 1.0], noise[batch.t == 1.0])
+    assert torch.allclose(batch.x, (1 - t) * x0 + t * noise, atol=1e-6)
+    # the target is the chord of the teacher's 4 Euler steps across the window, written out here
+    x, h = batch.x.double(), 0.25 / 4
+    for i in range(4):
+        x = x - h * GMM.velocity(x, (batch.t - i * h).double())
+    assert torch.allclose(batch.target.double(), (batch.x.double() - x) / 0.25, atol=1e-5)
     assert batch.teacher_nfe == 256 * 4
 
 
