@@ -67,3 +67,62 @@ def test_vp_velocity_of_an_oracle_network_is_the_straight_path_velocity():
         y = (1 - t) * x0 + t * eps
         v = field(y, t.reshape(1), None)
         assert torch.allclose(v, eps - x0, atol=1e-4), timestep
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_weight_turns_a_velocity_mse_into_the_networks_own_output_mse(prediction_type):
+    """Closed forms of VPVelocity.loss_weight: v = A * output + B * x with A = (alpha + sigma) / alpha for eps and
+    alpha + sigma for v, so the weight 1 / A^2 is (1 - t)^2 for eps (alpha / (alpha + sigma) = 1 - t, whatever the
+    schedule) and 1 / (alpha + sigma)^2 for v; SD1.5's values at timesteps 999 and 249 are 0.0041 and 0.349 (eps).
+    And the weighted velocity MSE of two outputs equals the MSE of the outputs themselves."""
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=prediction_type)
+    vp = VPSchedule.from_scheduler(sched)
+    ac = sched.alphas_cumprod.double()[[999, 749, 249]]
+    alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
+    t = sigma / (alpha + sigma)  # flow time of those three timesteps
+    field = VPVelocity(torch.nn.Identity(), vp, prediction_type=prediction_type)
+    got = field.loss_weight(t)
+    want = (1 - t) ** 2 if prediction_type == "epsilon" else 1 / (alpha + sigma) ** 2
+    assert got.double().tolist() == pytest.approx(want.tolist(), rel=1e-4)
+    if prediction_type == "epsilon":
+        assert [round(float(w), 4) for w in got[[0, 2]]] == [0.0041, 0.3488]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 2, 2, generator=gen, dtype=torch.float64)
+    o1, o2 = torch.randn(3, 4, 2, 2, generator=gen, dtype=torch.float64), torch.randn(3, 4, 2, 2, generator=gen,
+                                                                                      dtype=torch.float64)
+    a, s = alpha[:, None, None, None], sigma[:, None, None, None]
+    v1 = output_to_velocity(o1, x * (a + s), a, s, prediction_type)
+    v2 = output_to_velocity(o2, x * (a + s), a, s, prediction_type)
+    per_v = ((v1 - v2) ** 2).mean((1, 2, 3))
+    assert (got.double() * per_v).tolist() == pytest.approx(((o1 - o2) ** 2).mean((1, 2, 3)).tolist(), rel=1e-4)
+
+
+def test_aligned_loss_normalises_the_sample_weights_and_leaves_the_direction_unweighted():
+    """MSE = sum(w_i e_i) / sum(w_i) with e_i sample i's mean squared error (so scaling w changes nothing); the
+    direction term is the plain mean of 1 - cos, written out here for two samples."""
+    pred = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    target = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    e = [(1 + 1) / 2, (0 + 1) / 2]  # per-sample MSE: 1.0 and 0.5
+    w = torch.tensor([1.0, 3.0])
+    for scale in (1.0, 10.0):
+        terms = aligned_loss(pred, target, lam=0.5, weight=w * scale)
+        assert float(terms.mse) == pytest.approx((1 * e[0] + 3 * e[1]) / 4)
+        assert float(terms.direction) == pytest.approx(((1 - 0) + (1 - 1)) / 2)  # cos 0 and cos 1
+        assert float(terms.total) == pytest.approx((1 * e[0] + 3 * e[1]) / 4 + 0.5 * 0.5)
+    assert float(aligned_loss(pred, target, lam=0.0).mse) == pytest.approx((e[0] + e[1]) / 2)
+
+
+@pytest.mark.parametrize("lam, weighting", [(0.0, "velocity"), (2.5, "velocity"), (2.5, "output")])
+def test_the_recipe_loss_passes_lambda_and_the_weighting_through(lam, weighting):
+    from proreflow.methods import MethodSpec
+    from proreflow.training import Recipe
+
+    loss = Recipe(MethodSpec("m", lam=lam, loss_weighting=weighting), 10).loss
+    pred = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    target = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    w = torch.tensor([1.0, 3.0])
+    terms = loss(pred, target, w)
+    mse = (1.0 + 3 * 0.5) / 4 if weighting == "output" else (1.0 + 0.5) / 2  # the velocity MSE ignores the weight
+    assert float(terms.mse) == pytest.approx(mse)
+    assert float(terms.total) == pytest.approx(mse + lam * 0.5)
