@@ -81,7 +81,8 @@ def test_sd3_style_teacher_distils_exports_reloads_and_samples(tmp_path, sd3_dir
         frozen = [k for k in base if not any(m in k for m in ("to_k", "to_q", "to_v", "to_out"))]
         assert all(torch.equal(trained[k], base[k]) for k in frozen)
     after = _pair_loss(FlowVelocity.from_scheduler(loaded.transformer, pipe.scheduler), teacher, data)
-    assert after < before, (before, after)
+    # the pair loss written out in _pair_loss (not the training loss): measured 0.40 x before (full), 0.86 x (LoRA)
+    assert after < (0.93 if lora_rank else 0.5) * before, (before, after)
     # 2 steps in stock diffusers = our sampler over the student's windows, from the same noise (latents, no CFG)
     noise = torch.randn(1, loaded.transformer.config.in_channels, 2, 2, generator=torch.Generator().manual_seed(0))
     theirs = loaded("a red cat", num_inference_steps=2, height=16, width=16, guidance_scale=1.0, latents=noise.clone(),

@@ -141,7 +141,7 @@ def test_sdxl_distill_lowers_the_loss_exports_and_samples(tmp_path, sdxl_dir, im
     after = _pair_loss(VPVelocity(loaded.unet, probe_teacher.schedule), probe_teacher, data, cfg)
     if lora_rank:
         assert (tmp_path / "student" / "lora" / "pytorch_lora_weights.safetensors").is_file()
-        assert after < before
+        assert after < 0.99 * before, (before, after)  # measured 0.965 x
     else:
         # measured 0.72 x before at 40 steps (pure noise entering at x_999 = eps; the old 1.066 eps entry reached
         # < 0.7 x in 30): the margin asks for a 20 % drop of the independent pair loss on this random-weight UNet
