@@ -168,6 +168,11 @@ def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder, monkeypatch
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["000.png", "prompts.txt", "sample.json"]
     assert json.loads((tmp_path / "png" / "sample.json").read_text())["prompts"] == ["a cat"]
+    (tmp_path / "mine").mkdir()  # PNGs that no sample.json describes (a user's, an older proreflow's) are kept
+    (tmp_path / "mine" / "000.png").write_bytes(first)
+    r = runner.invoke(app, [*again[:-1], str(tmp_path / "mine")])
+    assert r.exit_code == 2 and "holds images that no sample.json describes" in r.stderr, r.output
+    assert (tmp_path / "mine" / "000.png").read_bytes() == first
     r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--steps", "3", "--height", "16",
                             "--width", "16", "--out", str(tmp_path / "png3")])
     assert r.exit_code == 2 and "multiple of the student's 2 windows" in r.stderr

@@ -195,3 +195,26 @@ def test_an_evaluation_never_replaces_other_results_without_overwrite(tmp_path, 
     rows = evaluate(other, cfg, out, overwrite=True)
     assert [r["method"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["b"] == \
         [r["method"] for r in rows]
+
+
+def test_a_finished_row_is_rescored_without_looking_up_its_model(tmp_path, monkeypatch):
+    """The pre-flight looks a hub model up only where it will be loaded: a row whose images are all on disk and that
+    needs no timing is scored without its model, offline and uncached (docs/evaluation.md)."""
+    import proreflow.apps.coco_eval.generate as gen
+    import proreflow.apps.sd.export as export
+
+    monkeypatch.setattr(gen, "load_eval_pipeline", lambda spec, dtype, device: lambda prompts, **kw: SimpleNamespace(
+        images=np.zeros((len(prompts), 16, 16, 3))))
+    cfg = EvalConfig(captions="coco2017-5k", annotations=str(_annotations(tmp_path / "a.json")), num_images=4,
+                     resolution=16, batch_size=2, fid=False, clip=False, timing_batches=0, progress=False)
+    spec, out = [RunSpec("hub", "nobody-here/not-cached", steps=2)], tmp_path / "out"
+    with pytest.raises(ProReflowError, match="no such local folder, and the hub gave"):
+        evaluate(spec, cfg, out)  # HF_HUB_OFFLINE=1 (conftest) and not cached: refused before any folder
+    assert not out.exists()
+    real = export.check_model_reachable
+    monkeypatch.setattr(export, "check_model_reachable", lambda model, what="": None)  # as if it were on the hub
+    evaluate(spec, cfg, out)
+    monkeypatch.setattr(export, "check_model_reachable", real)
+    assert evaluate(spec, cfg, out)[0]["generated_now"] == 0  # all on disk: not looked up, not loaded
+    with pytest.raises(ProReflowError, match="no such local folder"):  # timing needs the model: looked up
+        evaluate(spec, EvalConfig(**{**cfg.__dict__, "timing_batches": 1, "warmup_batches": 0}), out)

@@ -292,6 +292,9 @@ def sample(
         settings = {"model": model, "prompts": list(prompt), "steps": steps, "guidance": guidance, "seed": seed,
                     "height": height, "width": width}
         check_not_replacing(out / "sample.json", settings, overwrite, "images")
+        if not overwrite and not (out / "sample.json").is_file() and any(out.glob("[0-9][0-9][0-9].png")):
+            raise ProReflowError(f"{str(out)!r} holds images that no sample.json describes; pass --overwrite to "
+                                 f"replace them or choose another --out")
         from proreflow.apps.sd.export import load_for_sampling
 
         pipe = load_for_sampling(model, steps)  # steps bounded, and a multiple of a student's windows
@@ -302,7 +305,7 @@ def sample(
         except ValueError as exc:  # diffusers' check_inputs: a bad argument for this pipeline
             raise ProReflowError(f"{type(pipe).__name__} refused the arguments: {str(exc).splitlines()[0][:300]}") from None
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("[0-9][0-9][0-9].png"):  # an earlier set (only reached with --overwrite or equal settings)
+    for old in out.glob("[0-9][0-9][0-9].png"):  # an earlier set: --overwrite, or the same settings again
         old.unlink()
     for i, (img, text) in enumerate(zip(images, prompt)):
         img.save(out / f"{i:03d}.png")

@@ -143,8 +143,8 @@ def check_not_replacing(path: Path, settings: dict[str, Any], overwrite: bool, w
     path = Path(path)
     if overwrite or not path.is_file():
         return
-    old = recorded(read_json_object(path, f"the earlier {what}", "pass --overwrite to replace it or choose "
-                                                                 "another --out"))
+    old = recorded(read_json_object(path, f"the record of {what}", "pass --overwrite to replace it or choose "
+                                                                   "another --out"))
     changes = settings_changes(old, json.loads(json.dumps(settings, default=str)))
     if changes:
         shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")

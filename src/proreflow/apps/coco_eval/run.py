@@ -151,7 +151,9 @@ def evaluate(runs: Sequence[RunSpec], cfg: EvalConfig, out: str | Path, *, incep
     slugs = [r.slug for r in rows_in]
     if len(set(slugs)) != len(slugs):
         raise ProReflowError(f"two runs share name, scheduler, steps and guidance: {sorted({s for s in slugs if slugs.count(s) > 1})}")
-    _preflight(rows_in)
+    # a row made before that needs no timing is scored without loading its model, so its model is not looked up
+    _preflight(rows_in, made_before={r.slug for r in rows_in if (out / "runs" / r.slug / "run.json").is_file()}
+               if not cfg.timing_batches else set())
     if captions is None:
         captions = load_caption_set(cfg.captions, cfg.annotations, cfg.prompts, cfg.num_images, cfg.seed,
                                     PROTOCOLS[cfg.protocol].caption)
@@ -220,14 +222,15 @@ def _is_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~"))
 
 
-def _preflight(rows: Sequence[RunSpec]) -> None:
+def _preflight(rows: Sequence[RunSpec], made_before: set[str] | frozenset[str] = frozenset()) -> None:
     """What can be checked of every row without loading a model, before any folder is written: a later row used to
     fail only after the earlier rows were generated, leaving its run folder behind (issue 26). A local model or
     UNet weights file must exist (a safetensors one with a readable header), the model must be a diffusers folder
     or a hub id whose model_index.json the cache or the hub has, and a proreflow student's step count must be a
-    multiple of its windows."""
+    multiple of its windows. `made_before`: slugs of rows whose model will not be loaded (not looked up)."""
     from proreflow.apps.sd.export import check_model_reachable, check_weights_file, student_windows
 
+    reached: set[str] = set()
     for spec in rows:
         for what, name in (("model", spec.model), ("unet_weights", spec.unet_weights), ("unet_delta", spec.unet_delta),
                            ("lora", spec.lora)):
@@ -235,7 +238,9 @@ def _preflight(rows: Sequence[RunSpec]) -> None:
                 raise ProReflowError(f"run {spec.name!r}: cannot load the {what} {name!r}: it does not exist")
             if name and what != "model":
                 check_weights_file(name, f"the {what} of run {spec.name!r}")
-        check_model_reachable(spec.model, f"the model of run {spec.name!r}")
+        if spec.model not in reached and spec.slug not in made_before:
+            check_model_reachable(spec.model, f"the model of run {spec.name!r}")
+            reached.add(spec.model)
         windows = student_windows(str(Path(spec.model).expanduser())) if Path(spec.model).expanduser().is_dir() else None
         if windows is not None:
             try:

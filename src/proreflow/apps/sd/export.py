@@ -40,6 +40,8 @@ def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class:
     `proreflow.ProReflowScheduler` only from modules already imported, and this one is (it defines the class)."""
     import diffusers
 
+    if model.startswith("~"):  # from_pretrained would take "~/..." for a hub id
+        model = str(Path(model).expanduser())
     cls = getattr(diffusers, pipeline_class or "DiffusionPipeline", None)
     if cls is None:
         raise ProReflowError(f"diffusers has no pipeline class {pipeline_class!r} (for {what} {model!r})")
@@ -110,7 +112,7 @@ def check_weights_file(path: str, what: str) -> None:
 
 def student_windows(model: str) -> WindowSchedule | None:
     """The final windows a student folder's `proreflow.json` records (None for any other pipeline)."""
-    summary = Path(model) / "proreflow.json"
+    summary = Path(model).expanduser() / "proreflow.json"
     if not summary.is_file():
         return None
     try:
