@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.proreflow-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test mutation clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# mutation testing of the algorithm core (issue 27; not part of `make test`): benchmarks/results/mutation.md
+mutation: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[mutation]"
+	$(PY) benchmarks/mutation.py
+
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) demo-out mutants

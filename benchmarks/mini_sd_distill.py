@@ -61,8 +61,8 @@ def distill(name: str, scope: str, changes: dict, teacher: Path, data: Path, roo
     if (out / "model_index.json").is_file() and record.is_file():
         return out, json.loads(record.read_text())["seconds"]
     preset = yaml.safe_load((PRESET_DIR / "mini-sd-proreflow-I.yaml").read_text())
-    for section, values in changes.items():
-        preset[section] = {**preset[section], **values}
+    for key, value in changes.items():  # a section's dict is merged into the preset's, a scalar replaces it
+        preset[key] = {**preset.get(key, {}), **value} if isinstance(value, dict) else value
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{scope}.yaml"
     path.write_text(yaml.safe_dump(preset))

@@ -1,0 +1,149 @@
+"""Mutation testing of the algorithm core with mutmut (issue 27): how many small errors in the code the fast tests
+catch. The scope and the tests are `[tool.mutmut]` in pyproject.toml: conventions, windows, time_sampling, losses,
+solvers, pairs, sampling, fields/vp, schedulers/, training/recipe and training/plan, against the fast tests that
+reach them (mutmut runs, per mutant, only the tests that cover the mutated function, and stops at the first failure).
+
+A surviving mutant is either a gap in the tests (kill it with a test) or equivalent: it cannot change any result
+(e.g. `.to(device)` -> `.to(None)` on a tensor already there). Equivalent mutants are listed, each with its reason, in
+`benchmarks/mutation_equivalent.json`; the score leaves them out:
+
+    score = (killed + timeout) / (killed + timeout + survived + no tests), equivalent mutants excluded
+
+    .venv/bin/pip install -e '.[mutation]'   # mutmut 3 (its result names are parsed); not a dependency
+    .venv/bin/python benchmarks/mutation.py        # or `make mutation`; writes benchmarks/results/mutation.{json,md}
+    .venv/bin/python benchmarks/mutation.py --report-only   # rescore what mutants/ holds (after a new test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+EQUIVALENT = Path(__file__).parent / "mutation_equivalent.json"
+MUTMUT = [str(Path(sys.executable).parent / "mutmut")]
+_NAME = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
+_MODULE = re.compile(r"^(.*?)\.x(?:_|ǁ)")
+DETECTED = ("killed", "timeout", "caught by type check")
+UNDETECTED = ("survived", "no tests")
+#: mutmut's other outcomes ("not checked", "suspicious", "segfault", "skipped", interrupted): reported, not scored
+
+
+def module_of(mutant: str) -> str:
+    """`proreflow.losses.x_aligned__mutmut_1` and `proreflow.windows.xǁWindowScheduleǁuniform__mutmut_3` -> their
+    module (mutmut 3 names functions x_<name> and methods xǁ<class>ǁ<name>)."""
+    m = _MODULE.match(mutant)
+    return m.group(1) if m else mutant.rsplit(".", 1)[0]
+
+
+def statuses() -> dict[str, str]:
+    out = subprocess.run([*MUTMUT, "results", "--all", "true"], cwd=ROOT, capture_output=True, text=True, check=True)
+    found = {}
+    for line in out.stdout.splitlines():
+        m = _NAME.match(line)
+        if m:
+            found[m.group(1)] = m.group(2).strip()
+    if not found:
+        raise SystemExit("error: mutmut reports no mutants; run without --report-only first")
+    return found
+
+
+def diff(mutant: str) -> str:
+    """The mutant's changed lines (mutmut show), without the file headers."""
+    out = subprocess.run([*MUTMUT, "show", mutant], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        return f"(mutmut show failed: {out.stderr.strip()[:200]})"
+    return "\n".join(x for x in out.stdout.splitlines()
+                     if x[:1] in ("+", "-") and not x.startswith(("+++", "---")))
+
+
+def score(by_status: Counter) -> float | None:
+    found = sum(by_status[s] for s in DETECTED)
+    total = found + sum(by_status[s] for s in UNDETECTED)
+    return found / total if total else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-children", type=int, default=2, help="parallel mutant processes (2 cores: 2)")
+    ap.add_argument("--report-only", action="store_true", help="score the results mutants/ holds, run nothing")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    seconds = None
+    if not args.report_only:
+        started = time.perf_counter()
+        subprocess.run([*MUTMUT, "run", "--max-children", str(args.max_children)], cwd=ROOT, check=True)
+        seconds = time.perf_counter() - started
+    equivalent: dict[str, str] = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
+    found = statuses()
+    stale = sorted(set(equivalent) - set(found))
+    per_module: dict[str, Counter] = defaultdict(Counter)
+    survivors: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for name, status in sorted(found.items()):
+        mod = module_of(name)
+        if status in UNDETECTED and name in equivalent:
+            status = "equivalent"
+        per_module[mod][status] += 1
+        if status in UNDETECTED or status == "equivalent":
+            survivors[mod].append((name, status))
+    total = sum(per_module.values(), Counter())
+    if score(total) is None:
+        raise SystemExit(f"error: no mutant was tested ({dict(total)}); run `mutmut run` to its end first")
+    result = {"seconds": seconds, "max_children": args.max_children, "total": dict(total), "score": score(total),
+              "modules": {m: {**dict(c), "score": score(c)} for m, c in sorted(per_module.items())},
+              "survivors": {m: [{"mutant": n, "status": s, "diff": diff(n),
+                                 **({"reason": equivalent[n]} if n in equivalent else {})} for n, s in xs]
+                            for m, xs in sorted(survivors.items())},
+              "stale_equivalents": stale}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "mutation.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.results / "mutation.md").write_text(markdown(result))
+    print(markdown(result).split("\n## Surviving")[0])
+
+
+def _other(c: dict) -> int:
+    return sum(v for k, v in c.items() if k not in (*DETECTED, *UNDETECTED, "equivalent", "score"))
+
+
+def markdown(r: dict) -> str:
+    t = r["total"]
+    when = f"{r['seconds'] / 60:.1f} min with {r['max_children']} mutant processes on 2 cores" if r["seconds"] else \
+        "rescored from mutants/ (`--report-only`)"
+    lines = ["# Mutation testing of the algorithm core", "",
+             f"mutmut 3 over the modules of `[tool.mutmut]` in pyproject.toml, against the fast tests listed there "
+             f"({when}). Score = (killed + timeout) / (killed + timeout + survived + no tests); equivalent mutants "
+             "(each listed below with its reason, from `benchmarks/mutation_equivalent.json`) are left out.", "",
+             f"**Score: {100 * r['score']:.1f} %** of {sum(t.get(k, 0) for k in DETECTED + UNDETECTED)} scored "
+             f"mutants ({t.get('killed', 0)} killed, {t.get('timeout', 0)} timed out, "
+             f"{t.get('caught by type check', 0)} caught by type check, {t.get('survived', 0)} survived, "
+             f"{t.get('no tests', 0)} reached by no test); {t.get('equivalent', 0)} equivalent and "
+             f"{_other(t)} with another outcome (not checked, suspicious, ...) are not scored.", "",
+             "| module | killed + timeout | survived | no tests | equivalent | other | score |",
+             "|---|---|---|---|---|---|---|"]
+    for m, c in r["modules"].items():
+        s = "-" if c["score"] is None else f"{100 * c['score']:.1f} %"
+        lines.append(f"| {m} | {sum(c.get(k, 0) for k in DETECTED)} | {c.get('survived', 0)} | "
+                     f"{c.get('no tests', 0)} | {c.get('equivalent', 0)} | {_other(c)} | {s} |")
+    lines += ["", "## Surviving mutants", ""]
+    for m, xs in r["survivors"].items():
+        lines += [f"### {m}", ""]
+        for x in xs:
+            why = f" (equivalent: {x['reason']})" if "reason" in x else f" ({x['status']})"
+            lines += [f"- `{x['mutant']}`{why}", "", "  ```diff", *[f"  {d}" for d in x["diff"].splitlines()],
+                      "  ```", ""]
+    if r["stale_equivalents"]:
+        lines += ["Listed as equivalent but no longer a mutant (the code changed): " +
+                  ", ".join(f"`{n}`" for n in r["stale_equivalents"]), ""]
+    lines += ["Regenerate: `.venv/bin/python benchmarks/mutation.py` (mutmut installed in the venv).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
