@@ -9,7 +9,7 @@ import proreflow
 ROOT = Path(proreflow.__file__).parent
 #: layer of each top-level module or package; a module may import its own layer and those below
 LAYERS = {
-    "errors": 0, "config": 0, "store": 0, "conventions": 0, "run_lock": 0,
+    "errors": 0, "config": 0, "store": 0, "conventions": 0, "run_lock": 0, "limits": 0, "run_settings": 0,
     "windows": 1, "time_sampling": 1, "losses": 1, "solvers": 1, "sampling": 1, "pairs": 1, "methods": 1,
     "fields": 2, "models": 2, "data": 2, "schedulers": 2, "metrics": 2, "metrics_images": 2, "metrics_classifier": 2, "analysis": 2,
     "plotting": 2,

@@ -86,7 +86,7 @@ def _resume_latest(resume: Optional[str]) -> bool:
 
 
 #: seeds are combined into generator seeds (seed * 1_000_003 + ...), which must stay below 2**63
-MAX_SEED = 2**31 - 1
+from proreflow.limits import MAX_SEED  # noqa: E402
 
 
 def _check_seed(seed: Optional[int]) -> None:
@@ -277,13 +277,14 @@ def sample(
     """Generate images with a (student) pipeline and write them as PNGs (their settings in sample.json)."""
     import torch
 
-    from proreflow.store import atomic_write_text, check_not_replacing
+    from proreflow.run_settings import check_not_replacing
+    from proreflow.store import atomic_write_text
 
     with _errors():
         _check_seed(seed)
         if not math.isfinite(guidance) or guidance < 0:
             raise ProReflowError(f"--guidance must be a finite number >= 0, got {guidance}")
-        from proreflow.apps.sd.config import MAX_RESOLUTION
+        from proreflow.limits import MAX_RESOLUTION
 
         for flag, v in (("--height", height), ("--width", width)):
             if v is not None and (v < 8 or v > MAX_RESOLUTION or v % 8):

@@ -99,8 +99,7 @@ def read_text_file(path: str | Path, what: str, expected: str) -> str:
 
 #: bounds on a config file: its size, and its size with YAML aliases expanded (a nested alias "bomb" is a few
 #: hundred bytes that expand to billions of values, which hung the typed loader with no output)
-MAX_YAML_BYTES = 1 << 20
-MAX_YAML_VALUES = 100_000
+from proreflow.limits import MAX_YAML_BYTES, MAX_YAML_VALUES  # noqa: E402
 
 
 def _expanded_values(data: Any, limit: int) -> int:

@@ -27,7 +27,7 @@ PERFLOW_WINDOWS = 4
 NAMES: tuple[str, ...] = (*SOLVERS, "proreflow", *PUBLISHED)
 #: the most inference steps a sampler may take: one per training timestep of SD-style schedulers (1000); more is
 #: no sampler (`sample --steps 1e12` grew memory without end, `evaluate` hung)
-MAX_SAMPLING_STEPS = 1000
+from proreflow.limits import MAX_SAMPLING_STEPS  # noqa: E402
 
 __all__ = ["MAX_SAMPLING_STEPS", "NAMES", "PERFLOW_WINDOWS", "PUBLISHED", "SOLVERS", "SPACED", "check_overrides",
            "make_scheduler", "make_solver"]

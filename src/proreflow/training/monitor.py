@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from proreflow.errors import ProReflowError
+from proreflow.limits import MAX_INTERVAL
 from proreflow.losses import cosine_per_sample
 from proreflow.windows import WindowSchedule
 
@@ -113,7 +114,7 @@ class MonitorConfig:
         check_report_to(self.report_to)
         for name in ("log_every", "validate_every"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "log_every" else 0) or v > 10**9:
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "log_every" else 0) or v > MAX_INTERVAL:
                 raise ProReflowError(f"{name.replace('_', '-')} must be an integer in "
                                      f"[{1 if name == 'log_every' else 0}, 1e9], got {v!r}")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from proreflow import schedulers
-from proreflow.apps.sd.config import MAX_RESOLUTION
+from proreflow.limits import MAX_EVAL_IMAGES, MAX_RESOLUTION
 from proreflow.config import from_dict, load_yaml, merge, resolve_preset
 from proreflow.data.coco import CAPTION_SETS
 from proreflow.errors import ProReflowError
@@ -193,7 +193,7 @@ class EvalConfig:
             (8 <= self.resolution <= MAX_RESOLUTION and self.resolution % 8 == 0,
              f"resolution must be a multiple of 8 in [8, {MAX_RESOLUTION}], got {self.resolution}"),
             (1 <= self.batch_size <= 4096, f"batch_size must be in [1, 4096], got {self.batch_size}"),
-            (self.num_images is None or 1 <= self.num_images <= 10**6,
+            (self.num_images is None or 1 <= self.num_images <= MAX_EVAL_IMAGES,
              f"num_images must be in [1, 1e6], got {self.num_images}"),
             (self.warmup_batches >= 0 and self.timing_batches >= 0, "warmup_batches and timing_batches must be >= 0"),
             (self.timing_batch_size is None or self.timing_batch_size >= 1,

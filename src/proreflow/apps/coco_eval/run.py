@@ -30,7 +30,8 @@ from proreflow.apps.coco_eval.report import guidance_sweeps, markdown_table
 from proreflow.data.coco import CaptionSet, load_caption_set
 from proreflow.errors import ProReflowError
 from proreflow.run_lock import run_lock
-from proreflow.store import atomic_write_text, check_not_replacing, read_json_object
+from proreflow.run_settings import check_not_replacing
+from proreflow.store import atomic_write_text, read_json_object
 
 
 @dataclass

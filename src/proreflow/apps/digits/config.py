@@ -8,6 +8,7 @@ from typing import Any
 
 from proreflow.config import PRESET_DIR, load_preset
 from proreflow.errors import ProReflowError
+from proreflow.limits import MAX_COUNT, MAX_HELD_SAMPLES, MAX_SEED
 from proreflow.methods import MethodSpec
 from proreflow.models.unet import UNetConfig
 from proreflow.training import RecipeSettings
@@ -157,11 +158,11 @@ class DigitsConfig(RecipeSettings):
              f"pairs must be at least one batch ({self.train.batch_size}) or null, got {self.pairs}"),
             (self.eval.samples >= 20 and self.sweep.samples >= 20 and self.analysis.samples >= 20,
              "eval/sweep/analysis samples must be >= 20 (FD needs a covariance)"),
-            (max(self.eval.samples, self.sweep.samples, self.analysis.samples) <= 100_000,
+            (max(self.eval.samples, self.sweep.samples, self.analysis.samples) <= MAX_HELD_SAMPLES,
              "eval/sweep/analysis samples must be <= 100000 (they are held in memory)"),
-            (1 <= self.classifier_steps <= 10**7, f"classifier_steps must be in [1, 1e7], got {self.classifier_steps}"),
-            (1 <= self.pair_shard_size <= 10**7, f"pair_shard_size must be in [1, 1e7], got {self.pair_shard_size}"),
-            (all(0 <= s <= 2**31 - 1 for s in self.seeds), f"seeds must be in [0, 2**31 - 1], got {self.seeds}"),
+            (1 <= self.classifier_steps <= MAX_COUNT, f"classifier_steps must be in [1, 1e7], got {self.classifier_steps}"),
+            (1 <= self.pair_shard_size <= MAX_COUNT, f"pair_shard_size must be in [1, 1e7], got {self.pair_shard_size}"),
+            (all(0 <= s <= MAX_SEED for s in self.seeds), f"seeds must be in [0, 2**31 - 1], got {self.seeds}"),
             # checked here, not when the UNet is built: that came after the teacher cache was written (issue 26)
             (self.data.size % 2 ** (len(self.unet.block_out_channels) - 1) == 0,
              f"data.size {self.data.size} is not divisible by 2^{len(self.unet.block_out_channels) - 1} for "

@@ -29,7 +29,8 @@ from proreflow.apps.digits.report import analysis_markdown, results_markdown
 from proreflow.fields.network import NetworkTeacher
 from proreflow.run_lock import run_lock
 from proreflow.sampling import sample
-from proreflow.store import atomic_write_text, check_not_replacing
+from proreflow.run_settings import check_not_replacing
+from proreflow.store import atomic_write_text
 from proreflow.training import MonitorConfig, check_optimizer, check_stop
 from proreflow.windows import WindowSchedule
 

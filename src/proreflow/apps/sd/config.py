@@ -16,7 +16,7 @@ from proreflow.training import RecipeSettings, TrainConfig
 
 #: the largest image side any command trains or generates at (SDXL's 1024 with room to spare); larger sizes are
 #: refused before any work instead of failing in allocation
-MAX_RESOLUTION = 4096
+from proreflow.limits import MAX_RESOLUTION  # noqa: E402
 
 
 #: the preset every distillation config starts from: a partial user YAML changes only the keys it names

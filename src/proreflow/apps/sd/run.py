@@ -16,8 +16,8 @@ from proreflow.data.captions import read_prompts, read_source
 from proreflow.data.stream import StreamIterator
 from proreflow.errors import ProReflowError
 from proreflow.run_lock import run_lock
-from proreflow.store import (check_output_dir, check_resumed_settings, folder_fingerprint, record_settings,
-                             sha256_file)
+from proreflow.run_settings import check_resumed_settings, folder_fingerprint, record_settings
+from proreflow.store import check_output_dir, sha256_file
 from proreflow.training import MonitorConfig, check_optimizer, process_state
 from proreflow.training.checkpoint import CheckpointConfig
 

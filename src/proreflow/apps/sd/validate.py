@@ -29,7 +29,7 @@ TEACHER_STEPS = 32
 
 
 #: a validation picture is one row of student images over one of teacher images
-MAX_PROMPTS = 16
+from proreflow.limits import MAX_PROMPTS  # noqa: E402
 
 
 def pick_prompts(given: list[str] | None, captions: list[str] | None, n: int = 4) -> list[str]:

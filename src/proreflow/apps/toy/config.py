@@ -11,6 +11,7 @@ from typing import Any
 
 from proreflow.config import PRESET_DIR, load_preset
 from proreflow.errors import ProReflowError
+from proreflow.limits import MAX_COUNT
 from proreflow.methods import MethodSpec
 from proreflow.solvers import check_solver
 from proreflow.training import RecipeSettings
@@ -91,7 +92,7 @@ class ToyConfig(RecipeSettings):
             raise ProReflowError(f"method names must be unique, got {names}")
         for what, v in (("train_points", self.train_points), ("test_points", self.test_points),
                         ("budget_steps", self.budget_steps), ("eval.samples", self.eval.samples)):
-            if not 2 <= v <= 10**7:  # at most 1e7: points and samples are held in memory, steps are run
+            if not 2 <= v <= MAX_COUNT:  # points and samples are held in memory, steps are run
                 raise ProReflowError(f"{what} must be in [2, 1e7], got {v}")
 
 

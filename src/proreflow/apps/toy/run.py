@@ -33,7 +33,7 @@ from proreflow.training import PlanResult, check_optimizer, fit, flow_matching_b
 from proreflow.training.checkpoint import CheckpointConfig
 from proreflow.windows import WindowSchedule
 
-MAX_STEPS = 64
+from proreflow.limits import MAX_TOY_STEPS as MAX_STEPS  # noqa: E402
 
 
 def parse_steps(text: str) -> list[int]:

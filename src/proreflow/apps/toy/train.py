@@ -12,7 +12,8 @@ from proreflow.apps.toy.config import ToyConfig, config_to_dict, find_method, wi
 from proreflow.apps.toy.run import Comparison, points_data_fn, prepare, validate_source
 from proreflow.errors import ProReflowError
 from proreflow.run_lock import run_lock
-from proreflow.store import atomic_save_tensors, atomic_write_text, check_resumed_settings, record_settings
+from proreflow.run_settings import check_resumed_settings, record_settings
+from proreflow.store import atomic_save_tensors, atomic_write_text
 from proreflow.sampling import sample
 from proreflow.training import (Monitor, MonitorConfig, PairCacheConfig, Validation, check_optimizer, points_image,
                                 process_state, stop_on_sigterm, train_plan, watching)

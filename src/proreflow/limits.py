@@ -1,0 +1,27 @@
+"""Every size bound of the package, in one place (docs/reliability.md): a setting past one is refused before any
+work, with one error line. Each bound is far above any sensible run and far below what hangs, fills memory or
+ends in a traceback after hours of training (issue 26: `sample --steps 1e12` grew memory 1 GB every 5 s)."""
+
+from __future__ import annotations
+
+#: seeds: what numpy and every generator accept
+MAX_SEED = 2**31 - 1
+#: a preset file, and its values with YAML aliases expanded (a nested alias "bomb" is a few hundred bytes)
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+#: sampling steps: one per training timestep of a 1000-step teacher
+MAX_SAMPLING_STEPS = 1000
+#: image sides in pixels (SDXL samples at 1024; 4096 leaves room for upscaled fine-tunes)
+MAX_RESOLUTION = 4096
+#: counts of work the toy and digits benchmarks run or hold in memory (points, optimizer steps, shard sizes)
+MAX_COUNT = 10**7
+#: evaluation samples the digits benchmark holds in memory at once
+MAX_HELD_SAMPLES = 100_000
+#: images one evaluation generates (COCO-2014's 30k-caption protocol is the largest in use)
+MAX_EVAL_IMAGES = 10**6
+#: step intervals of logging and validation
+MAX_INTERVAL = 10**9
+#: validation prompts shown per image grid
+MAX_PROMPTS = 16
+#: sampling steps of the toy and digits students and baselines (their plans halve window counts down to it)
+MAX_TOY_STEPS = 64
