@@ -1,0 +1,87 @@
+"""Direct tests of the modules that were only reached through larger runs (issue 27): the digits classifier and its
+FD feature module, the LoRA student's teacher (adapters switched off), and the guidance-sweep plot. Each against a
+reference outside the function: hand-counted accuracy, a copy of the network without adapters, the PNG's pixels."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from proreflow.models.classifier import DigitsClassifier, FeatureExtractor, accuracy, train_classifier
+
+
+def test_accuracy_counts_argmax_hits_across_batches():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, -1.0], [0.1, 0.2], [1.0, 0.0]])
+    y = torch.tensor([0, 1, 1, 0, 0])  # hits: rows 0, 1 and 4
+    assert accuracy(nn.Identity(), logits, y, batch_size=2) == pytest.approx(3 / 5)
+    assert accuracy(nn.Identity(), logits[:0], y[:0]) == 0.0
+
+
+def test_classifier_learns_a_separable_task_deterministically_and_its_features_feed_fd():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(256, 1, 8, 8, generator=gen) * 0.2
+    y = torch.arange(256) % 2
+    x[y == 1, :, :4] += 0.8  # class 1: a bright upper half
+    a = train_classifier(x, y, steps=120, batch_size=64, lr=5e-3, seed=3, num_classes=2)
+    b = train_classifier(x, y, steps=120, batch_size=64, lr=5e-3, seed=3, num_classes=2)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert accuracy(a, x, y) > 0.95
+    feats = FeatureExtractor(a)
+    assert feats.num_features == a.feature_dim == 64
+    assert not any(p.requires_grad for p in feats.parameters()) and not feats.classifier.training
+    assert torch.equal(feats(x[:5].double()), a.features(x[:5]))  # float images in, the penultimate layer out
+    assert torch.equal(a(x[:5]), a.head(a.features(x[:5])))
+
+
+def test_adapters_off_is_the_base_network_and_switches_the_adapters_back_on():
+    from peft import LoraConfig
+    from tiny_sd import tiny_unet
+
+    from proreflow.fields.lora import AdaptersOff
+    from proreflow.fields.vp import VPSchedule, VPVelocity
+    from diffusers import DDPMScheduler
+
+    schedule = VPSchedule.from_scheduler(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                       beta_end=0.012))
+    unet = tiny_unet(seed=1).eval()
+    base = copy.deepcopy(unet)  # the reference: the same weights, never adapted
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    student = VPVelocity(unet, schedule)
+    teacher = AdaptersOff(student, unet)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.9, 0.3])
+    cond = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2))}
+    with torch.no_grad():
+        want = VPVelocity(base, schedule)(x, t, cond)
+        adapted = student(x, t, cond)
+        assert not torch.allclose(adapted, want, atol=1e-4)  # the adapters do change the output
+        assert torch.allclose(teacher(x, t, cond), want, atol=1e-5)
+        assert torch.equal(student(x, t, cond), adapted)  # switched back on after the call
+    assert teacher.noise_entry == student.noise_entry
+    assert [n for n, _ in teacher.named_modules()].count("field.unet") == 1  # no second copy of the network
+
+    class Failing(nn.Module):
+        def forward(self, *a):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        AdaptersOff(Failing(), unet)(x, t, cond)
+    with torch.no_grad():
+        assert torch.equal(student(x, t, cond), adapted)  # back on even after an error
+
+
+def test_guidance_sweep_plot_draws_one_line_per_group(tmp_path):
+    from PIL import Image
+
+    from proreflow.plotting import plot_guidance_sweep
+
+    groups = {"a": [{"guidance": g, "fid": 10 - g, "clip": None} for g in (3.0, 1.0, 2.0)],
+              "b": [{"guidance": g, "fid": 5 + g, "clip": 0.3} for g in (1.0, 2.0)]}
+    plot_guidance_sweep(groups, [("fid", "FID"), ("clip", "CLIP")], tmp_path / "sweep.png")
+    img = np.asarray(Image.open(tmp_path / "sweep.png").convert("RGB"))
+    assert img.shape[1] > img.shape[0] > 100  # two panels side by side
+    colours = {tuple(c) for c in img.reshape(-1, 3)[::7]}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours  # matplotlib's first two line colours
