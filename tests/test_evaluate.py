@@ -480,8 +480,9 @@ def test_evaluate_end_to_end_student_baselines_and_sweep(assets, tmp_path, monke
         raise AssertionError("a finished run without timing must not load its model")
 
     monkeypatch.setattr(ev, "load_eval_pipeline", no_model)
+    # (one row of three, rescored against other reference settings: it replaces the results, so --overwrite)
     again = evaluate(runs[:1], _cfg(assets, reference=None, ref_stats=str(tmp_path / "ref.npz"), timing_batches=0),
-                     out)
+                     out, overwrite=True)
     assert again[0]["generated_now"] == 0 and again[0]["seconds_per_image"] is None
     assert abs(again[0]["fid"] - rows[0]["fid"]) < 1e-6 and abs(again[0]["clip"] - rows[0]["clip"]) < 1e-6
     monkeypatch.undo()
@@ -490,11 +491,13 @@ def test_evaluate_end_to_end_student_baselines_and_sweep(assets, tmp_path, monke
 
     injected = evaluate(runs[:1], _cfg(assets, inception=None, clip_model="unused", timing_batches=0), out,
                         inception=TinyFeatures().eval(), clip=mi.load_clip(str(assets / "clip")),
-                        captions=CaptionSet("prompts", PROMPTS, [None] * len(PROMPTS)))
+                        captions=CaptionSet("prompts", PROMPTS, [None] * len(PROMPTS)), overwrite=True)
     assert injected[0]["generated_now"] == 0
     assert abs(injected[0]["fid"] - rows[0]["fid"]) < 1e-6 and abs(injected[0]["clip"] - rows[0]["clip"]) < 1e-6
-    with pytest.raises(ProReflowError, match="holds images made with other settings"):
+    with pytest.raises(ProReflowError, match="holds an evaluation's results made with other settings"):
         evaluate(runs[:1], _cfg(assets, seed=1, timing_batches=0), out)
+    with pytest.raises(ProReflowError, match="holds images made with other settings"):  # --overwrite replaces
+        evaluate(runs[:1], _cfg(assets, seed=1, timing_batches=0), out, overwrite=True)  # results, never images
 
 
 def test_model_loading_is_never_timed(assets, tmp_path, monkeypatch):

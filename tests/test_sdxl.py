@@ -166,7 +166,7 @@ def test_cli_distill_and_sample_sdxl(tmp_path, sdxl_dir, image_folder):
                         "--steps", "4", "--height", "16", "--width", "16", "--out", str(tmp_path / "png")],
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["000.png", "prompts.txt"]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["000.png", "prompts.txt", "sample.json"]
 
 
 def test_sdxl_preset_loads():
