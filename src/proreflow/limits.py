@@ -23,5 +23,5 @@ MAX_EVAL_IMAGES = 10**6
 MAX_INTERVAL = 10**9
 #: validation prompts shown per image grid
 MAX_PROMPTS = 16
-#: sampling steps of the toy and digits students and baselines (their plans halve window counts down to it)
+#: sampling steps of the toy's and the digits benchmark's students and baselines
 MAX_TOY_STEPS = 64

@@ -8,7 +8,7 @@ from typing import Any
 
 from proreflow.config import PRESET_DIR, load_preset
 from proreflow.errors import ProReflowError
-from proreflow.limits import MAX_COUNT, MAX_HELD_SAMPLES, MAX_SEED
+from proreflow.limits import MAX_COUNT, MAX_HELD_SAMPLES, MAX_SEED, MAX_TOY_STEPS
 from proreflow.methods import MethodSpec
 from proreflow.models.unet import UNetConfig
 from proreflow.training import RecipeSettings
@@ -143,7 +143,7 @@ class DigitsConfig(RecipeSettings):
              f"teacher.distill {self.teacher.distill!r} must be one of teacher.kinds {self.teacher.kinds}"),
             (0.0 <= self.label_dropout < 1.0, f"label_dropout must be in [0, 1), got {self.label_dropout}"),
             (bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), f"seeds must be unique, got {self.seeds}"),
-            (bool(self.steps) and all(isinstance(k, int) and 1 <= k <= 64 for k in self.steps),
+            (bool(self.steps) and all(isinstance(k, int) and 1 <= k <= MAX_TOY_STEPS for k in self.steps),
              f"steps must be integers in [1, 64], got {self.steps}"),
             (self.table_steps in self.steps, f"table_steps {self.table_steps} must be one of steps {self.steps}"),
             (all(m in names for m in self.table_methods), f"table_methods {self.table_methods} must be methods of "
