@@ -23,6 +23,7 @@ _ABORTS = tuple(c for c in (getattr(typer, "Abort", None), getattr(click_errors,
 from proreflow.cli_evaluate import evaluate
 from proreflow.cli_minisd import mini_teacher
 from proreflow.errors import ProReflowError
+from proreflow.limits import MAX_SEED
 
 
 class _Commands(TyperGroup):
@@ -83,10 +84,6 @@ def _resume_latest(resume: Optional[str]) -> bool:
     if resume not in (None, "latest"):
         raise ProReflowError(f"--resume takes 'latest', got {resume!r}")
     return resume == "latest"
-
-
-#: seeds are combined into generator seeds (seed * 1_000_003 + ...), which must stay below 2**63
-from proreflow.limits import MAX_SEED  # noqa: E402
 
 
 def _check_seed(seed: Optional[int]) -> None:

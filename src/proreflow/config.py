@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import yaml
 
 from proreflow.errors import ProReflowError
+from proreflow.limits import MAX_YAML_BYTES, MAX_YAML_VALUES
 
 T = TypeVar("T")
 
@@ -95,11 +96,6 @@ def read_text_file(path: str | Path, what: str, expected: str) -> str:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ProReflowError(f"{what} {str(p)!r} is not UTF-8 text ({expected} is expected)") from None
-
-
-#: bounds on a config file: its size, and its size with YAML aliases expanded (a nested alias "bomb" is a few
-#: hundred bytes that expand to billions of values, which hung the typed loader with no output)
-from proreflow.limits import MAX_YAML_BYTES, MAX_YAML_VALUES  # noqa: E402
 
 
 def _expanded_values(data: Any, limit: int) -> int:

@@ -4,7 +4,8 @@ ends in a traceback after hours of training (issue 26: `sample --steps 1e12` gre
 
 from __future__ import annotations
 
-#: seeds: what numpy and every generator accept
+#: seeds: what numpy accepts, and small enough that the seeds combined from them (seed * 1_000_003 + ...) stay below
+#: 2**63
 MAX_SEED = 2**31 - 1
 #: a preset file, and its values with YAML aliases expanded (a nested alias "bomb" is a few hundred bytes)
 MAX_YAML_BYTES = 1 << 20
@@ -21,7 +22,10 @@ MAX_HELD_SAMPLES = 100_000
 MAX_EVAL_IMAGES = 10**6
 #: step intervals of logging and validation
 MAX_INTERVAL = 10**9
-#: validation prompts shown per image grid
+#: validation prompts shown per image grid (a row of student images over one of teacher images)
 MAX_PROMPTS = 16
 #: sampling steps of the toy's and the digits benchmark's students and baselines
 MAX_TOY_STEPS = 64
+#: the digits benchmark's UNet: channels per block and layers per block
+MAX_UNET_WIDTH = 1024
+MAX_LAYERS_PER_BLOCK = 8

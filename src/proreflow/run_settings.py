@@ -27,6 +27,11 @@ def settings_changes(before: Any, now: Any, prefix: str = "") -> list[str]:
     return [f"{prefix or 'settings'}: {cut(before)} -> {cut(now)}"]
 
 
+def _summary(changes: list[str], most: int) -> str:
+    """The first `most` changes, and how many more."""
+    return "; ".join(changes[:most]) + (f"; and {len(changes) - most} more" if len(changes) > most else "")
+
+
 def check_resumed_settings(folder: Path, settings: dict[str, Any], resume: bool) -> None:
     """Resume is for the same run: `folder/run.json` holds the settings a run started with (`record_settings`),
     and `resume` refuses a missing file or any difference, with a one-line diff. Validation only: nothing is
@@ -40,9 +45,9 @@ def check_resumed_settings(folder: Path, settings: dict[str, Any], resume: bool)
                                                 "it cannot be resumed; start a new run with another --out"),
                                json.loads(json.dumps(settings, default=str)))
     if changes:
-        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         raise ProReflowError(f"--resume latest: the run in {str(folder)!r} was started with different settings "
-                             f"({shown}); resume with the same ones or start a new run with another --out")
+                             f"({_summary(changes, 4)}); resume with the same ones or start a new run with another "
+                             f"--out")
 
 
 def check_not_replacing(path: Path, settings: dict[str, Any], overwrite: bool, what: str,
@@ -57,9 +62,8 @@ def check_not_replacing(path: Path, settings: dict[str, Any], overwrite: bool, w
                                                                    "another --out"))
     changes = settings_changes(old, json.loads(json.dumps(settings, default=str)))
     if changes:
-        shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
-        raise ProReflowError(f"{str(path.parent)!r} holds {what} made with other settings ({shown}); pass "
-                             f"--overwrite to replace them or choose another --out")
+        raise ProReflowError(f"{str(path.parent)!r} holds {what} made with other settings "
+                             f"({_summary(changes, 3)}); pass --overwrite to replace them or choose another --out")
 
 
 def record_settings(folder: Path, settings: dict[str, Any]) -> None:

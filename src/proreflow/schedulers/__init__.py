@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from proreflow.errors import ProReflowError
+from proreflow.limits import MAX_SAMPLING_STEPS
 from proreflow.schedulers.solvers import SOLVERS, SPACED, check_overrides, make_solver
 
 #: samplers of published students that diffusers lacks: name -> PeRFlow prediction type, or None for
@@ -25,9 +26,6 @@ PUBLISHED: dict[str, str | None] = {"perflow": "diff_eps", "perflow-ddim-eps": "
 PERFLOW_WINDOWS = 4
 #: every name `make_scheduler` (and `proreflow evaluate --scheduler`) knows
 NAMES: tuple[str, ...] = (*SOLVERS, "proreflow", *PUBLISHED)
-#: the most inference steps a sampler may take: one per training timestep of SD-style schedulers (1000); more is
-#: no sampler (`sample --steps 1e12` grew memory without end, `evaluate` hung)
-from proreflow.limits import MAX_SAMPLING_STEPS  # noqa: E402
 
 __all__ = ["MAX_SAMPLING_STEPS", "NAMES", "PERFLOW_WINDOWS", "PUBLISHED", "SOLVERS", "SPACED", "check_overrides",
            "make_scheduler", "make_solver"]

@@ -242,7 +242,7 @@ def _preflight(rows: Sequence[RunSpec], made_before: set[str] | frozenset[str] =
         if spec.model not in reached and spec.slug not in made_before:
             check_model_reachable(spec.model, f"the model of run {spec.name!r}")
             reached.add(spec.model)
-        windows = student_windows(str(Path(spec.model).expanduser())) if Path(spec.model).expanduser().is_dir() else None
+        windows = student_windows(spec.model)  # None for any folder or hub id without a proreflow.json
         if windows is not None:
             try:
                 windows.steps_per_window(spec.steps)

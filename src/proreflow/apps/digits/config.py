@@ -8,7 +8,8 @@ from typing import Any
 
 from proreflow.config import PRESET_DIR, load_preset
 from proreflow.errors import ProReflowError
-from proreflow.limits import MAX_COUNT, MAX_HELD_SAMPLES, MAX_SEED, MAX_TOY_STEPS
+from proreflow.limits import (MAX_COUNT, MAX_HELD_SAMPLES, MAX_LAYERS_PER_BLOCK, MAX_SEED, MAX_TOY_STEPS,
+                              MAX_UNET_WIDTH)
 from proreflow.methods import MethodSpec
 from proreflow.models.unet import UNetConfig
 from proreflow.training import RecipeSettings
@@ -167,9 +168,10 @@ class DigitsConfig(RecipeSettings):
             (self.data.size % 2 ** (len(self.unet.block_out_channels) - 1) == 0,
              f"data.size {self.data.size} is not divisible by 2^{len(self.unet.block_out_channels) - 1} for "
              f"{len(self.unet.block_out_channels)} UNet blocks (unet.block_out_channels)"),
-            (max(self.unet.block_out_channels) <= 1024 and self.unet.layers_per_block <= 8,
-             f"unet widths must be <= 1024 and layers_per_block <= 8, got {tuple(self.unet.block_out_channels)} and "
-             f"{self.unet.layers_per_block}"),
+            (max(self.unet.block_out_channels) <= MAX_UNET_WIDTH
+             and self.unet.layers_per_block <= MAX_LAYERS_PER_BLOCK,
+             f"unet widths must be <= {MAX_UNET_WIDTH} and layers_per_block <= {MAX_LAYERS_PER_BLOCK}, got "
+             f"{tuple(self.unet.block_out_channels)} and {self.unet.layers_per_block}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -9,14 +9,11 @@ from typing import Any
 from proreflow.config import PRESET_DIR, load_preset
 from proreflow.errors import ProReflowError
 from proreflow.fields import PLACEMENTS
+from proreflow.limits import MAX_RESOLUTION
 from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver
 from proreflow.time_sampling import TimeSampling
 from proreflow.training import RecipeSettings, TrainConfig
-
-#: the largest image side any command trains or generates at (SDXL's 1024 with room to spare); larger sizes are
-#: refused before any work instead of failing in allocation
-from proreflow.limits import MAX_RESOLUTION  # noqa: E402
 
 
 #: the preset every distillation config starts from: a partial user YAML changes only the keys it names

@@ -33,6 +33,11 @@ __all__ = ["ProReflowFlowScheduler", "ProReflowScheduler", "export_pipeline", "f
            "student_scheduler", "student_windows"]
 
 
+#: what to do about a model `from_pretrained` cannot open
+_LOAD_ADVICE = ("Pass a local diffusers folder, or download it once with network access (it is then read from the HF "
+                "cache; set HF_HUB_OFFLINE=1 to use the cache only)")
+
+
 def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class: str | None = None,
                             **kwargs: Any) -> Any:
     """`DiffusionPipeline.from_pretrained(model)` (or `pipeline_class`'s) without a safety checker, with a clear
@@ -69,9 +74,8 @@ def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class:
             f"row (--pipeline StableDiffusionPipeline)") from None
     except (OSError, ValueError) as exc:
         raise ProReflowError(
-            f"cannot load {what} {model!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Pass a local "
-            f"diffusers folder, or download it once with network access (it is then read from the HF cache; set "
-            f"HF_HUB_OFFLINE=1 to use the cache only)") from None
+            f"cannot load {what} {model!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). {_LOAD_ADVICE}"
+        ) from None
 
 
 def check_model_reachable(model: str, what: str = "the model") -> None:
@@ -90,9 +94,8 @@ def check_model_reachable(model: str, what: str = "the model") -> None:
         hf_hub_download(model, "model_index.json")
     except Exception as exc:  # offline cache miss, no such repo, no network, an invalid id: one message for all
         raise ProReflowError(f"cannot load {what} {model!r}: no such local folder, and the hub gave "
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}. Pass a "
-                             f"local diffusers folder, or download it once with network access (it is then read "
-                             f"from the HF cache; set HF_HUB_OFFLINE=1 to use the cache only)") from None
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}. "
+                             f"{_LOAD_ADVICE}") from None
 
 
 def check_weights_file(path: str, what: str) -> None:

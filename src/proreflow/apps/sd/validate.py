@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from proreflow.apps.sd.encode import decode_latents, encode_prompts_only, encoders_on_device
 from proreflow.errors import ProReflowError
+from proreflow.limits import MAX_PROMPTS
 from proreflow.pairs import map_cond
 from proreflow.sampling import sample
 from proreflow.solvers import VelocityField
@@ -26,10 +27,6 @@ DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a red bicycle
                    "a bowl of fruit on a wooden table", "a lighthouse on a cliff at sunset")
 #: the teacher's reference: this many Euler steps over the student's windows (8 per window for 4 windows)
 TEACHER_STEPS = 32
-
-
-#: a validation picture is one row of student images over one of teacher images
-from proreflow.limits import MAX_PROMPTS  # noqa: E402
 
 
 def pick_prompts(given: list[str] | None, captions: list[str] | None, n: int = 4) -> list[str]:

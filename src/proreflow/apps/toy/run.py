@@ -23,6 +23,7 @@ from proreflow.data.toy import MIN_POINTS, PointData, builtin_points, load_point
 from proreflow.errors import ProReflowError
 from proreflow.fields.gmm import GaussianMixture
 from proreflow.fields.network import NetworkTeacher
+from proreflow.limits import MAX_TOY_STEPS as MAX_STEPS
 from proreflow.methods import MethodSpec
 from proreflow.metrics import energy_distance, fidelity_rmse, sliced_wasserstein, straightness
 from proreflow.models.mlp import VelocityMLP
@@ -32,8 +33,6 @@ from proreflow.solvers import VelocityField
 from proreflow.training import PlanResult, check_optimizer, fit, flow_matching_batches, train_plan
 from proreflow.training.checkpoint import CheckpointConfig
 from proreflow.windows import WindowSchedule
-
-from proreflow.limits import MAX_TOY_STEPS as MAX_STEPS  # noqa: E402
 
 
 def parse_steps(text: str) -> list[int]:
