@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mini_sd_distill import distill, generate, open_pipe, score  # noqa: E402
+from mini_sd_distill import distill, generate, open_pipe, score, timed  # noqa: E402
 from mini_sd_teacher import grid, prompts_for  # noqa: E402
 
 from proreflow.data.fashion import load_fashion, write_image_folder  # noqa: E402
@@ -126,11 +126,6 @@ def solver_pipe(teacher: Path, cls_name: str):
     return pipe
 
 
-def timed(pipe, prompts: list[str], steps: int, guidance: float) -> float:
-    """Median seconds per image over 3 batches of 50 (every row alike, in this process)."""
-    return statistics.median(generate(pipe, prompts[:150], steps, guidance, 50)[1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, default=Path("runs/mini-sd-teacher"))
@@ -188,7 +183,7 @@ def main() -> None:
                          "guidance": guidance, **score(metrics, imgs, prompts, ref),
                          "seconds_per_image": timed(pipe, prompts, steps, guidance)})
             if guidance == 4.0 and steps in (32, 4) and label == "DDIM":
-                shown[rows[-1]["row"]] = imgs[:80]
+                shown[rows[-1]["row"]] = imgs[:40]
             print(json.dumps(rows[-1]), flush=True)
         for (name, seed), pipe in student_pipes.items():
             st = by_name[name]
@@ -200,17 +195,16 @@ def main() -> None:
                              **score(metrics, imgs, prompts, ref), **costs[(name, seed)],
                              "seconds_per_image": timed(pipe, prompts, steps, guidance) if seed == 0 else None})
                 if guidance == 4.0 and seed == 0 and steps == 4:
-                    shown[name] = imgs[:80]
+                    shown[name] = imgs[:40]
                 print(json.dumps(rows[-1]), flush=True)
     result = {"n_generated": args.n, "grid_panels": list(shown), "torch_threads": args.threads, "rows": rows, "missing": missing,
               "distill_seconds": {f"{n}, seed {s}": round(t, 1) for (n, s), (_, t) in trained.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.results / "mini_sd_tables.json", json.dumps(result, indent=1) + "\n")
-    order = torch.cat([torch.arange(c, 80, 10) for c in range(10)])[:80]  # 8 samples of each class, a class a row
-    panels = [p[order].reshape(10, 8, *p.shape[1:]) * 2 - 1 for p in shown.values()]
-    grid(torch.cat(panels, dim=1).flatten(0, 1), 10, 8 * len(panels), args.results / "mini_sd_tables.png")
-    shrink_grid(args.results / "mini_sd_tables.png", len(panels))
+    order = torch.cat([torch.arange(c, 40, 10) for c in range(10)])  # 4 samples of each class, a class a row
+    panels = [p[order].reshape(10, 4, *p.shape[1:]) * 2 - 1 for p in shown.values()]
+    grid(torch.cat(panels, dim=1).flatten(0, 1), 10, 4 * len(panels), args.results / "mini_sd_tables.png", scale=1)
     plot_sweep(result, args.results / "mini_sd_guidance.png")
     atomic_write_text(args.results / "mini_sd_tables.md", markdown(result))  # rerun from the json: `--report-only`
     print(markdown(result))
@@ -270,18 +264,6 @@ def markdown(r: dict) -> str:
               "samples a panel, panels left to right: " + ", ".join(r["grid_panels"]) + " (students: seed 0).", "",
               "Regenerate: `.venv/bin/python benchmarks/mini_sd_tables.py` (after benchmarks/mini_sd_teacher.py).", ""]
     return "\n".join(lines)
-
-
-def shrink_grid(path: Path, n_panels: int, keep: int = 4) -> None:
-    """The grid at 1x (grid() draws it 2x) with the first `keep` of each panel's 8 columns: 16 panels of 8 were an
-    8192 px wide, 2 MB PNG."""
-    import numpy as np
-    from PIL import Image
-
-    img = np.asarray(Image.open(path))[::2, ::2]
-    side = img.shape[1] // (8 * n_panels)
-    cols = [c for p in range(n_panels) for c in range(8 * p, 8 * p + keep)]
-    Image.fromarray(np.concatenate([img[:, c * side:(c + 1) * side] for c in cols], axis=1)).save(path)
 
 
 def _mean(rows: list[dict], name: str, steps: int, guidance: float, key: str) -> float | None:

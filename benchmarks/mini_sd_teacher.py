@@ -45,14 +45,14 @@ def generate(pipe, prompts: list[str], steps: int, guidance: float, batch: int, 
     return torch.cat(out)
 
 
-def grid(images: torch.Tensor, rows: int, cols: int, path: Path) -> None:
-    """images (rows*cols, 3, H, W) in [-1, 1] laid out row-major as one PNG, 2x upscaled."""
+def grid(images: torch.Tensor, rows: int, cols: int, path: Path, scale: int = 2) -> None:
+    """images (rows*cols, 3, H, W) in [-1, 1] laid out row-major as one PNG, upscaled `scale` times."""
     from PIL import Image
 
     x = ((images[: rows * cols].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     _, c, h, w = x.shape
     canvas = x.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
-    Image.fromarray(canvas.numpy()).resize((cols * w * 2, rows * h * 2), Image.Resampling.NEAREST).save(path)
+    Image.fromarray(canvas.numpy()).resize((cols * w * scale, rows * h * scale), Image.Resampling.NEAREST).save(path)
 
 
 def main() -> None:
