@@ -16,7 +16,8 @@ from proreflow.methods import MethodSpec
 from proreflow.fields.gmm import GaussianMixture
 from proreflow.fields.network import FlowVelocity, guided_call
 from proreflow.metrics import FrechetDistance
-from proreflow.pairs import PairCache, TeacherSolver, flatten_cond, unflatten_cond
+from proreflow.cond import flatten_cond, unflatten_cond
+from proreflow.pairs import PairCache, TeacherSolver
 from proreflow.schedulers import make_scheduler
 from proreflow.schedulers.sample import scheduler_sample
 from proreflow.windows import WindowSchedule

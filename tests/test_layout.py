@@ -9,7 +9,7 @@ import proreflow
 ROOT = Path(proreflow.__file__).parent
 #: layer of each top-level module or package; a module may import its own layer and those below
 LAYERS = {
-    "errors": 0, "config": 0, "store": 0, "conventions": 0, "run_lock": 0, "limits": 0, "run_settings": 0,
+    "errors": 0, "cond": 0, "config": 0, "store": 0, "conventions": 0, "run_lock": 0, "limits": 0, "run_settings": 0,
     "windows": 1, "time_sampling": 1, "losses": 1, "solvers": 1, "sampling": 1, "pairs": 1, "methods": 1,
     "fields": 2, "models": 2, "data": 2, "schedulers": 2, "metrics": 2, "metrics_images": 2, "metrics_classifier": 2, "analysis": 2,
     "plotting": 2,
@@ -75,3 +75,13 @@ def test_the_algorithm_core_imports_no_training_cli_or_diffusers_code():
         text = (ROOT / f"{name}.py").read_text()
         assert "import diffusers" not in text and "from diffusers" not in text, name
         assert not {d.split(".")[0] for d in _imports(ROOT / f"{name}.py")} & {"training", "apps", "cli"}, name
+
+
+def test_conditioning_helpers_are_imported_from_cond_not_from_pairs():
+    helpers = {"map_cond", "take", "to_device", "flatten_cond", "unflatten_cond"}
+    wrong = []
+    for path in [*ROOT.rglob("*.py"), *(ROOT.parent.parent / "tests").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "proreflow.pairs":
+                wrong += [f"{path.name}: {a.name}" for a in node.names if a.name in helpers]
+    assert not wrong, wrong

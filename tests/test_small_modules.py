@@ -85,3 +85,16 @@ def test_guidance_sweep_plot_draws_one_line_per_group(tmp_path):
     assert img.shape[1] > img.shape[0] > 100  # two panels side by side
     colours = {tuple(c) for c in img.reshape(-1, 3)[::7]}
     assert (31, 119, 180) in colours and (255, 127, 14) in colours  # matplotlib's first two line colours
+
+
+def test_cond_helpers_select_rows_and_move_nested_conditioning():
+    from proreflow.cond import take, to_device
+
+    cond = {"text": torch.arange(12.0).view(4, 3), "added": {"time_ids": torch.arange(4.0)}, "none": None}
+    rows = take(cond, torch.tensor([3, 0]))
+    assert rows["text"].tolist() == [[9.0, 10.0, 11.0], [0.0, 1.0, 2.0]]
+    assert rows["added"]["time_ids"].tolist() == [3.0, 0.0] and rows["none"] is None
+    assert take(cond, slice(1, 3))["added"]["time_ids"].tolist() == [1.0, 2.0]
+    assert take(None, slice(0, 1)) is None
+    moved = to_device({"a": torch.ones(2, dtype=torch.float64)}, "meta")
+    assert moved["a"].device.type == "meta" and moved["a"].dtype == torch.float64

@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
+from proreflow.cond import flatten_cond, take, unflatten_cond
 from proreflow.conventions import NoiseEntry, chord_velocity, expand_time, interpolate, noise_entry
 from proreflow.errors import ProReflowError
 from proreflow.solvers import NFE_PER_STEP, VelocityField, check_solver, solve
@@ -164,7 +165,7 @@ def make_window_pairs(teacher: VelocityField, x0: Tensor, schedule: WindowSchedu
         lengths = [hi - lo for hi, lo in zip(b[:-1], b[1:])]
         for w in torch.unique(windows).tolist():
             m = windows == w
-            cond_m = map_cond(cond, lambda c: c[m])
+            cond_m = take(cond, m)
             if grids is not None:
                 points = grids[w]
                 x = x_a[m]
@@ -184,51 +185,10 @@ def chunked(field: VelocityField, size: int) -> VelocityField:
     def call(x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         if x.shape[0] <= size:
             return field(x, t, cond)
-        return torch.cat([field(x[i:i + size], t[i:i + size], map_cond(cond, lambda c: c[i:i + size]))
+        return torch.cat([field(x[i:i + size], t[i:i + size], take(cond, slice(i, i + size)))
                           for i in range(0, x.shape[0], size)])
 
     return call
-
-
-def map_cond(cond: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply `fn` to every tensor of a conditioning (None, a tensor, or a dict of them), e.g. to
-    select rows or move devices, so conditioning travels with its pairs whatever its shape."""
-    if isinstance(cond, Tensor):
-        return fn(cond)
-    if isinstance(cond, dict):
-        return {k: map_cond(v, fn) for k, v in cond.items()}
-    return cond
-
-
-def flatten_cond(cond: Any, prefix: str = "cond") -> dict[str, Tensor]:
-    """A conditioning (tensor, dict of them, nested dicts) as flat `prefix.key.subkey` tensors."""
-    if isinstance(cond, Tensor):
-        return {prefix: cond}
-    if isinstance(cond, dict):
-        out: dict[str, Tensor] = {}
-        for key, sub in cond.items():
-            if "." in key:
-                raise ProReflowError(f"conditioning keys may not contain '.', got {key!r}")
-            out.update(flatten_cond(sub, f"{prefix}.{key}"))
-        return out
-    if cond is None:
-        return {}
-    raise ProReflowError(f"cannot cache conditioning of type {type(cond).__name__}; use tensors or dicts of them")
-
-
-def unflatten_cond(tensors: dict[str, Tensor], prefix: str = "cond") -> Any:
-    """Inverse of `flatten_cond` (None when no key has the prefix)."""
-    if prefix in tensors:
-        return tensors[prefix]
-    out: dict = {}
-    for k, v in tensors.items():
-        if k.startswith(prefix + "."):
-            *path, last = k[len(prefix) + 1:].split(".")
-            d = out
-            for part in path:
-                d = d.setdefault(part, {})
-            d[last] = v
-    return out or None
 
 
 def teacher_fingerprint(teacher: Any) -> str | None:
@@ -299,4 +259,4 @@ class CachedPairs:
 
     def batch(self, idx: Tensor) -> WindowPairs:
         p = self.pairs
-        return WindowPairs(p.x_a[idx], p.x_b[idx], p.t_a[idx], p.t_b[idx], map_cond(p.cond, lambda c: c[idx]), 0)
+        return WindowPairs(p.x_a[idx], p.x_b[idx], p.t_a[idx], p.t_b[idx], take(p.cond, idx), 0)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from proreflow.errors import ProReflowError
-from proreflow.pairs import map_cond
+from proreflow.cond import map_cond
 
 
 class NetworkTeacher:

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from proreflow.conventions import interpolate, path_velocity
-from proreflow.pairs import CachedPairs, TeacherSolver, make_window_pairs, map_cond
+from proreflow.cond import take
+from proreflow.pairs import CachedPairs, TeacherSolver, make_window_pairs
 from proreflow.solvers import VelocityField
 from proreflow.time_sampling import TimeSampling
 from proreflow.training.loop import BatchFn, TrainBatch
@@ -29,7 +30,7 @@ def flow_matching_batches(data_fn: DataFn, batch_size: int, exact_velocity: Velo
         x0, cond = data_fn(batch_size, gen)
         eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
         t = torch.rand(x0.shape[0], generator=gen, dtype=x0.dtype)
-        x0, cond, eps, t = x0[rows], map_cond(cond, lambda c: c[rows]), eps[rows], t[rows]
+        x0, cond, eps, t = x0[rows], take(cond, rows), eps[rows], t[rows]
         x_t = interpolate(x0, eps, t)
         target = exact_velocity(x_t, t, cond) if exact_velocity is not None else path_velocity(x0, eps)
         return TrainBatch(x_t, t, target.to(x0.dtype), cond)
@@ -49,7 +50,7 @@ def ddpm_batches(data_fn: DataFn, batch_size: int, alphas_cumprod: Tensor) -> Ba
         x0, cond = data_fn(batch_size, gen)
         eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
         ts = torch.randint(0, ac.numel(), (x0.shape[0],), generator=gen)
-        x0, cond, eps, ts = x0[rows], map_cond(cond, lambda c: c[rows]), eps[rows], ts[rows]
+        x0, cond, eps, ts = x0[rows], take(cond, rows), eps[rows], ts[rows]
         a = ac[ts].sqrt().to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
         s = (1 - ac[ts]).sqrt().to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
         return TrainBatch(a * x0 + s * eps, ts.to(x0.dtype), eps, cond)
@@ -71,7 +72,7 @@ def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule: WindowSche
         noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
         windows = schedule.sample_windows(x0.shape[0], gen)
         u = sampling.draw(x0.shape[0], gen, x0.dtype)
-        x0, cond, noise, windows, u = x0[rows], map_cond(cond, lambda c: c[rows]), noise[rows], windows[rows], u[rows]
+        x0, cond, noise, windows, u = x0[rows], take(cond, rows), noise[rows], windows[rows], u[rows]
         pairs = make_window_pairs(teacher, x0, schedule, solver, cond=cond, windows=windows, noise=noise)
         x_t, t = pairs.point(u)
         return TrainBatch(x_t, t, pairs.target(), cond, pairs.teacher_nfe)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from proreflow.errors import ProReflowError
 from proreflow.losses import LossFn, aligned
-from proreflow.pairs import map_cond
+from proreflow.cond import to_device
 from proreflow.training.checkpoint import (
     FitCheckpoints,
     optimizer_from_flat,
@@ -215,7 +215,7 @@ def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss:
         micro += 1
         with acc.accumulate(net):
             with acc.autocast():
-                pred = net(batch.x.to(acc.device), batch.t.to(acc.device), map_cond(batch.cond, lambda c: c.to(acc.device)))
+                pred = net(batch.x.to(acc.device), batch.t.to(acc.device), to_device(batch.cond, acc.device))
             weight = loss_weight(batch.t.to(acc.device)) if loss_weight is not None else None
             terms = loss(pred, batch.target.to(acc.device), weight)
             finite = bool(torch.isfinite(terms.total))

@@ -16,7 +16,7 @@ from torch import Tensor
 from proreflow.data.captions import find_pairs, prepare_image
 from proreflow.errors import ProReflowError
 from proreflow.fields import denoiser
-from proreflow.pairs import flatten_cond, unflatten_cond
+from proreflow.cond import flatten_cond, unflatten_cond
 from proreflow.store import ShardStore
 from proreflow.training import process_state
 

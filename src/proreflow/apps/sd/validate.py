@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from proreflow.apps.sd.encode import decode_latents, encode_prompts_only, encoders_on_device
 from proreflow.errors import ProReflowError
 from proreflow.limits import MAX_PROMPTS
-from proreflow.pairs import map_cond
+from proreflow.cond import to_device
 from proreflow.sampling import sample
 from proreflow.solvers import VelocityField
 from proreflow.training import Validation, image_grid, process_state
@@ -52,7 +52,7 @@ def sd_validation(pipe: Any, teacher: VelocityField, schedule: WindowSchedule, p
     teacher's."""
     data = encode_prompts_only(pipe, prompts, resolution, "float32")
     device = process_state().device
-    cond = map_cond(data.cond, lambda c: c.to(device))
+    cond = to_device(data.cond, device)
     noise = torch.randn(len(prompts), *data.latent_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     per_window = math.ceil(TEACHER_STEPS / schedule.num_windows)
 
