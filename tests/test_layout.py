@@ -9,7 +9,7 @@ import proreflow
 ROOT = Path(proreflow.__file__).parent
 #: layer of each top-level module or package; a module may import its own layer and those below
 LAYERS = {
-    "errors": 0, "cond": 0, "config": 0, "store": 0, "conventions": 0, "run_lock": 0, "limits": 0, "run_settings": 0,
+    "accel": 0, "errors": 0, "cond": 0, "config": 0, "store": 0, "conventions": 0, "run_lock": 0, "limits": 0, "run_settings": 0,
     "windows": 1, "time_sampling": 1, "losses": 1, "solvers": 1, "sampling": 1, "pairs": 1, "methods": 1,
     "fields": 2, "models": 2, "data": 2, "schedulers": 2, "metrics": 2, "metrics_images": 2, "metrics_classifier": 2, "analysis": 2,
     "plotting": 2,
@@ -85,3 +85,10 @@ def test_conditioning_helpers_are_imported_from_cond_not_from_pairs():
             if isinstance(node, ast.ImportFrom) and node.module == "proreflow.pairs":
                 wrong += [f"{path.name}: {a.name}" for a in node.names if a.name in helpers]
     assert not wrong, wrong
+
+
+def test_sd_data_preparation_does_not_import_training():
+    """Encoding and streaming latents need the process state (devices, process count), not the training package."""
+    for name in ("encode", "stream"):
+        deps = _imports(ROOT / "apps" / "sd" / f"{name}.py")
+        assert not [d for d in deps if d.split(".")[0] == "training"], (name, deps)

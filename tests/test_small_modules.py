@@ -98,3 +98,15 @@ def test_cond_helpers_select_rows_and_move_nested_conditioning():
     assert take(None, slice(0, 1)) is None
     moved = to_device({"a": torch.ones(2, dtype=torch.float64)}, "meta")
     assert moved["a"].device.type == "meta" and moved["a"].dtype == torch.float64
+
+
+def test_accelerator_follows_the_precision_asked_for_each_time():
+    from proreflow.accel import new_accelerator, process_state
+    from proreflow.training import make_accelerator, process_state as reexported
+    from proreflow.training.config import TrainConfig
+
+    assert reexported is process_state and process_state().device.type == "cpu"
+    assert new_accelerator(mixed_precision="bf16").mixed_precision == "bf16"
+    # a second precision in the same process is taken, not refused (accelerate keeps one state per process)
+    acc = make_accelerator(TrainConfig(mixed_precision="no", grad_accum=3))
+    assert acc.mixed_precision == "no" and acc.gradient_accumulation_steps == 3

@@ -1,6 +1,7 @@
 """Training: the stage loop on accelerate, the batch builders that encode the method, progressive plans,
 EMA, crash-safe checkpoints and SIGTERM handling (docs/design.md §3). The public names are re-exported here."""
 
+from proreflow.accel import process_state
 from proreflow.training.batches import DataFn, cached_reflow_batches, ddpm_batches, flow_matching_batches, reflow_batches
 from proreflow.training.config import TrainConfig, describe_batch, resolve_batch
 from proreflow.training.ema import TrainableEMA, ema_with_warmup
@@ -13,7 +14,6 @@ from proreflow.training.loop import (
                                      fit,
                                      make_accelerator,
                                      make_optimizer,
-                                     process_state,
 )
 from proreflow.training.monitor import (Monitor, MonitorConfig, Validation, check_report_to, image_grid, points_image,
                                         watching)

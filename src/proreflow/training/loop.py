@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from proreflow.accel import new_accelerator, process_state
 from proreflow.errors import ProReflowError
 from proreflow.losses import LossFn, aligned
 from proreflow.cond import to_device
@@ -105,35 +106,9 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def process_state() -> PartialState:
-    """accelerate's process state, initialised the way `make_accelerator` needs it.
-
-    The first PartialState of a process fixes its distributed type for good; on a machine
-    without CUDA it must be created with cpu=True, or `accelerate launch` with 2 processes
-    gives two independent single-process runs instead of MULTI_CPU (gloo).
-    """
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def _allow_precision(mixed_precision: str) -> None:
-    """Let this process's next Accelerator take `mixed_precision`. accelerate keeps one AcceleratorState per
-    process and refuses another precision once it exists, so a script that trains an fp32 teacher and then a
-    bf16 student (the digits benchmark) would stop there. Its per-Accelerator part is dropped for the new one;
-    the process state (devices, process group) stays."""
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-
-
 def make_accelerator(cfg: TrainConfig, cpu: bool | None = None) -> Accelerator:
     """An Accelerator for `cfg`; on a machine without CUDA it runs on CPU."""
-    if cpu is None:
-        cpu = not torch.cuda.is_available()
-    _allow_precision(cfg.mixed_precision)
-    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, cpu=cpu,
-                       dynamo_backend="inductor" if cfg.compile else "no")
+    return new_accelerator(cfg.grad_accum, cfg.mixed_precision, cfg.compile, cpu)
 
 
 def fit(model: nn.Module, batch_fn: BatchFn, steps: int, cfg: TrainConfig, loss: LossFn = aligned(0.0),

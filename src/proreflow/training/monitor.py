@@ -129,7 +129,7 @@ class Monitor:
                  is_main: bool | None = None) -> None:
         self.cfg, self.folder, self.run_name, self.validation = cfg, Path(folder), run_name, validation
         if is_main is None:
-            from proreflow.training.loop import process_state
+            from proreflow.accel import process_state
 
             is_main = process_state().is_main_process
         self.is_main = is_main

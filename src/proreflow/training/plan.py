@@ -18,7 +18,8 @@ from proreflow.solvers import VelocityField
 from proreflow.training.batches import DataFn, cached_reflow_batches, reflow_batches
 from proreflow.training.checkpoint import CheckpointConfig
 from proreflow.training.config import resolve_batch
-from proreflow.training.loop import FitResult, fit, process_state
+from proreflow.accel import process_state
+from proreflow.training.loop import FitResult, fit
 from proreflow.training.monitor import Monitor
 from proreflow.training.recipe import Recipe
 from proreflow.training.signals import check_stop

@@ -18,7 +18,7 @@ from proreflow.errors import ProReflowError
 from proreflow.fields import denoiser
 from proreflow.cond import flatten_cond, unflatten_cond
 from proreflow.store import ShardStore
-from proreflow.training import process_state
+from proreflow.accel import process_state
 
 
 def load_pipeline(model: str, weights_dtype: str = "float32") -> Any:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from proreflow.apps.sd.encode import encode_images, encode_text, encoder_modules, is_sdxl, time_ids, uncond_text
 from proreflow.data.stream import StreamIterator
-from proreflow.training import process_state
+from proreflow.accel import process_state
 
 
 class StreamingLatents:
