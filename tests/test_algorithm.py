@@ -189,3 +189,15 @@ def test_teacher_max_batch_chunks_calls_without_changing_pairs():
     assert whole.teacher_nfe == parts.teacher_nfe
     with pytest.raises(ProReflowError, match="max_batch"):
         TeacherSolver(max_batch=-1)
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf"), True, "1"])
+def test_every_entry_point_refuses_a_bad_direction_weight(bad):
+    from proreflow.losses import aligned
+    from proreflow.methods import MethodSpec
+
+    x = torch.ones(2, 3)
+    for call in (lambda: aligned_loss(x, x, bad), lambda: aligned(bad), lambda: MethodSpec("m", lam=bad)):
+        with pytest.raises(ProReflowError, match="lam.* must be a finite number >= 0"):
+            call()
+    assert aligned_loss(x, x, 0).total.item() == 0.0 and aligned(2)(x, -x, None).total.item() == pytest.approx(4.0 + 2 * 2)

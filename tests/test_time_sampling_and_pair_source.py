@@ -325,3 +325,49 @@ def test_the_direction_term_changes_the_student_the_way_the_loss_predicts():
         err = {lam: float((s(held.x, held.t) - held.target).pow(2).mean()) for lam, s in students.items()}
     # measured: 1 - cos 0.660 -> 0.575, MSE 0.43 -> 0.86 (the MSE is traded for direction, as the weights say)
     assert miss[10.0] < 0.95 * miss[0.0] and err[10.0] > err[0.0], (miss, err)
+
+
+@pytest.mark.parametrize("rule, u, next_draw", [
+    ("uniform", [0.427938, 0.159043, 0.527369, 0.525512, 0.186209, 0.340049], 0.207086),
+    ("start", [0.0] * 6, 0.207086),
+    ("mixture", [0.0, 0.159043, 0.0, 0.525512, 0.186209, 0.340049], 0.286839)])
+def test_rules_draw_what_the_if_chain_drew_before_they_were_classes(rule, u, next_draw):
+    """Golden values from the rules as written before the registry (seed 7, P = 0.4, margin 0.2), and the
+    generator's next draw: every rule takes the uniform draw first, only the mixture draws again."""
+    gen = torch.Generator().manual_seed(7)
+    got = TimeSampling(rule, 0.4, 0.2).draw(6, gen)
+    assert got.tolist() == pytest.approx(u, abs=1e-6)
+    assert torch.rand(1, generator=gen).item() == pytest.approx(next_draw, abs=1e-6)
+
+
+def test_a_new_rule_is_one_registered_class_that_presets_and_the_cli_then_accept():
+    from proreflow import time_sampling as ts
+
+    @ts.register
+    class End(ts.TimeRule):
+        name = "end-test"
+        help = "u at the window's far end"
+
+        def choose(self, u, sampling, generator):
+            return torch.full_like(u, 1.0 - sampling.margin)
+
+    try:
+        assert TimeSampling("end-test", margin=0.25).draw(3, None).tolist() == [0.75] * 3
+        assert TimeSampling.parse("end-test") == {"rule": "end-test"}
+        assert "end-test" in ts.rules_help()
+        with pytest.raises(ProReflowError, match="end-test:P|must be"):
+            TimeSampling.parse("end-test:0.5")  # takes no fraction
+        with pytest.raises(ProReflowError, match="registered twice"):
+            ts.register(End)
+    finally:
+        del ts.RULES["end-test"]
+    assert ts.rules_help() == "uniform, start, mixture or mixture:P"
+
+
+def test_the_cli_help_names_every_rule():
+    from typer.testing import CliRunner
+
+    from proreflow.cli import app
+
+    out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output
+    assert "uniform, start, mixture or mixture:P" in " ".join(out.split())

@@ -24,6 +24,7 @@ from proreflow.cli_evaluate import evaluate
 from proreflow.cli_minisd import mini_teacher
 from proreflow.errors import ProReflowError
 from proreflow.limits import MAX_SEED
+from proreflow.time_sampling import rules_help
 
 
 class _Commands(TyperGroup):
@@ -52,8 +53,8 @@ class _Commands(TyperGroup):
 DataOpt = Annotated[Optional[Path], typer.Option(help="Your own points: a .npy array of shape N x D, D >= 2.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(help="A toy preset YAML (default: the packaged configs/toy.yaml).")]
 TimeSamplingOpt = Annotated[Optional[str], typer.Option(
-    help="Where students train on each chord: uniform, start, mixture or mixture:P (P of the batch at window "
-         "starts); the preset's default for methods that name none.")]
+    help=f"Where students train on each chord: {rules_help()} (P of the batch at window starts); the preset's "
+         "default for methods that name none.")]
 BaseStepsOpt = Annotated[Optional[int], typer.Option(help="Override flow-matching steps of the shared init.")]
 OutliersOpt = Annotated[bool, typer.Option(help="Train on --data even with points more than 1e6 robust scales from "
                                                 "the median (refused by default: they wreck standardisation).")]
@@ -219,8 +220,8 @@ def distill(
     model: Optional[str] = typer.Option(None, help="Teacher: a diffusers folder or hub id (overrides the preset)."),
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (0: full fine-tuning)."),
     budget: Optional[int] = typer.Option(None, help="Optimizer steps over all stages."),
-    time_sampling: Optional[str] = typer.Option(None, help="Where students train on each chord: uniform, start, "
-                                                "mixture or mixture:P (P of the batch at window starts); the preset's."),
+    time_sampling: Optional[str] = typer.Option(None, help="Where students train on each chord: "
+                                                f"{rules_help()} (P of the batch at window starts); the preset's."),
     resolution: Optional[int] = typer.Option(None, help="Training resolution in pixels."),
     window_placement: Optional[str] = typer.Option(None, help="Windows uniform in the teacher's timesteps "
                                                    "('timesteps', PeRFlow's, the presets') or in flow time ('flow')."),

@@ -7,6 +7,7 @@ its magnitude; lambda = 0 recovers plain reflow exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +29,14 @@ def cosine_per_sample(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor
     return torch.nn.functional.cosine_similarity(p, q, dim=1, eps=eps)
 
 
+def check_lambda(lam: object, what: str = "direction weight lambda") -> float:
+    """`lam` as a float, or a clear error: the direction weight is a finite number >= 0 (NaN, infinities, bools and
+    strings are refused). The one check behind methods, `aligned` and `aligned_loss`."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise ProReflowError(f"{what} must be a finite number >= 0, got {lam!r}")
+    return float(lam)
+
+
 @dataclass(frozen=True)
 class LossTerms:
     total: Tensor
@@ -44,8 +53,7 @@ def aligned_loss(pred: Tensor, target: Tensor, lam: float, weight: Tensor | None
     """
     if pred.shape != target.shape:
         raise ProReflowError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-    if lam < 0:
-        raise ProReflowError(f"direction weight lambda must be >= 0, got {lam}")
+    check_lambda(lam)
     if weight is None:
         m = mse(pred, target)
     else:
@@ -64,6 +72,5 @@ def aligned(lam: float, weighted: bool = True) -> LossFn:
     """`aligned_loss` with its direction weight fixed (lam = 0: plain reflow / flow matching MSE).
     weighted=False drops the per-sample weight a student offers (`loss_weighting: velocity`, the default): the MSE
     is then measured on the velocity itself, where a one-step-per-window sampler's error is made."""
-    if not (lam >= 0):  # also rejects NaN
-        raise ProReflowError(f"direction weight lambda must be >= 0, got {lam}")
+    check_lambda(lam)
     return lambda pred, target, weight=None: aligned_loss(pred, target, lam, weight if weighted else None)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from proreflow.errors import ProReflowError
+from proreflow.losses import check_lambda
 from proreflow.time_sampling import TimeSampling
 from proreflow.windows import ProgressivePlan
 
@@ -51,8 +52,7 @@ class MethodSpec:
     def __post_init__(self) -> None:
         if not self.name:
             raise ProReflowError("a method needs a non-empty name")
-        if not (isinstance(self.lam, (int, float)) and self.lam == self.lam and self.lam >= 0):
-            raise ProReflowError(f"method {self.name!r}: lam must be a number >= 0, got {self.lam}")
+        check_lambda(self.lam, f"method {self.name!r}: lam")
         if self.pair_source not in PAIR_SOURCES:
             raise ProReflowError(f"method {self.name!r}: pair_source must be one of {list(PAIR_SOURCES)}, "
                                  f"got {self.pair_source!r}")
