@@ -152,3 +152,30 @@ def test_exported_timestep_placed_student_samples_what_a_hand_written_ddim_loop_
             x = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).float()
     assert got.shape == x.shape
     assert torch.allclose(got, x, atol=1e-4 * float(x.abs().max())), float((got - x).abs().max())
+
+
+def test_our_schedulers_declare_the_diffusers_samplers_their_configs_load_into():
+    """`scheduler.compatibles` (what a pipeline's user swaps in) lists diffusers' samplers for the VP schedulers,
+    which keep the teacher's betas, and FlowMatchEuler for the flow one; `step` returns the shared output type."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    from proreflow.schedulers.common import FlowSchedulerOutput
+    from proreflow.schedulers.perflow import PiecewiseFlowScheduler
+    from proreflow.schedulers.proreflow import ProReflowFlowScheduler
+
+    from proreflow.schedulers.proreflow import scheduler_for
+    from proreflow.windows import WindowSchedule
+
+    sd = DDIMScheduler(beta_start=0.001, beta_end=0.012, beta_schedule="scaled_linear")  # an SD teacher's
+    student = scheduler_for(sd.config, WindowSchedule.uniform(2))  # as export writes it: the betas given explicitly
+    assert {DDIMScheduler, EulerDiscreteScheduler} <= set(student.compatibles)
+    ddim = DDIMScheduler.from_config(student.config)
+    assert ddim.config.beta_start == 0.001 and ddim.config.beta_schedule == "scaled_linear"
+    back = ProReflowScheduler.from_config(ddim.config)
+    # diffusers carries the keys DDIM does not know through its config, so the windows survive the round trip
+    assert back.config.beta_start == 0.001 and back.windows.boundaries == (1.0, 0.5, 0.0)
+    assert DDIMScheduler in PiecewiseFlowScheduler.from_config(sd.config).compatibles
+    assert FlowMatchEulerDiscreteScheduler in ProReflowFlowScheduler(num_windows=2).compatibles
+    x = torch.randn(1, 4, 8, 8)
+    out = student.step(torch.zeros_like(x), student.timesteps[0], x)
+    assert isinstance(out, FlowSchedulerOutput) and out.prev_sample.shape == x.shape

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from torch import Tensor
 
 from proreflow.errors import ProReflowError
@@ -40,7 +40,8 @@ class PiecewiseFlowScheduler(SchedulerMixin, ConfigMixin, _TimestepIndex):
     base model's (a pipeline's own scheduler config carries them: `from_config(pipe.scheduler.config)`).
     """
 
-    _compatibles: list[str] = []
+    # its config holds the base model's betas, so diffusers' samplers load from it (`pipe.scheduler.compatibles`)
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
 
     @register_to_config

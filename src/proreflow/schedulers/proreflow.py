@@ -9,25 +9,18 @@ with one or several (m) Euler steps per window.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from torch import Tensor
 
 from proreflow.errors import ProReflowError
 from proreflow.fields.vp import VPSchedule, output_to_velocity, trailing_grid
+from proreflow.schedulers.common import FlowSchedulerOutput
 from proreflow.windows import WindowSchedule
-
-
-@dataclass
-class ProReflowSchedulerOutput(BaseOutput):
-    prev_sample: Tensor
-    pred_original_sample: Tensor | None = None
 
 
 class ProReflowScheduler(SchedulerMixin, ConfigMixin):
@@ -38,7 +31,8 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
     window). The beta settings must be the teacher's: they define the t <-> timestep map.
     """
 
-    _compatibles: list[str] = []
+    # its config holds a VP teacher's betas, so diffusers' samplers load from it (`pipe.scheduler.compatibles`)
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
 
     @register_to_config
@@ -74,7 +68,7 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
         return sample
 
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor,
-             return_dict: bool = True) -> ProReflowSchedulerOutput | tuple:
+             return_dict: bool = True) -> FlowSchedulerOutput | tuple:
         """One Euler step in flow time: x_tau -> y, y += (t_next - t) v, y -> x_tau at the next timestep."""
         i = self._step_index
         if i >= self.num_inference_steps:
@@ -95,7 +89,7 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
         self._step_index += 1
         if not return_dict:
             return (prev,)
-        return ProReflowSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return FlowSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -152,6 +146,8 @@ class ProReflowFlowScheduler(FlowMatchEulerDiscreteScheduler):
     already an Euler step in sigma, so only the sigmas change: the student's window boundaries, m per window,
     with no time shift (the windows are where the student was trained; `shift` would move them).
     """
+
+    _compatibles = ["FlowMatchEulerDiscreteScheduler"]
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, window_boundaries: Sequence[float] | None = None,

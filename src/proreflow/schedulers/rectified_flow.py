@@ -19,7 +19,7 @@ class RectifiedFlowScheduler(SchedulerMixin, ConfigMixin, _TimestepIndex):
     """Euler sampler of InstaFlow / 2-rectified flow: the UNet predicts v = d x / d(-tau) (noise to data),
     tau goes 1 -> 0 in equal steps, the UNet is told tau*T, and x <- x + v / N."""
 
-    _compatibles: list[str] = []
+    _compatibles: list[str] = []  # a velocity UNet with no betas in its config: no diffusers sampler fits it
     order = 1
 
     @register_to_config
