@@ -92,3 +92,17 @@ def test_sd_data_preparation_does_not_import_training():
     for name in ("encode", "stream"):
         deps = _imports(ROOT / "apps" / "sd" / f"{name}.py")
         assert not [d for d in deps if d.split(".")[0] == "training"], (name, deps)
+
+
+def test_the_vp_flow_algebra_is_written_only_in_conventions():
+    """`alpha + sigma` (the change of coordinates between a diffusion and our flow) as code, not prose, appears
+    only in conventions.py: fields and schedulers call `flow_of_vp`, `vp_of_flow`, `flow_time`, `flow_scale`."""
+    pairs = {frozenset(p) for p in (("alpha", "sigma"), ("a", "s"))}
+    wrong = []
+    for path in [*(ROOT / "fields").rglob("*.py"), *(ROOT / "schedulers").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) \
+                    and isinstance(node.left, ast.Name) and isinstance(node.right, ast.Name) \
+                    and frozenset((node.left.id, node.right.id)) in pairs:
+                wrong.append(f"{path.name}:{node.lineno}")
+    assert not wrong, wrong

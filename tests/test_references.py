@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from proreflow.errors import ProReflowError
 from proreflow.fields.vp import VPSchedule, VPVelocity, output_to_velocity
 from proreflow.losses import aligned_loss, cosine_per_sample
 
@@ -126,3 +127,23 @@ def test_the_recipe_loss_passes_lambda_and_the_weighting_through(lam, weighting)
     mse = (1.0 + 3 * 0.5) / 4 if weighting == "output" else (1.0 + 0.5) / 2  # the velocity MSE ignores the weight
     assert float(terms.mse) == pytest.approx(mse)
     assert float(terms.total) == pytest.approx(mse + lam * 0.5)
+
+
+def test_vp_coordinates_and_output_gain_in_closed_form():
+    """alpha = 0.6, sigma = 0.8 (alpha^2 + sigma^2 = 1): y = x / 1.4, t = 0.8 / 1.4, and the velocity's gain on
+    an output error is 1.4 / 0.6 for eps, 1.4 for v, 1 for flow, written out by hand."""
+    from proreflow.conventions import check_prediction_type, flow_of_vp, output_gain, vp_of_flow
+
+    a, s = torch.tensor([0.6], dtype=torch.float64), torch.tensor([0.8], dtype=torch.float64)
+    x = torch.tensor([[1.4, -2.8]], dtype=torch.float64)
+    y, t = flow_of_vp(x, a, s)
+    assert y.flatten().tolist() == pytest.approx([1.0, -2.0]) and t.flatten().tolist() == pytest.approx([0.8 / 1.4])
+    assert torch.allclose(vp_of_flow(y, a, s), x)
+    gains = {p: float(output_gain(a, s, p)) for p in ("epsilon", "v_prediction", "flow")}
+    assert gains == pytest.approx({"epsilon": 1.4 / 0.6, "v_prediction": 1.4, "flow": 1.0})
+    # the gain is what an output error does to the velocity: v(o + d) - v(o) = gain * d
+    for p, g in gains.items():
+        d = output_to_velocity(torch.ones_like(x), x, a, s, p) - output_to_velocity(torch.zeros_like(x), x, a, s, p)
+        assert d.flatten().tolist() == pytest.approx([g, g]), p
+    with pytest.raises(ProReflowError, match="unknown prediction_type 'sample'"):
+        check_prediction_type("sample")

@@ -8,7 +8,7 @@ Every other module goes through these helpers instead of re-deriving the algebra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -46,13 +46,85 @@ def chord_velocity(x_a: Tensor, x_b: Tensor, t_a: Tensor | float, t_b: Tensor | 
     return (x_a - x_b) / (expand_time(t_a, x_a) - expand_time(t_b, x_a))
 
 
-def vp_to_flow(alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-    """Change of variables from a Gaussian diffusion x_tau = alpha x0 + sigma eps to our flow.
+# --- Gaussian diffusions (VP) in our flow: x_tau = alpha x0 + sigma eps is y = x_tau / (alpha + sigma) at
+# t = sigma / (alpha + sigma). The only place this algebra is written; fields/vp.py and the schedulers call it.
 
-    Returns (scale, t) with y = scale * x_tau and t = sigma / (alpha + sigma), scale = 1 / (alpha + sigma).
-    """
-    denom = alpha + sigma
-    return 1.0 / denom, sigma / denom
+PredictionType = Literal["epsilon", "v_prediction", "flow"]
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "flow")
+
+
+def check_prediction_type(prediction_type: object) -> str:
+    """`prediction_type` if this library converts its outputs (diffusers' epsilon and v_prediction, and "flow": our
+    velocity itself), else a clear error."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ProReflowError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or flow")
+    return str(prediction_type)
+
+
+def flow_time(alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Our flow time of a diffusion state with these alpha, sigma: t = sigma / (alpha + sigma)."""
+    return sigma / (alpha + sigma)
+
+
+def flow_scale(alpha: Tensor, sigma: Tensor) -> Tensor:
+    """alpha + sigma, the factor between the coordinates: x_tau = (alpha + sigma) y."""
+    return alpha + sigma
+
+
+def flow_of_vp(x_tau: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """(y, t): a diffusion state x_tau (alpha, sigma scalars or per sample) as a point of our flow."""
+    a, s = expand_time(alpha, x_tau), expand_time(sigma, x_tau)
+    return x_tau / (a + s), s / (a + s)
+
+
+def vp_of_flow(y: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x_tau = (alpha + sigma) y: a point of our flow in the diffusion's own coordinates."""
+    return y * expand_time(alpha + sigma, y)
+
+
+def output_to_x0_eps(output: Tensor, x_tau: Tensor, alpha: Tensor, sigma: Tensor,
+                     prediction_type: PredictionType) -> tuple[Tensor, Tensor]:
+    """(x0_hat, eps_hat) from a model output in the diffusion's own coordinates x_tau."""
+    a, s = expand_time(alpha, x_tau), expand_time(sigma, x_tau)
+    if prediction_type == "epsilon":
+        eps = output
+        return (x_tau - s * eps) / a, eps
+    if prediction_type == "v_prediction":
+        return a * x_tau - s * output, s * x_tau + a * output
+    check_prediction_type(prediction_type)
+    y, t = flow_of_vp(x_tau, alpha, sigma)  # "flow": the output is already our velocity in y coordinates
+    return split_velocity(y, output, t)
+
+
+def output_to_velocity(output: Tensor, x_tau: Tensor, alpha: Tensor, sigma: Tensor,
+                       prediction_type: PredictionType) -> Tensor:
+    """The one conversion of a model output to our velocity: eps_hat - x0_hat."""
+    x0, eps = output_to_x0_eps(output, x_tau, alpha, sigma, prediction_type)
+    return path_velocity(x0, eps)
+
+
+def velocity_to_output(v: Tensor, x_tau: Tensor, alpha: Tensor, sigma: Tensor,
+                       prediction_type: PredictionType) -> Tensor:
+    """Inverse of `output_to_velocity` at a point: the output a model must give to have velocity v."""
+    check_prediction_type(prediction_type)
+    y, t = flow_of_vp(x_tau, alpha, sigma)
+    x0, eps = split_velocity(y, v, t)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return expand_time(alpha, x_tau) * eps - expand_time(sigma, x_tau) * x0
+    return v
+
+
+def output_gain(alpha: Tensor, sigma: Tensor, prediction_type: PredictionType) -> Tensor:
+    """A(t) in v = A(t) * output + B(t) * x_tau: how much an output error moves the velocity
+    ((alpha + sigma) / alpha for eps, alpha + sigma for v, 1 for flow)."""
+    check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return (alpha + sigma) / alpha
+    if prediction_type == "v_prediction":
+        return alpha + sigma
+    return torch.ones_like(alpha)
 
 
 @dataclass(frozen=True)

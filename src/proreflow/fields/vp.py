@@ -18,16 +18,18 @@ asks for them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from proreflow.conventions import NoiseEntry, expand_time
+from proreflow.conventions import (PredictionType, NoiseEntry, check_prediction_type, flow_scale, flow_time,
+                                   output_gain, output_to_velocity, velocity_to_output, vp_of_flow)
 from proreflow.errors import ProReflowError
 from proreflow.fields.network import call_network, guided_call
 
-PredictionType = Literal["epsilon", "v_prediction", "flow"]
+__all__ = ["VPSchedule", "VPVelocity", "output_to_velocity", "velocity_to_output", "timestep_placement",
+           "trailing_grid"]  # the conversions live in conventions; tests and callers find them here too
 
 
 class VPSchedule:
@@ -40,8 +42,7 @@ class VPSchedule:
         if not torch.all(ac[1:] < ac[:-1]):
             raise ProReflowError("alphas_cumprod must decrease with the timestep")
         self.log_ac = torch.log(ac)
-        alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
-        self.t_table = sigma / (alpha + sigma)  # increasing in the timestep
+        self.t_table = flow_time(ac.sqrt(), (1 - ac).sqrt())  # increasing in the timestep
 
     @classmethod
     def from_scheduler(cls, scheduler: Any) -> "VPSchedule":
@@ -74,8 +75,7 @@ class VPSchedule:
         return ac.sqrt(), (1 - ac).sqrt()
 
     def t_of_timestep(self, timestep: Tensor) -> Tensor:
-        alpha, sigma = self.alpha_sigma(timestep)
-        return sigma / (alpha + sigma)
+        return flow_time(*self.alpha_sigma(timestep))
 
     def timestep_of_t(self, t: Tensor) -> Tensor:
         """Continuous timestep whose flow time is t (clamped to [t_min, t_max]), by bisection on the
@@ -91,52 +91,13 @@ class VPSchedule:
 
     def scale(self, timestep: Tensor) -> Tensor:
         """alpha + sigma: x_tau = scale * y."""
-        alpha, sigma = self.alpha_sigma(timestep)
-        return alpha + sigma
+        return flow_scale(*self.alpha_sigma(timestep))
 
     @property
     def noise_entry(self) -> NoiseEntry:
         """Pure noise as SD feeds it: x_999 = eps, i.e. y = eps / (alpha + sigma) at t_max."""
         top = torch.tensor([float(self.num_train_timesteps - 1)], dtype=torch.float64)
         return NoiseEntry(t=self.t_max, scale=float(1.0 / self.scale(top)))
-
-
-def output_to_x0_eps(output: Tensor, x_tau: Tensor, alpha: Tensor, sigma: Tensor,
-                     prediction_type: PredictionType) -> tuple[Tensor, Tensor]:
-    """(x0_hat, eps_hat) from a model output in the diffusion's own coordinates x_tau."""
-    a, s = expand_time(alpha, x_tau), expand_time(sigma, x_tau)
-    if prediction_type == "epsilon":
-        eps = output
-        return (x_tau - s * eps) / a, eps
-    if prediction_type == "v_prediction":
-        return a * x_tau - s * output, s * x_tau + a * output
-    if prediction_type == "flow":  # output is already our velocity in y = x_tau / (a + s) coordinates
-        y = x_tau / (a + s)
-        t = s / (a + s)
-        return y - t * output, y + (1 - t) * output
-    raise ProReflowError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or flow")
-
-
-def output_to_velocity(output: Tensor, x_tau: Tensor, alpha: Tensor, sigma: Tensor,
-                       prediction_type: PredictionType) -> Tensor:
-    """The one conversion of a model output to our velocity: eps_hat - x0_hat."""
-    x0, eps = output_to_x0_eps(output, x_tau, alpha, sigma, prediction_type)
-    return eps - x0
-
-
-def velocity_to_output(v: Tensor, x_tau: Tensor, alpha: Tensor, sigma: Tensor,
-                       prediction_type: PredictionType) -> Tensor:
-    """Inverse of `output_to_velocity` at a point: the output a model must give to have velocity v."""
-    a, s = expand_time(alpha, x_tau), expand_time(sigma, x_tau)
-    y, t = x_tau / (a + s), s / (a + s)
-    x0, eps = y - t * v, y + (1 - t) * v
-    if prediction_type == "epsilon":
-        return eps
-    if prediction_type == "v_prediction":
-        return a * eps - s * x0
-    if prediction_type == "flow":
-        return v
-    raise ProReflowError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or flow")
 
 
 class VPVelocity(nn.Module):
@@ -154,9 +115,7 @@ class VPVelocity(nn.Module):
     def __init__(self, unet: nn.Module, schedule: VPSchedule, prediction_type: PredictionType = "epsilon",
                  guidance_scale: float = 1.0) -> None:
         super().__init__()
-        if prediction_type not in ("epsilon", "v_prediction", "flow"):
-            raise ProReflowError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or flow")
-        self.unet, self.schedule, self.prediction_type = unet, schedule, prediction_type
+        self.unet, self.schedule, self.prediction_type = unet, schedule, check_prediction_type(prediction_type)
         self.guidance_scale = guidance_scale
 
     @property
@@ -174,18 +133,12 @@ class VPVelocity(nn.Module):
         windows untrained (its one-step error rose 51-53 % over DDIM's), where the unweighted velocity MSE, the default,
         lowered it (benchmarks/results/mini_sd_windows.md)."""
         alpha, sigma = self.schedule.alpha_sigma(self.schedule.timestep_of_t(t))
-        if self.prediction_type == "epsilon":
-            a = (alpha + sigma) / alpha
-        elif self.prediction_type == "v_prediction":
-            a = alpha + sigma
-        else:
-            a = torch.ones_like(alpha)
-        return (1.0 / a**2).to(t.device, torch.float32)
+        return (1.0 / output_gain(alpha, sigma, self.prediction_type) ** 2).to(t.device, torch.float32)
 
     def forward(self, y: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         timestep = self.schedule.timestep_of_t(t)
         alpha, sigma = (v.to(y.device, y.dtype) for v in self.schedule.alpha_sigma(timestep))
-        x_tau = y * expand_time(alpha + sigma, y)
+        x_tau = vp_of_flow(y, alpha, sigma)
         ts = timestep.to(y.device, torch.float32)
         out = guided_call(lambda c: self._call(x_tau, ts, c), cond, self.guidance_scale)
         return output_to_velocity(out.to(y.dtype), x_tau, alpha, sigma, self.prediction_type)

@@ -18,7 +18,8 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from torch import Tensor
 
 from proreflow.errors import ProReflowError
-from proreflow.fields.vp import VPSchedule, output_to_velocity, trailing_grid
+from proreflow.conventions import check_prediction_type, flow_of_vp, output_to_velocity
+from proreflow.fields.vp import VPSchedule, trailing_grid
 from proreflow.schedulers.common import FlowSchedulerOutput
 from proreflow.windows import WindowSchedule
 
@@ -46,8 +47,7 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
                         else WindowSchedule.uniform(num_windows))
         if self.windows.num_windows != num_windows:  # the boundaries decide (configs saved before this said 4)
             self.register_to_config(num_windows=self.windows.num_windows)
-        if prediction_type not in ("epsilon", "v_prediction", "flow"):
-            raise ProReflowError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or flow")
+        check_prediction_type(prediction_type)
         self.set_timesteps(self.windows.num_windows)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
@@ -77,7 +77,7 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
         x = sample
         v = output_to_velocity(model_output.to(x.dtype), x, alpha.expand(x.shape[0]), sigma.expand(x.shape[0]),
                                self.config.prediction_type)
-        y = x / (alpha + sigma)
+        y, _ = flow_of_vp(x, alpha, sigma)
         t, t_next = float(self.flow_times[i]), float(self.flow_times[i + 1])
         y_next = y + (t_next - t) * v
         if i + 1 < self.num_inference_steps:
