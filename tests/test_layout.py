@@ -2,7 +2,10 @@
 below, applications do not lean on each other, and no source file grows past about 400 lines."""
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 import proreflow
 
@@ -106,3 +109,55 @@ def test_the_vp_flow_algebra_is_written_only_in_conventions():
                     and frozenset((node.left.id, node.right.id)) in pairs:
                 wrong.append(f"{path.name}:{node.lineno}")
     assert not wrong, wrong
+
+
+#: what asks "which kind of pipeline is this?": only `fields/families/` may (the tiny builders and the mini SD
+#: teacher build pipelines of a known kind)
+_FAMILY_ATTRS = {"transformer", "unet", "text_encoder_2", "text_encoder_3", "tokenizer_2", "tokenizer_3"}
+_FAMILY_CLASS = re.compile(r"(Pipeline|Transformer2DModel|UNet2DConditionModel)$")
+_FAMILY_TEXT = re.compile(r"StableDiffusion|Flux|SD3|XL")
+_FAMILY_EXEMPT = ("fields/families/", "models/sd_shapes.py", "apps/minisd/")
+
+
+def family_checks(source: str) -> list[str]:
+    """Each place in `source` that asks what kind of pipeline it has: isinstance/issubclass on a pipeline or
+    denoiser class, getattr/hasattr or `pipe.<attr>` on a family's parts, a comparison with a family's name, or a
+    call of the old `is_sd3` / `is_sdxl` / `is_flow_matching`."""
+    found = []
+    for n in ast.walk(ast.parse(source)):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name):
+            if n.func.id in ("isinstance", "issubclass") and len(n.args) == 2:
+                kinds = n.args[1].elts if isinstance(n.args[1], ast.Tuple) else [n.args[1]]
+                names = [k.id if isinstance(k, ast.Name) else getattr(k, "attr", "") for k in kinds]
+                if any(_FAMILY_CLASS.search(x) for x in names):
+                    found.append(f"{n.lineno}: {n.func.id} {names}")
+            if n.func.id in ("getattr", "hasattr") and len(n.args) >= 2 and isinstance(n.args[1], ast.Constant) \
+                    and n.args[1].value in _FAMILY_ATTRS:
+                found.append(f"{n.lineno}: {n.func.id} {n.args[1].value!r}")
+            if n.func.id in ("is_sd3", "is_sdxl", "is_flow_matching"):
+                found.append(f"{n.lineno}: {n.func.id}()")
+        if isinstance(n, ast.Attribute) and n.attr in _FAMILY_ATTRS and isinstance(n.value, ast.Name) \
+                and n.value.id in ("pipe", "pipeline", "loaded"):
+            found.append(f"{n.lineno}: {n.value.id}.{n.attr}")
+        if isinstance(n, ast.Compare) and any(isinstance(c, ast.Constant) and isinstance(c.value, str)
+                                              and _FAMILY_TEXT.search(c.value) for c in [n.left, *n.comparators]):
+            found.append(f"{n.lineno}: compares with a family name")
+    return found
+
+
+def test_no_pipeline_family_checks_outside_fields_families():
+    wrong = {}
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        if not rel.startswith(_FAMILY_EXEMPT) and (hits := family_checks(path.read_text())):
+            wrong[rel] = hits
+    assert not wrong, f"ask fields.families.family_of(pipe) instead: {wrong}"
+
+
+@pytest.mark.parametrize("snippet", [
+    "isinstance(pipe, StableDiffusionXLPipeline)", "isinstance(m, (nn.Linear, diffusers.FluxTransformer2DModel))",
+    "getattr(pipe, 'transformer', None)", "hasattr(p, 'text_encoder_2')", "x = pipe.unet",
+    "if name == 'StableDiffusion3Pipeline': pass", "'XL' in cls_name", "is_sdxl(pipe)"])
+def test_the_family_rule_sees_each_kind_of_check(snippet):
+    assert family_checks(snippet), snippet
+    assert not family_checks("isinstance(x, torch.Tensor); getattr(cfg, 'lr'); self.unet; c.unet")

@@ -43,11 +43,16 @@ def _cfg(model, **kw):
     return DistillConfig(**{**base, **kw})
 
 
+#: the student's 2 final windows: where the teacher's scheduler (shift 3) steps, entry T/2 of diffusers' own
+#: training sigmas, f(1/2) = 3 * 0.5 / (1 + 2 * 0.5) = 0.75 (`window_placement: timesteps`, the default)
+SHIFTED_2 = WindowSchedule((1.0, float(FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas[500]), 0.0))
+
+
 def _pair_loss(student, teacher, data) -> float:
     """The training objective (velocity MSE to the chord, uniform points: the config's time sampling) on fixed
     teacher pairs of the final (2-window) schedule."""
     gen = torch.Generator().manual_seed(0)
-    schedule = WindowSchedule.uniform(2)
+    schedule = SHIFTED_2
     cond = {k: v for k, v in data.cond.items()}
     with torch.no_grad():
         pairs = make_window_pairs(teacher, data.latents.repeat(4, 1, 1, 1), schedule, TeacherSolver("euler", 2), gen,
@@ -70,11 +75,13 @@ def test_sd3_style_teacher_distils_exports_reloads_and_samples(tmp_path, sd3_dir
     before = _pair_loss(from_pipeline(load_pipeline(cfg.model)), teacher, data)
     base = {k: v.clone() for k, v in load_pipeline(cfg.model).transformer.state_dict().items()}
     summary = distill(cfg, pipe, data, tmp_path / "student")
-    assert summary["windows"] == [1.0, 0.5, 0.0] and summary["optimizer_steps"] == 40
+    assert summary["windows"] == pytest.approx([1.0, 0.75, 0.0]) and summary["optimizer_steps"] == 40
+    assert list(SHIFTED_2.boundaries) == pytest.approx([1.0, 0.75, 0.0])
     loaded = StableDiffusion3Pipeline.from_pretrained(tmp_path / "student", **NO_T5)
-    # stock diffusers: the teacher's shift 3 is off and shift_terminal 1/2 puts its 2 sigmas on the 2 windows
-    assert type(loaded.scheduler) is FlowMatchEulerDiscreteScheduler and loaded.scheduler.config.shift == 1.0
-    assert loaded.scheduler.config.shift_terminal == 0.5 and not loaded.scheduler.config.use_dynamic_shifting
+    # stock diffusers: the teacher's shift 3, and shift_terminal 0.75 stretches its 2 sigmas onto the 2 windows
+    assert type(loaded.scheduler) is FlowMatchEulerDiscreteScheduler and loaded.scheduler.config.shift == 3.0
+    assert loaded.scheduler.config.shift_terminal == pytest.approx(0.75)
+    assert not loaded.scheduler.config.use_dynamic_shifting
     trained = loaded.transformer.state_dict()
     assert set(trained) == set(base) and any(not torch.equal(trained[k], base[k]) for k in base)
     if lora_rank:  # only the adapted attention projections moved; the adapters are fused away
@@ -87,20 +94,20 @@ def test_sd3_style_teacher_distils_exports_reloads_and_samples(tmp_path, sd3_dir
     noise = torch.randn(1, loaded.transformer.config.in_channels, 2, 2, generator=torch.Generator().manual_seed(0))
     theirs = loaded("a red cat", num_inference_steps=2, height=16, width=16, guidance_scale=1.0, latents=noise.clone(),
                     output_type="latent").images
-    assert loaded.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.5, 0.0])
+    assert loaded.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.75, 0.0])
     emb, _, pooled, _ = loaded.encode_prompt("a red cat", None, None, do_classifier_free_guidance=False)
     with torch.no_grad():
-        ours = sample(FlowVelocity.from_scheduler(loaded.transformer, pipe.scheduler), noise, WindowSchedule.uniform(2),
+        ours = sample(FlowVelocity.from_scheduler(loaded.transformer, pipe.scheduler), noise, SHIFTED_2,
                       cond={"encoder_hidden_states": emb, "pooled_projections": pooled})
     assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max(), float((ours - theirs).abs().max())
     # more steps per window: `proreflow sample` / `evaluate` swap in ProReflowFlowScheduler, which keeps the windows
-    # (stock diffusers would space 4 sigmas uniformly from 1 to 1/2 and take the last window in one step)
+    # (stock diffusers would space 4 sigmas from 1 to 0.75 and take the last window in one step)
     again = load_for_sampling(str(tmp_path / "student"), 4)
     assert isinstance(again.scheduler, ProReflowFlowScheduler)
     images = again("a red cat", num_inference_steps=4, height=16, width=16, guidance_scale=2.0,
                    output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.as_tensor(images)).all()
-    assert again.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert again.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.875, 0.75, 0.375, 0.0])
     from proreflow.apps.coco_eval import RunSpec
     from proreflow.apps.coco_eval.generate import load_eval_pipeline
 

@@ -168,18 +168,22 @@ class ProReflowFlowScheduler(FlowMatchEulerDiscreteScheduler):
         self.num_inference_steps = len(starts)
 
 
-def stock_flow_scheduler_for(config: Any, windows: WindowSchedule) -> FlowMatchEulerDiscreteScheduler | None:
+def stock_flow_scheduler_for(config: Any, windows: WindowSchedule,
+                             shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler | None:
     """diffusers' own FlowMatchEulerDiscreteScheduler when it steps a flow student's K windows exactly (else None).
-    Unshifted, its K sigmas run from 1 to 1/T; `shift_terminal = 1/K` stretches them to 1, (K-1)/K, ..., 1/K, then
-    0: K windows uniform in sigma, one Euler step each. Exact at K steps only: at m K steps its sigmas run
-    uniformly from 1 to 1/K and the last window is one step (our ProReflowFlowScheduler takes m per window)."""
-    k = windows.num_windows
+    `shift_terminal` = the last window's start stretches its K sigmas to end there, then 0. Unshifted, they are
+    then 1, (K-1)/K, ..., 1/K: K windows uniform in sigma, one Euler step each. With the teacher's (static) `shift`
+    (windows placed at the shift, `fields/families/flow.py`) they equal the windows for K <= 2 only. Checked by
+    calling its `set_timesteps(K)`. Exact at K steps only: at m K steps its sigmas no longer follow the windows
+    (our ProReflowFlowScheduler takes m per window)."""
+    k, b = windows.num_windows, windows.boundaries
     keep = {k_: v for k_, v in dict(config).items() if not k_.startswith("_")}
     stock = FlowMatchEulerDiscreteScheduler.from_config(
-        keep, shift=1.0, use_dynamic_shifting=False, shift_terminal=1.0 / k if k > 1 else None, invert_sigmas=False,
-        use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, stochastic_sampling=False)
+        keep, shift=float(shift), use_dynamic_shifting=False, shift_terminal=b[-2] if k > 1 else None,
+        invert_sigmas=False, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+        stochastic_sampling=False)
     stock.set_timesteps(k)
-    if stock.sigmas.shape[0] != k + 1 or any(abs(float(a) - b) > 1e-6 for a, b in zip(stock.sigmas, windows.boundaries)):
+    if stock.sigmas.shape[0] != k + 1 or any(abs(float(x) - y) > 1e-6 for x, y in zip(stock.sigmas, b)):
         return None
     return FlowMatchEulerDiscreteScheduler.from_config(stock.config)
 

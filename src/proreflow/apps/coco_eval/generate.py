@@ -17,6 +17,7 @@ from proreflow import schedulers
 from proreflow.apps.coco_eval.config import PROTOCOLS, EvalConfig, RunSpec
 from proreflow.data.captions import centre_crop_resize
 from proreflow.errors import ProReflowError
+from proreflow.fields import denoiser
 
 
 def pick_device() -> torch.device:
@@ -43,12 +44,12 @@ def load_eval_pipeline(spec: RunSpec, dtype: str = "auto", device: torch.device 
     if spec.unet_delta:
         from proreflow.apps.coco_eval.published import load_unet_delta, merge_unet_delta
 
-        merge_unet_delta(pipe.unet, load_unet_delta(spec.unet_delta, spec.delta_variant),
+        merge_unet_delta(denoiser(pipe), load_unet_delta(spec.unet_delta, spec.delta_variant),
                          f"the UNet delta {spec.unet_delta!r} of run {spec.name!r}")
     if spec.unet_weights:
         from proreflow.apps.coco_eval.published import load_unet_weights
 
-        load_unet_weights(pipe.unet, spec.unet_weights, f"the UNet weights {spec.unet_weights!r} of run {spec.name!r}")
+        load_unet_weights(denoiser(pipe), spec.unet_weights, f"the UNet weights {spec.unet_weights!r} of run {spec.name!r}")
     if spec.lora:
         where = {}
         if spec.lora_weight:  # one file of a repository holding several (PCM's): its subfolder and name

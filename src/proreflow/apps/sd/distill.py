@@ -19,9 +19,9 @@ from typing import Any, Callable
 import torch
 
 from proreflow.apps.sd.config import DistillConfig
-from proreflow.apps.sd.encode import CaptionedLatents, is_sd3
+from proreflow.apps.sd.encode import CaptionedLatents
 from proreflow.errors import ProReflowError
-from proreflow.fields import AdaptersOff, denoiser, from_pipeline, teacher_grid, window_placement
+from proreflow.fields import AdaptersOff, denoiser, family_of, from_pipeline, teacher_grid, window_placement
 from proreflow.store import atomic_write_text, module_digest
 from proreflow.training import (Monitor, MonitorConfig, describe_batch, process_state, stop_on_sigterm, train_plan,
                                 watching)
@@ -83,8 +83,8 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
 
     solver = cfg.teacher_solver
     if solver.mode == "placed":  # DDIM's trailing timesteps for a VP teacher placed at its timesteps
-        solver = solver.placed_at(teacher_grid(pipe, cfg.window_placement, solver.steps))
-    recipe = replace(cfg.recipe(cfg.method), placement=window_placement(pipe, cfg.window_placement),
+        solver = solver.placed_at(teacher_grid(pipe, cfg.window_placement, solver.steps, cfg.resolution))
+    recipe = replace(cfg.recipe(cfg.method), placement=window_placement(pipe, cfg.window_placement, cfg.resolution),
                      teacher_solver=solver)
     plan, sampling = recipe.plan(cfg.steps), recipe.sampling
     if data.prompt_only:
@@ -115,7 +115,7 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
                "optimizer_steps": res.optimizer_steps, "teacher_nfe_per_pair": res.nfe_per_pair,
                "student_nfe_per_pair": res.student_nfe_per_pair,
                "final_loss": res.stages[-1].losses[-1], "lora_rank": cfg.lora_rank, "seed": cfg.train.seed}
-    chosen = student_scheduler(pipe, plan.final)
+    chosen = student_scheduler(pipe, plan.final, cfg.resolution)
     summary.update(scheduler=type(chosen[0]).__name__, scheduler_reason=chosen[1])
     stream = getattr(data, "stream", None)
     if stream is not None:  # what the stream handed out and passed over (this process's shards)
@@ -133,8 +133,7 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
         if cfg.lora_rank:
             from peft.utils import get_peft_model_state_dict
 
-            layers = "transformer_lora_layers" if is_sd3(pipe) else "unet_lora_layers"
-            pipe.save_lora_weights(out / "lora", **{layers: get_peft_model_state_dict(unet)},
+            pipe.save_lora_weights(out / "lora", **{family_of(pipe).lora_key: get_peft_model_state_dict(unet)},
                                    safe_serialization=True)
             unet.fuse_lora()
             unet.unload_lora()  # a plain UNet: the exported pipeline needs no peft to load

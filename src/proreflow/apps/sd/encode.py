@@ -15,97 +15,42 @@ from torch import Tensor
 
 from proreflow.data.captions import find_pairs, prepare_image
 from proreflow.errors import ProReflowError
-from proreflow.fields import denoiser
+from proreflow.fields.families import family_of, supported
 from proreflow.cond import flatten_cond, unflatten_cond
 from proreflow.store import ShardStore
 from proreflow.accel import process_state
 
 
 def load_pipeline(model: str, weights_dtype: str = "float32") -> Any:
-    """`DiffusionPipeline.from_pretrained` (SD1.x/2.x or SDXL) with a clear error when the weights are not available."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
+    """`DiffusionPipeline.from_pretrained` of a teacher of a known family (`fields.families`), with a clear error
+    when the weights are not available or the pipeline is not one proreflow distils."""
     from proreflow.apps.sd.export import load_diffusers_pipeline
 
     pipe = load_diffusers_pipeline(model, "the teacher", torch_dtype=getattr(torch, weights_dtype))
-    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)):
-        raise ProReflowError(f"{model!r} is a {type(pipe).__name__}; proreflow distills StableDiffusionPipeline "
-                             f"(SD1.x/2.x), StableDiffusionXLPipeline and StableDiffusion3Pipeline teachers")
+    try:
+        family_of(pipe)
+    except ProReflowError:
+        raise ProReflowError(f"{model!r} is a {type(pipe).__name__}; proreflow distills {', '.join(supported())} "
+                             "teachers") from None
     return pipe
 
 
-def is_sd3(pipe: Any) -> bool:
-    """Flow-matching transformer pipelines (SD3-style): a `transformer` instead of a `unet`."""
-    return getattr(pipe, "transformer", None) is not None
-
-
-def is_sdxl(pipe: Any) -> bool:
-    """SDXL pipelines have a second text encoder whose pooled output and size ids feed the UNet."""
-    return not is_sd3(pipe) and getattr(pipe, "text_encoder_2", None) is not None
-
-
-@torch.no_grad()
 def encode_text(pipe: Any, prompts: list[str], batch: int = 64) -> dict[str, Tensor]:
-    """Prompt conditioning as the pipeline computes it.
-
-    SD1.x/2.x: the text encoder's last hidden states. SDXL (as `StableDiffusionXLPipeline.encode_prompt`):
-    both encoders' penultimate hidden states concatenated, and text_encoder_2's pooled projection.
-    """
-    if is_sd3(pipe):  # its own prompt encoding: two CLIPs (+ T5 when present), pooled projections
-        states, pooled = [], []
-        device = pipe.text_encoder.device
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            embeds, _, pool, _ = pipe.encode_prompt(chunk, chunk, chunk, device=device, do_classifier_free_guidance=False)
-            states.append(embeds.float().cpu())
-            pooled.append(pool.float().cpu())
-        return {"encoder_hidden_states": torch.cat(states), "pooled_projections": torch.cat(pooled)}
-    encoders = [(pipe.tokenizer, pipe.text_encoder)]
-    if is_sdxl(pipe):
-        encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    states, pooled = [], []
-    for i in range(0, len(prompts), batch):
-        chunk, parts = prompts[i:i + batch], []
-        for tok, enc in encoders:
-            if tok is None or enc is None:
-                continue
-            ids = tok(chunk, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(enc.device)
-            if not is_sdxl(pipe):
-                parts.append(enc(ids)[0])
-                continue
-            out = enc(ids, output_hidden_states=True)
-            parts.append(out.hidden_states[-2])
-            if enc is pipe.text_encoder_2:
-                pooled.append(out[0].float().cpu())
-        states.append(torch.cat(parts, dim=-1).float().cpu())
-    cond = {"encoder_hidden_states": torch.cat(states)}
-    if is_sdxl(pipe):
-        cond["text_embeds"] = torch.cat(pooled)
-    return cond
+    """Prompt conditioning as the pipeline computes it (its family's `encode_text`)."""
+    return family_of(pipe).encode_text(pipe, prompts, batch)
 
 
 def uncond_text(pipe: Any) -> dict[str, Tensor]:
-    """One row of the conditioning the pipeline uses as its negative at sampling, for caption dropout
-    and teacher CFG: the empty prompt's embeddings, or zeros (embeddings and pooled) when an SDXL
-    pipeline has `force_zeros_for_empty_prompt` (SDXL base does), so training matches sampling."""
-    empty = encode_text(pipe, [""])
-    if is_sdxl(pipe) and pipe.config.get("force_zeros_for_empty_prompt", False):
-        return {k: torch.zeros_like(v) for k, v in empty.items()}
-    return empty
-
-
-def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target: int) -> Tensor:
-    """SDXL's micro-conditioning row: (orig h, orig w, crop top, crop left, target h, target w)."""
-    return torch.tensor([*original_size, *crop_top_left, target, target], dtype=torch.float32)
+    """One row of the conditioning the pipeline uses as its negative at sampling, for caption dropout and teacher
+    CFG (the empty prompt's, or SDXL's zeros under `force_zeros_for_empty_prompt`), so training matches sampling."""
+    return family_of(pipe).uncond_text(pipe)
 
 
 @torch.no_grad()
 def encode_images(pipe: Any, images: Tensor, generator: torch.Generator, batch: int = 8) -> Tensor:
-    """VAE latents in the UNet's space, the inverse of what the pipeline decodes: `scaling_factor * z`,
-    or for SDXL pipelines with a VAE that has `latents_mean`/`latents_std` (as SDXL's img2img encodes)
-    `(z - mean) * scaling_factor / std`. A float16 VAE with `force_upcast` (SDXL's overflows in fp16)
-    encodes in float32, as the SDXL pipelines do."""
+    """VAE latents in the denoiser's space, the inverse of what the pipeline decodes (its family's
+    `to_latent_space`). A float16 VAE with `force_upcast` (SDXL's overflows in fp16) encodes in float32, as the
+    SDXL pipelines do."""
     vae = pipe.vae
     cfg = vae.config
     dtype = vae.dtype
@@ -120,14 +65,7 @@ def encode_images(pipe: Any, images: Tensor, generator: torch.Generator, batch: 
     finally:
         if upcast:
             vae.to(dtype=dtype)
-    z = torch.cat(out)
-    if cfg.get("shift_factor") is not None:  # SD3's VAE: the pipeline decodes z / scaling_factor + shift_factor
-        return (z - cfg.shift_factor) * cfg.scaling_factor
-    mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
-    if is_sdxl(pipe) and mean is not None and std is not None:
-        shape = (1, -1) + (1,) * (z.ndim - 2)
-        return (z - torch.tensor(mean).view(shape)) * cfg.scaling_factor / torch.tensor(std).view(shape)
-    return z * cfg.scaling_factor
+    return family_of(pipe).to_latent_space(pipe, torch.cat(out))
 
 
 @torch.no_grad()
@@ -136,14 +74,7 @@ def decode_latents(pipe: Any, z: Tensor, batch: int = 8) -> Tensor:
     (validation renders, `distill --validate-every`)."""
     vae = pipe.vae
     cfg = vae.config
-    mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
-    if cfg.get("shift_factor") is not None:
-        z = z / cfg.scaling_factor + cfg.shift_factor
-    elif is_sdxl(pipe) and mean is not None and std is not None:
-        shape = (1, -1) + (1,) * (z.ndim - 2)
-        z = z * torch.tensor(std).view(shape) / cfg.scaling_factor + torch.tensor(mean).view(shape)
-    else:
-        z = z / cfg.scaling_factor
+    z = family_of(pipe).from_latent_space(pipe, z)
     dtype = vae.dtype
     upcast = dtype == torch.float16 and bool(cfg.get("force_upcast", False))
     if upcast:
@@ -207,8 +138,7 @@ class CaptionedLatents:
 
 def encoder_modules(pipe: Any) -> list[Any]:
     """The VAE and every text encoder the pipeline has (SDXL's second, SD3's second and third)."""
-    return [m for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
-                        getattr(pipe, "text_encoder_3", None)) if m is not None]
+    return [pipe.vae, *family_of(pipe).text_encoders(pipe)]
 
 
 @contextmanager
@@ -295,6 +225,7 @@ def encode_records(pipe: Any, records: list[tuple[Any, str]], resolution: int, s
         raise ProReflowError("no training records to encode")
     n_shards = -(-len(records) // shard_size)
     state = process_state()
+    family = family_of(pipe)
 
     def make(i: int) -> tuple[dict[str, Tensor], dict]:
         chunk = records[i * shard_size:(i + 1) * shard_size]
@@ -302,9 +233,8 @@ def encode_records(pipe: Any, records: list[tuple[Any, str]], resolution: int, s
         prepared = [prepare_image(src, resolution) for src, _ in chunk]
         tensors = {"latents": encode_images(pipe, torch.stack([p.pixels for p in prepared]), gen)}
         tensors.update(flatten_cond(stored_text(encode_text(pipe, [c for _, c in chunk]), text_dtype)))
-        if is_sdxl(pipe):
-            tensors["cond.time_ids"] = torch.stack([time_ids(p.original_size, p.crop_top_left, resolution)
-                                                    for p in prepared])
+        tensors.update(flatten_cond(family.image_cond([(p.original_size, p.crop_top_left) for p in prepared],
+                                                      resolution)))
         # the manifest (not the shard) says who made it
         return tensors, {"records": len(chunk), "made_by_process": state.process_index,
                          "of_processes": state.num_processes}
@@ -317,7 +247,7 @@ def encode_records(pipe: Any, records: list[tuple[Any, str]], resolution: int, s
         with encoders_on_device(pipe):
             parts = [make(i)[0] for i in range(n_shards)]
     else:
-        spec = {"kind": "latents+text", "teacher": str(pipe.config.get("_name_or_path", "")), "sdxl": is_sdxl(pipe),
+        spec = {"kind": "latents+text", "teacher": str(pipe.config.get("_name_or_path", "")), **family.cache_identity(pipe),
                 "resolution": resolution, "seed": seed, "shard_size": shard_size, "n": len(records),
                 "records_sha256": _record_fingerprint(records), "text_dtype": text_dtype,
                 "vae_latent_space": [pipe.vae.config.get(k) for k in ("scaling_factor", "latents_mean", "latents_std")]}
@@ -342,8 +272,6 @@ def encode_prompts_only(pipe: Any, prompts: list[str], resolution: int, text_dty
     original = target = resolution, no crop); text states in `text_dtype` as in `encode_records`."""
     with encoders_on_device(pipe):
         cond, uncond = stored_text(encode_text(pipe, prompts), text_dtype), uncond_text(pipe)
-    if is_sdxl(pipe):
-        cond["time_ids"] = time_ids((resolution, resolution), (0, 0), resolution).expand(len(prompts), 6).clone()
-    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    shape = (denoiser(pipe).config.in_channels, resolution // f, resolution // f)
-    return CaptionedLatents(cond, uncond, None, shape)
+    family = family_of(pipe)
+    cond.update(family.image_cond([((resolution, resolution), (0, 0))] * len(prompts), resolution))
+    return CaptionedLatents(cond, uncond, None, family.latent_shape(pipe, resolution))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from proreflow.errors import ProReflowError
+from proreflow.fields.families import family_for_class, family_of
 from proreflow.schedulers import MAX_SAMPLING_STEPS
 from proreflow.schedulers.proreflow import (ProReflowFlowScheduler, ProReflowScheduler, flow_scheduler_for,
                                            scheduler_for, stock_flow_scheduler_for, stock_scheduler_for)
@@ -60,7 +61,8 @@ def load_diffusers_pipeline(model: str, what: str = "the model", pipeline_class:
     # components saved as absent (SD3 without T5) must be named, or diffusers looks for them
     absent = {k: None for k, v in entries.items() if isinstance(v, list) and v and v[0] is None
               and k not in ("safety_checker", "feature_extractor", "image_encoder")}
-    if "StableDiffusion3" not in str(entries.get("_class_name", "")):  # SD3 pipelines have no safety checker
+    family = family_for_class(str(entries.get("_class_name", "")))
+    if family is None or family.has_safety_checker:  # SD3 pipelines have none, and refuse the argument
         absent.update(safety_checker=None, requires_safety_checker=False)
     kwargs = {**absent, **kwargs}
     try:
@@ -147,29 +149,10 @@ def load_for_sampling(model: str, steps: int) -> Any:
     return keep_windows(load_diffusers_pipeline(model), windows, steps)
 
 
-def student_scheduler(pipe: Any, windows: WindowSchedule) -> tuple[Any, str]:
-    """The scheduler a student of `pipe`'s teacher with final `windows` is exported with, and why."""
-    k = windows.num_windows
-    if getattr(pipe, "transformer", None) is not None:
-        stock = stock_flow_scheduler_for(pipe.scheduler.config, windows)
-        if stock is not None:
-            return stock, (f"FlowMatchEulerDiscreteScheduler (stock diffusers, shift 1, shift_terminal 1/{k}): its {k} "
-                           f"sigmas are the {k} windows, uniform in sigma, one Euler step each; the folder loads "
-                           f"without proreflow. Sample at {k} steps (at more, its sigmas no longer follow the "
-                           f"windows; `proreflow sample` then uses ProReflowFlowScheduler)")
-        return (flow_scheduler_for(pipe.scheduler.config, windows),
-                f"ProReflowFlowScheduler: a flow-matching student's {k} windows in sigma "
-                f"({', '.join(f'{b:.4g}' for b in windows.boundaries)}) are not where a stock scheduler steps; "
-                f"diffusers loads it once `proreflow.apps.sd.export` is imported")
-    stock = stock_scheduler_for(pipe.scheduler.config, windows)
-    if stock is not None:
-        return stock, (f"DDIMScheduler (stock diffusers, timestep_spacing='trailing', set_alpha_to_one=True): the "
-                       f"{k} windows start at the teacher's timesteps, where DDIM steps in {k} steps, and one Euler "
-                       f"step per window is one DDIM step; the folder loads without proreflow")
-    return (scheduler_for(pipe.scheduler.config, windows),
-            f"ProReflowScheduler: the {k} windows ({', '.join(f'{b:.4g}' for b in windows.boundaries)}) are not "
-            f"where any stock scheduler steps (window_placement: timesteps would be); diffusers loads it once "
-            f"`proreflow.apps.sd.export` is imported")
+def student_scheduler(pipe: Any, windows: WindowSchedule, resolution: int | None = None) -> tuple[Any, str]:
+    """The scheduler a student of `pipe`'s teacher with final `windows` is exported with, and why (its family's
+    `student_scheduler`: stock diffusers where one steps exactly at the windows)."""
+    return family_of(pipe).student_scheduler(pipe, windows, resolution)
 
 
 def export_pipeline(pipe: Any, student: Any, windows: WindowSchedule, out_dir: str | Path,
@@ -178,10 +161,7 @@ def export_pipeline(pipe: Any, student: Any, windows: WindowSchedule, out_dir: s
     plus a model card (README.md) from `card` (`model_card`'s keyword arguments); load it back with
     `from_pretrained`."""
     scheduler, why = chosen or student_scheduler(pipe, windows)
-    if getattr(pipe, "transformer", None) is not None:
-        pipe.register_modules(transformer=student, scheduler=scheduler)
-    else:
-        pipe.register_modules(unet=student, scheduler=scheduler)
+    family_of(pipe).register_student(pipe, student, scheduler)
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
     atomic_write_text(out / "README.md", model_card(pipe, windows, scheduler, why, **(card or {})))

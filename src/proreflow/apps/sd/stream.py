@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from proreflow.apps.sd.encode import encode_images, encode_text, encoder_modules, is_sdxl, time_ids, uncond_text
+from proreflow.apps.sd.encode import encode_images, encode_text, encoder_modules, uncond_text
+from proreflow.fields.families import family_of
 from proreflow.data.stream import StreamIterator
 from proreflow.accel import process_state
 
@@ -28,8 +29,7 @@ class StreamingLatents:
         for m in encoder_modules(pipe):  # encoders stay on the device: every micro-step encodes its rows
             m.to(process_state().device)
         self.uncond = uncond_text(pipe)
-        f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        self.latent_shape = (pipe.vae.config.latent_channels, self.resolution // f, self.resolution // f)
+        self.latent_shape = family_of(pipe).latent_shape(pipe, self.resolution)
 
     def _encode(self, n: int) -> tuple[Tensor, dict[str, Tensor]]:
         items = self.stream.take(n)
@@ -37,9 +37,8 @@ class StreamingLatents:
         with torch.no_grad():
             latents = encode_images(self.pipe, torch.stack([i["pixels"] for i in items]), gen)
             cond = {k: v.cpu() for k, v in encode_text(self.pipe, [i["caption"] for i in items]).items()}
-        if is_sdxl(self.pipe):
-            cond["time_ids"] = torch.stack([time_ids(i["original_size"], i["crop_top_left"], self.resolution)
-                                            for i in items])
+        cond.update(family_of(self.pipe).image_cond([(i["original_size"], i["crop_top_left"]) for i in items],
+                                                    self.resolution))
         return latents, cond
 
     def data_fn(self, caption_dropout: float, with_uncond: bool) -> "StreamingDataFn":
