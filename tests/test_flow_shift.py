@@ -38,10 +38,11 @@ def test_each_pipeline_has_its_family_and_others_are_refused_with_the_list(sd, s
     assert family_of(sd).name == "sd" and family_of(tiny_pipeline(tmp_path / "v", "v_prediction")).name == "sd"
     assert family_of(tiny_sdxl_pipeline(tmp_path / "xl")).name == "sdxl" and family_of(sd3).name == "sd3"
     assert family_of(sd3).denoiser(sd3) is sd3.transformer and family_of(sd).denoiser(sd) is sd.unet
-    with pytest.raises(ProReflowError, match="StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3"):
+    with pytest.raises(ProReflowError, match="StableDiffusionPipeline, StableDiffusionXLPipeline, "
+                                             "StableDiffusion3Pipeline, FluxPipeline"):
         family_of(object())
     assert family_for_class("StableDiffusion3Pipeline").name == "sd3"
-    assert family_for_class("FluxPipeline") is None and family_for_class("NoSuchPipeline") is None
+    assert family_for_class("FluxPipeline").name == "flux" and family_for_class("NoSuchPipeline") is None
     assert not family_for_class("StableDiffusion3Pipeline").has_safety_checker
     assert family_for_class("StableDiffusionPipeline").has_safety_checker
 

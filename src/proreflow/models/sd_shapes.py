@@ -174,6 +174,35 @@ def tiny_sd3_pipeline(tmp: Path, seed: int = 0) -> Any:
         text_encoder_3=None, tokenizer_3=None)
 
 
+def tiny_flux_pipeline(tmp: Path, seed: int = 0, guidance_embeds: bool = True, dynamic_shift: bool = True) -> Any:
+    """A FluxPipeline of tiny random parts: a FLUX transformer on 2x2-packed latents (16 = 4 x 4 channels), with a
+    guidance embedding (dev) or without (schnell), CLIP and a tiny T5 (both tokenizers are the tiny CLIP one:
+    FluxPipeline only needs a tokenizer), a two-level VAE with FLUX's shift factor, and FlowMatchEuler with FLUX-dev's
+    resolution-dependent shift (or schnell's fixed shift 1)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tok, tok2 = tiny_tokenizer(tmp / "tokenizer"), tiny_tokenizer(tmp / "tokenizer_2")
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 4, 8))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                        num_attention_heads=2, num_hidden_layers=1, max_position_embeddings=77,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16))
+    # eval(), as from_pretrained leaves a model: T5's dropout would otherwise make every encoding differ
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                        norm_num_groups=4, sample_size=16, scaling_factor=0.3611, shift_factor=0.1159)
+    sched = (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                             base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
+             if dynamic_shift else FlowMatchEulerDiscreteScheduler(shift=1.0))
+    return FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=clip, tokenizer=tok,
+                        text_encoder_2=t5, tokenizer_2=tok2)
+
+
 def parameter_counts(pipe: Any) -> dict[str, int]:
     """Parameters per network component of a pipeline (unet, vae, text encoders)."""
     return {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.components.items()

@@ -159,33 +159,21 @@ class ProReflowFlowScheduler(FlowMatchEulerDiscreteScheduler):
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       sigmas: Any = None, mu: float | None = None, timesteps: Any = None) -> None:
-        if sigmas is not None or timesteps is not None:
+        """m steps per window for `num_inference_steps` = m K. FluxPipeline passes no count but its uniform sigmas
+        linspace(1, 1/N, N) (and mu): those are read as N steps, and the shift they ask for is the windows' own."""
+        if sigmas is not None and timesteps is None:
+            n = len(sigmas)
+            if n < 1 or any(abs(float(x) - (1.0 - j / n)) > 1e-6 for j, x in enumerate(sigmas)):
+                raise ProReflowError("ProReflowFlowScheduler samples its student's windows; it takes a step count "
+                                     "or a pipeline's uniform sigmas linspace(1, 1/N, N), not other sigmas")
+            num_inference_steps = n
+        elif sigmas is not None or timesteps is not None:
             raise ProReflowError("ProReflowFlowScheduler samples its student's windows; it takes only a step count")
         per = self.windows.steps_per_window(operator.index(num_inference_steps or self.windows.num_windows))
         b = self.windows.boundaries
         starts = [t_a + (t_b - t_a) * j / per for t_a, t_b in zip(b[:-1], b[1:]) for j in range(per)]
         super().set_timesteps(sigmas=starts, device=device)
         self.num_inference_steps = len(starts)
-
-
-def stock_flow_scheduler_for(config: Any, windows: WindowSchedule,
-                             shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler | None:
-    """diffusers' own FlowMatchEulerDiscreteScheduler when it steps a flow student's K windows exactly (else None).
-    `shift_terminal` = the last window's start stretches its K sigmas to end there, then 0. Unshifted, they are
-    then 1, (K-1)/K, ..., 1/K: K windows uniform in sigma, one Euler step each. With the teacher's (static) `shift`
-    (windows placed at the shift, `fields/families/flow.py`) they equal the windows for K <= 2 only. Checked by
-    calling its `set_timesteps(K)`. Exact at K steps only: at m K steps its sigmas no longer follow the windows
-    (our ProReflowFlowScheduler takes m per window)."""
-    k, b = windows.num_windows, windows.boundaries
-    keep = {k_: v for k_, v in dict(config).items() if not k_.startswith("_")}
-    stock = FlowMatchEulerDiscreteScheduler.from_config(
-        keep, shift=float(shift), use_dynamic_shifting=False, shift_terminal=b[-2] if k > 1 else None,
-        invert_sigmas=False, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
-        stochastic_sampling=False)
-    stock.set_timesteps(k)
-    if stock.sigmas.shape[0] != k + 1 or any(abs(float(x) - y) > 1e-6 for x, y in zip(stock.sigmas, b)):
-        return None
-    return FlowMatchEulerDiscreteScheduler.from_config(stock.config)
 
 
 def flow_scheduler_for(config: Any, windows: WindowSchedule) -> ProReflowFlowScheduler:

@@ -25,7 +25,7 @@ from proreflow.errors import ProReflowError
 from proreflow.fields.families import family_for_class, family_of
 from proreflow.schedulers import MAX_SAMPLING_STEPS
 from proreflow.schedulers.proreflow import (ProReflowFlowScheduler, ProReflowScheduler, flow_scheduler_for,
-                                           scheduler_for, stock_flow_scheduler_for, stock_scheduler_for)
+                                           scheduler_for, stock_scheduler_for)
 from proreflow.store import atomic_write_text
 from proreflow.windows import WindowSchedule
 

@@ -145,7 +145,8 @@ def uniform_grid(steps: int) -> tuple[float, ...]:
     return tuple(1.0 - j / steps for j in range(steps + 1))
 
 
-from proreflow.fields.families import sd, sdxl, sd3  # noqa: E402,F401  (registers them: SD first, most specific last)
+# registers them; the error for an unknown pipeline lists them in this order
+from proreflow.fields.families import sd, sdxl, sd3, flux  # noqa: E402,F401,I001
 
 __all__ = ["FAMILIES", "PLACEMENTS", "BoundaryMap", "TeacherFamily", "check_placement", "family_for_class",
            "family_of", "register", "supported", "uniform_grid"]

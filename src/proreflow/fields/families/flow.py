@@ -84,20 +84,49 @@ class FlowFamily(TeacherFamily):
         cfg = pipe.vae.config
         return z / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
 
-    def student_scheduler(self, pipe: Any, windows: WindowSchedule, resolution: int | None = None) -> tuple[Any, str]:
-        """Stock FlowMatchEuler when one of its settings steps exactly at the K windows (checked by calling its
-        `set_timesteps(K)` as the pipeline does), else our `ProReflowFlowScheduler`."""
-        from proreflow.schedulers.proreflow import flow_scheduler_for, stock_flow_scheduler_for
+    def pipeline_sigmas(self, scheduler: Any, k: int) -> list[float]:
+        """The sigmas a scheduler steps at when the family's pipeline samples K steps (SD3: `set_timesteps(K)`)."""
+        scheduler.set_timesteps(k)
+        return scheduler.sigmas.tolist()
+
+    def stock_overrides(self, s: float, windows: WindowSchedule) -> list[dict]:
+        """Stock settings to try for a student with these windows, at shift `s`: `shift_terminal` = the last
+        window's start stretches the K sigmas to end there. Unshifted (s = 1) they are then the K windows uniform
+        in sigma; at the teacher's shift they equal windows placed at it for K <= 2 only."""
+        k = windows.num_windows
+        return [dict(shift=s, use_dynamic_shifting=False, shift_terminal=windows.boundaries[-2] if k > 1 else None)]
+
+    def stock_scheduler(self, pipe: Any, windows: WindowSchedule, resolution: int | None = None) -> Any | None:
+        """diffusers' own FlowMatchEulerDiscreteScheduler when one of `stock_overrides` steps exactly at the K
+        windows, checked by calling it as the family's pipeline does (`pipeline_sigmas`); else None. Windows at the
+        teacher's shift are tried with it, any others unshifted. Exact at K steps only."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
         k, s = windows.num_windows, self.shift(pipe, resolution)
         f = shift_map(s)
         placed = all(abs(b - f(1.0 - j / k)) <= 1e-9 for j, b in enumerate(windows.boundaries))
-        # windows at the teacher's shift are exported with it; any others unshifted
-        stock = stock_flow_scheduler_for(pipe.scheduler.config, windows, s if placed else 1.0)
+        keep = {k_: v for k_, v in dict(pipe.scheduler.config).items() if not k_.startswith("_")}
+        off = dict(invert_sigmas=False, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+                   stochastic_sampling=False)
+        for overrides in self.stock_overrides(s if placed else 1.0, windows):
+            stock = FlowMatchEulerDiscreteScheduler.from_config({**keep, **off, **overrides})
+            got = self.pipeline_sigmas(stock, k)
+            if len(got) == k + 1 and all(abs(x - y) <= 1e-6 for x, y in zip(got, windows.boundaries)):
+                return FlowMatchEulerDiscreteScheduler.from_config(stock.config)
+        return None
+
+    def student_scheduler(self, pipe: Any, windows: WindowSchedule, resolution: int | None = None) -> tuple[Any, str]:
+        """Stock FlowMatchEuler where it steps exactly at the K windows (`stock_scheduler`), else our
+        `ProReflowFlowScheduler`."""
+        from proreflow.schedulers.proreflow import flow_scheduler_for
+
+        k = windows.num_windows
+        stock = self.stock_scheduler(pipe, windows, resolution)
         if stock is not None:
             c = stock.config
-            return stock, (f"FlowMatchEulerDiscreteScheduler (stock diffusers, shift {c.shift:g}, shift_terminal "
-                           f"{c.shift_terminal:.4g}): its {k} sigmas are the {k} windows, one Euler step each; the "
+            terminal = "none" if c.shift_terminal is None else f"{c.shift_terminal:.4g}"
+            return stock, (f"FlowMatchEulerDiscreteScheduler (stock diffusers, shift {c.shift:.4g}, shift_terminal "
+                           f"{terminal}): its {k} sigmas are the {k} windows, one Euler step each; the "
                            f"folder loads without proreflow. Sample at {k} steps (at more, its sigmas no longer "
                            f"follow the windows; `proreflow sample` then uses ProReflowFlowScheduler)")
         return (flow_scheduler_for(pipe.scheduler.config, windows),
