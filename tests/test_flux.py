@@ -139,3 +139,40 @@ def test_flux_distils_exports_reloads_and_samples(tmp_path, image_folder, which,
     again("a red cat", num_inference_steps=4, height=RES, width=RES, guidance_scale=3.5, output_type="latent")
     b = windows.boundaries
     assert again.scheduler.sigmas.tolist() == pytest.approx([1.0, (1 + b[1]) / 2, b[1], b[1] / 2, 0.0], abs=1e-6)
+
+
+def test_flux_preset_loads_and_a_student_runs_through_the_cli_and_evaluate(tmp_path, image_folder):
+    import json
+
+    from typer.testing import CliRunner
+
+    from proreflow.apps.sd import load_distill_config
+    from proreflow.cli import app
+
+    cfg = load_distill_config("flux-proreflow")
+    assert cfg.model == "black-forest-labs/FLUX.1-dev" and cfg.teacher_guidance == 1.0 and cfg.steps == 4
+    tiny_flux_pipeline(tmp_path / "parts").save_pretrained(tmp_path / "teacher")
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(f"model: {tmp_path / 'teacher'}\nresolution: {RES}\nsteps: 2\n"
+                      "method: {name: proreflow, windows: '4->k'}\nbudget_steps: 4\n"
+                      "teacher_solver: {method: euler, steps: 4, mode: placed}\ngradient_checkpointing: false\n"
+                      "train: {batch_size: 2, per_device_batch: null, lr: 1.0e-3, mixed_precision: 'no', warmup_steps: 0}\n")
+    runner = CliRunner()
+    r = runner.invoke(app, ["distill", "--data", str(image_folder), "--preset", str(preset), "--out",
+                            str(tmp_path / "student"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "student" / "proreflow.json").read_text())
+    assert summary["windows"] == pytest.approx(list(teacher_grid(FluxPipeline.from_pretrained(tmp_path / "teacher"),
+                                                                 "timesteps", 2, RES)))
+    (tmp_path / "prompts.txt").write_text("a red cat\nthe dog\n")
+    r = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "student"), "--steps", "2", "--no-fid", "--no-clip",
+                            "--timing-batches", "0", "--captions", "prompts", "--prompts", str(tmp_path / "prompts.txt"),
+                            "--resolution", str(RES), "--guidance", "3.5", "--batch-size", "2",
+                            "--out", str(tmp_path / "eval"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    assert rows[0]["steps"] == 2 and rows[0]["images"] == 2
+    r = runner.invoke(app, ["sample", "--model", str(tmp_path / "student"), "--prompt", "a cat", "--steps", "4",
+                            "--guidance", "3.5", "--height", str(RES), "--width", str(RES), "--out", str(tmp_path / "png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "png" / "000.png").is_file()
