@@ -161,3 +161,12 @@ def test_no_pipeline_family_checks_outside_fields_families():
 def test_the_family_rule_sees_each_kind_of_check(snippet):
     assert family_checks(snippet), snippet
     assert not family_checks("isinstance(x, torch.Tensor); getattr(cfg, 'lr'); self.unet; c.unet")
+
+
+def test_pairs_sees_teachers_through_the_protocol_only():
+    """No lambda and no getattr in pairs.py: every teacher is a `conventions.Teacher` (`as_teacher` adapts plain
+    functions once, at the entry)."""
+    tree = ast.parse((ROOT / "pairs.py").read_text())
+    assert not [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Lambda)]
+    assert not [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                and n.func.id in ("getattr", "hasattr")]

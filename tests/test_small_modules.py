@@ -110,3 +110,37 @@ def test_accelerator_follows_the_precision_asked_for_each_time():
     # a second precision in the same process is taken, not refused (accelerate keeps one state per process)
     acc = make_accelerator(TrainConfig(mixed_precision="no", grad_accum=3))
     assert acc.mixed_precision == "no" and acc.gradient_accumulation_steps == 3
+
+
+def test_every_field_is_a_teacher_and_cache_keys_keep_their_values(tmp_path):
+    """Each field implements `conventions.Teacher`; plain functions and networks are adapted. The fingerprints a
+    pair cache is keyed by are the digests of the same weights as before the protocol: the field module itself,
+    or a `NetworkTeacher`'s network (`store.module_digest`, written out here), None for analytic teachers."""
+    from proreflow.conventions import PURE_NOISE, Teacher, as_teacher
+    from proreflow.fields import AdaptersOff, FlowVelocity, NetworkTeacher, VPSchedule, VPVelocity
+    from proreflow.fields.gmm import ExactTeacher, GaussianMixture
+    from proreflow.models.mlp import VelocityMLP
+    from proreflow.models.sd_shapes import tiny_unet
+    from proreflow.pairs import Chunked, PairCache, TeacherSolver
+    from proreflow.store import module_digest
+    from proreflow.windows import WindowSchedule
+
+    gmm = GaussianMixture.ring(4, 2.0, 0.3)
+    unet = tiny_unet()
+    vp = VPVelocity(unet, VPSchedule(torch.linspace(0.99, 0.01, 50)))
+    mlp = VelocityMLP(2, 8, 2)
+    fields = [ExactTeacher(gmm), NetworkTeacher(mlp), vp, FlowVelocity(unet), AdaptersOff(vp, unet)]
+    assert all(isinstance(f, Teacher) for f in fields)
+    assert [f.fingerprint() for f in fields] == [None, module_digest(mlp, "frozen")[:16],
+                                                 *[module_digest(m, "frozen")[:16] for m in fields[2:]]]
+    assert vp.noise_entry.t < 1 and AdaptersOff(vp, unet).noise_entry == vp.noise_entry
+    assert FlowVelocity(unet).noise_entry == PURE_NOISE
+    assert as_teacher(mlp).fingerprint() == module_digest(mlp, "frozen")[:16]
+    assert as_teacher(lambda x, t, c=None: x).fingerprint() is None and as_teacher(gmm).fingerprint() is None
+    with pytest.raises(Exception, match="callable"):
+        as_teacher(3)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.full((5,), 0.5)
+    assert torch.equal(Chunked(ExactTeacher(gmm), 2)(x, t), gmm.velocity(x.double(), t.double()).float())
+    spec = PairCache.spec(WindowSchedule.uniform(2), TeacherSolver("euler", 2), 8, 4, 0, NetworkTeacher(mlp))
+    assert spec["teacher"] == module_digest(mlp, "frozen")[:16] and "noise_entry" not in spec

@@ -8,7 +8,7 @@ Every other module goes through these helpers instead of re-deriving the algebra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -153,7 +153,62 @@ class NoiseEntry:
 PURE_NOISE = NoiseEntry()
 
 
+@runtime_checkable
+class Teacher(Protocol):
+    """A velocity field as the algorithm sees it (pairs, samplers, metrics): v(x, t, cond) in our convention,
+    where its pure noise enters (`NoiseEntry`), and a digest of its frozen weights (None for analytic fields), so
+    that a pair cache made by other weights is never reused. The fields of `proreflow.fields` implement it;
+    `as_teacher` adapts anything else."""
+
+    @property
+    def noise_entry(self) -> NoiseEntry: ...
+
+    def fingerprint(self) -> str | None: ...
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor: ...
+
+
+class ModuleField:
+    """Mixin for velocity fields that are `nn.Module`s: pure noise at t = 1 (a VP adapter overrides it) and the
+    digest of the module's own frozen weights."""
+
+    noise_entry: NoiseEntry = PURE_NOISE
+
+    def fingerprint(self) -> str | None:
+        from proreflow.store import module_digest
+
+        return module_digest(self, "frozen")[:16]  # type: ignore[arg-type]
+
+
+class CallableTeacher:
+    """A plain `fn(x, t, cond) -> v` (a function, or a network that is not a field of ours) as a `Teacher`: pure
+    noise at t = 1, fingerprinted by its weights when it is a `torch.nn.Module`, else None."""
+
+    noise_entry = PURE_NOISE
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        self.fn = fn
+
+    def fingerprint(self) -> str | None:
+        if not isinstance(self.fn, torch.nn.Module):
+            return None
+        from proreflow.store import module_digest
+
+        return module_digest(self.fn, "frozen")[:16]
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        return self.fn(x, t, cond)
+
+
+def as_teacher(field: Any) -> Teacher:
+    """`field` itself when it is a `Teacher`, else wrapped as one (`CallableTeacher`)."""
+    if isinstance(field, Teacher):
+        return field
+    if not callable(field):
+        raise ProReflowError(f"a velocity field must be callable as field(x, t, cond), got {type(field).__name__}")
+    return CallableTeacher(field)
+
+
 def noise_entry(field: Any) -> NoiseEntry:
-    """A velocity field's `noise_entry` (VP adapters declare theirs), else pure noise at t = 1."""
-    entry = getattr(field, "noise_entry", None)
-    return entry if isinstance(entry, NoiseEntry) else PURE_NOISE
+    """Where a velocity field's pure noise enters (VP adapters declare theirs), else pure noise at t = 1."""
+    return as_teacher(field).noise_entry

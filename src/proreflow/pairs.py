@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from proreflow.cond import flatten_cond, take, unflatten_cond
-from proreflow.conventions import NoiseEntry, chord_velocity, expand_time, interpolate, noise_entry
+from proreflow.conventions import NoiseEntry, Teacher, as_teacher, chord_velocity, expand_time, interpolate
 from proreflow.errors import ProReflowError
 from proreflow.solvers import NFE_PER_STEP, VelocityField, check_solver, solve
-from proreflow.store import ShardStore, module_digest
+from proreflow.store import ShardStore
 from proreflow.windows import WindowSchedule
 
 
@@ -122,7 +122,7 @@ class WindowPairs:
 
 
 @torch.inference_mode()
-def make_window_pairs(teacher: VelocityField, x0: Tensor, schedule: WindowSchedule, solver: TeacherSolver,
+def make_window_pairs(teacher: Teacher | VelocityField, x0: Tensor, schedule: WindowSchedule, solver: TeacherSolver,
                       generator: torch.Generator | None = None, cond: Any = None,
                       windows: Tensor | None = None, noise: Tensor | None = None) -> WindowPairs:
     """Pairs for a batch of real data x0: one window per sample (length-weighted unless given).
@@ -136,9 +136,10 @@ def make_window_pairs(teacher: VelocityField, x0: Tensor, schedule: WindowSchedu
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu").to(x0.device)
     if noise.shape != x0.shape:
         raise ProReflowError(f"noise shape {tuple(noise.shape)} != data shape {tuple(x0.shape)}")
-    entry = noise_entry(teacher)
+    teacher = as_teacher(teacher)
+    entry = teacher.noise_entry
     if solver.max_batch:
-        teacher = chunked(teacher, solver.max_batch)
+        teacher = Chunked(teacher, solver.max_batch)
     b = schedule.entered_at(entry.t)
     t_a = torch.tensor(b[:-1], device=x0.device, dtype=x0.dtype)[windows]
     t_b = schedule.ends(x0.device, x0.dtype)[windows]
@@ -179,25 +180,28 @@ def make_window_pairs(teacher: VelocityField, x0: Tensor, schedule: WindowSchedu
     return WindowPairs(x_a=x_a, x_b=x_b, t_a=t_a, t_b=t_b, cond=cond, teacher_nfe=nfe)
 
 
-def chunked(field: VelocityField, size: int) -> VelocityField:
-    """`field` evaluated on at most `size` samples at a time (same outputs, bounded batch)."""
+class Chunked:
+    """A teacher evaluated on at most `size` samples at a time (same outputs, bounded batch)."""
 
-    def call(x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        if x.shape[0] <= size:
-            return field(x, t, cond)
-        return torch.cat([field(x[i:i + size], t[i:i + size], take(cond, slice(i, i + size)))
-                          for i in range(0, x.shape[0], size)])
+    def __init__(self, teacher: Teacher, size: int) -> None:
+        self.teacher, self.size = teacher, size
+        self.noise_entry = teacher.noise_entry
 
-    return call
+    def fingerprint(self) -> str | None:
+        return self.teacher.fingerprint()
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        n = self.size
+        if x.shape[0] <= n:
+            return self.teacher(x, t, cond)
+        return torch.cat([self.teacher(x[i:i + n], t[i:i + n], take(cond, slice(i, i + n)))
+                          for i in range(0, x.shape[0], n)])
 
 
 def teacher_fingerprint(teacher: Any) -> str | None:
-    """A digest of a teacher network's frozen weights (the field itself or its `.net`), so that a pair cache
-    made by other weights is never reused; None for fields without a network (analytic teachers)."""
-    module = teacher if isinstance(teacher, torch.nn.Module) else getattr(teacher, "net", None)
-    if not isinstance(module, torch.nn.Module):
-        return None
-    return module_digest(module, "frozen")[:16]
+    """A digest of a teacher network's frozen weights (`Teacher.fingerprint`), so that a pair cache made by other
+    weights is never reused; None for fields without a network (analytic teachers)."""
+    return as_teacher(teacher).fingerprint()
 
 
 class PairCache(ShardStore):
@@ -214,10 +218,11 @@ class PairCache(ShardStore):
         """What a cache's pairs are, given its data: checked against the manifest before any pair is reused.
         A teacher whose pure noise enters below t = 1 (VP) names its entry, so pairs made before the entry
         existed (from 1.066 x eps at t = 1) are never reused; straight-flow caches keep their identity."""
-        entry = noise_entry(teacher) if teacher is not None else NoiseEntry()
+        field = as_teacher(teacher) if teacher is not None else None
+        entry = field.noise_entry if field is not None else NoiseEntry()
         return {"boundaries": list(schedule.boundaries), "solver": solver.spec(),
                 "n_pairs": n_pairs, "shard_size": shard_size, "seed": seed,
-                "teacher": teacher_fingerprint(teacher) if teacher is not None else None,
+                "teacher": field.fingerprint() if field is not None else None,
                 **({} if entry.is_default else {"noise_entry": [entry.t, entry.scale]})}
 
     def ensure(self, teacher: VelocityField, data_fn: Callable[[int, torch.Generator], tuple[Tensor, Any]],

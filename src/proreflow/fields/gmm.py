@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from proreflow.conventions import PURE_NOISE
 from proreflow.errors import ProReflowError
 
 
@@ -93,3 +94,19 @@ class GaussianMixture:
         return torch.einsum("bk,bkd->bd", w, e_eps - e_x0)
 
     __call__ = velocity
+
+
+class ExactTeacher:
+    """A mixture's exact velocity as a `conventions.Teacher`, evaluated in `dtype` (float64: the oracle's own
+    rounding stays far below any student's error) and returned in the caller's dtype."""
+
+    noise_entry = PURE_NOISE
+
+    def __init__(self, gmm: GaussianMixture, dtype: torch.dtype = torch.float64) -> None:
+        self.gmm, self.dtype = gmm, dtype
+
+    def fingerprint(self) -> str | None:
+        return None  # analytic: no weights
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        return self.gmm.velocity(x.to(self.dtype), t.to(self.dtype)).to(x.dtype)

@@ -11,8 +11,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from proreflow.conventions import ModuleField, NoiseEntry, as_teacher
 
-class AdaptersOff(nn.Module):
+
+class AdaptersOff(ModuleField, nn.Module):
     """`field` (a velocity field over `network`) called with `network`'s adapters disabled."""
 
     def __init__(self, field: nn.Module, network: nn.Module) -> None:
@@ -21,9 +23,9 @@ class AdaptersOff(nn.Module):
         object.__setattr__(self, "_network", network)  # not a second submodule: `field` already holds it
 
     @property
-    def noise_entry(self) -> Any:
-        """The wrapped field's (`conventions.noise_entry`)."""
-        return getattr(self.field, "noise_entry", None)
+    def noise_entry(self) -> NoiseEntry:
+        """The wrapped field's."""
+        return as_teacher(self.field).noise_entry
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         self._network.disable_adapters()

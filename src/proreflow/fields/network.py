@@ -18,15 +18,22 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from proreflow.conventions import PURE_NOISE, ModuleField
 from proreflow.errors import ProReflowError
+from proreflow.store import module_digest
 from proreflow.cond import map_cond
 
 
 class NetworkTeacher:
-    """Wraps `net(x, t, cond) -> v` (our convention) as a frozen velocity field."""
+    """Wraps `net(x, t, cond) -> v` (our convention) as a frozen velocity field (a `conventions.Teacher`)."""
+
+    noise_entry = PURE_NOISE
 
     def __init__(self, net: nn.Module) -> None:
         self.net = net.eval().requires_grad_(False)
+
+    def fingerprint(self) -> str | None:
+        return module_digest(self.net, "frozen")[:16]
 
     @torch.no_grad()
     def __call__(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
@@ -88,7 +95,7 @@ def guided_call(call: Callable[[Any], Tensor], cond: Any, scale: float) -> Tenso
     return out
 
 
-class FlowVelocity(nn.Module):
+class FlowVelocity(ModuleField, nn.Module):
     """A diffusers network that predicts our velocity eps - x0 at timestep t * time_scale, as a
     velocity field v(x, t, cond) (teacher or student).
 

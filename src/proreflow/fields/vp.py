@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from proreflow.conventions import (PredictionType, NoiseEntry, check_prediction_type, flow_scale, flow_time,
+from proreflow.conventions import (ModuleField, PredictionType, NoiseEntry, check_prediction_type, flow_scale, flow_time,
                                    output_gain, output_to_velocity, velocity_to_output, vp_of_flow)
 from proreflow.errors import ProReflowError
 from proreflow.fields.network import call_network, guided_call
@@ -100,7 +100,7 @@ class VPSchedule:
         return NoiseEntry(t=self.t_max, scale=float(1.0 / self.scale(top)))
 
 
-class VPVelocity(nn.Module):
+class VPVelocity(ModuleField, nn.Module):
     """A VP-parametrised diffusers network (teacher or student) seen as a velocity field v(y, t, cond).
 
     `cond` is a flat dict of per-sample tensors: keyword arguments for the network

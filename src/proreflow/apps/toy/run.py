@@ -21,7 +21,7 @@ from proreflow.apps.toy.config import ToyConfig, validate_plans, with_run_settin
 from proreflow.apps.toy.report import write_results
 from proreflow.data.toy import MIN_POINTS, PointData, builtin_points, load_points, split_points
 from proreflow.errors import ProReflowError
-from proreflow.fields.gmm import GaussianMixture
+from proreflow.fields.gmm import ExactTeacher, GaussianMixture
 from proreflow.fields.network import NetworkTeacher
 from proreflow.limits import MAX_TOY_STEPS as MAX_STEPS
 from proreflow.methods import MethodSpec
@@ -79,7 +79,7 @@ def prepare(cfg: ToyConfig, dataset: str | None, data_file: str | None, seed: in
         gen = torch.Generator().manual_seed(seed)
         pts = gmm.sample(cfg.train_points + cfg.test_points, gen).float()
         data = PointData("gmm", pts[cfg.test_points:], pts[: cfg.test_points], torch.zeros(2), 1.0)
-        teacher: VelocityField = lambda x, t, cond=None: gmm.velocity(x.double(), t.double()).to(x.dtype)
+        teacher: VelocityField = ExactTeacher(gmm)
         exact, name = teacher, f"exact GMM ({cfg.gmm.n_modes} modes)"
     else:
         pts = load_points(data_file, allow_outliers) if data_file else builtin_points(dataset, cfg.train_points + cfg.test_points, seed)

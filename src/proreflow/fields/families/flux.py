@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from proreflow.conventions import ModuleField
 from proreflow.errors import ProReflowError
 from proreflow.fields.families import register
 from proreflow.fields.families.flow import FlowFamily
@@ -50,7 +51,7 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tenso
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxVelocity(nn.Module):
+class FluxVelocity(ModuleField, nn.Module):
     """A FLUX transformer as a velocity field on unpacked latents (teacher or student). `cond` holds
     `encoder_hidden_states` (T5) and `pooled_projections` (CLIP), per sample; the guidance embedding is the
     field's `guidance` (None for schnell, whose transformer has none)."""
