@@ -144,3 +144,31 @@ def test_every_field_is_a_teacher_and_cache_keys_keep_their_values(tmp_path):
     assert torch.equal(Chunked(ExactTeacher(gmm), 2)(x, t), gmm.velocity(x.double(), t.double()).float())
     spec = PairCache.spec(WindowSchedule.uniform(2), TeacherSolver("euler", 2), 8, 4, 0, NetworkTeacher(mlp))
     assert spec["teacher"] == module_digest(mlp, "frozen")[:16] and "noise_entry" not in spec
+
+
+def test_conditioning_meets_the_network_by_its_signature():
+    """Keys the forward names go as keywords, the rest into `added_cond_kwargs` where the forward takes it (SDXL's
+    text_embeds / time_ids), else a clear error; `uncond` never reaches the network."""
+    from proreflow.errors import ProReflowError
+    from proreflow.fields.network import network_kwargs
+
+    class UNetLike(nn.Module):
+        def forward(self, sample, timestep, encoder_hidden_states=None, added_cond_kwargs=None):
+            return sample
+
+    class Plain(nn.Module):
+        def forward(self, x, t, class_labels=None):
+            return x
+
+    class Anything(nn.Module):
+        def forward(self, x, t, **kwargs):
+            return x
+
+    e, te, ti = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    got = network_kwargs(UNetLike(), {"encoder_hidden_states": e, "text_embeds": te, "time_ids": ti, "uncond": {}})
+    assert set(got) == {"encoder_hidden_states", "added_cond_kwargs"}
+    assert got["added_cond_kwargs"] == {"text_embeds": te, "time_ids": ti}
+    assert network_kwargs(Plain(), {"class_labels": e}) == {"class_labels": e}
+    with pytest.raises(ProReflowError, match="takes no conditioning 'text_embeds'"):
+        network_kwargs(Plain(), {"text_embeds": te})
+    assert network_kwargs(Anything(), {"whatever": e}) == {"whatever": e}

@@ -50,33 +50,52 @@ def to_network(net: nn.Module) -> Callable[[Tensor], Tensor]:
     return lambda v: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)
 
 
-#: conditioning entries that diffusers UNets take inside `added_cond_kwargs` (SDXL's "text_time")
-ADDED_COND_KEYS = ("text_embeds", "time_ids")
+@lru_cache(maxsize=None)
+def _forward_params(cls: type) -> frozenset[str] | None:
+    """The keyword names a network's forward takes; None when it takes any (**kwargs) or is not a module."""
+    forward = getattr(cls, "forward", None)
+    if forward is None:
+        return None
+    params = inspect.signature(forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return frozenset(params)
 
 
-def unet_kwargs(cond: Any) -> dict[str, Any]:
-    """Keyword arguments for a diffusers network from our flat conditioning dict (drops `uncond`)."""
-    kwargs = {k: v for k, v in (cond or {}).items() if k != "uncond" and k not in ADDED_COND_KEYS}
-    added = {k: cond[k] for k in ADDED_COND_KEYS if cond and k in cond}
+def network_kwargs(net: Any, cond: Any) -> dict[str, Any]:
+    """Keyword arguments for a diffusers network from our flat conditioning dict (`uncond` dropped), by the
+    network's signature: entries its forward names go as keywords, the others into `added_cond_kwargs` when it
+    takes that (SDXL's `text_embeds` and `time_ids`), else a clear error. No family is named here: the
+    conditioning a family encodes meets the network it encodes for."""
+    params = _forward_params(type(net))
+    kwargs: dict[str, Any] = {}
+    added: dict[str, Any] = {}
+    for k, v in (cond or {}).items():
+        if k == "uncond":
+            continue
+        if params is None or k in params:
+            kwargs[k] = v
+        elif "added_cond_kwargs" in params:
+            added[k] = v
+        else:
+            raise ProReflowError(f"{type(net).__name__} takes no conditioning {k!r} (it takes "
+                                 f"{', '.join(sorted(params - {'self'}))})")
     if added:
         kwargs["added_cond_kwargs"] = {**kwargs.get("added_cond_kwargs", {}), **added}
     return kwargs
 
 
-@lru_cache(maxsize=None)
 def _takes_hidden_states(cls: type) -> bool:
-    """Transformers (SD3, ...) name their input `hidden_states`; UNets take `sample` first."""
-    forward = getattr(cls, "forward", None)
-    if forward is None:
-        return False
-    params = inspect.signature(forward).parameters
-    return "hidden_states" in params and "sample" not in params
+    """Transformers (SD3, ...) name their input `hidden_states`; UNets take `sample` first. A rule of the
+    network's signature (digits UNets and SD3 transformers alike), not of a pipeline family."""
+    params = _forward_params(cls)
+    return params is not None and "hidden_states" in params and "sample" not in params
 
 
 def call_network(net: nn.Module, x: Tensor, timestep: Tensor, cond: Any) -> Tensor:
     """The raw output of a diffusers UNet or transformer at `timestep`, on x's device."""
     cast = to_network(net)
-    kwargs = unet_kwargs(map_cond({k: v for k, v in (cond or {}).items() if k != "uncond"}, cast))
+    kwargs = network_kwargs(net, map_cond({k: v for k, v in (cond or {}).items() if k != "uncond"}, cast))
     ts = timestep.to(cast(x).device)
     out = net(hidden_states=cast(x), timestep=ts, **kwargs) if _takes_hidden_states(type(net)) \
         else net(cast(x), ts, **kwargs)

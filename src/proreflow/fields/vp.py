@@ -105,7 +105,7 @@ class VPVelocity(ModuleField, nn.Module):
 
     `cond` is a flat dict of per-sample tensors: keyword arguments for the network
     (`encoder_hidden_states`, `class_labels`, ...) and SDXL's `text_embeds` / `time_ids`, which
-    `unet_kwargs` gathers into `added_cond_kwargs` (flat, so that row selection, device moves and
+    `network_kwargs` gathers into `added_cond_kwargs` (flat, so that row selection, device moves and
     pair caches treat every entry alike). With guidance_scale != 1 and an `uncond` entry holding
     the unconditional conditioning in the same form, classifier-free guidance is applied to the
     raw outputs (the paper trains students at scale 1 and guides only when sampling). The student
