@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -79,7 +80,9 @@ def main() -> None:
     seconds = None
     if not args.report_only:
         started = time.perf_counter()
-        subprocess.run([*MUTMUT, "run", "--max-children", str(args.max_children)], cwd=ROOT, check=True)
+        # one torch thread per mutant process: the children share the cores between them
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        subprocess.run([*MUTMUT, "run", "--max-children", str(args.max_children)], cwd=ROOT, check=True, env=env)
         seconds = time.perf_counter() - started
     equivalent: dict[str, str] = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
     found = statuses()
