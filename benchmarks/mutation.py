@@ -3,11 +3,13 @@ catch. The scope and the tests are `[tool.mutmut]` in pyproject.toml: convention
 solvers, pairs, sampling, fields/vp, schedulers/, training/recipe and training/plan, against the fast tests that
 reach them (mutmut runs, per mutant, only the tests that cover the mutated function, and stops at the first failure).
 
-A surviving mutant is either a gap in the tests (kill it with a test) or equivalent: it cannot change any result
-(e.g. `.to(device)` -> `.to(None)` on a tensor already there). Equivalent mutants are listed, each with its reason, in
-`benchmarks/mutation_equivalent.json`; the score leaves them out:
+A surviving mutant is either a gap in the tests (kill it with a test) or equivalent: it cannot change any result.
+Equivalent mutants are listed, each with its reason, in `benchmarks/mutation_equivalent.json`. One kind is
+recognised by rule and listed apart: a mutant whose only change is a `device` argument (`x.to(y.device, dtype)` ->
+`x.to(None, dtype)` or `x.to(dtype)`, `device=d` -> `device=None` or dropped) moves nothing on a machine with one
+device, where every tensor is already on it; a second device (a GPU) is needed to see it. The score leaves both out:
 
-    score = (killed + timeout) / (killed + timeout + survived + no tests), equivalent mutants excluded
+    score = (killed + timeout) / (killed + timeout + survived + no tests), equivalent and device-only excluded
 
     .venv/bin/pip install -e '.[mutation]'   # mutmut 3 (its result names are parsed); not a dependency
     .venv/bin/python benchmarks/mutation.py        # or `make mutation`; writes benchmarks/results/mutation.{json,md}
@@ -65,6 +67,27 @@ def diff(mutant: str) -> str:
                      if x[:1] in ("+", "-") and not x.startswith(("+++", "---")))
 
 
+_DEVICE_ARG = [re.compile(p) for p in (
+    r"device\s*=\s*[\w.]+\s*,\s*", r",\s*device\s*=\s*[\w.]+", r"device\s*=\s*[\w.]+",  # device=... anywhere
+    r"(?<=\.to\()[\w.]*device\s*,\s*", r"(?<=\.to\()None\s*,\s*",  # .to(x.device, dtype) / .to(None, dtype)
+    r"(?<=\()[\w.]*\.device\s*,\s*", r"(?<=\()None\s*,\s*(?=[\w.]*dtype)")]  # starts(t.device, ...)
+
+
+def _without_device(line: str) -> str:
+    for pat in _DEVICE_ARG:
+        line = pat.sub("", line)
+    return re.sub(r"\s+|,(?=\s*\))", "", line)
+
+
+def device_only(diff_text: str) -> bool:
+    """True when the mutant changes nothing but a device argument (see the module docstring)."""
+    minus = [x[1:] for x in diff_text.splitlines() if x.startswith("-")]
+    plus = [x[1:] for x in diff_text.splitlines() if x.startswith("+")]
+    if not minus or len(minus) != len(plus) or not any("device" in x for x in minus):
+        return False
+    return all(_without_device(a) == _without_device(b) for a, b in zip(minus, plus))
+
+
 def score(by_status: Counter) -> float | None:
     found = sum(by_status[s] for s in DETECTED)
     total = found + sum(by_status[s] for s in UNDETECTED)
@@ -89,19 +112,24 @@ def main() -> None:
     stale = sorted(set(equivalent) - set(found))
     per_module: dict[str, Counter] = defaultdict(Counter)
     survivors: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    diffs: dict[str, str] = {}
     for name, status in sorted(found.items()):
         mod = module_of(name)
-        if status in UNDETECTED and name in equivalent:
-            status = "equivalent"
+        if status in UNDETECTED:
+            diffs[name] = diff(name)
+            if name in equivalent:
+                status = "equivalent"
+            elif device_only(diffs[name]):
+                status = "device-only"
         per_module[mod][status] += 1
-        if status in UNDETECTED or status == "equivalent":
+        if status in UNDETECTED or status in ("equivalent", "device-only"):
             survivors[mod].append((name, status))
     total = sum(per_module.values(), Counter())
     if score(total) is None:
         raise SystemExit(f"error: no mutant was tested ({dict(total)}); run `mutmut run` to its end first")
     result = {"seconds": seconds, "max_children": args.max_children, "total": dict(total), "score": score(total),
               "modules": {m: {**dict(c), "score": score(c)} for m, c in sorted(per_module.items())},
-              "survivors": {m: [{"mutant": n, "status": s, "diff": diff(n),
+              "survivors": {m: [{"mutant": n, "status": s, "diff": diffs[n],
                                  **({"reason": equivalent[n]} if n in equivalent else {})} for n, s in xs]
                             for m, xs in sorted(survivors.items())},
               "stale_equivalents": stale}
@@ -112,7 +140,7 @@ def main() -> None:
 
 
 def _other(c: dict) -> int:
-    return sum(v for k, v in c.items() if k not in (*DETECTED, *UNDETECTED, "equivalent", "score"))
+    return sum(v for k, v in c.items() if k not in (*DETECTED, *UNDETECTED, "equivalent", "device-only", "score"))
 
 
 def markdown(r: dict) -> str:
@@ -122,18 +150,22 @@ def markdown(r: dict) -> str:
     lines = ["# Mutation testing of the algorithm core", "",
              f"mutmut 3 over the modules of `[tool.mutmut]` in pyproject.toml, against the fast tests listed there "
              f"({when}). Score = (killed + timeout) / (killed + timeout + survived + no tests); equivalent mutants "
-             "(each listed below with its reason, from `benchmarks/mutation_equivalent.json`) are left out.", "",
+             "(each listed below with its reason, from `benchmarks/mutation_equivalent.json`) and device-only ones "
+             "(only a `device` argument changed: invisible on one device, listed below) are left out. "
+             "`raise ProReflowError(...)` statements are not mutated (their wording is not a result).", "",
              f"**Score: {100 * r['score']:.1f} %** of {sum(t.get(k, 0) for k in DETECTED + UNDETECTED)} scored "
              f"mutants ({t.get('killed', 0)} killed, {t.get('timeout', 0)} timed out, "
              f"{t.get('caught by type check', 0)} caught by type check, {t.get('survived', 0)} survived, "
-             f"{t.get('no tests', 0)} reached by no test); {t.get('equivalent', 0)} equivalent and "
+             f"{t.get('no tests', 0)} reached by no test); {t.get('equivalent', 0)} equivalent, "
+             f"{t.get('device-only', 0)} device-only and "
              f"{_other(t)} with another outcome (not checked, suspicious, ...) are not scored.", "",
-             "| module | killed + timeout | survived | no tests | equivalent | other | score |",
-             "|---|---|---|---|---|---|---|"]
+             "| module | killed + timeout | survived | no tests | equivalent | device-only | other | score |",
+             "|---|---|---|---|---|---|---|---|"]
     for m, c in r["modules"].items():
         s = "-" if c["score"] is None else f"{100 * c['score']:.1f} %"
         lines.append(f"| {m} | {sum(c.get(k, 0) for k in DETECTED)} | {c.get('survived', 0)} | "
-                     f"{c.get('no tests', 0)} | {c.get('equivalent', 0)} | {_other(c)} | {s} |")
+                     f"{c.get('no tests', 0)} | {c.get('equivalent', 0)} | {c.get('device-only', 0)} | {_other(c)} | "
+                     f"{s} |")
     lines += ["", "## Surviving mutants", ""]
     for m, xs in r["survivors"].items():
         lines += [f"### {m}", ""]

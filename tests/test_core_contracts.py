@@ -164,3 +164,131 @@ def test_cached_pairs_batch_counts_no_teacher_calls():
     p = make_window_pairs(ExactTeacher(GMM), GMM.sample(4, torch.Generator().manual_seed(0)).float(),
                           WindowSchedule.uniform(2), TeacherSolver("euler", 1), torch.Generator().manual_seed(1))
     assert p.teacher_nfe == 4 and CachedPairs(p).batch(torch.tensor([0])).teacher_nfe == 0
+
+
+def test_chunked_teacher_passes_small_batches_through_whole():
+    from proreflow.pairs import Chunked
+
+    seen = []
+
+    class Spy(ExactTeacher):
+        noise_entry = NoiseEntry(0.9, 0.5)
+
+        def __call__(self, x, t, cond=None):
+            seen.append((x.shape[0], cond["label"].tolist()))
+            return super().__call__(x, t, cond)
+
+    x = GMM.sample(3, torch.Generator().manual_seed(0)).float()
+    t, cond = torch.full((3,), 0.4), {"label": torch.tensor([1.0, 2.0, 3.0])}
+    chunked = Chunked(Spy(GMM), 3)
+    assert torch.equal(chunked(x, t, cond), GMM.velocity(x.double(), t.double()).float())
+    assert seen == [(3, [1.0, 2.0, 3.0])] and chunked.noise_entry == NoiseEntry(0.9, 0.5)
+
+
+def test_placement_and_loss_weight_are_computed_in_float64_and_returned_as_promised():
+    from proreflow.fields.vp import VPVelocity, timestep_placement
+
+    vp = VPSchedule(DDIMScheduler().alphas_cumprod)
+    f = timestep_placement(vp)
+    want = float(vp.t_of_timestep(torch.tensor(1000 / 3 - 1.0, dtype=torch.float64)))
+    assert f(1 / 3) == want  # 332.33...: float32 would move it
+    w = VPVelocity(torch.nn.Identity(), vp).loss_weight(torch.tensor([0.5, 0.9], dtype=torch.float64))
+    assert w.dtype == torch.float32
+    t64 = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    starts, ends = WindowSchedule.uniform(4).bounds(t64)
+    assert starts.dtype == ends.dtype == torch.float64 and starts.tolist() == [0.5, 1.0]
+
+
+def test_scheduler_factories_keep_trained_betas_windows_and_their_defaults():
+    from proreflow.schedulers.proreflow import flow_scheduler_for
+
+    betas = torch.linspace(1e-4, 0.02, 1000).tolist()
+    config = {"num_train_timesteps": 1000, "beta_start": 0.001, "beta_end": 0.01, "beta_schedule": "linear",
+              "trained_betas": betas}
+    got = scheduler_for(config, WindowSchedule.uniform(2))
+    assert list(got.config.trained_betas) == betas and got.config.num_windows == 2
+    assert got.vp.t_max == VPSchedule(DDIMScheduler(trained_betas=betas).alphas_cumprod).t_max  # the betas are used
+    flow = flow_scheduler_for({"num_train_timesteps": 500}, WindowSchedule((1.0, 0.3, 0.0)))
+    assert flow.config.num_train_timesteps == 500 and flow.config.num_windows == 2
+    no_pred = {k: v for k, v in DDIMScheduler().config.items() if k != "prediction_type"}
+    from proreflow.schedulers.proreflow import stock_scheduler_for, timestep_windows
+
+    assert stock_scheduler_for(no_pred, timestep_windows(no_pred, 4)).config.prediction_type == "epsilon"
+
+
+def test_flow_scheduler_reads_a_pipelines_uniform_sigmas_as_a_step_count():
+    """FluxPipeline passes sigmas linspace(1, 1/N, N) and no count: read as N steps, m per window."""
+    from proreflow.schedulers.proreflow import ProReflowFlowScheduler
+
+    s = ProReflowFlowScheduler(window_boundaries=[1.0, 0.6, 0.0], num_windows=2)
+    s.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=0.7)
+    assert s.num_inference_steps == 4 and s.sigmas.tolist() == pytest.approx([1.0, 0.8, 0.6, 0.3, 0.0])
+    one = ProReflowFlowScheduler(window_boundaries=[1.0, 0.0], num_windows=1)
+    one.set_timesteps(sigmas=[1.0])
+    assert one.num_inference_steps == 1 and one.sigmas.tolist() == pytest.approx([1.0, 0.0])
+    for bad in ([1.0, 0.6], [1.0, 0.5 + 2e-6], [], [0.9, 0.4]):
+        with pytest.raises(ProReflowError, match="uniform sigmas"):
+            s.set_timesteps(sigmas=bad)
+    with pytest.raises(ProReflowError, match="only a step count"):
+        s.set_timesteps(timesteps=[999, 500])
+    with pytest.raises(ProReflowError, match="only a step count"):
+        s.set_timesteps(sigmas=[1.0, 0.5], timesteps=[999, 500])
+
+
+def test_our_vp_schedulers_keep_float64_times_and_hand_pipelines_float32_timesteps():
+    from proreflow.schedulers.rectified_flow import RectifiedFlowScheduler
+
+    s = ProReflowScheduler(num_windows=2)
+    s.set_timesteps(2)
+    assert s.flow_times.dtype == torch.float64 and s.timesteps.dtype == torch.float32
+    r = RectifiedFlowScheduler()
+    r.set_timesteps(3)
+    assert r.num_inference_steps == 3 and r.timesteps.dtype == torch.float32 and r.taus.dtype == torch.float64
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))  # float32 output, float64 sample
+    out = r.step(v, r.timesteps[0], x).prev_sample
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, x + (1.0 - 2.0 / 3.0) * v.double(), rtol=0, atol=1e-15)
+
+
+def test_rules_help_for_one_two_and_three_rules(monkeypatch):
+    from proreflow import time_sampling as ts
+
+    rules = dict(ts.RULES)
+    monkeypatch.setattr(ts, "RULES", {"uniform": rules["uniform"]})
+    assert ts.rules_help() == "uniform"
+    monkeypatch.setattr(ts, "RULES", {"uniform": rules["uniform"], "start": rules["start"]})
+    assert ts.rules_help() == "uniform or start"
+    monkeypatch.setattr(ts, "RULES", {"mixture": rules["mixture"]})
+    assert ts.rules_help() == "mixture or mixture:P"
+
+
+def test_stage_caches_are_named_by_their_seed_and_show_progress_when_asked(tmp_path, capsys):
+    from proreflow.training.plan import PairCacheConfig, _stage_cache
+
+    cfg = PairCacheConfig(dir=str(tmp_path), pairs=None, shard_size=4)
+    sched, solver = WindowSchedule.uniform(2), TeacherSolver("euler", 1)
+    a = _stage_cache(cfg, 0, 4, ExactTeacher(GMM), _data, sched, solver, 1, progress=True)
+    assert "teacher pairs" in capsys.readouterr().err
+    b = _stage_cache(cfg, 0, 4, ExactTeacher(GMM), _data, sched, solver, 2, progress=False)
+    assert capsys.readouterr().err == ""
+    assert not torch.equal(a.pairs.x_a, b.pairs.x_a)
+    assert sorted(p.name.split("-")[1] for p in tmp_path.iterdir()) == ["seed1", "seed2"]
+
+
+def test_a_plan_result_samples_its_final_windows_with_m_steps_each():
+    from proreflow.models.mlp import VelocityMLP
+    from proreflow.sampling import sample
+    from proreflow.training.plan import PlanResult
+    from proreflow.windows import ProgressivePlan
+
+    torch.manual_seed(0)
+    net = VelocityMLP(2, 8, 2)
+    plan = ProgressivePlan.from_window_counts([4, 2], 10)
+    res = PlanResult(student=net, stages=[], sources=[], plan=plan)
+    noise = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(res.sample(noise), sample(net, noise, plan.final, 1))
+        assert torch.equal(res.sample(noise, 4), sample(net, noise, plan.final, 2))
+        cond = {"c": torch.zeros(5)}
+        assert torch.equal(res.sample(noise, cond=cond), sample(net, noise, plan.final, 1, cond=cond))

@@ -172,3 +172,22 @@ def test_conditioning_meets_the_network_by_its_signature():
     with pytest.raises(ProReflowError, match="takes no conditioning 'text_embeds'"):
         network_kwargs(Plain(), {"text_embeds": te})
     assert network_kwargs(Anything(), {"whatever": e}) == {"whatever": e}
+
+
+@pytest.mark.parametrize("before, after, only_device", [
+    ("a = (v.to(s.device, s.dtype) for v in x)", "a = (v.to(None, s.dtype) for v in x)", True),
+    ("a = (v.to(s.device, s.dtype) for v in x)", "a = (v.to(s.dtype) for v in x)", True),
+    ("o = torch.ones(1, dtype=x.dtype, device=x.device)", "o = torch.ones(1, dtype=x.dtype, )", True),
+    ("o = torch.ones(1, dtype=x.dtype, device=x.device)", "o = torch.ones(1, device=x.device)", False),
+    ("r = self.starts(t.device, t.dtype)[i]", "r = self.starts(t.device, None)[i]", False),
+    ("x0 = y - t * v", "x0 = y + t * v", False)])
+def test_mutation_report_sets_apart_only_mutants_that_change_a_device_argument(before, after, only_device):
+    """benchmarks/mutation.py's rule: such mutants are invisible on one device and are listed, not scored."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "mutation.py"
+    spec = importlib.util.spec_from_file_location("mutation_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.device_only(f"-    {before}\n+    {after}") is only_device
