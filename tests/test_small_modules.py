@@ -187,6 +187,8 @@ def test_mutation_report_sets_apart_only_mutants_that_change_a_device_argument(b
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "mutation.py"
+    if not path.is_file():  # mutmut's copy of the tests runs without the benchmarks
+        pytest.skip("benchmarks/mutation.py is not beside these tests")
     spec = importlib.util.spec_from_file_location("mutation_report", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
