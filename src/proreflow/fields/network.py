@@ -18,10 +18,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from proreflow.cond import map_cond
 from proreflow.conventions import PURE_NOISE, ModuleField
 from proreflow.errors import ProReflowError
 from proreflow.store import module_digest
-from proreflow.cond import map_cond
 
 
 class NetworkTeacher:

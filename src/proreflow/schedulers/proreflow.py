@@ -17,8 +17,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from torch import Tensor
 
-from proreflow.errors import ProReflowError
 from proreflow.conventions import check_prediction_type, flow_of_vp, output_to_velocity
+from proreflow.errors import ProReflowError
 from proreflow.fields.vp import VPSchedule, trailing_grid
 from proreflow.schedulers.common import FlowSchedulerOutput
 from proreflow.windows import WindowSchedule

@@ -7,8 +7,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from proreflow.conventions import interpolate, path_velocity
 from proreflow.cond import take
+from proreflow.conventions import interpolate, path_velocity
 from proreflow.pairs import CachedPairs, TeacherSolver, make_window_pairs
 from proreflow.solvers import VelocityField
 from proreflow.time_sampling import TimeSampling

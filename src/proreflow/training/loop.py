@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from proreflow.accel import new_accelerator, process_state
+from proreflow.cond import to_device
 from proreflow.errors import ProReflowError
 from proreflow.losses import LossFn, aligned
-from proreflow.cond import to_device
 from proreflow.training.checkpoint import (
     FitCheckpoints,
     optimizer_from_flat,

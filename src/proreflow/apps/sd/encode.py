@@ -13,12 +13,12 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from proreflow.accel import process_state
+from proreflow.cond import flatten_cond, unflatten_cond
 from proreflow.data.captions import find_pairs, prepare_image
 from proreflow.errors import ProReflowError
 from proreflow.fields.families import family_of, supported
-from proreflow.cond import flatten_cond, unflatten_cond
 from proreflow.store import ShardStore
-from proreflow.accel import process_state
 
 
 def load_pipeline(model: str, weights_dtype: str = "float32") -> Any:

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from proreflow.apps.sd.encode import encode_images, encode_text, encoder_modules, uncond_text
-from proreflow.fields.families import family_of
-from proreflow.data.stream import StreamIterator
 from proreflow.accel import process_state
+from proreflow.apps.sd.encode import encode_images, encode_text, encoder_modules, uncond_text
+from proreflow.data.stream import StreamIterator
+from proreflow.fields.families import family_of
 
 
 class StreamingLatents:

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from proreflow.apps.sd.encode import decode_latents, encode_prompts_only, encoders_on_device
+from proreflow.cond import to_device
 from proreflow.errors import ProReflowError
 from proreflow.limits import MAX_PROMPTS
-from proreflow.cond import to_device
 from proreflow.sampling import sample
 from proreflow.solvers import VelocityField
 from proreflow.training import Validation, image_grid, process_state

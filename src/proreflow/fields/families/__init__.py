@@ -8,7 +8,7 @@ teacher's solver grid sit on its time axis, and which scheduler a student is exp
 
 To add a family: subclass `TeacherFamily` (or `VPFamily` / `FlowFamily`) in a module here, decorate it with
 `@register`, and import the module at the end of this file. `sd.py` and `sdxl.py` are the VP examples, `sd3.py`
-the flow-matching one.
+and `flux.py` the flow-matching ones (`flux.py` was added this way).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from proreflow.windows import BoundaryMap, WindowSchedule
 
 #: `window_placement` values: windows uniform in our flow time, or where the teacher's scheduler steps (PeRFlow's)
 PLACEMENTS = ("flow", "timesteps")
-
 
 
 def check_placement(placement: str) -> None:
