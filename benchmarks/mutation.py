@@ -107,6 +107,9 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         subprocess.run([*MUTMUT, "run", "--max-children", str(args.max_children)], cwd=ROOT, check=True, env=env)
         seconds = time.perf_counter() - started
+    previous = args.results / "mutation.json"
+    if seconds is None and previous.is_file():  # rescoring the same mutants/: keep the run's own time
+        seconds = json.loads(previous.read_text()).get("seconds")
     equivalent: dict[str, str] = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
     found = statuses()
     stale = sorted(set(equivalent) - set(found))
@@ -115,7 +118,9 @@ def main() -> None:
     diffs: dict[str, str] = {}
     for name, status in sorted(found.items()):
         mod = module_of(name)
-        if status in UNDETECTED:
+        if status in UNDETECTED or (status == "timeout" and name in equivalent):
+            # a timeout that cannot be one (an equivalent mutant, e.g. one more bisection step) is not counted
+            # as caught: it timed out for another reason (a paused or crowded machine)
             diffs[name] = diff(name)
             if name in equivalent:
                 status = "equivalent"
@@ -159,6 +164,8 @@ def markdown(r: dict) -> str:
              f"{t.get('no tests', 0)} reached by no test); {t.get('equivalent', 0)} equivalent, "
              f"{t.get('device-only', 0)} device-only and "
              f"{_other(t)} with another outcome (not checked, suspicious, ...) are not scored.", "",
+             *([f"**Incomplete run:** {t['not checked']} mutants were not tested (the run was stopped before it "
+                "reached them); a module's score covers only its tested mutants.", ""] if t.get("not checked") else []),
              "| module | killed + timeout | survived | no tests | equivalent | device-only | other | score |",
              "|---|---|---|---|---|---|---|---|"]
     for m, c in r["modules"].items():
