@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from proreflow.errors import ProReflowError
@@ -44,6 +45,20 @@ class FlowFamily(TeacherFamily):
     def field(self, pipe: Any, network: nn.Module | None = None, guidance_scale: float = 1.0) -> nn.Module:
         return FlowVelocity.from_scheduler(network if network is not None else self.denoiser(pipe), pipe.scheduler,
                                            guidance_scale)
+
+    def prompt_embeds(self, pipe: Any, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """(text states, pooled projection) of `prompts` by the pipeline's own `encode_prompt`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_text(self, pipe: Any, prompts: list[str], batch: int = 64) -> dict[str, Tensor]:
+        """`prompt_embeds` in batches of `batch`, kept on the CPU in float32."""
+        states, pooled = [], []
+        for i in range(0, len(prompts), batch):
+            embeds, pool = self.prompt_embeds(pipe, prompts[i:i + batch])
+            states.append(embeds.float().cpu())
+            pooled.append(pool.float().cpu())
+        return {"encoder_hidden_states": torch.cat(states), "pooled_projections": torch.cat(pooled)}
 
     def image_seq_len(self, pipe: Any, resolution: int) -> int:
         """The token count the pipeline computes mu from at this resolution."""

@@ -94,17 +94,11 @@ class Flux(FlowFamily):
                                  f"teacher_guidance to 1 (got {guidance_scale:g})")
         return FluxVelocity(network if network is not None else self.denoiser(pipe))
 
-    @torch.no_grad()
-    def encode_text(self, pipe: Any, prompts: list[str], batch: int = 64) -> dict[str, Tensor]:
+    def prompt_embeds(self, pipe: Any, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """FluxPipeline's own prompt encoding: T5 states and the CLIP pooled projection."""
-        states, pooled = [], []
-        device = pipe.text_encoder.device
-        for i in range(0, len(prompts), batch):
-            embeds, pool, _ = pipe.encode_prompt(prompts[i:i + batch], None, device=device,
-                                                 max_sequence_length=self.max_sequence_length)
-            states.append(embeds.float().cpu())
-            pooled.append(pool.float().cpu())
-        return {"encoder_hidden_states": torch.cat(states), "pooled_projections": torch.cat(pooled)}
+        embeds, pool, _ = pipe.encode_prompt(prompts, None, device=pipe.text_encoder.device,
+                                             max_sequence_length=self.max_sequence_length)
+        return embeds, pool
 
     def latent_shape(self, pipe: Any, resolution: int) -> tuple[int, int, int]:
         f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from proreflow.fields.families import register
@@ -18,18 +17,11 @@ class SD3(FlowFamily):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
 
-    @torch.no_grad()
-    def encode_text(self, pipe: Any, prompts: list[str], batch: int = 64) -> dict[str, Tensor]:
+    def prompt_embeds(self, pipe: Any, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """The pipeline's own prompt encoding: two CLIPs (+ T5 when present), and the pooled projections."""
-        states, pooled = [], []
-        device = pipe.text_encoder.device
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            embeds, _, pool, _ = pipe.encode_prompt(chunk, chunk, chunk, device=device,
-                                                    do_classifier_free_guidance=False)
-            states.append(embeds.float().cpu())
-            pooled.append(pool.float().cpu())
-        return {"encoder_hidden_states": torch.cat(states), "pooled_projections": torch.cat(pooled)}
+        embeds, _, pool, _ = pipe.encode_prompt(prompts, prompts, prompts, device=pipe.text_encoder.device,
+                                                do_classifier_free_guidance=False)
+        return embeds, pool
 
     def image_seq_len(self, pipe: Any, resolution: int) -> int:
         """As StableDiffusion3Pipeline: latent height and width over the transformer's patch size."""
