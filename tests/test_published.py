@@ -196,13 +196,34 @@ def test_stock_pipeline_with_perflow_scheduler_is_the_window_ddim_loop(tmp_path)
 
 
 @torch.no_grad()
-def test_sdxl_pipeline_samples_with_the_perflow_scheduler(tmp_path):
+@torch.no_grad()
+def test_sdxl_pipeline_with_the_perflow_scheduler_is_diffusers_ddim_at_its_window_starts(tmp_path):
+    """Stock StableDiffusionXLPipeline with PeRFlow's ddim_eps scheduler at 4 steps against the same pipeline with
+    diffusers' DDIMScheduler (trailing 999/749/499/249, final alpha = alphas_cumprod[0]), whose UNet is told
+    t + 1 as PeRFlow tells it 1000/750/500/250: the same latents, with guidance and SDXL's added conditioning."""
     pipe = tiny_sdxl_pipeline(tmp_path / "x")
-    pipe.scheduler = run_scheduler("perflow-ddim-eps", pipe.scheduler, 4)
     pipe.set_progress_bar_config(disable=True)
-    img = pipe(["a red cat"], num_inference_steps=6, guidance_scale=2.0, height=64, width=64,
-               generator=torch.Generator().manual_seed(0), output_type="np").images
-    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+    stock = pipe.scheduler
+
+    def latents():
+        return pipe(["a red cat", "a dog"], num_inference_steps=4, guidance_scale=2.0, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    pipe.scheduler = run_scheduler("perflow-ddim-eps", stock, 4)
+    ours = latents()
+    pipe.scheduler = DDIMScheduler.from_config(stock.config, timestep_spacing="trailing", set_alpha_to_one=False,
+                                               clip_sample=False)
+    told, forward = [], pipe.unet.forward
+
+    def shifted(sample, timestep, *args, **kwargs):
+        told.append(int(timestep))
+        return forward(sample, timestep + 1, *args, **kwargs)
+
+    pipe.unet.forward = shifted
+    reference = latents()
+    assert told == [999, 749, 499, 249]
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
+    assert ours.abs().max() > 0.5  # latents, not a degenerate zero
 
 
 # ---------------------------------------------------------------------- loading: deltas, pipeline class
