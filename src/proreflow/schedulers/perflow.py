@@ -88,6 +88,7 @@ class PiecewiseFlowScheduler(SchedulerMixin, ConfigMixin, _TimestepIndex):
         self._windows = windows
         self.timesteps = torch.tensor(steps, dtype=torch.int64, device=device)
         self.num_inference_steps = num_inference_steps
+        self._step_index = None
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         return sample

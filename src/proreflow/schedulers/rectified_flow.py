@@ -34,6 +34,7 @@ class RectifiedFlowScheduler(SchedulerMixin, ConfigMixin, _TimestepIndex):
         self.taus = torch.tensor([1 - i / n for i in range(n)] + [0.0], dtype=torch.float64)
         self.timesteps = (self.taus[:-1] * big_t).to(device=device, dtype=torch.float32)
         self.num_inference_steps = n
+        self._step_index = None
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         return sample
