@@ -70,7 +70,8 @@ def diff(mutant: str) -> str:
 _DEVICE_ARG = [re.compile(p) for p in (
     r"device\s*=\s*[\w.]+\s*,\s*", r",\s*device\s*=\s*[\w.]+", r"device\s*=\s*[\w.]+",  # device=... anywhere
     r"(?<=\.to\()[\w.]*device\s*,\s*", r"(?<=\.to\()None\s*,\s*",  # .to(x.device, dtype) / .to(None, dtype)
-    r"(?<=\()[\w.]*\.device\s*,\s*", r"(?<=\()None\s*,\s*(?=[\w.]*dtype)")]  # starts(t.device, ...)
+    r"(?<=\()[\w.]*\.device\s*,\s*", r"(?<=\()None\s*,\s*(?=[\w.]*dtype)",  # starts(t.device, ...)
+    r"(?<=\.to\()[\w.]*\.device(?=\))", r"(?<=\.to\()None(?=\))")]  # .to(t.device) -> .to(None)
 
 
 def _without_device(line: str) -> str:

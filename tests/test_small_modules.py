@@ -180,6 +180,8 @@ def test_conditioning_meets_the_network_by_its_signature():
     ("o = torch.ones(1, dtype=x.dtype, device=x.device)", "o = torch.ones(1, dtype=x.dtype, )", True),
     ("o = torch.ones(1, dtype=x.dtype, device=x.device)", "o = torch.ones(1, device=x.device)", False),
     ("r = self.starts(t.device, t.dtype)[i]", "r = self.starts(t.device, None)[i]", False),
+    ("lac = self.log_ac.to(tau.device)", "lac = self.log_ac.to(None)", True),
+    ("y = out.to(y.dtype)", "y = out.to(None)", False),
     ("x0 = y - t * v", "x0 = y + t * v", False)])
 def test_mutation_report_sets_apart_only_mutants_that_change_a_device_argument(before, after, only_device):
     """benchmarks/mutation.py's rule: such mutants are invisible on one device and are listed, not scored."""
