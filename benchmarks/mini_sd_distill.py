@@ -53,9 +53,10 @@ VARIANTS = {
 
 
 def distill(name: str, scope: str, changes: dict, teacher: Path, data: Path, root: Path,
-            threads: int) -> tuple[Path, float]:
+            threads: int, pair_cache: Path | None = None) -> tuple[Path, float]:
     """`proreflow distill` in a fresh process, as a user runs it; (student folder, wall seconds). Finished runs are
-    kept (their time from the first run's record)."""
+    kept (their time from the first run's record). `pair_cache`: `--pair-cache`, shared by the runs that draw the
+    same teacher pairs (the student is the same; the pairs are solved once)."""
     out = root / scope
     record = root / f"{scope}.time.json"
     if (out / "model_index.json").is_file() and record.is_file():
@@ -69,7 +70,7 @@ def distill(name: str, scope: str, changes: dict, teacher: Path, data: Path, roo
     resume = ["--resume", "latest"] if (out / "checkpoints").is_dir() else []
     cmd = [sys.executable, "-m", "proreflow.cli", "distill", "--preset", str(path), "--model", str(teacher),
            "--data", str(data), "--out", str(out), "--quiet", "--validate-every", "50",
-           *resume]  # each run encodes --data itself, as a user's
+           *(["--pair-cache", str(pair_cache)] if pair_cache else []), *resume]  # each run encodes --data, as a user's
     print(f"{name}: {' '.join(cmd)}", flush=True)
     started = time.perf_counter()
     subprocess.run(cmd, check=True, env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads)})

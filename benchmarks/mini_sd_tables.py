@@ -12,7 +12,7 @@ student gets the preset's budget (400 optimizer steps at batch 64) unless its ro
 | w/o progressive | 4 windows, one stage | 3 |
 | w/o both (PeRFlow) | 4 windows, lambda 0 | 3 |
 | 2-rectified flow | 1 window, lambda 0 (sampled at 2 and 4 steps) | 1 |
-| ProReflow-II | `steps: 2`: 8 -> 4 -> 2 windows (sampled at 2 and 4 steps) | 1 |
+| ProReflow-II | `steps: 2`: 8 -> 4 -> 2 windows (sampled at 2 and 4 steps) | 3 |
 | lambda 0.1 / lambda 10 | the lambda sweep (0 and 1 are the rows above) | 1 |
 | eps-weighted MSE, lambda 1 / 0 | `loss_weighting: output` (the MSE in the UNet's eps space) | 1 |
 | guidance-distilled | pairs at teacher guidance 4, sampled at CFG 1 | 1 |
@@ -27,7 +27,9 @@ accuracy, fidelity (pixel RMSE to the teacher's DDIM-32 images from the same noi
 (from the student's `proreflow.json`).
 
 Students already distilled are reused (their folder and wall time are kept), so an interrupted run goes on where it
-stopped. `--only-trained` scores the students that exist without training the others (the report names the missing).
+stopped. Every distill shares `--pair-cache` (runs/mini-sd-pairs): rows that draw the same teacher pairs (the lambda,
+loss-weighting and budget rows of one seed, PeRFlow beside w/o progressive) solve them once and train the very
+student they would train without it (tests/test_distill.py). `--only-trained` scores the students that exist without training the others (the report names the missing).
 
     .venv/bin/python benchmarks/mini_sd_tables.py    # writes benchmarks/results/mini_sd_tables.{json,md,png}
                                                      # and mini_sd_guidance.png
@@ -90,11 +92,11 @@ STUDENTS = (
     Student("w/o progressive", "4", "mini-sd-ablations", "no-progressive", {"method": {"windows": "k"}}, THREE),
     Student("w/o both (PeRFlow)", "1, 4", "mini-sd-ablations", "perflow", {"method": {"windows": "k", "lam": 0.0}},
             THREE),
-    # one seed each (cut for time): 2-RF solves the whole trajectory for every pair (32 teacher calls, against 6 for
-    # ProReflow-I), so its 400 steps take about 40 min on 2 cores; ProReflow-II (8 -> 4 -> 2) about 9 calls a pair
+    # one seed (cut for time): 2-RF solves the whole trajectory for every pair (32 teacher calls, against 6 for
+    # ProReflow-I), so its 400 steps took 63 min on 2 cores, shared with nothing
     Student("2-rectified flow", "1", "mini-sd-tables", "2rf", {"method": {"windows": [1], "lam": 0.0}}, (0,),
             (2, 4)),
-    Student("ProReflow-II", "1", "mini-sd-tables", "proreflow-II", {"steps": 2}, (0,), (2, 4)),
+    Student("ProReflow-II", "1", "mini-sd-tables", "proreflow-II", {"steps": 2}, THREE, (2, 4)),
     Student("lambda 0.1", "lambda", "mini-sd-tables", "lam0.1", {"method": {"lam": 0.1}}),
     Student("lambda 10", "lambda", "mini-sd-tables", "lam10", {"method": {"lam": 10.0}}),
     Student("eps-weighted MSE, lambda 1", "weighting", "mini-sd-students", "run", {"method": EPS}),
@@ -136,6 +138,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only-trained", action="store_true", help="score the students that exist, train none")
     ap.add_argument("--seeds", type=int, default=3, choices=(1, 2, 3), help="training seeds of the three-seed rows")
+    ap.add_argument("--pair-cache", type=Path, default=Path("runs/mini-sd-pairs"),
+                    help="`proreflow distill --pair-cache` of every student: rows that draw the same teacher pairs "
+                         "(lambda, weighting, budget) solve them once; the students are the same without it")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--report-only", action="store_true", help="rewrite the md and the sweep plot from the json")
     args = ap.parse_args()
@@ -161,7 +166,7 @@ def main() -> None:
             missing.append(f"{st.name}, seed {seed}")
             continue
         trained[(st.name, seed)] = distill(f"{st.name}, seed {seed}", scope, st.seed_changes(seed), args.teacher,
-                                           args.data, root, args.threads)
+                                           args.data, root, args.threads, args.pair_cache)
 
     metrics = ClassifierMetrics.load(args.teacher / "classifier", real=load_fashion("test").pixels())
     prompts = prompts_for(args.n)

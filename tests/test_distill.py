@@ -153,13 +153,22 @@ def test_cli_distill_and_sample(tmp_path, teacher_dir, image_folder, monkeypatch
     # the preset's train.seed is the run's seed unless --seed is given (a preset seed of 3 used to train seed 0)
     seeded = preset.read_text().replace("warmup_steps: 0}", "warmup_steps: 0, seed: 3}")
     (tmp_path / "seeded.yaml").write_text(seeded)
-    for extra, want in (([], 3), (["--seed", "5"], 5)):
-        r = runner.invoke(app, ["distill", "--data", str(image_folder), "--out", str(tmp_path / f"s{want}"), "--preset",
-                                str(tmp_path / "seeded.yaml"), "--quiet", *extra])
+    cache = ["--pair-cache", str(tmp_path / "pairs")]
+    for extra, want, name in (([], 3, "s3"), (["--seed", "5"], 5, "s5"), ([], 3, "s3-again")):
+        r = runner.invoke(app, ["distill", "--data", str(image_folder), "--out", str(tmp_path / name), "--preset",
+                                str(tmp_path / "seeded.yaml"), "--quiet", *cache, *extra])
         assert r.exit_code == 0, r.output
-        summary = json.loads((tmp_path / f"s{want}" / "proreflow.json").read_text())
+        summary = json.loads((tmp_path / name / "proreflow.json").read_text())
         assert summary["seed"] == want, summary
         assert summary["final_loss"] != json.loads((out / "proreflow.json").read_text())["final_loss"]
+        # 4 steps at batch 2: 8 pairs, solved by each new seed, loaded by the seed-3 run's repeat
+        assert summary["pair_cache"] == ({"loaded": 8, "solved": 0} if name == "s3-again" else {"loaded": 0, "solved": 8})
+    losses = [json.loads((tmp_path / n / "proreflow.json").read_text())["final_loss"] for n in ("s3", "s3-again")]
+    assert losses[0] == losses[1]  # loaded pairs: the same run
+    (tmp_path / "afile").write_text("x")
+    r = runner.invoke(app, ["distill", "--data", str(image_folder), "--out", str(tmp_path / "s9"), "--preset",
+                            str(preset), "--quiet", "--pair-cache", str(tmp_path / "afile")])
+    assert r.exit_code != 0 and "--pair-cache" in r.output and "is not a folder" in r.output
     r = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--prompt", "a dog", "--steps", "2",
                             "--height", "16", "--width", "16", "--out", str(tmp_path / "png")])
     assert r.exit_code == 0, r.output
@@ -296,3 +305,34 @@ def test_bfloat16_weights_dtype_rounds_only_the_frozen_weights(tmp_path, teacher
     first, last = snapshots[0], snapshots[-1]
     assert {w.dtype for w in last.values()} == {torch.float32}
     assert any(not torch.equal(first[n], last[n]) for n in first)  # the updates did not round away
+
+
+def test_a_pair_cache_gives_the_same_student_and_a_lambda_sweep_solves_its_pairs_once(tmp_path, teacher_dir,
+                                                                                     image_folder):
+    """`distill(pair_cache=...)`: the first run solves and remembers its pairs; the same run again, or the same
+    preset at another lambda (the same pair draws), loads every one; each student is bitwise the one trained
+    without the cache."""
+    cfg = _cfg(teacher_dir, budget_steps=6)
+    students = {}
+    for name, lam, cache in [("plain", 1.0, None), ("first", 1.0, tmp_path / "pairs"), ("lam0", 0.0, tmp_path / "pairs"),
+                             ("lam0-plain", 0.0, None)]:
+        run = replace_method_lam(cfg, lam)
+        pipe = load_pipeline(run.model)
+        summary = distill(run, pipe, encode_folder(pipe, image_folder, run.resolution), tmp_path / name,
+                          pair_cache=cache)
+        students[name] = (pipe.unet.state_dict(), summary)
+    # 6 steps at batch 6 over two stages (3 + 3): 36 pairs, all solved by the first run, all loaded by the second
+    assert students["first"][1]["pair_cache"] == {"loaded": 0, "solved": 36}
+    assert students["lam0"][1]["pair_cache"] == {"loaded": 36, "solved": 0}
+    assert "pair_cache" not in students["plain"][1]
+    for a, b in [("plain", "first"), ("lam0-plain", "lam0")]:
+        assert all(torch.equal(students[a][0][k], students[b][0][k]) for k in students[a][0]), (a, b)
+    assert students["first"][1]["teacher_nfe_per_pair"] == students["lam0"][1]["teacher_nfe_per_pair"] == \
+        students["plain"][1]["teacher_nfe_per_pair"]
+    assert not all(torch.equal(students["first"][0][k], students["lam0"][0][k]) for k in students["first"][0])
+
+
+def replace_method_lam(cfg, lam):
+    from dataclasses import replace
+
+    return replace(cfg, method=replace(cfg.method, lam=lam))

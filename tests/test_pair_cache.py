@@ -207,3 +207,112 @@ def test_two_builders_of_one_cache_take_turns(tmp_path):
     second.join()
     (a, made), (b, waited) = results["first"], results["second"]
     assert made.calls == 3 and waited.calls == 0 and _equal(a, b) and _equal(a, _build(tmp_path / "fresh", Data()))
+
+
+# ------------------------------------------------------------------ PairMemo: pairs remembered by their inputs
+
+
+class _CountingMLP(torch.nn.Module):
+    """A network teacher (so it has a fingerprint) that counts its calls."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Linear(3, 2).requires_grad_(False)
+        self.calls = 0
+
+    def forward(self, x, t, cond=None):
+        self.calls += 1
+        return self.net(torch.cat([x, t[:, None]], 1))
+
+
+def _inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    x0, labels = GMM.sample(16, g).float(), torch.randint(0, 4, (16,), generator=g)
+    return x0, {"labels": labels}, SCHED.sample_windows(16, g), torch.randn(16, 2, generator=g)
+
+
+def test_pair_memo_loads_the_very_pairs_it_solved_and_solves_what_differs(tmp_path):
+    from proreflow.pairs import PairMemo, make_window_pairs
+
+    net = _CountingMLP()
+    memo = PairMemo(tmp_path, net, SCHED, SOLVER)
+    x0, cond, windows, noise = _inputs(0)
+    first = memo(x0, cond, windows, noise)
+    solved_calls = net.calls
+    assert solved_calls == 4 * 2  # rk4, 2 steps: one batched solve of the 16 pairs
+    again = PairMemo(tmp_path, net, SCHED, SOLVER)(x0, cond, windows, noise)  # another run, same inputs
+    assert net.calls == solved_calls  # loaded, not solved
+    direct = make_window_pairs(net, x0, SCHED, SOLVER, cond=cond, windows=windows, noise=noise)
+    for k in ("x_a", "x_b", "t_a", "t_b"):
+        assert torch.equal(getattr(again, k), getattr(direct, k)) and torch.equal(getattr(first, k), getattr(direct, k))
+    assert again.cond is cond and again.teacher_nfe == direct.teacher_nfe == 16 * 8
+    # any input that differs is another batch: other noise, other conditioning, other windows
+    for changed in [(x0, cond, windows, noise + 1e-6), (x0, {"labels": cond["labels"].flip(0)}, windows, noise),
+                    (x0, cond, windows.flip(0), noise)]:
+        before = net.calls
+        memo(*changed)
+        assert net.calls == before + 8
+    assert (memo.hits, memo.misses) == (0, 64)
+
+
+def test_pair_memo_tells_teachers_windows_and_solvers_apart(tmp_path):
+    from proreflow.fields.vp import VPSchedule, VPVelocity
+    from proreflow.pairs import PairMemo
+
+    a, b = _CountingMLP(0), _CountingMLP(1)
+    folders = {PairMemo(tmp_path, a, SCHED, SOLVER).dir, PairMemo(tmp_path, b, SCHED, SOLVER).dir,
+               PairMemo(tmp_path, a, WindowSchedule.uniform(2), SOLVER).dir,
+               PairMemo(tmp_path, a, SCHED, TeacherSolver("euler", 2)).dir}
+    assert len(folders) == 4
+    # the same weights at another guidance scale are another teacher (and at scale 1, the weights' digest alone)
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+                       down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4)
+    from diffusers import DDPMScheduler
+
+    schedule = VPSchedule.from_scheduler(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    plain, guided = VPVelocity(unet, schedule).requires_grad_(False), VPVelocity(unet, schedule, guidance_scale=4.0)
+    assert guided.fingerprint() == plain.fingerprint() + "-guidance4"
+    assert PairMemo(tmp_path, plain, SCHED, SOLVER).dir != PairMemo(tmp_path, guided, SCHED, SOLVER).dir
+
+
+def test_pair_memo_solves_again_over_a_damaged_file(tmp_path):
+    from proreflow.pairs import PairMemo
+
+    net = _CountingMLP()
+    memo = PairMemo(tmp_path, net, SCHED, SOLVER)
+    inputs = _inputs(3)
+    first = memo(*inputs)
+    (path,) = memo.dir.glob("*.safetensors")
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    second = memo(*inputs)
+    assert net.calls == 16 and torch.equal(first.x_b, second.x_b)
+    assert torch.equal(PairMemo(tmp_path, net, SCHED, SOLVER)(*inputs).x_b, first.x_b) and net.calls == 16
+
+
+def test_pair_memo_loads_pairs_in_the_memory_layout_the_solve_gave(tmp_path):
+    """Channels-last latents give channels-last pairs; loaded contiguous, the student's convolutions would sum in
+    another order and the student would differ in its last bits from the one trained without the memo."""
+    from proreflow.pairs import PairMemo, make_window_pairs
+
+    class Conv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 3, padding=1).requires_grad_(False)
+
+        def forward(self, x, t, cond=None):
+            return self.conv(x)
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 2, 3, 3, generator=g).to(memory_format=torch.channels_last)
+    noise, windows = torch.randn(4, 2, 3, 3, generator=g), SCHED.sample_windows(4, g)
+    teacher = Conv()
+    direct = make_window_pairs(teacher, x0, SCHED, SOLVER, windows=windows, noise=noise)
+    PairMemo(tmp_path, teacher, SCHED, SOLVER)(x0, None, windows, noise)
+    loaded = PairMemo(tmp_path, teacher, SCHED, SOLVER)(x0, None, windows, noise)
+    assert direct.x_b.stride() != direct.x_b.contiguous().stride()  # the case this is about
+    for k in ("x_a", "x_b", "t_a", "t_b"):
+        assert getattr(loaded, k).stride() == getattr(direct, k).stride() and torch.equal(getattr(loaded, k),
+                                                                                          getattr(direct, k))

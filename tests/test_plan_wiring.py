@@ -111,18 +111,20 @@ def test_run_scoped_warmup_counts_the_steps_of_earlier_stages(fits):
     assert [c.warmup_done for c in fits] == [0, 5]
 
 
-def test_previous_stage_pairs_come_from_a_frozen_copy_and_leave_the_stage_one_student_trainable(fits, monkeypatch):
+def test_previous_stage_pairs_come_from_a_frozen_copy_and_leave_the_stage_one_student_trainable(fits, monkeypatch,
+                                                                                                 tmp_path):
     made = []
     real = plan_module.reflow_batches
 
-    def spy(source, data_fn, schedule, solver, batch_size, sampling):
+    def spy(source, data_fn, schedule, solver, batch_size, sampling, memo=None):
         made.append((source, schedule, solver))
-        return real(source, data_fn, schedule, solver, batch_size, sampling)
+        memos.append(memo)
+        return real(source, data_fn, schedule, solver, batch_size, sampling, memo)
 
     monkeypatch.setattr(plan_module, "reflow_batches", spy)
-    monitor = _Monitor()
+    monitor, memos = _Monitor(), []
     res = train_plan(VelocityMLP(2, 8, 1), _teacher, _data_fn, _recipe(pair_source="previous_stage"), 2,
-                     monitor=monitor)
+                     monitor=monitor, pair_memo=tmp_path)
     stage_one = res.stages[0].model
     assert made[0][0] is _teacher and made[0][2].max_batch == 7
     frozen, schedule, solver = made[1]
@@ -133,6 +135,9 @@ def test_previous_stage_pairs_come_from_a_frozen_copy_and_leave_the_stage_one_st
     assert schedule.num_windows == 2
     assert res.sources == ["teacher", "previous_stage"]
     assert monitor.teacher_nfe == 100  # the student's evaluations (stage 2) are not teacher cost
+    # `pair_memo`: each stage remembers its pairs by its own source, windows and solver
+    assert [(m.teacher, m.schedule, m.solver) for m in memos] == [s[:3] for s in made]
+    assert all(m.dir.parent == tmp_path for m in memos) and memos[0].dir != memos[1].dir
 
 
 def test_a_stage_range_that_selects_nothing_is_refused(fits):

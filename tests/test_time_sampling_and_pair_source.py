@@ -165,9 +165,9 @@ def test_previous_stage_plan_takes_stage_two_pairs_from_a_frozen_copy_of_stage_o
     sources = []
     real = training.reflow_batches
 
-    def spy(source, data_fn, schedule, solver, batch_size, sampling):
+    def spy(source, data_fn, schedule, solver, batch_size, sampling, memo=None):
         sources.append((source, solver))
-        return real(source, data_fn, schedule, solver, batch_size, sampling)
+        return real(source, data_fn, schedule, solver, batch_size, sampling, memo)
 
     monkeypatch.setattr(training.plan, "reflow_batches", spy)
     torch.manual_seed(0)

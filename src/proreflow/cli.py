@@ -230,6 +230,9 @@ def distill(
     resume: Optional[str] = typer.Option(None, help="'latest': continue from the last checkpoint in OUT."),
     encode_cache: Optional[Path] = typer.Option(None, help="Keep VAE latents + text embeddings of --data in this "
                                                            "folder (checksummed shards) and reuse them next time."),
+    pair_cache: Optional[Path] = typer.Option(None, help="Remember the teacher's pairs in this folder by what they "
+                                                         "are solved from; a run drawing the same pairs (another "
+                                                         "lambda or budget, same seed) loads them: the same student."),
     stream: bool = typer.Option(False, help="Stream --data (tar shards, image folder or hf:) through DataLoader "
                                             "workers, encoding each batch on the device: memory does not grow with "
                                             "the data set; --resume continues the stream, on any process count."),
@@ -255,7 +258,7 @@ def distill(
         summary = run_distill(cfg, out, data=data, prompts=prompts, seed=seed, encode_cache=encode_cache,
                               checkpoint_every=checkpoint_every, resume=resume_latest, progress=not quiet,
                               stream=stream, data_workers=data_workers, monitor=_monitor(report_to, validate_every),
-                              validation_prompts=validation_prompts)
+                              validation_prompts=validation_prompts, pair_cache=pair_cache)
     _finish(f"{summary['method']}: {summary['steps']}-step student written to {out} "
             f"(load with DiffusionPipeline.from_pretrained)")
 

@@ -170,14 +170,21 @@ class Teacher(Protocol):
 
 class ModuleField:
     """Mixin for velocity fields that are `nn.Module`s: pure noise at t = 1 (a VP adapter overrides it) and the
-    digest of the module's own frozen weights."""
+    digest of the module's own frozen weights, with the guidance scale when it is not 1 (the same weights at
+    another scale are another teacher; at 1 the digest is the weights' alone, as pair caches made before knew it)."""
 
     noise_entry: NoiseEntry = PURE_NOISE
+
+    def guidance(self) -> float:
+        """The classifier-free guidance scale the field applies (1: none)."""
+        return 1.0
 
     def fingerprint(self) -> str | None:
         from proreflow.store import module_digest
 
-        return module_digest(self, "frozen")[:16]  # type: ignore[arg-type]
+        digest = module_digest(self, "frozen")[:16]  # type: ignore[arg-type]
+        scale = self.guidance()
+        return digest if scale == 1.0 else f"{digest}-guidance{scale:g}"
 
 
 class CallableTeacher:

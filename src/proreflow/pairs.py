@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
@@ -22,7 +23,7 @@ from proreflow.cond import flatten_cond, take, unflatten_cond
 from proreflow.conventions import NoiseEntry, Teacher, as_teacher, chord_velocity, expand_time, interpolate
 from proreflow.errors import ProReflowError
 from proreflow.solvers import NFE_PER_STEP, VelocityField, check_solver, solve
-from proreflow.store import ShardStore
+from proreflow.store import ShardStore, atomic_save_tensors, json_key, tensor_digest
 from proreflow.windows import WindowSchedule
 
 
@@ -265,3 +266,49 @@ class CachedPairs:
     def batch(self, idx: Tensor) -> WindowPairs:
         p = self.pairs
         return WindowPairs(p.x_a[idx], p.x_b[idx], p.t_a[idx], p.t_b[idx], take(p.cond, idx), 0)
+
+
+PAIR_KEYS = ("x_a", "x_b", "t_a", "t_b")
+
+
+class PairMemo:
+    """Teacher pairs remembered on disk by what they are solved from, so runs that draw the same inputs solve them
+    once (a lambda or loss-weighting sweep, PeRFlow beside its aligned variant, a shorter budget's prefix).
+
+    Content-addressed: a file per batch named by the digest of its inputs (data, noise, windows, conditioning),
+    in a folder named by the teacher's fingerprint, the windows and the solver. A hit returns the very tensors the
+    solve gave, so training is bitwise what it would be without the memo; anything that differs misses. The
+    teacher cost recorded is the solve's (a method's cost per pair does not depend on who paid it)."""
+
+    def __init__(self, root: str | Path, teacher: Teacher | VelocityField, schedule: WindowSchedule,
+                 solver: TeacherSolver) -> None:
+        self.teacher, self.schedule, self.solver = teacher, schedule, solver
+        spec = PairCache.spec(schedule, solver, 0, 0, 0, teacher)
+        self.dir = Path(root) / f"w{schedule.num_windows}-{json_key(spec, length=16)}"
+        self.hits = self.misses = 0
+
+    def __call__(self, x0: Tensor, cond: Any, windows: Tensor, noise: Tensor) -> WindowPairs:
+        key = tensor_digest({"x0": x0, "windows": windows, "noise": noise, **flatten_cond(cond)})
+        path = self.dir / f"{key[:32]}.safetensors"
+        if path.is_file():
+            try:
+                from safetensors.torch import load_file
+
+                got = load_file(str(path))
+                # in the solve's memory layout (channels-last latents stay so): the same kernels, the same student
+                back = [torch.empty_strided(got[k].shape, got[f"{k}.stride"].tolist(), dtype=got[k].dtype,
+                                            device=x0.device).copy_(got[k]) for k in PAIR_KEYS]
+                self.hits += x0.shape[0]
+                return WindowPairs(*back, cond, int(got["teacher_nfe"]))
+            except Exception:  # a damaged file: solve again and replace it
+                pass
+        pairs = make_window_pairs(self.teacher, x0, self.schedule, self.solver, cond=cond, windows=windows,
+                                  noise=noise)
+        self.misses += x0.shape[0]
+        try:
+            tensors = dict(zip(PAIR_KEYS, (pairs.x_a, pairs.x_b, pairs.t_a, pairs.t_b)))
+            atomic_save_tensors({**tensors, **{f"{k}.stride": torch.tensor(v.stride()) for k, v in tensors.items()},
+                                 "teacher_nfe": torch.tensor(pairs.teacher_nfe)}, path)
+        except OSError:  # another run wrote the same pairs at the same moment: they are the same pairs
+            pass
+        return pairs

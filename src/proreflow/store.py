@@ -148,11 +148,18 @@ def module_digest(module: torch.nn.Module, which: Literal["frozen", "trainable"]
     grad (a teacher's identity: a LoRA student's adapters ride on its adapters-off teacher); "trainable": the
     parameters being trained (to check that all processes agree)."""
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    return tensor_digest({n: t for n, t in module.state_dict().items() if (n in trainable) == (which == "trainable")},
+                         shapes=False)
+
+
+def tensor_digest(tensors: dict[str, Tensor], shapes: bool = True) -> str:
+    """sha256 of named tensors' bytes in name order (with their dtypes and shapes unless `shapes=False`: a
+    module's names already fix them, and its digests stay what they were)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        if (name in trainable) != (which == "trainable"):
-            continue
+    for name, tensor in sorted(tensors.items()):
         h.update(name.encode())
+        if shapes:
+            h.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

@@ -39,7 +39,12 @@ class TimeRule:
         raise NotImplementedError
 
     def label(self, sampling: "TimeSampling") -> str:
-        return self.name + (f"-m{sampling.margin:g}" if sampling.margin else "")
+        return self.name + self.margin_suffix(sampling)
+
+    @staticmethod
+    def margin_suffix(sampling: "TimeSampling") -> str:
+        """"-m<margin>" when the uniform part stops short of the window end, else ""."""
+        return f"-m{sampling.margin:g}" if sampling.margin else ""
 
 
 RULES: dict[str, TimeRule] = {}
@@ -85,7 +90,7 @@ class Mixture(TimeRule):
         return torch.where(at_start, torch.zeros_like(u), u)
 
     def label(self, sampling: "TimeSampling") -> str:
-        return f"mixture-{sampling.start_fraction:g}" + (f"-m{sampling.margin:g}" if sampling.margin else "")
+        return f"mixture-{sampling.start_fraction:g}" + self.margin_suffix(sampling)
 
 
 def rules_help() -> str:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from proreflow.fields.families import PLACEMENTS, TeacherFamily, family_of
+from proreflow.fields.families import PLACEMENTS, TeacherFamily, check_placement, family_of
 from proreflow.fields.gmm import GaussianMixture
 from proreflow.fields.lora import AdaptersOff
 from proreflow.fields.network import FlowVelocity, NetworkTeacher
@@ -49,5 +49,5 @@ def teacher_grid(pipe: Any, placement: str, steps: int, resolution: int | None =
 
 
 __all__ = ["AdaptersOff", "FlowVelocity", "GaussianMixture", "NetworkTeacher", "VPSchedule", "VPVelocity",
-           "PLACEMENTS", "TeacherFamily", "denoiser", "family_of", "from_pipeline", "teacher_grid", "timestep_placement",
+           "PLACEMENTS", "TeacherFamily", "check_placement", "denoiser", "family_of", "from_pipeline", "teacher_grid", "timestep_placement",
            "trailing_grid", "window_placement"]

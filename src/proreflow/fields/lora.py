@@ -27,6 +27,10 @@ class AdaptersOff(ModuleField, nn.Module):
         """The wrapped field's."""
         return as_teacher(self.field).noise_entry
 
+    def guidance(self) -> float:
+        """The wrapped field's (its weights are this module's)."""
+        return self.field.guidance() if isinstance(self.field, ModuleField) else 1.0
+
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         self._network.disable_adapters()
         try:

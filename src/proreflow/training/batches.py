@@ -9,7 +9,7 @@ from torch import Tensor
 
 from proreflow.cond import take
 from proreflow.conventions import interpolate, path_velocity
-from proreflow.pairs import CachedPairs, TeacherSolver, make_window_pairs
+from proreflow.pairs import CachedPairs, PairMemo, TeacherSolver, make_window_pairs
 from proreflow.solvers import VelocityField
 from proreflow.time_sampling import TimeSampling
 from proreflow.training.loop import BatchFn, TrainBatch
@@ -59,12 +59,13 @@ def ddpm_batches(data_fn: DataFn, batch_size: int, alphas_cumprod: Tensor) -> Ba
 
 
 def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule: WindowSchedule, solver: TeacherSolver,
-                   batch_size: int, sampling: TimeSampling = TimeSampling()) -> BatchFn:
+                   batch_size: int, sampling: TimeSampling = TimeSampling(), memo: PairMemo | None = None) -> BatchFn:
     """Windowed reflow: fresh teacher pairs for `schedule` each micro-step, a point on each chord.
 
     Points are drawn at t = t_a - u (t_a - t_b) with u from `sampling` (see `proreflow.time_sampling`:
     the one-step sampler queries each window only at its start). All randomness is drawn for the
-    global batch; the teacher only solves this process's rows.
+    global batch; the teacher only solves this process's rows. With `memo` (a `PairMemo` of this teacher,
+    schedule and solver), pairs solved before from the same inputs are loaded instead (the same tensors).
     """
 
     def batch(_: int, gen: torch.Generator, rows: slice = slice(None)) -> TrainBatch:
@@ -73,7 +74,10 @@ def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule: WindowSche
         windows = schedule.sample_windows(x0.shape[0], gen)
         u = sampling.draw(x0.shape[0], gen, x0.dtype)
         x0, cond, noise, windows, u = x0[rows], take(cond, rows), noise[rows], windows[rows], u[rows]
-        pairs = make_window_pairs(teacher, x0, schedule, solver, cond=cond, windows=windows, noise=noise)
+        if memo is not None:
+            pairs = memo(x0, cond, windows, noise)
+        else:
+            pairs = make_window_pairs(teacher, x0, schedule, solver, cond=cond, windows=windows, noise=noise)
         x_t, t = pairs.point(u)
         return TrainBatch(x_t, t, pairs.target(), cond, pairs.teacher_nfe)
 

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from proreflow.errors import ProReflowError
-from proreflow.pairs import CachedPairs, PairCache, TeacherSolver, grid_solver
+from proreflow.pairs import CachedPairs, PairCache, PairMemo, TeacherSolver, grid_solver
 from proreflow.store import json_key
 from proreflow.sampling import sample
 from proreflow.solvers import VelocityField
@@ -51,6 +51,7 @@ class PlanResult:
     stages: list[FitResult]
     sources: list[str]  # per stage: what made its pairs, "teacher" or "previous_stage"
     plan: ProgressivePlan
+    memo_pairs: tuple[int, int] = (0, 0)  # with `pair_memo`: pairs (loaded, solved) over all stages
 
     def sample(self, noise: Tensor, steps: int | None = None, cond: Any = None) -> Tensor:
         """The student's samples from `noise` in `steps` Euler steps (default: one per final window; any
@@ -93,7 +94,8 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
                accelerator: Accelerator | None = None, desc: str | None = None,
                checkpoints: CheckpointConfig | None = None, pair_cache: PairCacheConfig | None = None,
                copy_model: bool = True, on_step: Callable[[int, int, Callable[[], nn.Module], FitResult], None] | None = None,
-               stages: tuple[int, int | None] = (0, None), monitor: Monitor | None = None) -> PlanResult:
+               stages: tuple[int, int | None] = (0, None), monitor: Monitor | None = None,
+               pair_memo: str | Path | None = None) -> PlanResult:
     """Train `recipe`'s k-step student: stage k+1 starts from stage k's (EMA) student, the first from `init`.
 
     Pair source "teacher": every stage's pairs come from the fixed teacher's ODE over that stage's (wider)
@@ -105,7 +107,8 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
     `stages=(a, b)` trains only `plan.stages[a:b]`, with `init` standing for stage a-1's student (a > 0). The
     result is bitwise what the whole plan gives at those stages (every stage draws from its own seed), so a
     budget sweep can take stage 1 of several budgets from one longer stage-1 run's EMA snapshots.
-    `monitor` logs every stage on one step axis (`training.monitor`).
+    `monitor` logs every stage on one step axis (`training.monitor`). `pair_memo`: a folder where fresh pairs
+    are remembered by their inputs (`pairs.PairMemo`), so plans run under it solve the pairs they share once.
     """
     world = accelerator.num_processes if accelerator else process_state().num_processes
     plan, cfg, solver = recipe.plan(k), resolve_batch(recipe.train, world), recipe.teacher_solver
@@ -113,7 +116,7 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
     first, stop = stages
     if not 0 <= first < (len(plan.stages) if stop is None else min(stop, len(plan.stages))):
         raise ProReflowError(f"stages {stages} select no stage of a {len(plan.stages)}-stage plan")
-    student, fits, sources = init, [], []
+    student, fits, sources, memos = init, [], [], []
     for k, stage in list(enumerate(plan.stages))[first:stop]:  # k: the stage index from here on
         source, stage_solver, kind = teacher, solver, "teacher"
         if pair_source == "previous_stage" and k > 0:
@@ -127,7 +130,9 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
                                   cfg.seed + k + 1, cfg.progress)
             batches = cached_reflow_batches(cached, cfg.batch_size, sampling)
         else:
-            batches = reflow_batches(source, data_fn, stage.schedule, stage_solver, cfg.batch_size, sampling)
+            memo = PairMemo(pair_memo, source, stage.schedule, stage_solver) if pair_memo is not None else None
+            memos += [memo] if memo is not None else []
+            batches = reflow_batches(source, data_fn, stage.schedule, stage_solver, cfg.batch_size, sampling, memo)
         if monitor is not None:
             monitor.at_stage(k, len(plan.stages), stage.schedule, sum(s.steps for s in plan.stages[:k]))
         res = fit(student, batches, stage.steps, cfg, loss=recipe.loss, accelerator=accelerator,
@@ -145,7 +150,8 @@ def train_plan(init: nn.Module, teacher: VelocityField, data_fn: DataFn, recipe:
             monitor.teacher_nfe = sum(f.teacher_nfe for f, src in zip(fits, sources) if src == "teacher")
         student = res.model
         del source
-    return PlanResult(student=student, stages=fits, sources=sources, plan=plan)
+    return PlanResult(student=student, stages=fits, sources=sources, plan=plan,
+                      memo_pairs=(sum(m.hits for m in memos), sum(m.misses for m in memos)))
 
 
 def _stage_cache(cfg: PairCacheConfig, stage: int, n_pairs: int, teacher: VelocityField, data_fn: DataFn,

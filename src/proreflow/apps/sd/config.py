@@ -8,7 +8,7 @@ from typing import Any
 
 from proreflow.config import PRESET_DIR, load_preset
 from proreflow.errors import ProReflowError
-from proreflow.fields import PLACEMENTS
+from proreflow.fields import check_placement
 from proreflow.limits import MAX_RESOLUTION
 from proreflow.methods import MethodSpec
 from proreflow.pairs import TeacherSolver
@@ -53,14 +53,13 @@ class DistillConfig(RecipeSettings):
             (0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
             (self.lora_rank >= 0, f"lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}"),
             (self.teacher_guidance >= 1.0, f"teacher_guidance must be >= 1, got {self.teacher_guidance}"),
-            (self.window_placement in PLACEMENTS,
-             f"window_placement must be one of {list(PLACEMENTS)}, got {self.window_placement!r}"),
             (self.weights_dtype in ("float32", "float16", "bfloat16"),
              f"weights_dtype must be float32, float16 or bfloat16, got {self.weights_dtype!r}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ProReflowError(msg)
+        check_placement(self.window_placement)
         self.recipe(self.method).plan(self.steps)  # windows must fit the step count
 
 

@@ -75,8 +75,11 @@ def build_teacher_student(pipe: Any, cfg: DistillConfig) -> tuple[torch.nn.Modul
 
 def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
             checkpoints: CheckpointConfig | None = None, on_step: Callable[..., None] | None = None,
-            monitor: MonitorConfig | None = None, validation_prompts: list[str] | None = None) -> dict:
-    """Train the student by the preset's plan and export it as a diffusers pipeline in `out`.
+            monitor: MonitorConfig | None = None, validation_prompts: list[str] | None = None,
+            pair_cache: Path | None = None) -> dict:
+    """Train the student by the preset's plan and export it as a diffusers pipeline in `out`. `pair_cache`: a folder
+    where the teacher's pairs are remembered by their inputs (`pairs.PairMemo`); runs that draw the same pairs
+    (another lambda, loss weighting or budget of one preset and seed) load them: the same student, fewer solves.
     `on_step(stage, done, ema_model_fn, result)` runs after every optimizer step (`train_plan`); `monitor` logs
     the curves (and renders `validation_prompts` every `validate_every` steps) under `out`."""
     from proreflow.apps.sd.export import export_pipeline, student_scheduler
@@ -106,7 +109,7 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
         watch = Monitor(monitor, out, "distill", shown)
     with watching(watch), stop_on_sigterm():
         res = train_plan(student, teacher, data_fn, recipe, cfg.steps, checkpoints=checkpoints, copy_model=False,
-                         on_step=on_step, monitor=watch)
+                         on_step=on_step, monitor=watch, pair_memo=pair_cache)
     unet = denoiser(pipe)  # trained in place (copy_model=False): the student's network
     summary = {"method": cfg.method.name, "steps": cfg.steps, "windows": list(plan.final.boundaries),
                "stage_windows": [s.schedule.num_windows for s in plan.stages], "lam": cfg.method.lam,
@@ -114,6 +117,7 @@ def distill(cfg: DistillConfig, pipe: Any, data: CaptionedLatents, out: Path,
                "window_placement": cfg.window_placement,
                "optimizer_steps": res.optimizer_steps, "teacher_nfe_per_pair": res.nfe_per_pair,
                "student_nfe_per_pair": res.student_nfe_per_pair,
+               **({"pair_cache": {"loaded": res.memo_pairs[0], "solved": res.memo_pairs[1]}} if pair_cache else {}),
                "final_loss": res.stages[-1].losses[-1], "lora_rank": cfg.lora_rank, "seed": cfg.train.seed}
     chosen = student_scheduler(pipe, plan.final, cfg.resolution)
     summary.update(scheduler=type(chosen[0]).__name__, scheduler_reason=chosen[1])

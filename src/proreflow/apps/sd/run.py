@@ -26,20 +26,23 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
                 seed: int | None = None, encode_cache: Path | None = None, checkpoint_every: int = 500,
                 resume: bool = False, progress: bool = True, on_step: Callable[..., None] | None = None,
                 stream: bool = False, data_workers: int = 2, text_dtype: str = TEXT_DTYPE,
-                monitor: MonitorConfig | None = None, validation_prompts: Path | None = None) -> dict[str, Any]:
+                monitor: MonitorConfig | None = None, validation_prompts: Path | None = None,
+                pair_cache: Path | None = None) -> dict[str, Any]:
     """Distil `cfg`'s teacher on images + captions (`data`: folder, tar shards or hf:NAME) or on prompts only,
     into the diffusers pipeline `out`. Every input is checked before the pipeline is loaded. With `stream`,
     `data` (tar shards, an image folder or hf:NAME) is read by `data_workers` DataLoader workers and encoded
     batch by batch (`apps.sd.stream`) instead of being encoded up front and held in memory. Encoded up front,
     text states are held (and cached) in `text_dtype` (`encode.TEXT_DTYPE`; "float32" keeps them exact).
     `monitor`: curves under `out/logs/distill`; with `validate_every`, `validation_prompts` (a prompt file; default:
-    the first 4 distinct captions) rendered by the EMA student over the teacher (`apps.sd.validate`)."""
+    the first 4 distinct captions) rendered by the EMA student over the teacher (`apps.sd.validate`). `pair_cache`:
+    teacher pairs remembered there by their inputs and loaded by any run that draws them again (`distill`)."""
     seed = cfg.train.seed if seed is None else seed  # --seed wins; unset, the preset's (it was silently 0)
     cfg = replace(cfg, train=replace(cfg.train, seed=seed, progress=progress))
     check_optimizer(cfg.train)
     check_output_dir(out)
-    if encode_cache is not None:
-        check_output_dir(encode_cache, "--encode-cache")
+    for folder, flag in ((encode_cache, "--encode-cache"), (pair_cache, "--pair-cache")):
+        if folder is not None:
+            check_output_dir(folder, flag)
     ckpt = CheckpointConfig(out / "checkpoints", checkpoint_every, 2, resume)
     if not resume and (out / "model_index.json").exists():
         raise ProReflowError(f"{str(out)!r} already holds a pipeline; choose another --out")
@@ -82,7 +85,8 @@ def run_distill(cfg: DistillConfig, out: Path, data: str | None = None, prompts:
                                     text_dtype=text_dtype)
         else:
             source = encode_prompts_only(pipe, records, cfg.resolution, text_dtype)
-        return distill(cfg, pipe, source, out, ckpt, on_step=on_step, monitor=monitor, validation_prompts=shown)
+        return distill(cfg, pipe, source, out, ckpt, on_step=on_step, monitor=monitor, validation_prompts=shown,
+                       pair_cache=pair_cache)
 
 
 def _settings(cfg: DistillConfig, data: str | None, prompts: Path | None, stream: bool, text_dtype: str) -> dict:
