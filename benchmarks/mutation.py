@@ -14,6 +14,9 @@ device, where every tensor is already on it; a second device (a GPU) is needed t
     .venv/bin/pip install -e '.[mutation]'   # mutmut 3 (its result names are parsed); not a dependency
     .venv/bin/python benchmarks/mutation.py        # or `make mutation`; writes benchmarks/results/mutation.{json,md}
     .venv/bin/python benchmarks/mutation.py --report-only   # rescore what mutants/ holds (after a new test)
+    .venv/bin/python benchmarks/mutation.py --report-only --recheck tests/test_core_edges.py
+        # and apply each survivor's diff to a copy of src/ and run the named tests against it: a failing run
+        # counts the mutant as "killed on recheck" (tests written after the run), recorded for later rescoring
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ EQUIVALENT = Path(__file__).parent / "mutation_equivalent.json"
 MUTMUT = [str(Path(sys.executable).parent / "mutmut")]
 _NAME = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
 _MODULE = re.compile(r"^(.*?)\.x(?:_|ǁ)")
-DETECTED = ("killed", "timeout", "caught by type check")
+DETECTED = ("killed", "timeout", "caught by type check", "killed on recheck")
 UNDETECTED = ("survived", "no tests")
 #: mutmut's other outcomes ("not checked", "suspicious", "segfault", "skipped", interrupted): reported, not scored
 
@@ -89,6 +92,28 @@ def device_only(diff_text: str) -> bool:
     return all(_without_device(a) == _without_device(b) for a, b in zip(minus, plus))
 
 
+def recheck(mutant: str, diff_text: str, tests: list[str]) -> bool | None:
+    """Whether `tests` fail with the mutant's change applied to a scratch copy of src/ (None: its lines are no
+    longer in the source)."""
+    import shutil
+    import tempfile
+
+    old = "\n".join(x[1:] for x in diff_text.splitlines() if x.startswith("-"))
+    new = "\n".join(x[1:] for x in diff_text.splitlines() if x.startswith("+"))
+    mod = module_of(mutant).replace(".", "/")
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(ROOT / "src", Path(tmp) / "src")
+        path = next((p for p in (Path(tmp) / "src" / f"{mod}.py", Path(tmp) / "src" / mod / "__init__.py")
+                     if p.is_file()), None)
+        if path is None or old not in path.read_text():
+            return None
+        path.write_text(path.read_text().replace(old, new, 1))
+        env = {**os.environ, "PYTHONPATH": str(Path(tmp) / "src"), "OMP_NUM_THREADS": "1"}
+        run = subprocess.run([sys.executable, "-m", "pytest", *tests, "-x", "-q", "-p", "no:cacheprovider"],
+                             cwd=ROOT, env=env, capture_output=True)
+        return run.returncode != 0
+
+
 def score(by_status: Counter) -> float | None:
     found = sum(by_status[s] for s in DETECTED)
     total = found + sum(by_status[s] for s in UNDETECTED)
@@ -100,6 +125,7 @@ def main() -> None:
     ap.add_argument("--max-children", type=int, default=2, help="parallel mutant processes (2 cores: 2)")
     ap.add_argument("--report-only", action="store_true", help="score the results mutants/ holds, run nothing")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--recheck", nargs="+", metavar="TEST", help="run these tests against each survivor's change")
     args = ap.parse_args()
     seconds = None
     if not args.report_only:
@@ -109,8 +135,10 @@ def main() -> None:
         subprocess.run([*MUTMUT, "run", "--max-children", str(args.max_children)], cwd=ROOT, check=True, env=env)
         seconds = time.perf_counter() - started
     previous = args.results / "mutation.json"
-    if seconds is None and previous.is_file():  # rescoring the same mutants/: keep the run's own time
+    rechecked: dict[str, str] = {}
+    if seconds is None and previous.is_file():  # rescoring the same mutants/: keep the run's own time and rechecks
         seconds = json.loads(previous.read_text()).get("seconds")
+        rechecked = json.loads(previous.read_text()).get("rechecked", {})
     equivalent: dict[str, str] = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
     found = statuses()
     stale = sorted(set(equivalent) - set(found))
@@ -127,6 +155,11 @@ def main() -> None:
                 status = "equivalent"
             elif device_only(diffs[name]):
                 status = "device-only"
+            elif status == "survived" and args.recheck and name not in rechecked:
+                if recheck(name, diffs[name], args.recheck):
+                    rechecked[name] = " ".join(args.recheck)
+            if status == "survived" and name in rechecked:
+                status = "killed on recheck"
         per_module[mod][status] += 1
         if status in UNDETECTED or status in ("equivalent", "device-only"):
             survivors[mod].append((name, status))
@@ -138,7 +171,7 @@ def main() -> None:
               "survivors": {m: [{"mutant": n, "status": s, "diff": diffs[n],
                                  **({"reason": equivalent[n]} if n in equivalent else {})} for n, s in xs]
                             for m, xs in sorted(survivors.items())},
-              "stale_equivalents": stale}
+              "stale_equivalents": stale, "rechecked": rechecked}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "mutation.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.results / "mutation.md").write_text(markdown(result))
@@ -160,11 +193,18 @@ def markdown(r: dict) -> str:
              "(only a `device` argument changed: invisible on one device, listed below) are left out. "
              "`raise ProReflowError(...)` statements are not mutated (their wording is not a result).", "",
              f"**Score: {100 * r['score']:.1f} %** of {sum(t.get(k, 0) for k in DETECTED + UNDETECTED)} scored "
-             f"mutants ({t.get('killed', 0)} killed, {t.get('timeout', 0)} timed out, "
+             f"mutants ({t.get('killed', 0)} killed, {t.get('killed on recheck', 0)} killed on recheck, "
+             f"{t.get('timeout', 0)} timed out, "
              f"{t.get('caught by type check', 0)} caught by type check, {t.get('survived', 0)} survived, "
              f"{t.get('no tests', 0)} reached by no test); {t.get('equivalent', 0)} equivalent, "
              f"{t.get('device-only', 0)} device-only and "
              f"{_other(t)} with another outcome (not checked, suspicious, ...) are not scored.", "",
+             *([f"**Killed on recheck:** {t['killed on recheck']} mutants that survived mutmut's run fail tests "
+                "written after it, run against each mutant's change applied to a copy of src/ (`--recheck "
+                + " / ".join(sorted(set(r["rechecked"].values()))) + "`): "
+                + ", ".join(f"`{n.split('.')[-1]}`" for n in r["rechecked"]) + f". Without them: "
+                f"{100 * (1 - t['killed on recheck'] / sum(t.get(k, 0) for k in DETECTED + UNDETECTED)):.1f} %.",
+                ""] if t.get("killed on recheck") else []),
              *([f"**Incomplete run:** {t['not checked']} mutants were not tested (the run was stopped before it "
                 "reached them); a module's score covers only its tested mutants.", ""] if t.get("not checked") else []),
              "| module | killed + timeout | survived | no tests | equivalent | device-only | other | score |",

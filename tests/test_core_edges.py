@@ -306,3 +306,99 @@ def test_vp_velocity_returns_the_inputs_dtype_for_a_float64_network_output():
     c = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=torch.float64)
     v = VPVelocity(_velocity_net, vp, "flow")(torch.zeros(2, 2), torch.tensor([0.3, 0.7]), {"c": c})
     assert v.dtype == torch.float32 and torch.allclose(v, c.float(), atol=1e-6)
+
+
+# ---------------------------------------------------------------- second mutation run: the gaps it found
+
+
+@pytest.mark.parametrize("method, power", [("heun", 1), ("rk4", 3)])
+def test_heun_and_rk4_evaluate_the_field_at_the_right_times(method, power):
+    """dx/dt = t^p integrates exactly under Heun for p = 1 (trapezoid) and RK4 for p = 3 (Simpson): each stage must be
+    evaluated at t, t + h/2 and t + h. From t = 0.9 to 0.2 in 3 steps: x(0.2) = x(0.9) + (0.2^(p+1) - 0.9^(p+1))/(p+1)."""
+    x = torch.tensor([[0.5], [-1.0]], dtype=torch.float64)
+    field = lambda y, t, cond=None: (t ** power)[:, None].expand_as(y)  # noqa: E731
+    got = solve(field, x, torch.full((2,), 0.9, dtype=torch.float64), torch.full((2,), 0.2, dtype=torch.float64), 3,
+                method)
+    want = x + (0.2 ** (power + 1) - 0.9 ** (power + 1)) / (power + 1)
+    assert torch.allclose(got, want, atol=1e-14, rtol=0), (got - want).abs().max()
+
+
+def test_solver_steps_must_be_an_integer():
+    from proreflow.solvers import check_solver
+
+    for bad in (2.5, 0, True, "2"):
+        with pytest.raises((ProReflowError, TypeError)):
+            check_solver("euler", bad)
+    with pytest.raises(ProReflowError, match="positive integer"):
+        check_solver("euler", 2.5)
+    check_solver("rk4", 1)
+
+
+def test_expand_time_keeps_float64_times_exact():
+    from proreflow.conventions import expand_time
+
+    like = torch.zeros(3, 2, 2, dtype=torch.float64)
+    t = expand_time(0.1, like)
+    assert t.dtype == torch.float64 and float(t) == 0.1  # float32 would give 0.10000000149011612
+    per = expand_time([0.1, 0.2, 0.3], like)
+    assert per.shape == (3, 1, 1) and per.dtype == torch.float64 and per[2, 0, 0].item() == 0.3
+
+
+def test_window_schedule_stores_its_boundaries_as_a_tuple_of_floats():
+    s = WindowSchedule(torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64))
+    assert s.boundaries == (1.0, 0.5, 0.0) and type(s.boundaries) is tuple
+    assert all(type(b) is float for b in WindowSchedule([1, 0]).boundaries)
+
+
+def test_window_schedule_checks_its_last_pair_of_boundaries_too():
+    with pytest.raises(ProReflowError, match="strictly decreasing"):
+        WindowSchedule([1.0, 0.5, 0.0, 0.0])
+
+
+def test_window_schedule_ends_within_its_tolerance_of_zero():
+    from proreflow.windows import _TOL
+
+    assert WindowSchedule([1.0, 0.5, _TOL]).boundaries[-1] == _TOL  # exactly at the tolerance: accepted
+    with pytest.raises(ProReflowError, match="end at 0"):
+        WindowSchedule([1.0, 0.5, 2 * _TOL])
+
+
+def test_entered_at_refuses_a_boundary_at_or_just_below_the_noise_entry():
+    from proreflow.windows import _TOL
+
+    assert WindowSchedule([1.0, 0.5, 0.0]).entered_at(0.75) == (0.75, 0.5, 0.0)
+    for b1 in (0.75, 0.75 - _TOL / 2, 0.75 - _TOL):  # at the entry, inside the tolerance, exactly at its edge
+        with pytest.raises(ProReflowError, match="at or above the teacher's noisiest time"):
+            WindowSchedule([1.0, b1, 0.0]).entered_at(0.75)
+    assert WindowSchedule([1.0, 0.75 - 2 * _TOL, 0.0]).entered_at(0.75)[0] == 0.75
+
+
+def test_cosine_per_sample_passes_its_eps_to_torch():
+    p = torch.tensor([[1e-3, 0.0], [3.0, 4.0]])
+    q = torch.tensor([[1e-3, 1e-3], [4.0, 3.0]])
+    from proreflow.losses import cosine_per_sample
+
+    for eps in (1e-8, 1e-2):
+        want = torch.nn.functional.cosine_similarity(p, q, dim=1, eps=eps)
+        assert torch.allclose(cosine_per_sample(p, q, eps=eps), want, atol=1e-7)
+    # a large eps shrinks the small pair's cosine (norms 1e-3 and 1.4e-3 under 1e-2); the true one is 1 / sqrt(2)
+    assert cosine_per_sample(p, q, eps=1e-2)[0] < 0.1 and abs(float(cosine_per_sample(p, q)[0]) - 0.5 ** 0.5) < 1e-6
+
+
+def test_a_scheduler_walk_refuses_a_timestep_off_the_next_one():
+    """The step walk accepts the next timestep only within 1e-3, as the lookup does: 0.5 off, or exactly 1e-3 off
+    (the last of PeRFlow's 1004 steps is 0, and 0.001 is exactly 1e-3 from it), is refused."""
+    from proreflow.schedulers.perflow import PiecewiseFlowScheduler
+
+    s = PiecewiseFlowScheduler(prediction_type="velocity")
+    s.set_timesteps(8)
+    x, v = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    x = s.step(v, s.timesteps[0], x).prev_sample
+    with pytest.raises(ProReflowError, match="is not one of this scheduler's timesteps"):
+        s.step(v, float(s.timesteps[1]) + 0.5, x)
+    s.set_timesteps(1004)
+    assert int(s.timesteps[-1]) == 0
+    for t in s.timesteps[:-1]:
+        x = s.step(v, t, x).prev_sample
+    with pytest.raises(ProReflowError, match="is not one of this scheduler's timesteps"):
+        s.step(v, 0.001, x)
