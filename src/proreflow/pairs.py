@@ -291,16 +291,17 @@ class PairMemo:
         key = tensor_digest({"x0": x0, "windows": windows, "noise": noise, **flatten_cond(cond)})
         path = self.dir / f"{key[:32]}.safetensors"
         if path.is_file():
-            try:
-                from safetensors.torch import load_file
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
 
+            try:
                 got = load_file(str(path))
                 # in the solve's memory layout (channels-last latents stay so): the same kernels, the same student
                 back = [torch.empty_strided(got[k].shape, got[f"{k}.stride"].tolist(), dtype=got[k].dtype,
                                             device=x0.device).copy_(got[k]) for k in PAIR_KEYS]
                 self.hits += x0.shape[0]
                 return WindowPairs(*back, cond, int(got["teacher_nfe"]))
-            except Exception:  # a damaged file: solve again and replace it
+            except (SafetensorError, OSError, KeyError, RuntimeError, ValueError):  # damaged: solve again, replace it
                 pass
         pairs = make_window_pairs(self.teacher, x0, self.schedule, self.solver, cond=cond, windows=windows,
                                   noise=noise)

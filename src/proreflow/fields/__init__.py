@@ -49,5 +49,5 @@ def teacher_grid(pipe: Any, placement: str, steps: int, resolution: int | None =
 
 
 __all__ = ["AdaptersOff", "FlowVelocity", "GaussianMixture", "NetworkTeacher", "VPSchedule", "VPVelocity",
-           "PLACEMENTS", "TeacherFamily", "check_placement", "denoiser", "family_of", "from_pipeline", "teacher_grid", "timestep_placement",
-           "trailing_grid", "window_placement"]
+           "PLACEMENTS", "TeacherFamily", "check_placement", "denoiser", "family_of", "from_pipeline", "teacher_grid",
+           "timestep_placement", "trailing_grid", "window_placement"]
