@@ -29,7 +29,8 @@ accuracy, fidelity (pixel RMSE to the teacher's DDIM-32 images from the same noi
 Students already distilled are reused (their folder and wall time are kept), so an interrupted run goes on where it
 stopped. Every distill shares `--pair-cache` (runs/mini-sd-pairs): rows that draw the same teacher pairs (the lambda,
 loss-weighting and budget rows of one seed, PeRFlow beside w/o progressive) solve them once and train the very
-student they would train without it (tests/test_distill.py). `--only-trained` scores the students that exist without training the others (the report names the missing).
+student they would train without it (tests/test_distill.py). `--only-trained` scores the students that exist without
+training the others (the report names the missing).
 
     .venv/bin/python benchmarks/mini_sd_tables.py    # writes benchmarks/results/mini_sd_tables.{json,md,png}
                                                      # and mini_sd_guidance.png
