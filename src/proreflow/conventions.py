@@ -174,10 +174,11 @@ class ModuleField:
     another scale are another teacher; at 1 the digest is the weights' alone, as pair caches made before knew it)."""
 
     noise_entry: NoiseEntry = PURE_NOISE
+    guidance_scale: float = 1.0  # the classifier-free guidance the field applies; fields that guide set their own
 
     def guidance(self) -> float:
         """The classifier-free guidance scale the field applies (1: none)."""
-        return 1.0
+        return self.guidance_scale
 
     def fingerprint(self) -> str | None:
         from proreflow.store import module_digest

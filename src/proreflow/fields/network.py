@@ -127,9 +127,6 @@ class FlowVelocity(ModuleField, nn.Module):
         super().__init__()
         self.net, self.time_scale, self.guidance_scale = net, time_scale, guidance_scale
 
-    def guidance(self) -> float:
-        return self.guidance_scale
-
     @classmethod
     def from_scheduler(cls, net: nn.Module, scheduler: Any, guidance_scale: float = 1.0) -> "FlowVelocity":
         """For a network trained with a flow-matching scheduler (FlowMatchEulerDiscreteScheduler)."""

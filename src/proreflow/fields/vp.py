@@ -123,9 +123,6 @@ class VPVelocity(ModuleField, nn.Module):
         """Where samplers start this field from pure noise (`VPSchedule.noise_entry`)."""
         return self.schedule.noise_entry
 
-    def guidance(self) -> float:
-        return self.guidance_scale
-
     def _call(self, x_tau: Tensor, timestep: Tensor, cond: Any) -> Tensor:
         return call_network(self.unet, x_tau, timestep, cond)
 
