@@ -316,3 +316,29 @@ def test_pair_memo_loads_pairs_in_the_memory_layout_the_solve_gave(tmp_path):
     for k in ("x_a", "x_b", "t_a", "t_b"):
         assert getattr(loaded, k).stride() == getattr(direct, k).stride() and torch.equal(getattr(loaded, k),
                                                                                           getattr(direct, k))
+
+
+def test_reflow_batches_refuse_a_memo_of_another_teacher_schedule_or_solver(tmp_path):
+    """The memo solves what it does not hold with its own teacher: handed another one's memo, `reflow_batches` would
+    train on the wrong teacher's pairs without a word."""
+    from proreflow.errors import ProReflowError
+    from proreflow.pairs import PairMemo
+    from proreflow.training.batches import reflow_batches
+
+    a, b = _CountingMLP(0), _CountingMLP(1)
+    data = lambda n, g: _inputs(0)[:2]  # noqa: E731
+    reflow_batches(a, data, SCHED, SOLVER, 16, memo=PairMemo(tmp_path, a, SCHED, SOLVER))  # its own: accepted
+    for memo in (PairMemo(tmp_path, b, SCHED, SOLVER), PairMemo(tmp_path, a, WindowSchedule.uniform(2), SOLVER),
+                 PairMemo(tmp_path, a, SCHED, TeacherSolver("euler", 2))):
+        with pytest.raises(ProReflowError, match="another teacher"):
+            reflow_batches(a, data, SCHED, SOLVER, 16, memo=memo)
+
+
+def test_strided_tensors_come_back_in_their_layout(tmp_path):
+    from proreflow.store import load_strided, save_strided
+
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    save_strided({"x": x, "y": torch.arange(6.0)}, tmp_path / "t.safetensors", {"n": torch.tensor(7)})
+    got = load_strided(tmp_path / "t.safetensors", ("x", "y"))
+    assert got["x"].stride() == x.stride() != x.contiguous().stride() and torch.equal(got["x"], x)
+    assert torch.equal(got["y"], torch.arange(6.0)) and int(got["n"]) == 7 and set(got) == {"x", "y", "n"}

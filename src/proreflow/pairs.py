@@ -23,7 +23,7 @@ from proreflow.cond import flatten_cond, take, unflatten_cond
 from proreflow.conventions import NoiseEntry, Teacher, as_teacher, chord_velocity, expand_time, interpolate
 from proreflow.errors import ProReflowError
 from proreflow.solvers import NFE_PER_STEP, VelocityField, check_solver, solve
-from proreflow.store import ShardStore, atomic_save_tensors, json_key, tensor_digest
+from proreflow.store import DAMAGED_FILE_ERRORS, ShardStore, json_key, load_strided, save_strided, tensor_digest
 from proreflow.windows import WindowSchedule
 
 
@@ -291,25 +291,19 @@ class PairMemo:
         key = tensor_digest({"x0": x0, "windows": windows, "noise": noise, **flatten_cond(cond)})
         path = self.dir / f"{key[:32]}.safetensors"
         if path.is_file():
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                got = load_file(str(path))
-                # in the solve's memory layout (channels-last latents stay so): the same kernels, the same student
-                back = [torch.empty_strided(got[k].shape, got[f"{k}.stride"].tolist(), dtype=got[k].dtype,
-                                            device=x0.device).copy_(got[k]) for k in PAIR_KEYS]
+            try:  # in the solve's memory layout (channels-last latents stay so): the same kernels, the same student
+                got = load_strided(path, PAIR_KEYS, x0.device)
+                pairs = WindowPairs(*(got[k] for k in PAIR_KEYS), cond, int(got["teacher_nfe"]))
                 self.hits += x0.shape[0]
-                return WindowPairs(*back, cond, int(got["teacher_nfe"]))
-            except (SafetensorError, OSError, KeyError, RuntimeError, ValueError):  # damaged: solve again, replace it
+                return pairs
+            except DAMAGED_FILE_ERRORS:  # damaged: solve again, replace it
                 pass
         pairs = make_window_pairs(self.teacher, x0, self.schedule, self.solver, cond=cond, windows=windows,
                                   noise=noise)
         self.misses += x0.shape[0]
         try:
-            tensors = dict(zip(PAIR_KEYS, (pairs.x_a, pairs.x_b, pairs.t_a, pairs.t_b)))
-            atomic_save_tensors({**tensors, **{f"{k}.stride": torch.tensor(v.stride()) for k, v in tensors.items()},
-                                 "teacher_nfe": torch.tensor(pairs.teacher_nfe)}, path)
+            save_strided(dict(zip(PAIR_KEYS, (pairs.x_a, pairs.x_b, pairs.t_a, pairs.t_b))), path,
+                         {"teacher_nfe": torch.tensor(pairs.teacher_nfe)})
         except OSError:  # another run wrote the same pairs at the same moment: they are the same pairs
             pass
         return pairs

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -36,6 +37,28 @@ def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[s
     if before_replace is not None:
         before_replace(tmp)
     os.replace(tmp, path)
+
+
+#: what reading a damaged or half-written safetensors file raises (the caller makes the file again)
+DAMAGED_FILE_ERRORS = (SafetensorError, OSError, KeyError, RuntimeError, ValueError)
+
+
+def save_strided(tensors: dict[str, Tensor], path: Path, extra: dict[str, Tensor] | None = None) -> None:
+    """`atomic_save_tensors` of `tensors` with each one's strides (`<name>.stride`), so `load_strided` gives it back
+    in the same memory layout (channels-last stays channels-last: the same kernels, bitwise the same math), and of
+    `extra` as they are."""
+    strides = {f"{k}.stride": torch.tensor(v.stride(), dtype=torch.int64) for k, v in tensors.items()}
+    atomic_save_tensors({**tensors, **strides, **(extra or {})}, path)
+
+
+def load_strided(path: Path, keys: tuple[str, ...], device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """The tensors `keys` of a `save_strided` file, each in its saved strides on `device`; other entries as stored.
+    Raises one of DAMAGED_FILE_ERRORS for a damaged file or a missing key."""
+    got = load_file(str(path))
+    for k in keys:
+        got[k] = torch.empty_strided(got[k].shape, got.pop(f"{k}.stride").tolist(), dtype=got[k].dtype,
+                                     device=device).copy_(got[k])
+    return got
 
 
 def _sort_metadata(path: Path) -> None:

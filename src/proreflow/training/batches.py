@@ -9,6 +9,7 @@ from torch import Tensor
 
 from proreflow.cond import take
 from proreflow.conventions import interpolate, path_velocity
+from proreflow.errors import ProReflowError
 from proreflow.pairs import CachedPairs, PairMemo, TeacherSolver, make_window_pairs
 from proreflow.solvers import VelocityField
 from proreflow.time_sampling import TimeSampling
@@ -65,8 +66,12 @@ def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule: WindowSche
     Points are drawn at t = t_a - u (t_a - t_b) with u from `sampling` (see `proreflow.time_sampling`:
     the one-step sampler queries each window only at its start). All randomness is drawn for the
     global batch; the teacher only solves this process's rows. With `memo` (a `PairMemo` of this teacher,
-    schedule and solver), pairs solved before from the same inputs are loaded instead (the same tensors).
+    schedule and solver), pairs solved before from the same inputs are loaded instead (the same tensors); the
+    memo solves the others, so one of another teacher, schedule or solver is refused.
     """
+    if memo is not None and (memo.teacher is not teacher or memo.schedule != schedule or memo.solver != solver):
+        raise ProReflowError("reflow_batches: the pair memo was made for another teacher, window schedule or solver; "
+                             "make it with the ones given here")
 
     def batch(_: int, gen: torch.Generator, rows: slice = slice(None)) -> TrainBatch:
         x0, cond = data_fn(batch_size, gen)
@@ -74,7 +79,7 @@ def reflow_batches(teacher: VelocityField, data_fn: DataFn, schedule: WindowSche
         windows = schedule.sample_windows(x0.shape[0], gen)
         u = sampling.draw(x0.shape[0], gen, x0.dtype)
         x0, cond, noise, windows, u = x0[rows], take(cond, rows), noise[rows], windows[rows], u[rows]
-        if memo is not None:
+        if memo is not None:  # loads what it holds, solves the rest with this very teacher
             pairs = memo(x0, cond, windows, noise)
         else:
             pairs = make_window_pairs(teacher, x0, schedule, solver, cond=cond, windows=windows, noise=noise)
