@@ -8,7 +8,11 @@ directly against the teacher's own DDIM-32 trajectory (diffusers' DDIMScheduler,
   compare with the teacher's latent there (RMS over latents);
 - carried: continue that one-step result with the teacher's DDIM-32 steps to t = 0, decode, and compare with the
   teacher's image (pixel RMSE in [0, 1]): the image error this window alone causes;
-- rollout: the model's whole 4-step sample against the teacher's image (the benchmark's fidelity column).
+- rollout: the model's whole 4-step sample against the teacher's image (the benchmark's fidelity column);
+- path: the model's own 4-step run, its latent at each window end against the teacher's there (the error
+  accumulated so far). Also for diffusers' DPM-Solver++ and UniPC at 4 steps on the teacher (Table 2's solvers):
+  their steps use earlier model outputs, so they have no one-step error of their own, but their path says in which
+  window they gain on a student; UniPC's corrected state at each window start is reported beside it.
 
 The same quantities for the teacher itself are DDIM-4's errors, the student's start. A student that beats its
 start must lower the carried error of the windows that dominate it.
@@ -57,9 +61,31 @@ class Stepper:
 
     def run(self, x: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
         """From x at timesteps[0] through each following timestep, then to t = 0 (x0)."""
+        return self.trajectory(x, timesteps)[-1]
+
+    def trajectory(self, x: torch.Tensor, timesteps: list[int]) -> list[torch.Tensor]:
+        """The states after each step of `run` (at timesteps[1:], then x0)."""
+        out = []
         for t, t_prev in zip(timesteps, [*timesteps[1:], -1]):
             x = self.step(x, t, t_prev)
-        return x
+            out.append(x)
+        return out
+
+
+def solver_trajectory(scheduler, teacher: Stepper, x: torch.Tensor, timesteps: list[int]
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A diffusers multistep solver's 4-step run on the teacher: (the states it hands the pipeline after each step,
+    the corrected states UniPC steps from at timesteps[1:], empty for a solver without a corrector)."""
+    scheduler.set_timesteps(len(timesteps))
+    if [int(t) for t in scheduler.timesteps] != timesteps:
+        raise SystemExit(f"error: {type(scheduler).__name__} steps at {scheduler.timesteps.tolist()}, not {timesteps}")
+    states, corrected = [], []
+    for k, t in enumerate(timesteps):
+        x = scheduler.step(teacher.eps(x, t), t, x).prev_sample
+        states.append(x)
+        if k and getattr(scheduler, "last_sample", None) is not None:
+            corrected.append(scheduler.last_sample)  # UniC's correction of the state this step started from
+    return states, corrected
 
 
 def trailing(steps: int, T: int = 1000) -> list[int]:
@@ -67,7 +93,11 @@ def trailing(steps: int, T: int = 1000) -> list[int]:
 
 
 @torch.no_grad()
-def measure(teacher_pipe, unets: dict, n: int, guidances: tuple[float, ...], batch: int, windows: int) -> list[dict]:
+def measure(teacher_pipe, unets: dict, n: int, guidances: tuple[float, ...], batch: int, windows: int,
+            solvers: dict | None = None) -> list[dict]:
+    """Per model (a UNet stepped by DDIM) its local, carried, path and rollout errors; per solver (a diffusers
+    scheduler on the teacher) its path and rollout errors. path: the 4-step run's own latent at each window end
+    against the teacher's DDIM-32 latent there (the error accumulated so far)."""
     ac = teacher_pipe.scheduler.alphas_cumprod
     fine, coarse = trailing(32), trailing(windows)
     at = [fine.index(t) for t in coarse]  # the window starts on the 32-step path
@@ -98,15 +128,36 @@ def measure(teacher_pipe, unets: dict, n: int, guidances: tuple[float, ...], bat
                     rest = fine[j_end:]
                     img = decode(teach.run(one, rest) if rest else one)
                     acc["carried"][k] += float((img - ref).pow(2).sum())
-                acc["rollout"] += float((decode(model.run(noise, coarse)) - ref).pow(2).sum())
+                states = model.trajectory(noise, coarse)
+                _add_path(acc, states, path, at)
+                acc["rollout"] += float((decode(states[-1]) - ref).pow(2).sum())
+            for name, scheduler in (solvers or {}).items():
+                acc = sums.setdefault(name, {"rollout": 0.0})
+                states, corrected = solver_trajectory(scheduler, teach, noise, coarse)
+                _add_path(acc, states, path, at)
+                if corrected:
+                    acc["corrected"] = [a + float((c - path[j]).pow(2).sum())
+                                        for a, c, j in zip(acc.get("corrected", [0.0] * len(corrected)), corrected,
+                                                           at[1:])]
+                acc["rollout"] += float((decode(states[-1]) - ref).pow(2).sum())
         lat_numel, img_numel = n * ch * size * size, n * ref[0].numel()
         for name, acc in sums.items():
-            rows.append({"model": name, "guidance": g,
-                         "local_rms": [(v / lat_numel) ** 0.5 for v in acc["local"]],
-                         "carried_rmse": [(v / img_numel) ** 0.5 for v in acc["carried"]],
-                         "rollout_rmse": (acc["rollout"] / img_numel) ** 0.5})
+            row = {"model": name, "guidance": g}
+            for key, out in (("local", "local_rms"), ("path", "path_rms"), ("corrected", "corrected_rms")):
+                if key in acc:
+                    row[out] = [(v / lat_numel) ** 0.5 for v in acc[key]]
+            if "carried" in acc:
+                row["carried_rmse"] = [(v / img_numel) ** 0.5 for v in acc["carried"]]
+            rows.append({**row, "rollout_rmse": (acc["rollout"] / img_numel) ** 0.5})
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _add_path(acc: dict, states: list[torch.Tensor], path: list[torch.Tensor], at: list[int]) -> None:
+    """Add each window end's squared latent error against the teacher's DDIM-32 path (the last: its x0)."""
+    ends = [*at[1:], len(path) - 1]
+    acc["path"] = [a + float((x - path[j]).pow(2).sum())
+                   for a, x, j in zip(acc.get("path", [0.0] * len(states)), states, ends)]
 
 
 def weights(alphas_cumprod: torch.Tensor, starts: list[int], rows: list[dict]) -> dict:
@@ -120,7 +171,7 @@ def weights(alphas_cumprod: torch.Tensor, starts: list[int], rows: list[dict]) -
     ends = [*starts[1:], -1]
     out = {"eps_weight": [(lambda a, s: (a / (a + s)) ** 2)(*a_s(t)) for t in starts]}
     for x in rows:
-        if x["model"].startswith("teacher"):
+        if x["model"].startswith("teacher") and "carried_rmse" in x:
             out[f"image_weight_g{x['guidance']:g}"] = [
                 (c / loc * sum(a_s(e)) * (flow_t(t) - flow_t(e))) ** 2
                 for c, loc, t, e in zip(x["carried_rmse"], x["local_rms"], starts, ends)]
@@ -135,10 +186,21 @@ def markdown(r: dict) -> str:
              "(trailing, final alpha 1). local: RMS latent error of one step from the teacher's latent at the window "
              "start; carried: pixel RMSE (in [0, 1]) of the image when only that window is the model's one step and "
              "the rest is the teacher's DDIM-32; rollout: the model's own 4-step image.", ""]
-    for key, label in (("local_rms", "local latent RMS"), ("carried_rmse", "carried pixel RMSE")):
-        lines += [f"## {label}", "", f"| model | guidance | {head} |", "|---|---|" + "---|" * k]
+    sections = (("local_rms", "local latent RMS", ""), ("carried_rmse", "carried pixel RMSE", ""),
+                ("path_rms", "path latent RMS at each window end",
+                 "Each sampler's own 4-step run from the noise; its latent at the window's end against the teacher's "
+                 "DDIM-32 latent there: the error accumulated so far (the last column is x0). UniPC corrected: the "
+                 "state UniPC's corrector (UniC) makes of that latent once it has the model's output there, which "
+                 "its next step starts from."))
+    for key, label, text in sections:
+        lines += [f"## {label}", "", *([text, ""] if text else []), f"| model | guidance | {head} |",
+                  "|---|---|" + "---|" * k]
         for x in r["rows"]:
-            lines.append(f"| {x['model']} | {x['guidance']:g} | " + " | ".join(f"{v:.4f}" for v in x[key]) + " |")
+            if key in x:
+                lines.append(f"| {x['model']} | {x['guidance']:g} | " + " | ".join(f"{v:.4f}" for v in x[key]) + " |")
+            if key == "path_rms" and "corrected_rms" in x:
+                lines.append(f"| {x['model']} corrected | {x['guidance']:g} | "
+                             + " | ".join(f"{v:.4f}" for v in x["corrected_rms"]) + " | - |")
         lines.append("")
     lines += ["## rollout pixel RMSE", "", "| model | guidance | 4-step rollout |", "|---|---|---|"]
     lines += [f"| {x['model']} | {x['guidance']:g} | {x['rollout_rmse']:.4f} |" for x in r["rows"]]
@@ -162,6 +224,8 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, action="append", default=[])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "mini_sd_windows")
+    ap.add_argument("--no-solvers", dest="solvers", action="store_false",
+                    help="skip DPM-Solver++-4 and UniPC-4 on the teacher (their path and rollout errors)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -170,7 +234,14 @@ def main() -> None:
     unets = {"teacher (DDIM-4)": pipe.unet}
     for s in args.student:
         unets[s.name] = UNet2DConditionModel.from_pretrained(str(s / "unet")).eval()
-    rows = measure(pipe, unets, args.n, tuple(args.guidance or (1.0, 4.0)), args.batch, 4)
+    import diffusers
+
+    # the 4-step solvers of Table 2 (benchmarks/mini_sd_tables.py), trailing spacing, each from the teacher's config
+    solvers = {f"{label} (teacher)": getattr(diffusers, cls).from_config(pipe.scheduler.config,
+                                                                          timestep_spacing="trailing")
+               for label, cls in (("DPM-Solver++-4", "DPMSolverMultistepScheduler"),
+                                  ("UniPC-4", "UniPCMultistepScheduler"))} if args.solvers else {}
+    rows = measure(pipe, unets, args.n, tuple(args.guidance or (1.0, 4.0)), args.batch, 4, solvers)
     cmd = "python benchmarks/mini_sd_windows.py " + " ".join(f"--student {s}" for s in args.student)
     result = {"n": args.n, "windows": 4, "starts": trailing(4), "rows": rows, "command": cmd,
               "weights": weights(pipe.scheduler.alphas_cumprod, trailing(4), rows)}
