@@ -1,0 +1,60 @@
+"""benchmarks/mini_sd_tables.py's report from a result json (no models): issue 24's targets met or missed by the
+numbers given, seeds aggregated as mean ± std, and the from-empty-caches estimate."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def tables():
+    if not (BENCH / "mini_sd_tables.py").is_file():
+        pytest.skip("benchmarks/ is not beside these tests")
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("mini_sd_tables", BENCH / "mini_sd_tables.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["mini_sd_tables"] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(name, steps, g, fd, seed=None, acc=0.9, table="2"):
+    return {"row": name, "table": table, "seed": seed, "steps": steps, "guidance": g, "fd": fd,
+            "prompt_accuracy": acc, "fidelity_rmse": 0.03, "seconds_per_image": 0.01 if seed in (None, 0) else None}
+
+
+def _result(rows, **extra):
+    return {"n_generated": 10, "grid_panels": [], "torch_threads": 2, "rows": rows, "missing": [],
+            "distill_seconds": {"a, seed 0": 600.0, "b, seed 0": 1200.0}, "seconds": 60.0, **extra}
+
+
+def test_targets_are_met_or_missed_by_the_numbers(tables):
+    rows = []
+    for g, ref in ((1.0, 2.0), (4.0, 4.0)):
+        rows += [_row("teacher DDIM-32", 32, g, ref), _row("teacher DDIM-4", 4, g, 3 * ref),
+                 _row("teacher DPM-Solver++-4", 4, g, 1.25 * ref), _row("teacher UniPC-4", 4, g, 1.1 * ref)]
+        # ProReflow-I: mean 1.2x at CFG 1 (met), 1.35x at CFG 4 (missed); ProReflow-II 2 steps: 1.9x and 2.1x
+        fds = (2.3, 2.5, 2.4) if g == 1.0 else (5.3, 5.5, 5.4)
+        rows += [_row("ProReflow-I (full)", 4, g, fd, seed=s, table="1, 4") for s, fd in enumerate(fds)]
+        two = (3.7, 3.9) if g == 1.0 else (8.3, 8.5)
+        rows += [_row("ProReflow-II", 2, g, fd, seed=s, table="1") for s, fd in enumerate(two)]
+    text = "\n".join(tables.targets(_result(rows)))
+    assert "ProReflow-I FD 2.40 = 1.20x the teacher's DDIM-32 (2.00; target <= 1.3x: met); below DDIM-4, " \
+           "DPM-Solver++-4; not below UniPC-4 (2.20)" in text
+    assert "ProReflow-I FD 5.40 = 1.35x the teacher's DDIM-32 (4.00; target <= 1.3x: missed)" in text
+    assert "ProReflow-II at 2 steps: FD 3.80 ± 0.14 = 1.90x (target <= 2x: met; 2 seeds)" in text
+    assert "ProReflow-II at 2 steps: FD 8.40 ± 0.14 = 2.10x (target <= 2x: missed; 2 seeds)" in text
+
+
+def test_report_aggregates_seeds_and_estimates_the_run_from_empty_caches(tables):
+    rows = [_row("teacher DDIM-32", 32, g, 2.0) for g in (1.0, 4.0)]
+    rows += [_row("w/o aligned", 4, 4.0, fd, seed=s, table="4") for s, fd in enumerate((4.0, 5.0, 6.0))]
+    md = tables.markdown(_result(rows, scoring_seconds=300.0))
+    assert "| w/o aligned | 4 | 4 | 3 | 5.00 ± 1.00 |" in md
+    assert "Scoring took 5.0 min; with every distillation as first measured, the command from empty caches would " \
+           "take about 35 min" in md
+    assert "Scoring took" not in tables.markdown(_result(rows))  # results written before the field existed
