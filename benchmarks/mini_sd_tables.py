@@ -269,8 +269,9 @@ def markdown(r: dict) -> str:
               "measured)."]
     if "scoring_seconds" in r:
         total = sum(r["distill_seconds"].values()) + r["scoring_seconds"]
-        lines += [f"Scoring took {r['scoring_seconds'] / 60:.1f} min; with every distillation as first measured, the "
-                  f"command from empty caches would take about {total / 60:.0f} min on this machine."]
+        lines += [f"Scoring took {r['scoring_seconds'] / 60:.1f} min. Every distillation as first measured plus the "
+                  f"scoring: {total / 60:.0f} min on this machine; rows distilled before `--pair-cache` existed count "
+                  "the pairs they solved, which a run from empty caches would load for the rows that share them."]
     if r["missing"]:
         lines += ["", "Not trained in this run (`--only-trained`): " + ", ".join(r["missing"]) + "."]
     lines += ["", "Sample grid (`mini_sd_tables.png`): guidance 4, the same prompts and noise, one class a row, 4 "
