@@ -1,0 +1,51 @@
+"""benchmarks/mini_sd_regen.py's comparison of two students' UNets (no distillation): bitwise equal only when every
+tensor is, the largest difference otherwise."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def regen():
+    if not (BENCH / "mini_sd_regen.py").is_file():
+        pytest.skip("benchmarks/ is not beside these tests")
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("mini_sd_regen", BENCH / "mini_sd_regen.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["mini_sd_regen"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _student(root: Path, tensors: dict) -> Path:
+    (root / "unet").mkdir(parents=True)
+    save_file(tensors, str(root / "unet" / "diffusion_pytorch_model.safetensors"))
+    return root
+
+
+def test_compare_tells_bitwise_equal_from_one_ulp_apart(regen, tmp_path):
+    w = {"a": torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), "b": torch.zeros(2)}
+    kept = _student(tmp_path / "kept", w)
+    assert regen.compare(kept, _student(tmp_path / "same", {k: v.clone() for k, v in w.items()})) == \
+        {"tensors": 2, "max_abs_diff": 0.0, "bitwise": True}
+    moved = {**w, "b": torch.tensor([0.0, 1e-3])}
+    got = regen.compare(kept, _student(tmp_path / "moved", moved))
+    assert got["bitwise"] is False and got["max_abs_diff"] == pytest.approx(1e-3)
+    ulp = {**w, "a": torch.nextafter(w["a"], torch.full_like(w["a"], float("inf")))}
+    assert regen.compare(kept, _student(tmp_path / "ulp", ulp))["bitwise"] is False
+    assert regen.compare(kept, _student(tmp_path / "fewer", {"a": w["a"]})) == \
+        {"tensors": [2, 1], "max_abs_diff": None, "bitwise": False}
+
+
+def test_report_names_rows_loads_and_times(regen):
+    md = regen.markdown({"command": "python benchmarks/mini_sd_regen.py", "rows": [
+        {"row": "w/o aligned", "seed": 0, "tensors": 324, "max_abs_diff": 0.0, "bitwise": True,
+         "pair_cache": {"loaded": 25600, "solved": 0}, "seconds": 150.0, "tables_seconds": 504.0}]})
+    assert "| w/o aligned | 0 | 324 | 0.0 | True | 25,600 / 0 | 2.5 | 8.4 |" in md
