@@ -84,7 +84,7 @@ class Student:
 
 
 THREE = (0, 1, 2)
-#: `--seeds 2` (this session's run) trains and scores only seeds 0 and 1 of the three-seed rows
+#: `--seeds 1` or `--seeds 2` trains and scores only the first one or two seeds of the three-seed rows
 EPS = {"loss_weighting": "output"}
 # the full variant's seeds 0/1 and the eps-weighted lambda-1 student are those benchmarks/mini_sd_distill.py trains
 STUDENTS = (
