@@ -1,27 +1,18 @@
 """benchmarks/mini_sd_regen.py's comparison of two students' UNets (no distillation): bitwise equal only when every
 tensor is, the largest difference otherwise."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def regen():
-    if not (BENCH / "mini_sd_regen.py").is_file():
-        pytest.skip("benchmarks/ is not beside these tests")
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("mini_sd_regen", BENCH / "mini_sd_regen.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["mini_sd_regen"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("mini_sd_regen")
 
 
 def _student(root: Path, tensors: dict) -> Path:

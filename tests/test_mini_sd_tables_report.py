@@ -1,25 +1,14 @@
 """benchmarks/mini_sd_tables.py's report from a result json (no models): issue 24's targets met or missed by the
 numbers given, seeds aggregated as mean ± std, and the from-empty-caches estimate."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def tables():
-    if not (BENCH / "mini_sd_tables.py").is_file():
-        pytest.skip("benchmarks/ is not beside these tests")
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("mini_sd_tables", BENCH / "mini_sd_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["mini_sd_tables"] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("mini_sd_tables")
 
 
 def _row(name, steps, g, fd, seed=None, acc=0.9, table="2"):

@@ -1,27 +1,16 @@
 """benchmarks/mini_sd_windows.py's solver rows on a tiny random SD: the multistep runs it scores are diffusers' own
 (the stock pipeline's latents), their first window is DDIM's step, and each error lands in its window."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from benchmark_module import load_benchmark
 from proreflow.models.sd_shapes import tiny_pipeline
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def windows_mod():
-    if not (BENCH / "mini_sd_windows.py").is_file():
-        pytest.skip("benchmarks/ is not beside these tests")
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("mini_sd_windows", BENCH / "mini_sd_windows.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("mini_sd_windows")
 
 
 @pytest.fixture(scope="module")

@@ -185,13 +185,7 @@ def test_conditioning_meets_the_network_by_its_signature():
     ("x0 = y - t * v", "x0 = y + t * v", False)])
 def test_mutation_report_sets_apart_only_mutants_that_change_a_device_argument(before, after, only_device):
     """benchmarks/mutation.py's rule: such mutants are invisible on one device and are listed, not scored."""
-    import importlib.util
-    from pathlib import Path
+    from benchmark_module import load_benchmark
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "mutation.py"
-    if not path.is_file():  # mutmut's copy of the tests runs without the benchmarks
-        pytest.skip("benchmarks/mutation.py is not beside these tests")
-    spec = importlib.util.spec_from_file_location("mutation_report", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("mutation")  # skipped in mutmut's copy of the tests, which runs without benchmarks/
     assert module.device_only(f"-    {before}\n+    {after}") is only_device
