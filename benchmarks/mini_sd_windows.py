@@ -117,6 +117,7 @@ def measure(teacher_pipe, unets: dict, n: int, guidances: tuple[float, ...], bat
             for t, t_prev in zip(fine, [*fine[1:], -1]):
                 path.append(teach.step(path[-1], t, t_prev))
             ref = decode(path[-1])
+            ends = [path[j] for j in at[1:]] + [path[-1]]  # the teacher's latent at each window end, then its x0
             for name, unet in unets.items():
                 model = Stepper(unet, ac, emb, uncond, g)
                 acc = sums.setdefault(name, {"local": [0.0] * windows, "carried": [0.0] * windows, "rollout": 0.0})
@@ -129,16 +130,14 @@ def measure(teacher_pipe, unets: dict, n: int, guidances: tuple[float, ...], bat
                     img = decode(teach.run(one, rest) if rest else one)
                     acc["carried"][k] += float((img - ref).pow(2).sum())
                 states = model.trajectory(noise, coarse)
-                _add_path(acc, states, path, at)
+                _add_errors(acc, "path", states, ends)
                 acc["rollout"] += float((decode(states[-1]) - ref).pow(2).sum())
             for name, scheduler in (solvers or {}).items():
                 acc = sums.setdefault(name, {"rollout": 0.0})
                 states, corrected = solver_trajectory(scheduler, teach, noise, coarse)
-                _add_path(acc, states, path, at)
-                if corrected:
-                    acc["corrected"] = [a + float((c - path[j]).pow(2).sum())
-                                        for a, c, j in zip(acc.get("corrected", [0.0] * len(corrected)), corrected,
-                                                           at[1:])]
+                _add_errors(acc, "path", states, ends)
+                if corrected:  # UniPC's corrected states at the window starts after the first
+                    _add_errors(acc, "corrected", corrected, ends[:-1])
                 acc["rollout"] += float((decode(states[-1]) - ref).pow(2).sum())
         lat_numel, img_numel = n * ch * size * size, n * ref[0].numel()
         for name, acc in sums.items():
@@ -153,11 +152,9 @@ def measure(teacher_pipe, unets: dict, n: int, guidances: tuple[float, ...], bat
     return rows
 
 
-def _add_path(acc: dict, states: list[torch.Tensor], path: list[torch.Tensor], at: list[int]) -> None:
-    """Add each window end's squared latent error against the teacher's DDIM-32 path (the last: its x0)."""
-    ends = [*at[1:], len(path) - 1]
-    acc["path"] = [a + float((x - path[j]).pow(2).sum())
-                   for a, x, j in zip(acc.get("path", [0.0] * len(states)), states, ends)]
+def _add_errors(acc: dict, key: str, states: list[torch.Tensor], refs: list[torch.Tensor]) -> None:
+    """Add each state's squared latent error against its reference on the teacher's DDIM-32 path to `acc[key]`."""
+    acc[key] = [a + float((x - r).pow(2).sum()) for a, x, r in zip(acc.get(key, [0.0] * len(states)), states, refs)]
 
 
 def weights(alphas_cumprod: torch.Tensor, starts: list[int], rows: list[dict]) -> dict:
