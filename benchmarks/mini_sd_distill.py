@@ -75,7 +75,8 @@ def distill(name: str, scope: str, changes: dict, teacher: Path, data: Path, roo
     started = time.perf_counter()
     subprocess.run(cmd, check=True, env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads)})
     seconds = time.perf_counter() - started
-    atomic_write_text(record, json.dumps({"seconds": seconds}) + "\n")
+    # the thread count is recorded: a student's numbers depend on it (benchmarks/results/lanes_speed.md)
+    atomic_write_text(record, json.dumps({"seconds": seconds, "threads": threads}) + "\n")
     return out, seconds
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -49,6 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from lanes import Job, run_lanes  # noqa: E402
 from mini_sd_distill import distill, generate, open_pipe, score, timed  # noqa: E402
 from mini_sd_teacher import grid, prompts_for  # noqa: E402
 
@@ -73,6 +75,9 @@ class Student:
     seeds: tuple[int, ...] = (0,)
     steps: tuple[int, ...] = (4,)
     guidances: tuple[float, ...] = GUIDANCES
+    #: the row (same seed) whose teacher pairs this one loads from `--pair-cache`: with `--jobs` > 1 it starts after
+    #: that row has finished instead of solving the same pairs beside it (a scheduling hint: the student is the same)
+    pairs_from: str | None = None
 
     def folder_scope(self, seed: int) -> str:
         return self.scope + (f"-seed{seed}" if seed else "")
@@ -86,36 +91,54 @@ class Student:
 THREE = (0, 1, 2)
 #: `--seeds 1` or `--seeds 2` trains and scores only the first one or two seeds of the three-seed rows
 EPS = {"loss_weighting": "output"}
+FULL = "ProReflow-I (full)"
+LONGEST = "2-rectified flow"
 # the full variant's seeds 0/1 and the eps-weighted lambda-1 student are those benchmarks/mini_sd_distill.py trains
 STUDENTS = (
-    Student("ProReflow-I (full)", "1, 4", "mini-sd-students", "velocity", seeds=THREE),
-    Student("w/o aligned", "4", "mini-sd-ablations", "no-aligned", {"method": {"lam": 0.0}}, THREE),
+    Student(FULL, "1, 4", "mini-sd-students", "velocity", seeds=THREE),
+    Student("w/o aligned", "4", "mini-sd-ablations", "no-aligned", {"method": {"lam": 0.0}}, THREE, pairs_from=FULL),
     Student("w/o progressive", "4", "mini-sd-ablations", "no-progressive", {"method": {"windows": "k"}}, THREE),
     Student("w/o both (PeRFlow)", "1, 4", "mini-sd-ablations", "perflow", {"method": {"windows": "k", "lam": 0.0}},
-            THREE),
+            THREE, pairs_from="w/o progressive"),
     # 2-RF solves the whole trajectory for every pair (32 teacher calls, against 6 for ProReflow-I), shared with no
     # other row: the longest distillation
     Student("2-rectified flow", "1", "mini-sd-tables", "2rf", {"method": {"windows": [1], "lam": 0.0}}, THREE,
             (2, 4)),
-    Student("ProReflow-II", "1", "mini-sd-tables", "proreflow-II", {"steps": 2}, THREE, (2, 4)),
-    Student("lambda 0.1", "lambda", "mini-sd-tables", "lam0.1", {"method": {"lam": 0.1}}),
-    Student("lambda 10", "lambda", "mini-sd-tables", "lam10", {"method": {"lam": 10.0}}),
-    Student("eps-weighted MSE, lambda 1", "weighting", "mini-sd-students", "run", {"method": EPS}),
+    Student("ProReflow-II", "1", "mini-sd-tables", "proreflow-II", {"steps": 2}, THREE, (2, 4), pairs_from=FULL),
+    Student("lambda 0.1", "lambda", "mini-sd-tables", "lam0.1", {"method": {"lam": 0.1}}, pairs_from=FULL),
+    Student("lambda 10", "lambda", "mini-sd-tables", "lam10", {"method": {"lam": 10.0}}, pairs_from=FULL),
+    Student("eps-weighted MSE, lambda 1", "weighting", "mini-sd-students", "run", {"method": EPS}, pairs_from=FULL),
     Student("eps-weighted MSE, lambda 0", "weighting", "mini-sd-tables", "eps-no-aligned",
-            {"method": {**EPS, "lam": 0.0}}),
+            {"method": {**EPS, "lam": 0.0}}, pairs_from=FULL),
     Student("guidance-distilled (pairs at guidance 4)", "guidance", "mini-sd-tables", "teacher-g4",
             {"teacher_guidance": 4.0}, guidances=(1.0,)),
     Student("previous-stage pairs", "pairs", "mini-sd-tables", "previous-stage",
-            {"method": {"pair_source": "previous_stage"}}),
+            {"method": {"pair_source": "previous_stage"}}, pairs_from=FULL),
     Student("full, 200 steps", "budget", "mini-sd-tables", "full-200",
-            {"budget_steps": 200, "train": {"warmup_steps": 50}}),
+            {"budget_steps": 200, "train": {"warmup_steps": 50}}, pairs_from=FULL),
     Student("PeRFlow, 200 steps", "budget", "mini-sd-tables", "perflow-200",
-            {"method": {"windows": "k", "lam": 0.0}, "budget_steps": 200, "train": {"warmup_steps": 50}}),
+            {"method": {"windows": "k", "lam": 0.0}, "budget_steps": 200, "train": {"warmup_steps": 50}},
+            pairs_from="w/o progressive"),
 )
 #: diffusers solvers on the teacher (Table 2): name -> (scheduler class, steps)
 SOLVERS = (("DDIM", "DDIMScheduler", 32), ("DDIM", "DDIMScheduler", 8), ("DDIM", "DDIMScheduler", 4),
            ("DPM-Solver++", "DPMSolverMultistepScheduler", 4), ("UniPC", "UniPCMultistepScheduler", 4))
 SWEPT = ("ProReflow-I (full)", "w/o both (PeRFlow)")
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that writes these results (`--report-only` dropped: it only rewrites the md)."""
+    return " ".join([".venv/bin/python benchmarks/mini_sd_tables.py",
+                     *(shlex.quote(a) for a in argv if a != "--report-only")])
+
+
+def distill_order(seeds: int) -> list[tuple[int, Student]]:
+    """(seed, row) in the order they are distilled: every row's seed 0 first, so a run cut short has one seed of every
+    row; within a seed the rows that solve their own pairs first, 2-RF (the longest) before them, so that with
+    `--jobs` > 1 no lane is left alone with it at the end."""
+    order = [(seed, i, st) for i, st in enumerate(STUDENTS) for seed in st.seeds if seed < seeds]
+    order.sort(key=lambda x: (x[0], x[2].pairs_from is not None, x[2].name != LONGEST, x[1]))
+    return [(seed, st) for seed, _, st in order]
 
 
 def solver_pipe(teacher: Path, cls_name: str):
@@ -137,6 +160,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500, help="generated images per row")
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="distillations run side by side, --threads // --jobs torch threads each (benchmarks/lanes.py; "
+                         "a student's numbers depend on its thread count, so the tables are at --jobs 1)")
     ap.add_argument("--only-trained", action="store_true", help="score the students that exist, train none")
     ap.add_argument("--seeds", type=int, default=3, choices=(1, 2, 3), help="training seeds of the three-seed rows")
     ap.add_argument("--pair-cache", type=Path, default=Path("runs/mini-sd-pairs"),
@@ -147,27 +173,40 @@ def main() -> None:
     args = ap.parse_args()
     if args.report_only:
         result = json.loads((args.results / "mini_sd_tables.json").read_text())
+        result.setdefault("command", command_line(sys.argv[1:]))  # results written before the json kept it
         plot_sweep(result, args.results / "mini_sd_guidance.png")
         atomic_write_text(args.results / "mini_sd_tables.md", markdown(result))
         return
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs must be at least 1, got {args.jobs}")
     torch.set_num_threads(args.threads)
     if not (args.teacher / "model_index.json").is_file():
         raise SystemExit(f"error: no mini teacher in {args.teacher}; run benchmarks/mini_sd_teacher.py first")
     if not args.data.is_dir():
         write_image_folder(args.data, split="train", limit=10000, seed=0)
     started = time.perf_counter()
-    trained: dict[tuple[str, int], tuple[Path, float]] = {}
     missing: list[str] = []
-    # every row's seed 0 first, so a run cut short has one seed of every row
-    for seed, st in sorted(((seed, st) for st in STUDENTS for seed in st.seeds if seed < args.seeds),
-                           key=lambda x: x[0]):
+    jobs: list[Job] = []
+    by_name = {st.name: st for st in STUDENTS}
+    for seed, st in distill_order(args.seeds):
         root, scope = args.runs / st.root, st.folder_scope(seed)
         done = (root / scope / "model_index.json").is_file() and (root / f"{scope}.time.json").is_file()
         if args.only_trained and not done:
             missing.append(f"{st.name}, seed {seed}")
             continue
-        trained[(st.name, seed)] = distill(f"{st.name}, seed {seed}", scope, st.seed_changes(seed), args.teacher,
-                                           args.data, root, args.threads, args.pair_cache)
+        jobs.append(Job((st.name, seed), (st.pairs_from, seed) if st.pairs_from else None))
+    lane_threads = max(1, args.threads // args.jobs)  # the cores split between the lanes, never oversubscribed
+
+    def run(job: Job) -> tuple[Path, float]:
+        (name, seed), st = job.key, by_name[job.key[0]]
+        return distill(f"{name}, seed {seed}", st.folder_scope(seed), st.seed_changes(seed), args.teacher, args.data,
+                       args.runs / st.root, lane_threads, args.pair_cache)
+
+    done_jobs = run_lanes(jobs, args.jobs, run)
+    # scored row by row in STUDENTS' order, seed 0 first, whatever order they were distilled or finished in
+    rank = {st.name: i for i, st in enumerate(STUDENTS)}
+    trained = {key: done_jobs[key] for key in sorted(done_jobs, key=lambda k: (k[1], rank[k[0]]))}
+    distilled_seconds = time.perf_counter() - started
 
     scoring_started = time.perf_counter()
     metrics = ClassifierMetrics.load(args.teacher / "classifier", real=load_fashion("test").pixels())
@@ -179,7 +218,6 @@ def main() -> None:
     costs = {key: {k: json.loads((folder / "proreflow.json").read_text()).get(k)
                    for k in ("teacher_nfe_per_pair", "student_nfe_per_pair")}
              for key, (folder, _) in trained.items()}
-    by_name = {st.name: st for st in STUDENTS}
     for guidance in sorted({*GUIDANCES, *SWEEP}):
         ref, _ = generate(solver_pipes[("DDIM", 32)], prompts, 32, guidance, args.batch)
         for (label, steps), pipe in solver_pipes.items():
@@ -207,7 +245,11 @@ def main() -> None:
     result = {"n_generated": args.n, "grid_panels": list(shown), "torch_threads": args.threads, "rows": rows,
               "missing": missing,
               "distill_seconds": {f"{n}, seed {s}": round(t, 1) for (n, s), (_, t) in trained.items()},
-              "seconds": round(time.perf_counter() - started, 1),
+              "distill_threads": sorted({json.loads((folder.parent / f"{folder.name}.time.json").read_text())
+                                         .get("threads", 2) for folder, _ in trained.values()}),  # older: 2
+              "command": command_line(sys.argv[1:]), "seconds": round(time.perf_counter() - started, 1),
+              "jobs": args.jobs, "lane_threads": lane_threads,
+              "distill_wall_seconds": round(distilled_seconds, 1),
               "scoring_seconds": round(time.perf_counter() - scoring_started, 1)}
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.results / "mini_sd_tables.json", json.dumps(result, indent=1) + "\n")
@@ -267,6 +309,12 @@ def markdown(r: dict) -> str:
               ", ".join(f"{k}: {v / 60:.1f} min" for k, v in r["distill_seconds"].items()) + ".",
               f"Whole command: {r['seconds'] / 60:.1f} min (students already trained are reused, their time as first "
               "measured)."]
+    if len(r.get("distill_threads", [])) > 1:
+        lines += [f"Students trained at different torch thread counts ({r['distill_threads']}) are mixed in these "
+                  "rows: a student's numbers depend on its thread count (`lanes_speed.md`)."]
+    if r.get("jobs", 1) > 1:
+        lines += [f"Distilled in {r['jobs']} lanes side by side (`--jobs {r['jobs']}`), {r['lane_threads']} torch "
+                  f"thread(s) each: the distillations took {r['distill_wall_seconds'] / 60:.1f} min of wall time."]
     if "scoring_seconds" in r:
         total = sum(r["distill_seconds"].values()) + r["scoring_seconds"]
         lines += [f"Scoring took {r['scoring_seconds'] / 60:.1f} min. Every distillation as first measured plus the "
@@ -276,7 +324,7 @@ def markdown(r: dict) -> str:
         lines += ["", "Not trained in this run (`--only-trained`): " + ", ".join(r["missing"]) + "."]
     lines += ["", "Sample grid (`mini_sd_tables.png`): guidance 4, the same prompts and noise, one class a row, 4 "
               "samples a panel, panels left to right: " + ", ".join(r["grid_panels"]) + " (students: seed 0).", "",
-              "Regenerate: `.venv/bin/python benchmarks/mini_sd_tables.py` (after benchmarks/mini_sd_teacher.py).", ""]
+              f"Regenerate: `{r.get('command', command_line([]))}` (after benchmarks/mini_sd_teacher.py).", ""]
     return "\n".join(lines)
 
 

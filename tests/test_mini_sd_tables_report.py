@@ -46,3 +46,21 @@ def test_report_aggregates_seeds_and_estimates_the_run_from_empty_caches(tables)
     assert "| w/o aligned | 4 | 4 | 3 | 5.00 ± 1.00 |" in md
     assert "Scoring took 5.0 min. Every distillation as first measured plus the scoring: 35 min" in md
     assert "Scoring took" not in tables.markdown(_result(rows))  # results written before the field existed
+
+
+def test_report_names_the_lanes_and_mixed_thread_counts(tables):
+    rows = [_row("teacher DDIM-32", 32, g, 2.0) for g in (1.0, 4.0)]
+    md = tables.markdown(_result(rows, jobs=2, lane_threads=1, distill_wall_seconds=1800.0, distill_threads=[1, 2]))
+    assert "Distilled in 2 lanes side by side (`--jobs 2`), 1 torch thread(s) each: the distillations took 30.0 " \
+           "min of wall time." in md
+    assert "different torch thread counts ([1, 2])" in md
+    one = tables.markdown(_result(rows, jobs=1, lane_threads=2, distill_wall_seconds=1800.0, distill_threads=[2]))
+    assert "lanes side by side" not in one and "different torch thread counts" not in one
+
+
+def test_report_gives_the_command_that_wrote_it(tables):
+    rows = [_row("teacher DDIM-32", 32, g, 2.0) for g in (1.0, 4.0)]
+    assert "Regenerate: `.venv/bin/python benchmarks/mini_sd_tables.py` (after" in tables.markdown(_result(rows))
+    cmd = tables.command_line(["--jobs", "2", "--results", "a b", "--report-only"])
+    assert cmd == ".venv/bin/python benchmarks/mini_sd_tables.py --jobs 2 --results 'a b'"
+    assert f"Regenerate: `{cmd}` (after" in tables.markdown(_result(rows, command=cmd))
