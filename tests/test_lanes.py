@@ -94,3 +94,22 @@ def test_lanes_speed_report():
     assert "| alone, 1 thread | 1 | 65.0 | 0.77x |" in md
     assert "| 2 lanes, 2 threads each (oversubscribed) | 2 | 300.0 | 0.33x |" in md
     assert "max abs difference 0.001 over 324 UNet tensors (bitwise equal: False)" in md
+
+
+def test_compare_two_table_runs():
+    cmp = load_benchmark("mini_sd_compare")
+
+    def row(name, seed, fd, g=4.0):
+        return {"row": name, "steps": 4, "guidance": g, "seed": seed, "fd": fd, "prompt_accuracy": 0.9,
+                "fidelity_rmse": 0.05}
+
+    a = {"rows": [row("full", 0, 5.0), row("full", 1, 9.0), row("teacher", None, 3.0), row("only-a", 0, 1.0),
+                  row("full", 0, 2.0, g=2.0)]}
+    b = {"rows": [row("full", s, fd) for s, fd in enumerate((4.0, 4.5, 5.5))] + [row("teacher", None, 3.5),
+                                                                                 row("full", 0, 2.1, g=2.0)]}
+    rows = cmp.compare(a, b)
+    assert [(r["row"], r["guidance"]) for r in rows] == [("full", 4.0), ("teacher", 4.0), ("full", 2.0)]
+    md = cmp.markdown(rows, "lanes", "tables")
+    assert "| full | 4 | 4 | 5.00 vs 4.67 ± 0.76 (+0.4 std) |" in md
+    assert "| teacher | 4 | 4 | 3.00 vs 3.50 |" in md
+    assert "| 2 |" not in md  # the guidance sweep is left out
