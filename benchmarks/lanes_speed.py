@@ -5,7 +5,7 @@ side at 2 threads each (the cores oversubscribed). Each `proreflow distill` is a
 every run solves its pairs, as a row that shares none does. Also: whether the student depends on the thread count
 (its UNet compared tensor by tensor), which decides whether students trained in lanes are the tables' students.
 
-    .venv/bin/python benchmarks/lanes_speed.py    # -> benchmarks/results/lanes_speed.{json,md} (~9 min)
+    .venv/bin/python benchmarks/lanes_speed.py    # -> benchmarks/results/lanes_speed.{json,md} (~16 min)
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +28,10 @@ from mini_sd_regen import compare  # noqa: E402
 from proreflow.store import atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+ALONE2, ALONE1, LANES1, OVER = ("alone, 2 threads", "alone, 1 thread", "2 lanes, 1 thread each",
+                                "2 lanes, 2 threads each (oversubscribed)")
+#: (how, seeds, torch threads per process, lanes)
+WAYS = ((ALONE2, [0], 2, 1), (ALONE1, [0], 1, 1), (LANES1, [0, 1], 1, 2), (OVER, [0, 1], 2, 2))
 
 
 def side_by_side(seeds: list[int], threads: int, lanes: int, make) -> tuple[float, list[float]]:
@@ -40,13 +45,14 @@ def markdown(r: dict) -> str:
     w = r["wall_seconds"]
     lines = ["# Parallel lanes on this machine", "",
              f"One ProReflow-I distillation of the mini SD teacher ({r['budget_steps']} optimizer steps at batch 64, "
-             f"pairs solved, fresh `proreflow distill` process), on {r['cores']} cores. Students per hour "
+             f"pairs solved, fresh `proreflow distill` process), on {r['cores']} cores; wall time the median of "
+             f"{r['repeats']} runs of each way, interleaved (the oversubscribed way once). Students per hour "
              "relative to one student at a time on 2 threads.", "",
-             "| how | students | wall s | students per hour, relative |", "|---|---|---|---|"]
-    base = 1 / w["alone, 2 threads"]
-    for how, n in (("alone, 2 threads", 1), ("alone, 1 thread", 1), ("2 lanes, 1 thread each", 2),
-                   ("2 lanes, 2 threads each (oversubscribed)", 2)):
-        lines.append(f"| {how} | {n} | {w[how]:.1f} | {n / w[how] / base:.2f}x |")
+             "| how | students | wall s, median (each run) | students per hour, relative |", "|---|---|---|---|"]
+    base = 1 / w[ALONE2]
+    for how, seeds, _, _ in WAYS:
+        runs = ", ".join(f"{x:.1f}" for x in r["wall_seconds_each"][how])
+        lines.append(f"| {how} | {len(seeds)} | {w[how]:.1f} ({runs}) | {len(seeds) / w[how] / base:.2f}x |")
     c = r["thread_count_changes_the_student"]
     lines += ["", f"The 1-thread student against the 2-thread one: max abs difference {c['max_abs_diff']:.2g} over "
               f"{c['tensors']} UNet tensors (bitwise equal: {c['bitwise']}). The lane students against the same "
@@ -60,16 +66,18 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, default=Path("runs/mini-sd-teacher"))
     ap.add_argument("--data", type=Path, default=Path("runs/mini-sd-data"))
     ap.add_argument("--budget-steps", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each way (the oversubscribed one runs once)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
-    if args.budget_steps < 2:
-        raise SystemExit("error: --budget-steps must be at least 2 (one per stage)")
+    if args.budget_steps < 2 or args.repeats < 1:
+        raise SystemExit("error: --budget-steps must be at least 2 (one per stage), --repeats at least 1")
     for need, what in ((args.teacher / "model_index.json", "benchmarks/mini_sd_teacher.py"),
                        (args.data, "benchmarks/mini_sd_tables.py (it writes the image folder)")):
         if not need.exists():
             raise SystemExit(f"error: {need} is missing; run {what} first")
     scratch = Path(tempfile.mkdtemp(prefix="lanes-speed-"))
     made: dict[str, Path] = {}
+    kept: dict[str, dict[int, Path]] = {}
 
     def student(tag: str):
         def make(seed: int, threads: int) -> tuple[Path, float]:
@@ -81,21 +89,31 @@ def main() -> None:
         return make
 
     try:
-        wall, each = {}, {}
-        for how, seeds, threads, lanes in (("alone, 2 threads", [0], 2, 1), ("alone, 1 thread", [0], 1, 1),
-                                           ("2 lanes, 1 thread each", [0, 1], 1, 2),
-                                           ("2 lanes, 2 threads each (oversubscribed)", [0, 1], 2, 2)):
-            tag = how.split(",")[0].replace(" ", "-") + f"-t{threads}"  # alone-t2, alone-t1, 2-lanes-t1, 2-lanes-t2
-            wall[how], each[how] = side_by_side(seeds, threads, lanes, student(tag))
-            print(how, round(wall[how], 1), each[how], flush=True)
-        result = {"budget_steps": args.budget_steps, "cores": os.cpu_count(),
-                  "wall_seconds": {k: round(v, 1) for k, v in wall.items()},
+        walls: dict[str, list[float]] = {}
+        each: dict[str, list[float]] = {}
+        for rep in range(args.repeats):  # the ways interleaved, so a slow spell of the machine hits them alike
+            for how, seeds, threads, lanes in WAYS:
+                if how == OVER and rep:  # several times slower: once says enough, and costs ~5 min
+                    continue
+                tag = how.split(",")[0].replace(" ", "-") + f"-t{threads}-r{rep}"  # alone-t2-r0, 2-lanes-t1-r0, ...
+                shutil.rmtree(scratch / "students", ignore_errors=True)  # every repeat solves and trains anew
+                wall, own = side_by_side(seeds, threads, lanes, student(tag))
+                walls.setdefault(how, []).append(round(wall, 1))
+                each.setdefault(how, []).extend(own)
+                print(how, round(wall, 1), own, flush=True)
+                if rep == 0:
+                    for s in seeds:  # the first repeat's students, compared below
+                        kept.setdefault(how, {})[s] = scratch / "kept" / tag / f"seed{s}"
+                        shutil.copytree(made[f"{tag}, seed {s}"] / "unet", kept[how][s] / "unet")
+        result = {"budget_steps": args.budget_steps, "cores": os.cpu_count(), "repeats": args.repeats,
+                  "wall_seconds_each": walls, "wall_seconds": {k: statistics.median(v) for k, v in walls.items()},
                   "student_seconds": each,
-                  "thread_count_changes_the_student": compare(made["alone-t2, seed 0"], made["alone-t1, seed 0"]),
-                  "lanes_match_alone": compare(made["alone-t1, seed 0"], made["2-lanes-t1, seed 0"])["bitwise"]
-                  and compare(made["alone-t2, seed 0"], made["2-lanes-t2, seed 0"])["bitwise"],
-                  "command": "python benchmarks/lanes_speed.py" + (f" --budget-steps {args.budget_steps}"
-                                                                   if args.budget_steps != 40 else "")}
+                  "thread_count_changes_the_student": compare(kept[ALONE2][0], kept[ALONE1][0]),
+                  "lanes_match_alone": compare(kept[ALONE1][0], kept[LANES1][0])["bitwise"]
+                  and compare(kept[ALONE2][0], kept[OVER][0])["bitwise"],
+                  "command": "python benchmarks/lanes_speed.py"
+                  + (f" --budget-steps {args.budget_steps}" if args.budget_steps != 40 else "")
+                  + (f" --repeats {args.repeats}" if args.repeats != 3 else "")}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     args.results.mkdir(parents=True, exist_ok=True)

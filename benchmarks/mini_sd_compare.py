@@ -31,8 +31,9 @@ def compare(a: dict, b: dict) -> list[dict]:
         if x["seed"] not in (None, 0) or _key(x) not in b_rows:
             continue
         ys = b_rows[_key(x)]
+        b0 = next((y for y in ys if y["seed"] == x["seed"]), None)  # the same seed (or the teacher) in b
         out.append({"row": x["row"], "steps": x["steps"], "guidance": x["guidance"],
-                    **{k: {"a": x[k], "b": [y[k] for y in ys]} for k, _, _ in METRICS}})
+                    **{k: {"a": x[k], "b": [y[k] for y in ys], "b_same_seed": b0 and b0[k]} for k, _, _ in METRICS}})
     return out
 
 
@@ -56,6 +57,15 @@ def markdown(rows: list[dict], a_name: str, b_name: str) -> str:
             continue
         lines.append(f"| {r['row']} | {r['steps']} | {r['guidance']:g} | "
                      + " | ".join(_cell(r[k], fmt) for k, _, fmt in METRICS) + " |")
+    lines += ["", "The same training seed in both runs against the spread over seeds, on the student rows with several "
+              "seeds in the second run (median over rows at guidance 1 and 4):", "",
+              "| metric | median abs difference, same seed | median std over seeds |", "|---|---|---|"]
+    multi = [r for r in rows if r["guidance"] in (1.0, 4.0) and len(r["fd"]["b"]) > 1]
+    for k, label, fmt in METRICS:
+        same = [abs(r[k]["a"] - r[k]["b_same_seed"]) for r in multi if r[k]["b_same_seed"] is not None]
+        spread = [statistics.stdev(r[k]["b"]) for r in multi]
+        if same and spread:
+            lines.append(f"| {label} | {statistics.median(same):{fmt}} | {statistics.median(spread):{fmt}} |")
     return "\n".join(lines + [""])
 
 

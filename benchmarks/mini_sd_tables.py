@@ -315,7 +315,10 @@ def markdown(r: dict) -> str:
     if r.get("jobs", 1) > 1:
         lines += [f"Distilled in {r['jobs']} lanes side by side (`--jobs {r['jobs']}`), {r['lane_threads']} torch "
                   f"thread(s) each: the distillations took {r['distill_wall_seconds'] / 60:.1f} min of wall time."]
-    if "scoring_seconds" in r:
+    if "scoring_seconds" in r and r.get("jobs", 1) > 1:  # the students' times overlap: their sum is not the run's
+        lines += [f"Scoring took {r['scoring_seconds'] / 60:.1f} min; the students' own times sum to "
+                  f"{sum(r['distill_seconds'].values()) / 60:.1f} lane-minutes."]
+    elif "scoring_seconds" in r:
         total = sum(r["distill_seconds"].values()) + r["scoring_seconds"]
         lines += [f"Scoring took {r['scoring_seconds'] / 60:.1f} min. Every distillation as first measured plus the "
                   f"scoring: {total / 60:.0f} min on this machine; rows distilled before `--pair-cache` existed count "

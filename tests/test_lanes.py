@@ -84,15 +84,17 @@ def test_tables_order_puts_each_pair_producer_before_its_users():
 
 def test_lanes_speed_report():
     speed = load_benchmark("lanes_speed")
-    r = {"budget_steps": 40, "cores": 2, "command": "python benchmarks/lanes_speed.py",
-         "wall_seconds": {"alone, 2 threads": 50.0, "alone, 1 thread": 65.0, "2 lanes, 1 thread each": 66.0,
-                          "2 lanes, 2 threads each (oversubscribed)": 300.0},
+    walls = {"alone, 2 threads": [50.0, 49.0, 60.0], "alone, 1 thread": [65.0, 64.0, 66.0],
+             "2 lanes, 1 thread each": [66.0, 70.0, 60.0], "2 lanes, 2 threads each (oversubscribed)": [300.0]}
+    r = {"budget_steps": 40, "cores": 2, "repeats": 3, "command": "python benchmarks/lanes_speed.py",
+         "wall_seconds_each": walls, "wall_seconds": {k: sorted(v)[len(v) // 2] for k, v in walls.items()},
          "thread_count_changes_the_student": {"tensors": 324, "max_abs_diff": 0.001, "bitwise": False},
          "lanes_match_alone": True}
     md = speed.markdown(r)
-    assert "| 2 lanes, 1 thread each | 2 | 66.0 | 1.52x |" in md  # 2 students in 66 s against 1 in 50 s
-    assert "| alone, 1 thread | 1 | 65.0 | 0.77x |" in md
-    assert "| 2 lanes, 2 threads each (oversubscribed) | 2 | 300.0 | 0.33x |" in md
+    # medians: 2 students in 66 s against 1 in 50 s
+    assert "| 2 lanes, 1 thread each | 2 | 66.0 (66.0, 70.0, 60.0) | 1.52x |" in md
+    assert "| alone, 1 thread | 1 | 65.0 (65.0, 64.0, 66.0) | 0.77x |" in md
+    assert "| 2 lanes, 2 threads each (oversubscribed) | 2 | 300.0 (300.0) | 0.33x |" in md
     assert "max abs difference 0.001 over 324 UNet tensors (bitwise equal: False)" in md
 
 
@@ -113,3 +115,5 @@ def test_compare_two_table_runs():
     assert "| full | 4 | 4 | 5.00 vs 4.67 ± 0.76 (+0.4 std) |" in md
     assert "| teacher | 4 | 4 | 3.00 vs 3.50 |" in md
     assert "| 2 |" not in md  # the guidance sweep is left out
+    # seed 0 against seed 0 (5.0 vs 4.0) and the spread over b's seeds (0.76); the teacher has one value: left out
+    assert "| FD | 1.00 | 0.76 |" in md

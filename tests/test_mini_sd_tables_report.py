@@ -54,6 +54,9 @@ def test_report_names_the_lanes_and_mixed_thread_counts(tables):
     assert "Distilled in 2 lanes side by side (`--jobs 2`), 1 torch thread(s) each: the distillations took 30.0 " \
            "min of wall time." in md
     assert "different torch thread counts ([1, 2])" in md
+    lanes = tables.markdown(_result(rows, jobs=2, lane_threads=1, distill_wall_seconds=900.0, scoring_seconds=60.0))
+    assert "Scoring took 1.0 min; the students' own times sum to 30.0 lane-minutes." in lanes
+    assert "Every distillation as first measured" not in lanes  # a sum of overlapping times is not the run's
     one = tables.markdown(_result(rows, jobs=1, lane_threads=2, distill_wall_seconds=1800.0, distill_threads=[2]))
     assert "lanes side by side" not in one and "different torch thread counts" not in one
 
