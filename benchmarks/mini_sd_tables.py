@@ -177,8 +177,8 @@ def main() -> None:
         plot_sweep(result, args.results / "mini_sd_guidance.png")
         atomic_write_text(args.results / "mini_sd_tables.md", markdown(result))
         return
-    if args.jobs < 1:
-        raise SystemExit(f"error: --jobs must be at least 1, got {args.jobs}")
+    if not 1 <= args.jobs <= args.threads:  # a lane per thread at least: more would oversubscribe the cores
+        raise SystemExit(f"error: --jobs must be between 1 and --threads ({args.threads}), got {args.jobs}")
     torch.set_num_threads(args.threads)
     if not (args.teacher / "model_index.json").is_file():
         raise SystemExit(f"error: no mini teacher in {args.teacher}; run benchmarks/mini_sd_teacher.py first")

@@ -117,3 +117,18 @@ def test_compare_two_table_runs():
     assert "| 2 |" not in md  # the guidance sweep is left out
     # seed 0 against seed 0 (5.0 vs 4.0) and the spread over b's seeds (0.76); the teacher has one value: left out
     assert "| FD | 1.00 | 0.76 |" in md
+
+
+def test_tables_refuse_more_lanes_than_threads(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "mini_sd_tables.py"
+    if not script.is_file():
+        pytest.skip("benchmarks/ is not beside the tests")
+    for jobs in ("3", "0"):
+        got = subprocess.run([sys.executable, str(script), "--jobs", jobs, "--threads", "2", "--teacher",
+                              str(tmp_path / "none")], capture_output=True, text=True)
+        assert got.returncode != 0
+        assert f"--jobs must be between 1 and --threads (2), got {jobs}" in got.stderr
