@@ -52,17 +52,17 @@ def run_lanes(jobs: Sequence[Job], lanes: int, work: Callable[[Job], Any]) -> di
                         ready.notify_all()
                         return
                     ready.wait()
+            error: BaseException | None = None
             try:
                 out = work(job)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                with ready:
-                    failed.append(exc)
-                    running.discard(job.key)
-                    ready.notify_all()
-                return
-            with ready:
-                results[job.key] = out
+                error = exc
+            with ready:  # one place that ends a job, whichever way it ended
                 running.discard(job.key)
+                if error is None:
+                    results[job.key] = out
+                else:
+                    failed.append(error)
                 ready.notify_all()
 
     threads = [threading.Thread(target=lane, name=f"lane-{i}", daemon=True) for i in range(min(lanes, len(jobs)))]
