@@ -67,3 +67,18 @@ def test_report_gives_the_command_that_wrote_it(tables):
     cmd = tables.command_line(["--jobs", "2", "--results", "a b", "--report-only"])
     assert cmd == ".venv/bin/python benchmarks/mini_sd_tables.py --jobs 2 --results 'a b'"
     assert f"Regenerate: `{cmd}` (after" in tables.markdown(_result(rows, command=cmd))
+
+
+def test_seed_rule_and_its_one_cut(tables):
+    # the rule: Table 1 and 4 rows at 3 seeds, the rest at 1; 2-RF is cut to 2 to fit the 120-min bound
+    seeds = {st.name: st.seeds for st in tables.STUDENTS}
+    assert seeds.pop("2-rectified flow") == (0, 1)
+    assert {n for n, s in seeds.items() if s == (0, 1, 2)} == {
+        "ProReflow-I (full)", "w/o aligned", "w/o progressive", "w/o both (PeRFlow)", "ProReflow-II"}
+    assert all(s == (0,) for n, s in seeds.items() if len(s) != 3)
+    assert [st.name for seed, st in tables.distill_order(3)].count("2-rectified flow") == 2
+
+
+def test_only_seed_0_at_the_tables_guidances_is_timed(tables):
+    assert tables.timing(1.0) and tables.timing(4.0, 0)
+    assert not tables.timing(4.0, 1) and not tables.timing(2.0) and not tables.timing(7.0, 0)
