@@ -101,8 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"rows": rows, "peak_rss_spread": round(spread, 4), "per_shard": args.per_shard,
               "image_size": args.image_size, "resolution": args.resolution, "batch": args.batch,
               "median_samples_per_s": statistics.median(r["samples_per_s"] for r in rows)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "input_pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    from results_io import write_results  # here, not at the top: the measured child imports this module too
+
+    from proreflow.store import atomic_write_text
+
+    write_results(args.out / "input_pipeline", result, indent=2)  # the numbers first, then the md below
     lines = ["# Input pipeline: `proreflow distill --stream`, tiny random-weight SD pipeline, CPU", "",
              f"One epoch of {args.per_shard} random {args.image_size} px PNG images per webdataset shard, trained at "
              f"{args.resolution} px, global batch {args.batch}, 2 DataLoader workers, one process. Peak RSS: main "
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines += [f"| {r['shards']} | {r['samples']} | {r['samples_per_s']} | {r['rss_main_mib']} | {r['rss_worker_mib']} | "
               f"{r['rss_peak_mib']} |" for r in rows]
     lines += ["", f"Largest over smallest peak RSS: {100 * spread:+.1f} %."]
-    (args.out / "input_pipeline.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(args.out / "input_pipeline.md", "\n".join(lines) + "\n")
     return result
 
 

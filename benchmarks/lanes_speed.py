@@ -11,7 +11,6 @@ every run solves its pairs, as a row that shares none does. Also: whether the st
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -24,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from lanes import Job, run_lanes  # noqa: E402
 from mini_sd_distill import distill  # noqa: E402
 from mini_sd_regen import compare  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
 
-from proreflow.store import atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ALONE2, ALONE1, LANES1, OVER = ("alone, 2 threads", "alone, 1 thread", "2 lanes, 1 thread each",
@@ -111,15 +110,10 @@ def main() -> None:
                   "thread_count_changes_the_student": compare(kept[ALONE2][0], kept[ALONE1][0]),
                   "lanes_match_alone": compare(kept[ALONE1][0], kept[LANES1][0])["bitwise"]
                   and compare(kept[ALONE2][0], kept[OVER][0])["bitwise"],
-                  "command": "python benchmarks/lanes_speed.py"
-                  + (f" --budget-steps {args.budget_steps}" if args.budget_steps != 40 else "")
-                  + (f" --repeats {args.repeats}" if args.repeats != 3 else "")}
+                  "command": command_line("lanes_speed.py", sys.argv[1:])}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.results / "lanes_speed.json", json.dumps(result, indent=1) + "\n")
-    atomic_write_text(args.results / "lanes_speed.md", markdown(result))
-    print(markdown(result))
+    print(write_results(args.results / "lanes_speed", result, markdown))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Activations (resolution, batch, gradient checkpointing) and CUDA/NCCL overheads 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -31,6 +30,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from proreflow.apps.sd import LORA_TARGETS, load_distill_config
 from proreflow.apps.sd.encode import TEXT_DTYPE
+from proreflow.store import atomic_write_text
+from results_io import write_results
 
 HERE = Path(__file__).parent
 GB = 1e9
@@ -128,8 +129,7 @@ def main() -> None:
             "host_bytes_per_sample": {d: data_bytes(spec, d) for d in dict.fromkeys((TEXT_DTYPE, "float32"))},
         }
     res = HERE / "results"
-    res.mkdir(exist_ok=True)
-    (res / "memory_estimates.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_results(res / "memory_estimates", out)  # the numbers first, then the md below
     lines = ["Estimates from parameter counts (UNets built on the meta device from the published configs); "
              "**not measured**. GPU memory per process for weights, gradients, optimizer states and EMA only: "
              "activations (resolution, batch, gradient checkpointing) come on top. "
@@ -162,7 +162,7 @@ def main() -> None:
         for s in out[name]["stages"]:
             lines.append(f"| {out[name]['preset']} | {s['stage']} | {s['windows']} | {s['steps']} | "
                          f"{s['teacher_unet_calls_per_sample']:.1f} | {s['unet_forward_equivalents_per_sample']:.1f} |")
-    (res / "memory_estimates.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(res / "memory_estimates.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -32,6 +32,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mini_sd_teacher import grid, prompts_for  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 from proreflow.apps.minisd import load_minisd_config, train_mini_teacher  # noqa: E402
 from proreflow.config import PRESET_DIR  # noqa: E402
@@ -202,16 +203,14 @@ def main() -> None:
     result = {"teacher": str(args.teacher), "teacher_train_seconds": teacher_summary.get("train_seconds_total"),
               "n_generated": args.n, "distill_seconds": {n: round(s, 1) for n, (_, s) in students.items()},
               "torch_threads": args.threads, "rows": rows, "conventions": conv, "entry_rows": old_rows}
-    args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.results / "mini_sd_distill.json", json.dumps(result, indent=1) + "\n")
-    atomic_write_text(args.results / "mini_sd_distill.md", markdown(result))
+    md = write_results(args.results / "mini_sd_distill", result, markdown)
     order = torch.cat([torch.arange(c, 80, 10) for c in range(10)])[:80]  # 8 samples of each class, one row a class
     panels = [shown[("teacher, DDIM trailing", 32, 4.0)], shown[("teacher, DDIM trailing", 4, 4.0)],
               shown[(next(iter(VARIANTS)), 4, 4.0)]]
     panels = [q * 2 - 1 for q in panels]  # grid() takes [-1, 1]
     grid(torch.cat([p[order].reshape(10, 8, *p.shape[1:]) for p in panels], dim=1).flatten(0, 1), 10, 24,
          args.results / "mini_sd_distill.png")
-    print(markdown(result))
+    print(md)
 
 
 def markdown(r: dict) -> str:

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from proreflow.apps.minisd import load_minisd_config, train_mini_teacher
-from proreflow.data.fashion import CLASS_NAMES, CLASS_PHRASES, TEMPLATES, load_fashion
+from proreflow.data.fashion import CLASS_PHRASES, TEMPLATES, load_fashion
 from proreflow.metrics_classifier import ClassifierMetrics, to_classifier_input
-from proreflow.store import atomic_write_text
+from results_io import write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -99,14 +99,12 @@ def main() -> None:
                                                  "scaling_factor", "vae_reconstruction_mse", "vae_parameters",
                                                  "text_encoder_parameters", "unet_parameters", "latent_shape")},
               "load_average_1min": os.getloadavg()[0], "rows": rows, "config": summary["config"]}
-    args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.results / "mini_sd_teacher.json", json.dumps(result, indent=1) + "\n")
-    atomic_write_text(args.results / "mini_sd_teacher.md", markdown(result))
+    md = write_results(args.results / "mini_sd_teacher", result, markdown)
     # one row per class, 10 samples each (DDIM-32 at guidance 4): sample i has class i % 10
     best, cols = samples[(32, 4.0)], min(10, args.n // 10)
     order = torch.cat([torch.arange(c, 10 * cols, 10) for c in range(10)])
     grid(best[order], 10, cols, args.results / "mini_sd_teacher.png")
-    print(markdown(result))
+    print(md)
 
 
 def markdown(r: dict) -> str:

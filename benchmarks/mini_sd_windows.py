@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mini_sd_teacher import prompts_for  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
 
-from proreflow.store import atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -239,13 +239,10 @@ def main() -> None:
                for label, cls in (("DPM-Solver++-4", "DPMSolverMultistepScheduler"),
                                   ("UniPC-4", "UniPCMultistepScheduler"))} if args.solvers else {}
     rows = measure(pipe, unets, args.n, tuple(args.guidance or (1.0, 4.0)), args.batch, 4, solvers)
-    cmd = "python benchmarks/mini_sd_windows.py " + " ".join(f"--student {s}" for s in args.student)
-    result = {"n": args.n, "windows": 4, "starts": trailing(4), "rows": rows, "command": cmd,
+    result = {"n": args.n, "windows": 4, "starts": trailing(4), "rows": rows,
+              "command": command_line("mini_sd_windows.py", sys.argv[1:]),
               "weights": weights(pipe.scheduler.alphas_cumprod, trailing(4), rows)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
-    atomic_write_text(args.out.with_suffix(".md"), markdown(result))
-    print(markdown(result))
+    print(write_results(args.out, result, markdown))
 
 
 if __name__ == "__main__":

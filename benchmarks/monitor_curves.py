@@ -104,7 +104,9 @@ def main() -> None:
         cos = ", ".join(f"{row[t]:.4f}" for t in sorted(row) if t.startswith("window_cos/"))
         lines.append(f"| {k} | " + " | ".join(f"{row.get(t, float('nan')):.4f}" for t in tags) + f" | {mse} | {cos} |")
     lines += ["", f"Regenerate: `.venv/bin/python benchmarks/monitor_curves.py {args.run}`."]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    from proreflow.store import atomic_write_text
+
+    atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.md')}")
 
 

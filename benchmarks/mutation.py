@@ -31,6 +31,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from results_io import write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 EQUIVALENT = Path(__file__).parent / "mutation_equivalent.json"
@@ -172,10 +174,7 @@ def main() -> None:
                                  **({"reason": equivalent[n]} if n in equivalent else {})} for n, s in xs]
                             for m, xs in sorted(survivors.items())},
               "stale_equivalents": stale, "rechecked": rechecked}
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "mutation.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.results / "mutation.md").write_text(markdown(result))
-    print(markdown(result).split("\n## Surviving")[0])
+    print(write_results(args.results / "mutation", result, markdown).split("\n## Surviving")[0])
 
 
 def _other(c: dict) -> int:

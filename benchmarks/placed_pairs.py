@@ -23,6 +23,7 @@ from proreflow.fields import VPSchedule, VPVelocity, trailing_grid
 from proreflow.pairs import TeacherSolver, make_window_pairs
 from proreflow.schedulers.proreflow import timestep_windows
 from proreflow.store import atomic_write_text
+from results_io import write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -78,8 +79,7 @@ def main() -> None:
         rows[-1]["speedup"] = rows[-1]["seconds_per_window"] / rows[-1]["seconds_batched"]
         print(json.dumps(rows[-1]), flush=True)
     result = {"teacher": str(args.teacher), "threads": args.threads, "repeats": args.repeats, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+    write_results(args.out, result)  # the numbers first, then the md below
     lines = ["# Placed teacher pairs: one batched solve against one solve per window", "",
              f"Teacher: {args.teacher} (its UNet, DDIM-32's trailing grid), batch {args.batch} spread evenly over the "
              f"windows, {args.threads} threads, median of {args.repeats} side-by-side runs.", "",

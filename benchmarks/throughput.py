@@ -15,7 +15,6 @@ Writes benchmarks/results/throughput.{json,md}. A GPU run is not recorded yet (n
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from results_io import write_results
 
 HERE = Path(__file__).parent
 
@@ -193,10 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     training, bench = training_rows(args.steps, args.digits_out)
     res = {"device": f"cpu, {torch.get_num_threads()} threads", "training": training,
            "grad_mode": grad_mode_row(bench, 20), "sampling": sampling_rows(bench, args.repeats)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "throughput.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.out / "throughput.md").write_text(markdown(res))
-    print(markdown(res))
+    print(write_results(args.out / "throughput", res, markdown, indent=2))
     return res
 
 

@@ -18,7 +18,6 @@ Writes benchmarks/results/time_to_quality_<setup>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import replace
@@ -28,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from proreflow.training import Recipe
+from results_io import write_results
 
 HERE = Path(__file__).parent
 METHODS = ["2-rectified-flow", "perflow", "proreflow"]
@@ -216,10 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     stem = args.out / f"time_to_quality_{args.setup}"
     payload = {"setup": args.setup, "metric": metric, "steps": args.steps, "seeds": seeds, "eval_every": every,
                "device": "cpu", "torch_threads": torch.get_num_threads(), **res, "curves": curves}
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(args.setup, metric, args.steps, seeds, res))
+    md = write_results(stem, payload, markdown(args.setup, metric, args.steps, seeds, res), indent=2)
     plot(curves, metric, stem.with_suffix(".png"))
-    print(stem.with_suffix(".md").read_text())
+    print(md)
     return payload
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from proreflow.apps.toy import BaseConfig, Comparison, load_config, prepare, with_run_settings
 from proreflow.methods import MethodSpec
 from proreflow.time_sampling import TimeSampling
+from results_io import write_results
 
 HERE = Path(__file__).parent
 
@@ -100,9 +101,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row, _, _ = cmp.score(s, k)
                 rows.append({"group": group, "variant": spec.name, **row})
                 print(f"seed {seed} k={k} {spec.name:44s} fidelity {row['fidelity_rmse']:.4f}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "toy_diagnostics.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "toy_diagnostics.md").write_text(to_markdown(rows, seeds, ks, cfg, time.perf_counter() - started))
+    write_results(args.out / "toy_diagnostics", rows, to_markdown(rows, seeds, ks, cfg, time.perf_counter() - started),
+                  indent=2)
     return rows
 
 
