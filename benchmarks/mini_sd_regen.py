@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from mini_sd_distill import distill  # noqa: E402
 from mini_sd_tables import STUDENTS  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
 
-from proreflow.store import atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -41,17 +41,22 @@ def compare(kept: Path, new: Path) -> dict:
     return {"tensors": len(a), "max_abs_diff": diff, "bitwise": all(torch.equal(a[k], b[k]) for k in a)}
 
 
+def kept_threads(record: Path) -> int:
+    """The torch thread count the kept student was distilled at (records written before it was kept: 2)."""
+    return int(json.loads(record.read_text()).get("threads", 2))
+
+
 def markdown(r: dict) -> str:
     lines = ["# Mini SD tables from empty caches", "",
              "Each row distilled again by `proreflow distill` (the tables' own call) into a scratch folder with an "
              "empty `--pair-cache` shared by the rows in order, and its UNet compared with the student the tables "
              "scored.", "",
-             "| row | seed | UNet tensors | max abs diff | bitwise equal | pairs loaded / solved | distill, min "
-             "(now) | distill, min (tables) |", "|---|---|---|---|---|---|---|---|"]
+             "| row | seed | threads | UNet tensors | max abs diff | bitwise equal | pairs loaded / solved | distill, "
+             "min (now) | distill, min (tables) |", "|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
-        lines.append(f"| {x['row']} | {x['seed']} | {x['tensors']} | {x['max_abs_diff']} | {x['bitwise']} | "
-                     f"{x['pair_cache']['loaded']:,} / {x['pair_cache']['solved']:,} | {x['seconds'] / 60:.1f} | "
-                     f"{x['tables_seconds'] / 60:.1f} |")
+        lines.append(f"| {x['row']} | {x['seed']} | {x.get('threads', 2)} | {x['tensors']} | {x['max_abs_diff']} | "
+                     f"{x['bitwise']} | {x['pair_cache']['loaded']:,} / {x['pair_cache']['solved']:,} | "
+                     f"{x['seconds'] / 60:.1f} | {x['tables_seconds'] / 60:.1f} |")
     return "\n".join(lines + ["", f"Regenerate: `{r['command']}`.", ""])
 
 
@@ -63,7 +68,9 @@ def main() -> None:
     ap.add_argument("--row", action="append", default=[], help="a row of mini_sd_tables (repeatable; default: "
                     "ProReflow-I (full), then w/o aligned)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of each distill (default: the kept student's, from its time.json; a student "
+                         "depends on its thread count, so only the same count can give it bitwise)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     by_name = {st.name: st for st in STUDENTS}
@@ -81,21 +88,18 @@ def main() -> None:
             record = args.runs / st.root / f"{scope}.time.json"
             if not (kept / "model_index.json").is_file() or not record.is_file():
                 raise SystemExit(f"error: {kept} is not a finished student; run benchmarks/mini_sd_tables.py first")
+            threads = args.threads or kept_threads(record)
             new, seconds = distill(f"{name}, seed {seed} (from empty caches)", scope, st.seed_changes(seed),
-                                   args.teacher, args.data, scratch / "students", args.threads, scratch / "pairs")
-            rows.append({"row": name, "seed": seed, **compare(kept, new), "seconds": round(seconds, 1),
+                                   args.teacher, args.data, scratch / "students", threads, scratch / "pairs")
+            rows.append({"row": name, "seed": seed, "threads": threads, **compare(kept, new),
+                         "seconds": round(seconds, 1),
                          "tables_seconds": json.loads(record.read_text())["seconds"],
                          "pair_cache": json.loads((new / "proreflow.json").read_text())["pair_cache"]})
             print(json.dumps(rows[-1]), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    cmd = "python benchmarks/mini_sd_regen.py" + "".join(f' --row "{n}"' for n in args.row) + \
-        (f" --seed {args.seed}" if args.seed else "")
-    result = {"rows": rows, "command": cmd}
-    args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.results / "mini_sd_regen.json", json.dumps(result, indent=1) + "\n")
-    atomic_write_text(args.results / "mini_sd_regen.md", markdown(result))
-    print(markdown(result))
+    result = {"rows": rows, "command": command_line("mini_sd_regen.py", sys.argv[1:])}
+    print(write_results(args.results / "mini_sd_regen", result, markdown))
 
 
 if __name__ == "__main__":

@@ -39,4 +39,15 @@ def test_report_names_rows_loads_and_times(regen):
     md = regen.markdown({"command": "python benchmarks/mini_sd_regen.py", "rows": [
         {"row": "w/o aligned", "seed": 0, "tensors": 324, "max_abs_diff": 0.0, "bitwise": True,
          "pair_cache": {"loaded": 25600, "solved": 0}, "seconds": 150.0, "tables_seconds": 504.0}]})
-    assert "| w/o aligned | 0 | 324 | 0.0 | True | 25,600 / 0 | 2.5 | 8.4 |" in md
+    assert "| w/o aligned | 0 | 2 | 324 | 0.0 | True | 25,600 / 0 | 2.5 | 8.4 |" in md  # no threads kept: 2
+    md = regen.markdown({"command": "c", "rows": [
+        {"row": "r", "seed": 1, "threads": 1, "tensors": 3, "max_abs_diff": 0.5, "bitwise": False,
+         "pair_cache": {"loaded": 0, "solved": 64}, "seconds": 60.0, "tables_seconds": 120.0}]})
+    assert "| r | 1 | 1 | 3 | 0.5 | False | 0 / 64 | 1.0 | 2.0 |" in md
+
+
+def test_the_kept_students_thread_count_is_the_default(regen, tmp_path):
+    (tmp_path / "a.time.json").write_text('{"seconds": 1.0, "threads": 1}')
+    (tmp_path / "b.time.json").write_text('{"seconds": 1.0}')  # written before the count was kept
+    assert regen.kept_threads(tmp_path / "a.time.json") == 1
+    assert regen.kept_threads(tmp_path / "b.time.json") == 2
