@@ -1,10 +1,11 @@
 """Two runs of `benchmarks/mini_sd_tables.py` side by side: each row of the first run (its seed 0 student, or the
 teacher) against the second run's mean ± std over its seeds, in FD, prompt accuracy and fidelity, with the
-difference in units of the second run's seed spread. Used to ask whether students distilled in lanes at 1 thread
-(`--jobs 2`, numerically not the 2-thread students) score like the tables' students.
+difference in units of the second run's seed spread. Used to ask whether the tables' students, distilled in lanes
+at 1 thread (`--jobs 2`), score like the earlier tables' 2-thread students (numerically other students).
 
-    .venv/bin/python benchmarks/mini_sd_compare.py benchmarks/results/mini_sd_tables_seed0_jobs2/mini_sd_tables.json \
-        benchmarks/results/mini_sd_tables.json --out benchmarks/results/mini_sd_tables_seed0_jobs2/compare.md
+    .venv/bin/python benchmarks/mini_sd_compare.py benchmarks/results/mini_sd_tables.json \
+        benchmarks/results/mini_sd_tables_2thread/mini_sd_tables.json \
+        --out benchmarks/results/mini_sd_tables_2thread/compare.md
 """
 
 from __future__ import annotations
