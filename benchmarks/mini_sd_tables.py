@@ -36,8 +36,8 @@ loss-weighting and budget rows of one seed, PeRFlow beside w/o progressive) solv
 student they would train without it (tests/test_distill.py). `--only-trained` scores the students that exist without
 training the others (the report names the missing).
 
-    .venv/bin/python benchmarks/mini_sd_tables.py    # writes benchmarks/results/mini_sd_tables.{json,md,png}
-                                                     # and mini_sd_guidance.png
+    .venv/bin/python benchmarks/mini_sd_tables.py --jobs 2   # writes benchmarks/results/mini_sd_tables.{json,md,png}
+                                                             # and mini_sd_guidance.png (115 min from empty caches)
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=1,
                     help="distillations run side by side, --threads // --jobs torch threads each (benchmarks/lanes.py; "
-                         "a student's numbers depend on its thread count, so the tables are at --jobs 1)")
+                         "a student's numbers depend on its thread count; the committed tables are at --jobs 2)")
     ap.add_argument("--only-trained", action="store_true", help="score the students that exist, train none")
     ap.add_argument("--seeds", type=int, default=3, choices=(1, 2, 3), help="training seeds of the three-seed rows")
     ap.add_argument("--pair-cache", type=Path, default=Path("runs/mini-sd-pairs"),
