@@ -15,6 +15,8 @@ import json
 import statistics
 from pathlib import Path
 
+from proreflow.store import atomic_write_text
+
 METRICS = (("fd", "FD", ".2f"), ("prompt_accuracy", "prompt accuracy", ".3f"), ("fidelity_rmse", "fidelity", ".4f"))
 
 
@@ -80,8 +82,9 @@ def main() -> None:
         if not p.is_file():
             raise SystemExit(f"error: {p} is not a file")
     rows = compare(json.loads(args.a.read_text()), json.loads(args.b.read_text()))
-    args.out.write_text(markdown(rows, str(args.a.parent.name), str(args.b.parent.name) + "/" + args.b.name))
-    print(args.out.read_text())
+    md = markdown(rows, str(args.a.parent.name), str(args.b.parent.name) + "/" + args.b.name)
+    atomic_write_text(args.out, md)  # whole, like every results file (results_io)
+    print(md)
 
 
 if __name__ == "__main__":

@@ -53,15 +53,23 @@ VARIANTS = {
 }
 
 
+def student_record(root: Path, scope: str) -> dict | None:
+    """A finished student's record, {"seconds", "threads"} (records written before the thread count was kept: 2
+    threads), or None while `root/scope` holds no finished student."""
+    record = root / f"{scope}.time.json"
+    if not ((root / scope / "model_index.json").is_file() and record.is_file()):
+        return None
+    return {"threads": 2, **json.loads(record.read_text())}
+
+
 def distill(name: str, scope: str, changes: dict, teacher: Path, data: Path, root: Path,
             threads: int, pair_cache: Path | None = None) -> tuple[Path, float]:
     """`proreflow distill` in a fresh process, as a user runs it; (student folder, wall seconds). Finished runs are
     kept (their time from the first run's record). `pair_cache`: `--pair-cache`, shared by the runs that draw the
     same teacher pairs (the student is the same; the pairs are solved once)."""
     out = root / scope
-    record = root / f"{scope}.time.json"
-    if (out / "model_index.json").is_file() and record.is_file():
-        return out, json.loads(record.read_text())["seconds"]
+    if (kept := student_record(root, scope)) is not None:
+        return out, kept["seconds"]
     preset = yaml.safe_load((PRESET_DIR / "mini-sd-proreflow-I.yaml").read_text())
     for key, value in changes.items():  # a section's dict is merged into the preset's, a scalar replaces it
         preset[key] = {**preset.get(key, {}), **value} if isinstance(value, dict) else value
@@ -77,7 +85,7 @@ def distill(name: str, scope: str, changes: dict, teacher: Path, data: Path, roo
     subprocess.run(cmd, check=True, env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads)})
     seconds = time.perf_counter() - started
     # the thread count is recorded: a student's numbers depend on it (benchmarks/results/lanes_speed.md)
-    atomic_write_text(record, json.dumps({"seconds": seconds, "threads": threads}) + "\n")
+    atomic_write_text(root / f"{scope}.time.json", json.dumps({"seconds": seconds, "threads": threads}) + "\n")
     return out, seconds
 
 

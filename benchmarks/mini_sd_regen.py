@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mini_sd_distill import distill  # noqa: E402
+from mini_sd_distill import distill, student_record  # noqa: E402
 from mini_sd_tables import STUDENTS  # noqa: E402
 from results_io import command_line, write_results  # noqa: E402
 
@@ -39,11 +39,6 @@ def compare(kept: Path, new: Path) -> dict:
         return {"tensors": [len(a), len(b)], "max_abs_diff": None, "bitwise": False}
     diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
     return {"tensors": len(a), "max_abs_diff": diff, "bitwise": all(torch.equal(a[k], b[k]) for k in a)}
-
-
-def kept_threads(record: Path) -> int:
-    """The torch thread count the kept student was distilled at (records written before it was kept: 2)."""
-    return int(json.loads(record.read_text()).get("threads", 2))
 
 
 def markdown(r: dict) -> str:
@@ -85,15 +80,15 @@ def main() -> None:
             st, seed = by_name[name], args.seed
             scope = st.folder_scope(seed)
             kept = args.runs / st.root / scope
-            record = args.runs / st.root / f"{scope}.time.json"
-            if not (kept / "model_index.json").is_file() or not record.is_file():
+            record = student_record(args.runs / st.root, scope)
+            if record is None:
                 raise SystemExit(f"error: {kept} is not a finished student; run benchmarks/mini_sd_tables.py first")
-            threads = args.threads or kept_threads(record)
+            threads = args.threads or record["threads"]
             new, seconds = distill(f"{name}, seed {seed} (from empty caches)", scope, st.seed_changes(seed),
                                    args.teacher, args.data, scratch / "students", threads, scratch / "pairs")
             rows.append({"row": name, "seed": seed, "threads": threads, **compare(kept, new),
                          "seconds": round(seconds, 1),
-                         "tables_seconds": json.loads(record.read_text())["seconds"],
+                         "tables_seconds": record["seconds"],
                          "pair_cache": json.loads((new / "proreflow.json").read_text())["pair_cache"]})
             print(json.dumps(rows[-1]), flush=True)
     finally:

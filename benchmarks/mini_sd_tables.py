@@ -54,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lanes import Job, run_lanes  # noqa: E402
-from mini_sd_distill import distill, generate, open_pipe, score, timed  # noqa: E402
+from mini_sd_distill import distill, generate, open_pipe, score, student_record, timed  # noqa: E402
 from mini_sd_teacher import grid, prompts_for  # noqa: E402
 import results_io  # noqa: E402
 from results_io import write_results  # noqa: E402
@@ -200,8 +200,7 @@ def main() -> None:
     by_name = {st.name: st for st in STUDENTS}
     for seed, st in distill_order(args.seeds):
         root, scope = args.runs / st.root, st.folder_scope(seed)
-        done = (root / scope / "model_index.json").is_file() and (root / f"{scope}.time.json").is_file()
-        if args.only_trained and not done:
+        if args.only_trained and student_record(root, scope) is None:
             missing.append(f"{st.name}, seed {seed}")
             continue
         jobs.append(Job((st.name, seed), (st.pairs_from, seed) if st.pairs_from else None))
@@ -256,8 +255,8 @@ def main() -> None:
     result = {"n_generated": args.n, "grid_panels": list(shown), "torch_threads": args.threads, "rows": rows,
               "missing": missing,
               "distill_seconds": {f"{n}, seed {s}": round(t, 1) for (n, s), (_, t) in trained.items()},
-              "distill_threads": sorted({json.loads((folder.parent / f"{folder.name}.time.json").read_text())
-                                         .get("threads", 2) for folder, _ in trained.values()}),  # older: 2
+              "distill_threads": sorted({student_record(folder.parent, folder.name)["threads"]
+                                         for folder, _ in trained.values()}),
               "command": command_line(sys.argv[1:]), "seconds": round(time.perf_counter() - started, 1),
               "jobs": args.jobs, "lane_threads": lane_threads,
               "distill_wall_seconds": round(distilled_seconds, 1),

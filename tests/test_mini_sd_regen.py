@@ -46,8 +46,15 @@ def test_report_names_rows_loads_and_times(regen):
     assert "| r | 1 | 1 | 3 | 0.5 | False | 0 / 64 | 1.0 | 2.0 |" in md
 
 
-def test_the_kept_students_thread_count_is_the_default(regen, tmp_path):
+def test_the_kept_students_record_gives_its_thread_count(tmp_path):
+    record = load_benchmark("mini_sd_distill").student_record
+    for scope in ("a", "b", "unfinished"):
+        (tmp_path / scope).mkdir()
+    (tmp_path / "a" / "model_index.json").write_text("{}")
+    (tmp_path / "b" / "model_index.json").write_text("{}")
     (tmp_path / "a.time.json").write_text('{"seconds": 1.0, "threads": 1}')
-    (tmp_path / "b.time.json").write_text('{"seconds": 1.0}')  # written before the count was kept
-    assert regen.kept_threads(tmp_path / "a.time.json") == 1
-    assert regen.kept_threads(tmp_path / "b.time.json") == 2
+    (tmp_path / "b.time.json").write_text('{"seconds": 3.0}')  # written before the count was kept
+    (tmp_path / "unfinished.time.json").write_text('{"seconds": 1.0, "threads": 1}')  # no exported pipeline
+    assert record(tmp_path, "a") == {"seconds": 1.0, "threads": 1}
+    assert record(tmp_path, "b") == {"seconds": 3.0, "threads": 2}
+    assert record(tmp_path, "unfinished") is None and record(tmp_path, "missing") is None
